@@ -1,0 +1,237 @@
+"""`init` and `abstract`: trace a model once, then compute only the variables asked for."""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal, Var
+from jax.sharding import Mesh
+
+from . import _placement
+from ._errors import JStateError, ModelError, SpecMismatchError, unknown_names
+from ._scope import Record, Scope
+from ._spec import VariableSpec
+from ._state import State, _Layout
+from ._table import Table, human_bytes
+
+Model = Callable[[Scope], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One trace of a model: its declarations, and how to compute each initial value."""
+
+    specs: tuple[VariableSpec, ...]  # declaration order
+    steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
+    jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
+    layout: _Layout  # every variable declared, none initialized
+
+
+# Traces are cached per model function, like `jax.jit`'s: the model's Python runs once per
+# model, mesh, rules and key type.
+_plans: weakref.WeakKeyDictionary[Callable, dict] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: Any) -> _Plan:
+    compiled = _placement.compile_rules(rules)
+    cache_key = (key_type.shape, key_type.dtype, mesh, tuple((p.pattern, t) for p, t in compiled))
+    try:
+        per_model = _plans.setdefault(model, {})
+        hashable = hash(cache_key) is not None
+    except TypeError:
+        per_model, hashable = {}, False
+    plan = per_model.get(cache_key) if hashable else None
+    if plan is None:
+        plan = _trace(model, key_type, mesh, compiled)
+        if hashable:
+            per_model[cache_key] = plan
+    return plan
+
+
+def _trace(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules) -> _Plan:
+    record = Record(mesh, rules)
+
+    def run(key):
+        model(Scope(record, key))
+        return list(record.values)
+
+    try:
+        jaxpr = jax.make_jaxpr(run)(key_type)
+    except JStateError:
+        raise
+    except Exception as e:
+        where = (
+            f"while declaring variable '{record.declaring}'" if record.declaring else "before declaring any variable"
+        )
+        raise ModelError(
+            f"Model {getattr(model, '__qualname__', model)!r} failed {where} "
+            f"(the last one declared): {type(e).__name__}: {e}"
+        ) from e
+    specs = tuple(record.specs.values())
+    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()))
+
+
+def init(
+    model: Model,
+    key: jax.Array,
+    *,
+    only: Iterable[str] | None = None,
+    state: State | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+) -> State:
+    """Initialize a model's variables with compiled XLA code (TF's ``global_variables_initializer``).
+
+    Each variable's random key is derived from `key` and the variable's full name, so its initial
+    value does not depend on which other variables exist, their order, `only`, `mesh` or `rules`.
+
+    Args:
+      model: a function ``model(s: Scope)`` that declares variables.
+      key: a PRNG key (``jax.random.key(0)``; legacy uint32 keys work too).
+      only: initialize just these variables (TF's ``variables_initializer``); the rest stay
+        declared but uninitialized. Variables they are computed from are evaluated, not kept.
+      state: a State of this model; only its uninitialized variables are initialized, and its
+        values are kept as they are (bit for bit).
+      mesh: the `jax.sharding.Mesh` that PartitionSpecs refer to.
+      rules: ``[(regex, spec), ...]``; a variable without its own placement takes the spec of
+        the first regex that matches (``re.search``) its name.
+
+    Returns:
+      A new State. Each variable is created directly on its device or sharding.
+
+    Raises:
+      UnknownVariableError: `only` names an undeclared variable.
+      ModelError, InitializerError, InvalidNameError, PlacementError: for a faulty model.
+
+    >>> state = jstate.init(model, jax.random.key(0))
+    >>> partial = jstate.init(model, jax.random.key(0), only=["w2"])
+    """
+    plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules)
+    declared = plan.layout.specs
+    wanted = set(declared) if only is None else set(only)
+    unknown = wanted - set(declared)
+    if unknown:
+        raise unknown_names("`only=` names variable", unknown, declared, "List declared names.")
+    kept: dict[str, jax.Array] = {}
+    if state is not None:
+        _check_same_model(state, declared)
+        kept = dict(state.items())
+        wanted -= set(kept)
+
+    values = _compute(plan, key, wanted)
+    values.update(kept)
+    values = dict(sorted(values.items()))
+    specs = declared if state is None else {**declared, **state._layout.specs}
+    return State._make(_Layout(specs, values), values)
+
+
+def abstract(model: Model, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None) -> State:
+    """Every variable the model declares, none initialized, nothing computed.
+
+    The result is a restore target: its specs carry shapes, dtypes and shardings.
+
+    >>> abstract = jstate.abstract(model)
+    >>> abstract.spec("weights").shape
+    (784, 200)
+    """
+    plan = _plan(model, jax.eval_shape(lambda: jax.random.key(0)), mesh, rules)
+    return State._make(plan.layout, {})
+
+
+def explain_placement(
+    model: Model, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None
+) -> Table:
+    """A table of where each variable would live: name, shape, sharding, bytes per device, and
+    which declaration or rule placed it. Nothing is computed."""
+    specs = abstract(model, mesh=mesh, rules=rules).specs.values()
+    rows = [
+        (
+            s.name,
+            s.shape,
+            s.dtype.name,
+            _placement.describe(s.sharding),
+            human_bytes(_placement.device_bytes(s.nbytes, s.shape, s.sharding)),
+            s.placement.source,
+        )
+        for s in specs
+    ]
+    return Table(("name", "shape", "dtype", "sharding", "bytes/device", "source"), rows)
+
+
+def _check_same_model(state: State, declared: dict[str, VariableSpec]) -> None:
+    extra = [n for n in state.specs if n not in declared]
+    if extra:
+        raise unknown_names(
+            "`state=` holds variable", extra, declared, "Pass a State of this model (e.g. from `jstate.abstract`)."
+        )
+    for n, spec in state.specs.items():
+        d = declared[n]
+        if (spec.shape, spec.dtype) != (d.shape, d.dtype):
+            raise SpecMismatchError(
+                f"`state=` holds variable '{n}' with shape {spec.shape} and dtype {spec.dtype.name}, "
+                f"but the model declares shape {d.shape} and dtype {d.dtype.name}."
+            )
+
+
+def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Array]:
+    """Initial values of the `wanted` variables, each created on its own sharding."""
+    values: dict[str, jax.Array] = {}
+    derived: list[int] = []
+    for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
+        if spec.name not in wanted:
+            continue
+        if step is None:
+            derived.append(i)
+        else:
+            program, key_words = step
+            values[spec.name] = program(key, key_words)
+    if derived:
+        outvars = plan.jaxpr.jaxpr.outvars
+        known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
+        results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
+        seen = {id(v) for v in values.values()}
+        moved = []
+        for i, value in zip(derived, results):
+            if id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
+                value = value.copy()
+            seen.add(id(value))
+            moved.append(value)
+        shardings = [plan.specs[i].sharding for i in derived]
+        for i, value, sharding in zip(derived, moved, shardings):
+            values[plan.specs[i].name] = value if sharding is None else jax.device_put(value, sharding)
+    return values
+
+
+def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dict[Var, Any]) -> list[Any]:
+    """Evaluate just the equations of `jaxpr` that `outputs` need, one dispatch each.
+
+    Written by hand (the interpreter pattern of JAX's "Writing custom interpreters") because
+    `jax.core.eval_jaxpr` evaluates every equation, and `jax.jit` of the whole jaxpr would compile
+    one giant program: here unneeded variables are skipped and each initializer keeps its own
+    small compiled program.
+    """
+    j = jaxpr.jaxpr
+    env: dict[Var, Any] = dict(known)
+    env.update(zip(j.constvars, jaxpr.consts))
+    env.update(zip(j.invars, [key]))
+    needed = {v for v in outputs if isinstance(v, Var) and v not in env}
+    schedule = []
+    for eqn in reversed(j.eqns):
+        if any(v in needed for v in eqn.outvars):
+            schedule.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, Var) and v not in env)
+    for eqn in reversed(schedule):
+        args = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
+        params = eqn.primitive.get_bind_params(eqn.params)
+        if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
+            subfuns, params = params
+            args = [*subfuns, *args]
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*args, **params)
+        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+    return [v.val if isinstance(v, Literal) else env[v] for v in outputs]

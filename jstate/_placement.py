@@ -1,0 +1,194 @@
+"""Device specs, sharding rules, and resolving them into a `jax.sharding.Sharding`.
+
+Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
+
+  "/cpu:0", "cpu:0", "cpu"          CPU device 0 (index among that platform's devices)
+  "/gpu:1", "/device:GPU:1"         GPU device 1
+  "tpu:3"                           TPU device 3
+  "/job:ps/task:7"                  the first device of JAX process 7
+  "/job:w/task:1/device:GPU:2"      GPU 2 of process 1 (index among that process's GPUs)
+  jax.devices()[3]                  that device
+  NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
+  P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
+  None                              JAX's default device
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from ._errors import PlacementError
+from ._spec import DEFAULT, Placement
+
+_PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
+
+Rules = tuple[tuple[re.Pattern, Any], ...]
+
+
+def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
+    """Check and compile ``[(regex, spec), ...]``; the first rule whose regex matches wins."""
+    if rules is None:
+        return ()
+    if isinstance(rules, dict):
+        rules = list(rules.items())
+    compiled = []
+    for i, rule in enumerate(rules):
+        try:
+            pattern, target = rule
+        except (TypeError, ValueError):
+            raise PlacementError(
+                f"Placement rule {i} is {rule!r}; each rule must be a `(regex, spec)` pair."
+            ) from None
+        try:
+            compiled.append((re.compile(pattern), target))
+        except re.error as e:
+            raise PlacementError(
+                f"Placement rule {i}: the pattern {pattern!r} does not compile ({e}). Fix the regex."
+            ) from None
+    return tuple(compiled)
+
+
+def choose(
+    name: str,
+    shape: tuple[int, ...],
+    own: tuple[str, Any] | None,
+    block: Any,
+    rules: Rules,
+    mesh: Mesh | None,
+) -> Placement:
+    """The placement of one variable: its own spec, then the innermost block, then the rules."""
+    if own is not None:
+        source, request = own
+    elif block is not None:
+        source, request = "placement block", block
+    else:
+        for i, (pattern, target) in enumerate(rules):
+            if pattern.search(name):
+                source, request = f"rule {i} ({pattern.pattern!r})", target
+                break
+        else:
+            return DEFAULT
+    if request is None:
+        return Placement(None, source, None)
+    return Placement(resolve(request, name, shape, mesh), source, request)
+
+
+def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:
+    """Turn one device spec into a `Sharding` for variable `name` of `shape`, checking it fits."""
+    if isinstance(request, PartitionSpec):
+        if mesh is None:
+            raise PlacementError(
+                f"Variable '{name}' is placed with PartitionSpec {request}, but no mesh was given. "
+                "Pass `mesh=` to `jstate.init` (or `abstract`), or give a `NamedSharding`."
+            )
+        sharding = NamedSharding(mesh, request)
+    elif isinstance(request, Sharding):
+        sharding = request
+    elif isinstance(request, jax.Device):
+        sharding = SingleDeviceSharding(request)
+    elif isinstance(request, str):
+        sharding = SingleDeviceSharding(parse_device(request, name))
+    else:
+        raise PlacementError(
+            f"Variable '{name}': cannot place on {request!r} ({type(request).__name__}). Use a device "
+            "string such as 'cpu:0', a `jax.Device`, a `Sharding` or a `PartitionSpec`."
+        )
+    if isinstance(sharding, NamedSharding):
+        _check_fits(sharding, name, shape)
+    return sharding
+
+
+def _check_fits(sharding: NamedSharding, name: str, shape: tuple[int, ...]) -> None:
+    spec, mesh_shape = sharding.spec, dict(sharding.mesh.shape)
+    if len(spec) > len(shape):
+        raise PlacementError(
+            f"Variable '{name}' has shape {shape} ({len(shape)} dims) but PartitionSpec {spec} "
+            f"names {len(spec)} dims."
+        )
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        if axes is None:
+            continue
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        missing = [a for a in axes if a not in mesh_shape]
+        if missing:
+            raise PlacementError(
+                f"Variable '{name}': PartitionSpec {spec} uses mesh axis {missing[0]!r}, but the mesh "
+                f"has axes {tuple(mesh_shape)}."
+            )
+        ways = math.prod(mesh_shape[a] for a in axes)
+        if size % ways:
+            raise PlacementError(
+                f"Variable '{name}' of shape {shape}: dimension {dim} (size {size}) is not divisible "
+                f"by {ways}, the size of mesh axes {axes} in PartitionSpec {spec}. Choose a spec "
+                "that divides it, or replicate that dimension (None)."
+            )
+
+
+_PART = re.compile(r"^(job|replica|task|device|cpu|gpu|tpu|cuda|rocm)(?::(.*))?$", re.IGNORECASE)
+
+
+def parse_device(spec: str, name: str = "") -> jax.Device:
+    """The `jax.Device` a TensorFlow-style device string names (see the module docstring)."""
+    where = f"Variable '{name}': device" if name else "Device"
+    task = platform = index = None
+    for part in spec.strip().strip("/").split("/"):
+        m = _PART.match(part.strip())
+        if not m:
+            raise PlacementError(
+                f"{where} spec {spec!r} is not understood (at {part!r}). Valid forms: 'cpu:0', "
+                "'/gpu:1', '/device:GPU:0', '/job:ps/task:7', 'tpu'."
+            )
+        key, value = m.group(1).lower(), m.group(2)
+        try:
+            if key == "task":
+                task = int(value)
+            elif key == "device":
+                platform, _, idx = (value or "").partition(":")
+                platform, index = platform.lower(), (int(idx) if idx else None)
+            elif key in _PLATFORMS:
+                platform, index = key, (int(value) if value else None)
+        except ValueError:
+            raise PlacementError(f"{where} spec {spec!r}: {part!r} needs a whole number.") from None
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError:
+        devices = []
+    if task is not None:
+        devices = [d for d in devices if d.process_index == task]
+    if index is None and devices:
+        return devices[0]
+    if index is not None and 0 <= index < len(devices):
+        return devices[index]
+    raise PlacementError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
+
+
+def list_devices() -> str:
+    devices = jax.devices()
+    shown = ", ".join(f"{d.platform}:{d.id} (process {d.process_index})" for d in devices[:16])
+    return shown + (f" and {len(devices) - 16} more" if len(devices) > 16 else "")
+
+
+def describe(sharding: Sharding | None) -> str:
+    """A short human form: 'cpu:0', "P('data', 'model') over mesh(data=4, model=2)"."""
+    if sharding is None:
+        return "default"
+    if isinstance(sharding, SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return f"{device.platform}:{device.id}"
+    if isinstance(sharding, NamedSharding):
+        axes = ", ".join(f"{k}={v}" for k, v in sharding.mesh.shape.items())
+        return f"{sharding.spec} over mesh({axes})"
+    return str(sharding)
+
+
+def device_bytes(nbytes: int, shape: tuple[int, ...], sharding: Sharding | None) -> int:
+    """Bytes one device holds of a variable of `shape` taking `nbytes` in all."""
+    if sharding is None or not shape:
+        return nbytes
+    return nbytes * math.prod(sharding.shard_shape(shape)) // max(math.prod(shape), 1)

@@ -1,0 +1,69 @@
+"""What a variable is declared to be: its name, shape, dtype and placement."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a variable lives and which declaration or rule put it there.
+
+    Attributes:
+      sharding: the variable's `jax.sharding.Sharding`, or None for JAX's default device.
+      source: "device=", "sharding=", "placement block", "rule N", or "default".
+      request: what was asked for (a device string, `jax.Device`, `Sharding` or
+        `PartitionSpec`), kept so the State can be re-placed on another mesh.
+    """
+
+    sharding: jax.sharding.Sharding | None = None
+    source: str = "default"
+    request: Any = None
+
+    def __str__(self) -> str:
+        from ._placement import describe
+
+        return f"{describe(self.sharding)} (from {self.source})"
+
+
+DEFAULT = Placement()
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """A declared variable: everything about it but its value.
+
+    Attributes:
+      name: full "/"-joined name, e.g. "layer1/kernel".
+      shape: the fixed shape.
+      dtype: the fixed dtype.
+      placement: where it lives (see `Placement`).
+      options: extra keyword options given at declaration, as sorted (key, value) pairs.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    placement: Placement = DEFAULT
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding | None:
+        return self.placement.sharding
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def struct(self) -> jax.ShapeDtypeStruct:
+        """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed)."""
+        return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)

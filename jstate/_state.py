@@ -1,0 +1,342 @@
+"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from . import _names, _placement
+from ._errors import SpecMismatchError, UninitializedError, unknown_names
+from ._spec import DEFAULT, Placement, VariableSpec
+from ._table import Table, human_bytes
+
+_UNINITIALIZED = (
+    "Variable '{name}' is declared but not initialized. Initialize it with "
+    "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
+)
+_MAX_ROWS = 60
+
+
+class _Layout:
+    """The static part of a State: every declared variable, and which ones hold values.
+
+    It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
+    equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
+    than a dict of its arrays.
+    """
+
+    __slots__ = ("specs", "names", "_hash")
+
+    def __init__(self, specs: Mapping[str, VariableSpec], names: Iterable[str]):
+        self.specs = dict(sorted(specs.items()))
+        self.names = tuple(sorted(names))
+        self._hash = hash((self.names, tuple((s.name, s.shape, s.dtype) for s in self.specs.values())))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Layout)
+            and self._hash == other._hash
+            and self.names == other.names
+            and self.specs == other.specs
+        )
+
+
+class State(Mapping[str, jax.Array]):
+    """An immutable mapping from variable name to array, and a JAX pytree.
+
+    A State is never mutated: `assign`, `assign_add`, `merge`, `Saver.restore` and friends
+    return a new State and leave the original unchanged, so always use the return value. It holds
+    every variable a model declared; those without a value yet are static metadata (not leaves),
+    and reading one raises `UninitializedError`. Mapping operations (``state[name]``, ``in``,
+    ``len``, iteration in name order, ``.items()``) cover the initialized variables.
+
+    It passes through `jax.jit` (also donated), `jax.grad`, `jax.tree.map` and optax with its
+    structure unchanged.
+
+    >>> state = jstate.init(model, jax.random.key(0))
+    >>> state = state.assign("biases", jnp.ones(200))   # a new State
+    """
+
+    __slots__ = ("_layout", "_values")
+
+    def __init__(self, values: Mapping[str, Any] | None = None):
+        """A State holding `values` (name -> array); prefer `jstate.init` or `State.from_tree`."""
+        other = State.from_tree(values or {}, flat=True)
+        self._layout, self._values = other._layout, other._values
+
+    @classmethod
+    def _make(cls, layout: _Layout, values: dict[str, Any]) -> State:
+        state = object.__new__(cls)
+        state._layout, state._values = layout, values
+        return state
+
+    # -- reading ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> jax.Array:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _missing(self, name: str) -> KeyError:
+        if name in self._layout.specs:
+            return UninitializedError(_UNINITIALIZED.format(name=name))
+        return unknown_names("Variable", [name], self._layout.specs, "`state.specs` lists every declared variable.")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    __eq__ = object.__eq__  # arrays have no single truth value; States compare by identity.
+    __hash__ = object.__hash__
+
+    @property
+    def specs(self) -> Mapping[str, VariableSpec]:
+        """Every declared variable's `VariableSpec`, initialized or not, by name."""
+        return dict(self._layout.specs)
+
+    def spec(self, name: str) -> VariableSpec:
+        """The declaration of variable `name` (shape, dtype, placement)."""
+        try:
+            return self._layout.specs[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def placement(self, name: str) -> Placement:
+        """Where variable `name` lives and which declaration or rule put it there."""
+        return self.spec(name).placement
+
+    def is_initialized(self, name: str) -> bool:
+        self.spec(name)  # undeclared names raise
+        return name in self._values
+
+    def uninitialized(self) -> list[str]:
+        """Names of declared variables that hold no value, sorted."""
+        return [n for n in self._layout.specs if n not in self._values]
+
+    def structs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Every declared variable as a `jax.ShapeDtypeStruct` carrying its sharding."""
+        return {n: s.struct() for n, s in self._layout.specs.items()}
+
+    # -- functional updates -----------------------------------------------------------------
+    def assign(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `name` set to `value` (or each ``{name: value}`` of a dict).
+
+        The value must have the declared shape and dtype; a Python scalar is broadcast if it
+        keeps the dtype (``1`` into a float variable, not ``1.5`` into an int one). The result
+        lives on the variable's device or sharding, eagerly and under `jax.jit`. Assigning an
+        uninitialized variable initializes it. The original State is unchanged.
+
+        Raises:
+          SpecMismatchError: for a wrong shape or dtype (names the variable, declared vs given).
+          UnknownVariableError: for an undeclared name.
+        """
+        return self._update(name, value, None, "assign")
+
+    def assign_add(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `value` added to variable `name` (see `assign`)."""
+        return self._update(name, value, operator.add, "assign_add")
+
+    def assign_sub(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `value` subtracted from variable `name` (see `assign`)."""
+        return self._update(name, value, operator.sub, "assign_sub")
+
+    def _update(self, name: Any, value: Any, op: Callable | None, verb: str) -> State:
+        if isinstance(name, Mapping):
+            if value is not None:
+                raise TypeError(f"`{verb}` takes a dict of updates or one name and value, not both.")
+            updates = name
+        else:
+            updates = {name: value}
+        specs, values = self._layout.specs, dict(self._values)
+        for n, v in updates.items():
+            spec = specs.get(n)
+            if spec is None:
+                raise unknown_names("Cannot assign: variable", [n], specs, "Declare it in the model first.")
+            v = _coerce(spec, v, broadcast=op is None, verb=verb)
+            if op is not None:
+                v = op(self[n], v)
+            values[n] = _place(v, spec.sharding)
+        if len(values) == len(self._values):
+            return State._make(self._layout, values)
+        return State._make(_Layout(specs, values), dict(sorted(values.items())))
+
+    # -- whole-State operations -------------------------------------------------------------
+    def subset(self, names: Iterable[str]) -> State:
+        """A State with only the variables `names` (declared ones; initialized or not)."""
+        names = list(names)
+        missing = [n for n in names if n not in self._layout.specs]
+        if missing:
+            raise unknown_names("Variable", missing, self._layout.specs, "`subset` takes declared names.")
+        specs = {n: self._layout.specs[n] for n in names}
+        values = {n: self._values[n] for n in sorted(specs) if n in self._values}
+        return State._make(_Layout(specs, values), values)
+
+    def merge(self, other: State) -> State:
+        """A State with the variables of both; where both hold a value, `other`'s wins."""
+        specs = dict(self._layout.specs)
+        for n, spec in other._layout.specs.items():
+            mine = specs.get(n)
+            if mine is not None and (mine.shape, mine.dtype) != (spec.shape, spec.dtype):
+                raise SpecMismatchError(
+                    f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
+                    f"{mine.dtype.name} here but shape {spec.shape} and dtype {spec.dtype.name} in the other State."
+                )
+            specs[n] = spec
+        values = dict(sorted({**self._values, **other._values}.items()))
+        return State._make(_Layout(specs, values), values)
+
+    def rename(self, mapping: Mapping[str, str]) -> State:
+        """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay."""
+        missing = [n for n in mapping if n not in self._layout.specs]
+        if missing:
+            raise unknown_names("Cannot rename: variable", missing, self._layout.specs, "")
+        specs, values = {}, {}
+        for n, spec in self._layout.specs.items():
+            new = _names.check_name(mapping.get(n, n))
+            if new in specs:
+                raise SpecMismatchError(f"Cannot rename: two variables would be named '{new}'.")
+            specs[new] = dataclasses.replace(spec, name=new)
+            if n in self._values:
+                values[new] = self._values[n]
+        values = dict(sorted(values.items()))
+        return State._make(_Layout(specs, values), values)
+
+    def replace_placement(self, mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> State:
+        """A State re-placed for `mesh` and `rules`, values moved to their new shardings.
+
+        Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
+        PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
+        """
+        compiled = _placement.compile_rules(rules)
+        specs = {}
+        for n, spec in self._layout.specs.items():
+            p = spec.placement
+            if p.source in ("device=", "sharding=", "placement block"):
+                p = Placement(_placement.resolve(p.request, n, spec.shape, mesh), p.source, p.request)
+            else:
+                p = _placement.choose(n, spec.shape, None, None, compiled, mesh)
+            specs[n] = dataclasses.replace(spec, placement=p)
+        names = list(self._values)
+        targets = [specs[n].sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in names]
+        moved = jax.device_put([self._values[n] for n in names], targets)
+        values = dict(zip(names, moved))
+        return State._make(_Layout(specs, values), values)
+
+    def tree(self) -> dict[str, Any]:
+        """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``."""
+        return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
+
+    @classmethod
+    def from_tree(cls, tree: Mapping[str, Any], *, flat: bool = False) -> State:
+        """A State from a nested dict of arrays (paths joined by "/" become names).
+
+        A `jax.ShapeDtypeStruct` leaf declares an uninitialized variable (its sharding, if any,
+        becomes the variable's placement). With ``flat=True``, `tree` is ``{name: array}``.
+        """
+        flat_tree = dict(tree) if flat else traverse_util.flatten_dict(tree, sep=_names.SEP)
+        specs, values = {}, {}
+        for name, leaf in flat_tree.items():
+            _names.check_name(name)
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                placement = Placement(leaf.sharding, "sharding=", leaf.sharding) if leaf.sharding else DEFAULT
+                specs[name] = VariableSpec(name, tuple(leaf.shape), np.dtype(leaf.dtype), placement)
+                continue
+            if not isinstance(leaf, jax.Array):
+                leaf = jnp.asarray(leaf)
+            specs[name] = VariableSpec(name, tuple(leaf.shape), np.dtype(leaf.dtype))
+            values[name] = leaf
+        values = dict(sorted(values.items()))
+        return State._make(_Layout(specs, values), values)
+
+    # -- display ----------------------------------------------------------------------------
+    def table(self) -> Table:
+        """The State as a `Table` (name, shape, dtype, sharding, bytes, initialized)."""
+        rows = [
+            (n, s.shape, s.dtype.name, _placement.describe(s.sharding), human_bytes(s.nbytes), n in self._values)
+            for n, s in self._layout.specs.items()
+        ]
+        total = sum(s.nbytes for s in self._layout.specs.values())
+        title = (
+            f"State: {len(rows)} variables, {len(self._values)} initialized, {human_bytes(total)}"
+        )
+        if len(rows) > _MAX_ROWS:
+            title += f" (first {_MAX_ROWS} shown)"
+            rows = rows[:_MAX_ROWS]
+        return Table(("name", "shape", "dtype", "sharding", "bytes", "initialized"), rows, title)
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:
+    """Check `value` against `spec`; a Python scalar is allowed if it keeps the dtype."""
+    if isinstance(value, (bool, int, float, complex)):
+        if jnp.result_type(spec.dtype, value) != spec.dtype:
+            raise SpecMismatchError(
+                f"Cannot {verb} variable '{spec.name}': the Python {type(value).__name__} {value!r} "
+                f"would change its dtype {spec.dtype.name}."
+            )
+        return jnp.full(spec.shape, value, spec.dtype) if broadcast else value
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        value = np.asarray(value)
+        shape, dtype = value.shape, value.dtype
+    if tuple(shape) != spec.shape or dtype != spec.dtype:
+        raise SpecMismatchError(
+            f"Cannot {verb} variable '{spec.name}': declared shape {spec.shape} and dtype "
+            f"{spec.dtype.name}, given shape {tuple(shape)} and dtype {np.dtype(dtype).name}."
+        )
+    if getattr(value, "weak_type", False):
+        value = jax.lax.convert_element_type(value, spec.dtype)  # keep jit signatures stable
+    return value
+
+
+def _place(value: Any, sharding: jax.sharding.Sharding | None) -> Any:
+    """Keep a variable where it lives: move eager values, constrain traced ones."""
+    if isinstance(value, jax.core.Tracer):
+        return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)
+    if sharding is None:
+        return value if isinstance(value, jax.Array) else jnp.asarray(value)
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    return jax.device_put(value, sharding)
+
+
+def _flatten(state: State):
+    return tuple(state._values.values()), state._layout
+
+
+def _flatten_with_keys(state: State):
+    return tuple((jax.tree_util.DictKey(n), v) for n, v in state._values.items()), state._layout
+
+
+def _unflatten(layout: _Layout, leaves: Iterable[Any]) -> State:
+    return State._make(layout, dict(zip(layout.names, leaves)))
+
+
+jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _flatten)
+
+
+def report_uninitialized(state: State) -> list[str]:
+    """Names of the State's declared variables that hold no value (TF's
+    ``report_uninitialized_variables``)."""
+    return state.uninitialized()
+
