@@ -65,13 +65,14 @@ def _trace(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rule
     except JStateError:
         raise
     except Exception as e:
-        where = (
-            f"while declaring variable '{record.declaring}'" if record.declaring else "before declaring any variable"
-        )
-        raise ModelError(
-            f"Model {getattr(model, '__qualname__', model)!r} failed {where} "
-            f"(the last one declared): {type(e).__name__}: {e}"
-        ) from e
+        if record.declaring:
+            where = f"while declaring variable '{record.declaring}'"
+        elif record.last:
+            where = f"after declaring variable '{record.last}' (the last one declared)"
+        else:
+            where = "before declaring any variable"
+        name = getattr(model, "__qualname__", repr(model))
+        raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
     specs = tuple(record.specs.values())
     return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()))
 

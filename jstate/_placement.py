@@ -87,25 +87,25 @@ def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) 
                 f"Variable '{name}' is placed with PartitionSpec {request}, but no mesh was given. "
                 "Pass `mesh=` to `jstate.init` (or `abstract`), or give a `NamedSharding`."
             )
-        sharding = NamedSharding(mesh, request)
-    elif isinstance(request, Sharding):
-        sharding = request
-    elif isinstance(request, jax.Device):
-        sharding = SingleDeviceSharding(request)
-    elif isinstance(request, str):
-        sharding = SingleDeviceSharding(parse_device(request, name))
-    else:
-        raise PlacementError(
-            f"Variable '{name}': cannot place on {request!r} ({type(request).__name__}). Use a device "
-            "string such as 'cpu:0', a `jax.Device`, a `Sharding` or a `PartitionSpec`."
-        )
-    if isinstance(sharding, NamedSharding):
-        _check_fits(sharding, name, shape)
-    return sharding
+        _check_fits(request, mesh, name, shape)
+        return NamedSharding(mesh, request)
+    if isinstance(request, NamedSharding):
+        _check_fits(request.spec, request.mesh, name, shape)
+        return request
+    if isinstance(request, Sharding):
+        return request
+    if isinstance(request, jax.Device):
+        return SingleDeviceSharding(request)
+    if isinstance(request, str):
+        return SingleDeviceSharding(parse_device(request, name))
+    raise PlacementError(
+        f"Variable '{name}': cannot place on {request!r} ({type(request).__name__}). Use a device "
+        "string such as 'cpu:0', a `jax.Device`, a `Sharding` or a `PartitionSpec`."
+    )
 
 
-def _check_fits(sharding: NamedSharding, name: str, shape: tuple[int, ...]) -> None:
-    spec, mesh_shape = sharding.spec, dict(sharding.mesh.shape)
+def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ...]) -> None:
+    mesh_shape = dict(mesh.shape)
     if len(spec) > len(shape):
         raise PlacementError(
             f"Variable '{name}' has shape {shape} ({len(shape)} dims) but PartitionSpec {spec} "

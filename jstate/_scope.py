@@ -32,7 +32,8 @@ class Record:
     # Per variable: (program, name hash) for initializer variables, None for array values.
     steps: list[tuple[Callable, np.ndarray] | None] = dataclasses.field(default_factory=list)
     blocks: list[Any] = dataclasses.field(default_factory=list)
-    declaring: str | None = None
+    declaring: str | None = None  # the variable whose declaration is running
+    last: str | None = None  # the last variable fully declared
 
 
 class Scope:
@@ -144,6 +145,7 @@ class Scope:
         record.specs[full] = VariableSpec(full, shape, dtype, placement, options)
         record.values.append(value)
         record.steps.append(step)
+        record.declaring, record.last = None, full
         return value
 
 

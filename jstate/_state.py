@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding
 
 from . import _names, _placement
 from ._errors import SpecMismatchError, UninitializedError, unknown_names
@@ -312,7 +313,11 @@ def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:
 def _place(value: Any, sharding: jax.sharding.Sharding | None) -> Any:
     """Keep a variable where it lives: move eager values, constrain traced ones."""
     if isinstance(value, jax.core.Tracer):
-        return value if sharding is None else jax.lax.with_sharding_constraint(value, sharding)
+        if sharding is None:
+            return value
+        if isinstance(sharding, NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+            return jax.sharding.reshard(value, sharding)  # explicit axes: sharding is in the type
+        return jax.lax.with_sharding_constraint(value, sharding)
     if sharding is None:
         return value if isinstance(value, jax.Array) else jnp.asarray(value)
     if isinstance(value, jax.Array) and value.sharding == sharding:
