@@ -1,9 +1,17 @@
 """jstate: TensorFlow 1's variables, initialization, placement and Saver, for functional JAX."""
 
 from . import initializers as initializers
+from ._checkpoint import Checkpoint as Checkpoint
+from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._checkpoint import list_variables as list_variables
+from ._checkpoint import load_variable as load_variable
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import InitializerError as InitializerError
 from ._errors import InvalidNameError as InvalidNameError
 from ._errors import JStateError as JStateError
+from ._errors import MappingError as MappingError
 from ._errors import ModelError as ModelError
 from ._errors import PlacementError as PlacementError
 from ._errors import SpecMismatchError as SpecMismatchError
@@ -12,6 +20,7 @@ from ._errors import UnknownVariableError as UnknownVariableError
 from ._init import abstract as abstract
 from ._init import explain_placement as explain_placement
 from ._init import init as init
+from ._saver import Saver as Saver
 from ._scope import Scope as Scope
 from ._spec import Placement as Placement
 from ._spec import VariableSpec as VariableSpec

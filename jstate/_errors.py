@@ -48,6 +48,22 @@ class PlacementError(JStateError, ValueError):
     """A device, sharding or placement rule cannot be applied."""
 
 
+class MappingError(JStateError, ValueError):
+    """A Saver's name mapping is malformed, ambiguous, or names undeclared variables."""
+
+
+class CheckpointError(JStateError, ValueError):
+    """A checkpoint cannot be written or read; the message names the path and variable."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """No checkpoint at a path."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are truncated, altered, or incomplete."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A short "did you mean" phrase for `name`, or "" when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

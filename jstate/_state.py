@@ -176,6 +176,12 @@ class State(Mapping[str, jax.Array]):
             return State._make(self._layout, values)
         return State._make(_Layout(specs, values), dict(sorted(values.items())))
 
+    def _replace_values(self, updates: Mapping[str, jax.Array]) -> State:
+        """A State with `updates` as values of declared variables, unchecked (for restores)."""
+        values = dict(sorted({**self._values, **updates}.items()))
+        layout = self._layout if len(values) == len(self._values) else _Layout(self._layout.specs, values)
+        return State._make(layout, values)
+
     # -- whole-State operations -------------------------------------------------------------
     def subset(self, names: Iterable[str]) -> State:
         """A State with only the variables `names` (declared ones; initialized or not)."""

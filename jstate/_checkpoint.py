@@ -1,0 +1,185 @@
+"""Finding checkpoints and reading what they hold: `latest_checkpoint`, `list_variables`,
+`load_variable`. Writing is the Saver's (`_saver.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import _files, _orbax
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest
+from ._table import Table, human_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint on disk.
+
+    Attributes:
+      path: the checkpoint's directory.
+      arrays: the Orbax PyTree checkpoint directory that holds its arrays.
+      step: its step, when saved with one.
+      created: seconds since the epoch when it was committed (0 when unknown).
+      entries: every array it holds, by name.
+      writer: "jstate", or "orbax" for a checkpoint plain Orbax or Flax wrote.
+    """
+
+    path: Path
+    arrays: Path
+    step: int | None
+    created: float
+    entries: dict[str, _orbax.Entry]
+    writer: str
+
+    def table(self) -> Table:
+        rows = [
+            (n, e.shape, e.dtype.name, human_bytes(int(np.prod(e.shape)) * e.dtype.itemsize))
+            for n, e in sorted(self.entries.items())
+        ]
+        total = sum(int(np.prod(e.shape)) * e.dtype.itemsize for e in self.entries.values())
+        step = f", step {self.step}" if self.step is not None else ""
+        title = f"Checkpoint {self.path}{step}: {len(rows)} variables, {human_bytes(total)}"
+        return Table(("name", "shape", "dtype", "size"), rows, title)
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+    def __str__(self) -> str:
+        return str(self.table())
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint at `path`: a jstate checkpoint, an Orbax PyTree checkpoint, an Orbax
+    CheckpointManager step with one item, or a directory of checkpoints (its latest)."""
+    path = Path(path)
+    found = _load(path)
+    if found is not None:
+        return found
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return _load(Path(latest))
+        raise CheckpointNotFoundError(
+            f"{path} is a directory but holds no complete checkpoint (no {_files.MANIFEST} or Orbax "
+            f"{_orbax.METADATA_FILE} in it or in its subdirectories)."
+        )
+    near = closest(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
+    raise CheckpointNotFoundError(f"No checkpoint at {path}: it does not exist.{near}")
+
+
+def _load(path: Path) -> Checkpoint | None:
+    """`path` as a checkpoint, None if it is not one (CorruptCheckpointError if damaged)."""
+    if not path.is_dir():
+        return None
+    manifest = _files.read_manifest(path)
+    if manifest is not None:
+        arrays = path / _files.ARRAYS
+        if not (arrays / _orbax.METADATA_FILE).is_file():
+            raise CorruptCheckpointError(
+                f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing."
+            )
+        try:
+            entries = {
+                name: _orbax.Entry((name,), tuple(v["shape"]), np.dtype(_dtype(v["dtype"])))
+                for name, v in manifest["variables"].items()
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"Checkpoint {path}: its manifest {path / _files.MANIFEST} is damaged.") from e
+        return Checkpoint(path, arrays, manifest.get("step"), manifest.get("created", 0.0), entries, "jstate")
+    arrays = _orbax_dir(path)
+    if arrays is None:
+        return None
+    try:
+        entries = _orbax.entries(arrays)
+    except Exception as e:  # Orbax raises bare Exceptions and KeyErrors for damaged metadata.
+        raise CorruptCheckpointError(
+            f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
+        ) from e
+    step = int(path.name) if path.name.isdigit() else None
+    return Checkpoint(path, arrays, step, (arrays / _orbax.METADATA_FILE).stat().st_mtime, entries, "orbax")
+
+
+def _orbax_dir(path: Path) -> Path | None:
+    if (path / _orbax.METADATA_FILE).is_file():
+        return path
+    items = [p for p in path.iterdir() if (p / _orbax.METADATA_FILE).is_file()] if path.is_dir() else []
+    return items[0] if len(items) == 1 else None
+
+
+def _dtype(name: str) -> np.dtype:
+    return jax.numpy.dtype(name)  # knows bfloat16 and the other ml_dtypes
+
+
+def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
+    """Complete checkpoints in directory `path`, or named ``<path>-<step>`` beside it, oldest first."""
+    path = Path(path)
+    if path.is_dir() and _load_quietly(path) is None:
+        parent, prefix = path, None
+    else:
+        parent, prefix = path.parent, path.name
+    if not parent.is_dir():
+        return []
+    found = []
+    for entry in parent.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if prefix is not None and entry.name != prefix and _files.step_of(entry.name, prefix) is None:
+            continue
+        ckpt = _load_quietly(entry)
+        if ckpt is not None:
+            found.append(ckpt)
+    return sorted(found, key=lambda c: (c.step if c.step is not None else -1, c.created))
+
+
+def _load_quietly(path: Path) -> Checkpoint | None:
+    try:
+        return _load(path)
+    except (CheckpointError, OSError):
+        return None  # damaged or half-written: not a checkpoint to list
+
+
+def latest_checkpoint(path: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint in directory `path` (or saved with prefix `path`), or None.
+
+    Incomplete or damaged checkpoints are skipped, so the result is always restorable.
+
+    >>> jstate.latest_checkpoint("ckpt")
+    'ckpt/model-2000'
+    """
+    found = checkpoints(path)
+    return str(found[-1].path) if found else None
+
+
+def list_variables(path: str | os.PathLike) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """``[(name, shape, dtype)]`` of a checkpoint, sorted by name, from its metadata only."""
+    ckpt = open_checkpoint(path)
+    return [(n, e.shape, e.dtype) for n, e in sorted(ckpt.entries.items())]
+
+
+def load_variable(path: str | os.PathLike, name: str) -> jax.Array:
+    """One variable of a checkpoint, reading only that array (onto the default device)."""
+    ckpt = open_checkpoint(path)
+    entry = ckpt.entries.get(name)
+    if entry is None:
+        raise CheckpointError(
+            f"Checkpoint {ckpt.path} holds no variable '{name}'.{closest(name, ckpt.entries)} "
+            "`jstate.list_variables(path)` lists them."
+        )
+    return read(ckpt, {name: (entry, jax.ShapeDtypeStruct(entry.shape, entry.dtype))})[name]
+
+
+def read(ckpt: Checkpoint, wanted: dict[str, tuple[_orbax.Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+    """Read `wanted` arrays of `ckpt`, turning any failure into one CorruptCheckpointError."""
+    try:
+        return _orbax.read(ckpt.arrays, wanted)
+    except Exception as e:
+        names = sorted(wanted)
+        which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
+        raise CorruptCheckpointError(
+            f"Checkpoint {ckpt.path}: reading {which} from {ckpt.arrays} failed ({type(e).__name__}); "
+            "its files are damaged or incomplete."
+        ) from e

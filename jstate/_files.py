@@ -1,0 +1,122 @@
+"""Checkpoint directories on disk: the commit protocol, listing, and deletion.
+
+A checkpoint is written into a hidden temporary directory next to its final path, flushed to
+disk, and committed by one ``rename``: a directory at a checkpoint's final name is complete.
+Old checkpoints are renamed to a hidden name before they are deleted, so a process killed
+mid-deletion never leaves a half-deleted checkpoint under a listed name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ._errors import CorruptCheckpointError
+
+MANIFEST = "jstate.json"
+ARRAYS = "arrays"
+FORMAT = "jstate.checkpoint"
+_TMP = ".jstate-tmp"
+_DELETING = ".jstate-deleting"
+
+
+def temporary(final: Path) -> Path:
+    return final.parent / f".{final.name}{_TMP}"
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    path = directory / MANIFEST
+    with open(path, "w") as f:
+        json.dump(manifest, f, separators=(",", ":"), sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest of a jstate checkpoint, None if `directory` has none."""
+    path = directory / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CorruptCheckpointError(f"Checkpoint {directory}: cannot read {path.name} ({e.strerror}).") from e
+    try:
+        manifest = json.loads(text)
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("variables"), dict):
+            raise ValueError("not a jstate manifest")
+    except (ValueError, AttributeError) as e:
+        raise CorruptCheckpointError(
+            f"Checkpoint {directory}: its manifest {path} is damaged ({type(e).__name__}). "
+            "Restore an earlier checkpoint."
+        ) from e
+    return manifest
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory`, so a power loss keeps what was saved."""
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(Path(root))
+
+
+def sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Atomically publish `tmp` as `final` (replacing an older checkpoint of that name)."""
+    sync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}{_DELETING}"
+        _remove(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    sync_dir(final.parent)
+    if old is not None:
+        _remove(old)
+
+
+def delete(path: Path) -> None:
+    """Delete a checkpoint: first out of sight (one rename), then its files."""
+    hidden = path.parent / f".{path.name}{_DELETING}"
+    _remove(hidden)
+    os.rename(path, hidden)
+    sync_dir(path.parent)
+    _remove(hidden)
+
+
+def clean_stale(directory: Path) -> None:
+    """Remove what killed saves and deletions left behind in `directory`."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith((_TMP, _DELETING)):
+            _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def step_of(name: str, prefix: str) -> int | None:
+    """The step in a checkpoint name ``<prefix>-<step>``, or None."""
+    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
+    return int(m.group(1)) if m else None

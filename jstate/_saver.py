@@ -1,0 +1,204 @@
+"""`Saver`: TensorFlow's ``tf.train.Saver`` on top of Orbax, with name mapping and retention."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from . import _checkpoint, _files, _orbax
+from ._errors import CheckpointError, SpecMismatchError, UninitializedError, closest, shorten
+from ._mapping import VarList, compile_var_list
+from ._state import State
+
+_VERSION = 1
+
+
+class Saver:
+    """Saves and restores a State's variables, all or some, under chosen names.
+
+    Valid forms of `var_list` (see `jstate._mapping` for details):
+
+      Saver()                                 every initialized variable, under its own name
+      Saver(["weights", "biases"])            a subset; ``"encoder/"`` names a whole scope
+      Saver({"my_v2": "v2"})                  checkpoint name -> State name
+      Saver({"encoder/": "model/encoder/"})   checkpoint scope -> State scope
+      Saver([(r"^model/(.*)$", r"\\1")])        regex over State names -> checkpoint name
+
+    Checkpoints are Orbax PyTree checkpoints (arrays keyed by checkpoint name, in ``arrays/``)
+    plus a small ``jstate.json`` manifest; plain Orbax can restore them. Each save is atomic.
+
+    Args:
+      var_list: which variables, under which names.
+      max_to_keep: keep only the newest N checkpoints of a prefix (None keeps all).
+      keep_every_n_hours: also keep, for good, one checkpoint per N hours.
+      keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
+      compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
+
+    >>> saver = jstate.Saver(max_to_keep=3)
+    >>> path = saver.save(state, "ckpt/model", step=1000)
+    >>> state = saver.restore(path, jstate.abstract(model))
+    """
+
+    def __init__(
+        self,
+        var_list: VarList = None,
+        *,
+        max_to_keep: int | None = None,
+        keep_every_n_hours: float | None = None,
+        keep_every_n_steps: int | None = None,
+        compression: bool = False,
+    ):
+        self._names = compile_var_list(var_list)
+        self._max_to_keep = max_to_keep
+        self._keep_hours = keep_every_n_hours
+        self._keep_steps = keep_every_n_steps
+        self._compression = compression
+        self._writer: _orbax.Writer | None = None
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self, state: State, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
+        """Write this Saver's variables of `state` to ``<path>-<step>`` (or `path`).
+
+        Returns the checkpoint's path. With ``blocking=False`` it returns as soon as the values
+        are copied off the device (donating `state` right after is safe); `wait` finishes it.
+        A save killed at any moment leaves earlier checkpoints intact and is never listed.
+        """
+        self.wait()
+        arrays = self._arrays(state)
+        final = Path(f"{path}-{int(step)}" if step is not None else path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _files.clean_stale(final.parent)
+        tmp = _files.temporary(final)
+        tmp.mkdir()
+        manifest = {
+            "format": _files.FORMAT,
+            "version": _VERSION,
+            "step": None if step is None else int(step),
+            "variables": {n: {"shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()},
+        }
+        if self._writer is None:
+            self._writer = _orbax.Writer(self._compression)
+        self._writer.save(tmp / _files.ARRAYS, arrays)
+        finish = lambda: self._finish(tmp, final, manifest, str(path))  # noqa: E731
+        if blocking:
+            finish()
+        else:
+            self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True)
+            self._pending.start()
+        return str(final)
+
+    def _arrays(self, state: State) -> dict[str, jax.Array]:
+        if self._names.rules is None:
+            names = self._names.resolve(state.keys())
+        else:
+            names = self._names.resolve(state.specs, "the State")
+        empty = [n for n in names if not state.is_initialized(n)]
+        if empty:
+            raise UninitializedError(
+                f"Cannot save: variable {shorten(empty)} {'is' if len(empty) == 1 else 'are'} not "
+                "initialized. Initialize or restore it first, or leave it out of the Saver."
+            )
+        return {ckpt: state[n] for n, ckpt in names.items()}
+
+    def _finish(self, tmp: Path, final: Path, manifest: dict[str, Any], prefix: str) -> None:
+        self._writer.wait()
+        manifest["created"] = time.time()
+        _files.write_manifest(tmp, manifest)
+        _files.commit(tmp, final)
+        self._retire(Path(prefix))
+
+    def _background(self, finish) -> None:
+        try:
+            finish()
+        except BaseException as e:  # re-raised by `wait`
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until a ``blocking=False`` save is on disk; re-raise its error, if any."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"The background save failed: {type(error).__name__}: {error}") from error
+
+    def _retire(self, prefix: Path) -> None:
+        """Delete checkpoints of `prefix` beyond `max_to_keep`, sparing those kept for good."""
+        if self._max_to_keep is None:
+            return
+        steps = [c for c in _checkpoint.checkpoints(prefix) if c.step is not None]
+        old = steps[: max(len(steps) - self._max_to_keep, 0)]
+        last_kept_time = None
+        for ckpt in steps:
+            keep = self._keep_steps and ckpt.step % self._keep_steps == 0
+            if self._keep_hours is not None and (
+                last_kept_time is None or ckpt.created >= last_kept_time + self._keep_hours * 3600
+            ):
+                keep, last_kept_time = True, ckpt.created
+            if ckpt in old and not keep:
+                _files.delete(ckpt.path)
+
+    # -- restoring ---------------------------------------------------------------------------
+    def restore(
+        self, path: str | os.PathLike, target: State, *, cast: bool = False, strict: bool = False
+    ) -> State:
+        """A new State: `target` with this Saver's variables read from the checkpoint at `path`.
+
+        `target` may be abstract (`jstate.abstract(model)`): no initialization is needed first.
+        Variables outside this Saver stay as they are in `target`, initialized or not. Only the
+        arrays needed are read, each straight onto the target variable's sharding or device.
+        `path` may also be a directory of checkpoints: its latest complete one is read.
+
+        Args:
+          path: a checkpoint, or a directory of them.
+          target: the State to restore into; it is left unchanged.
+          cast: allow a checkpoint dtype that differs from the declaration (converted).
+          strict: fail if the checkpoint holds variables this Saver does not restore.
+
+        Raises:
+          CheckpointNotFoundError, CorruptCheckpointError: for a missing or damaged checkpoint.
+          CheckpointError: for variables missing from the checkpoint (with the closest names).
+          SpecMismatchError: for a shape (or, without `cast`, dtype) that differs.
+        """
+        self.wait()
+        names = self._names.resolve(target.specs, "the target State")
+        ckpt = _checkpoint.open_checkpoint(path)
+        missing = {n: c for n, c in names.items() if c not in ckpt.entries}
+        if missing:
+            first_state, first = next(iter(missing.items()))
+            shown = shorten(f"{c}" if c == n else f"{c} (for '{n}')" for n, c in missing.items())
+            raise CheckpointError(
+                f"Checkpoint {ckpt.path} lacks {len(missing)} variable(s) the Saver restores: {shown}."
+                f"{closest(first, ckpt.entries)} Restore a subset with `Saver([...])`, or map names with "
+                "`Saver({checkpoint_name: state_name})`."
+            )
+        if strict:
+            extra = sorted(set(ckpt.entries) - set(names.values()))
+            if extra:
+                raise CheckpointError(
+                    f"Checkpoint {ckpt.path} holds {len(extra)} variable(s) that the Saver does not restore: "
+                    f"{shorten(extra)}. Pass `strict=False` to ignore them."
+                )
+        wanted = {}
+        for n, c in names.items():
+            spec, entry = target.spec(n), ckpt.entries[c]
+            if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
+                raise SpecMismatchError(
+                    f"Checkpoint {ckpt.path}: variable '{c}' has shape {entry.shape} and dtype "
+                    f"{entry.dtype.name}, but '{n}' is declared with shape {spec.shape} and dtype "
+                    f"{spec.dtype.name}." + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
+                )
+            wanted[c] = (entry, spec.struct())
+        arrays = _checkpoint.read(ckpt, wanted)
+        return target._replace_values({n: arrays[c] for n, c in names.items()})
+
+    def __repr__(self) -> str:
+        return f"Saver(max_to_keep={self._max_to_keep}, compression={self._compression})"
+
