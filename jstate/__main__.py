@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tour()
         return 0
-    from ._inspect import inspect_checkpoint
     from ._errors import JStateError
+    from ._inspect import inspect_checkpoint
 
     try:
         inspect_checkpoint(args.path, values=args.values, name=args.name)

@@ -85,6 +85,5 @@ def unknown_names(kind: str, names: Iterable[str], known: Iterable[str], hint: s
     """One error for a batch of undeclared names, with suggestions for the first."""
     names, known = sorted(names), sorted(known)
     return UnknownVariableError(
-        f"{kind} {shorten(names)} {'is' if len(names) == 1 else 'are'} not declared."
-        f"{closest(names[0], known)} {hint}"
+        f"{kind} {shorten(names)} {'is' if len(names) == 1 else 'are'} not declared.{closest(names[0], known)} {hint}"
     )

@@ -59,7 +59,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 def sync_tree(directory: Path) -> None:
     """fsync every file and directory under `directory`, so a power loss keeps what was saved."""
-    for root, dirs, files in os.walk(directory):
+    for root, _, files in os.walk(directory):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:

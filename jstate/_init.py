@@ -196,14 +196,11 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
         known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
         results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
         seen = {id(v) for v in values.values()}
-        moved = []
         for i, value in zip(derived, results):
             if id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
                 value = value.copy()
             seen.add(id(value))
-            moved.append(value)
-        shardings = [plan.specs[i].sharding for i in derived]
-        for i, value, sharding in zip(derived, moved, shardings):
+            sharding = plan.specs[i].sharding
             values[plan.specs[i].name] = value if sharding is None else jax.device_put(value, sharding)
     return values
 

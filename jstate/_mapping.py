@@ -60,7 +60,7 @@ class NameMap:
         for n in names:
             target = self._apply(n)
             if target is not None:
-                out[n] = target
+                out[n] = check_name(target)
         _check_one_to_one(out)
         return out
 
@@ -69,7 +69,7 @@ class NameMap:
             if rule.kind == "name" and rule.state == name:
                 return rule.checkpoint
             if rule.kind == "scope" and name.startswith(rule.state):
-                return rule.checkpoint + name[len(rule.state):]
+                return rule.checkpoint + name[len(rule.state) :]
             if rule.kind == "regex" and rule.state.search(name):
                 return None if rule.checkpoint is None else rule.state.sub(rule.checkpoint, name, count=1)
         return None
@@ -94,9 +94,7 @@ def _pair(ckpt: Any, state: Any) -> _Rule:
             f"Saver dict entries map a checkpoint name to a State name (both str), got {ckpt!r}: {state!r}."
         )
     if ckpt.endswith("/") != state.endswith("/"):
-        raise MappingError(
-            f"Saver entry {ckpt!r}: {state!r}: a scope (ending in '/') must map to a scope."
-        )
+        raise MappingError(f"Saver entry {ckpt!r}: {state!r}: a scope (ending in '/') must map to a scope.")
     if ckpt.endswith("/"):
         check_name(ckpt[:-1]), check_name(state[:-1])
         return _Rule("scope", state, ckpt)

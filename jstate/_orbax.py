@@ -82,10 +82,12 @@ def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct
     (cast to the struct's dtype). Orbax's partial restore leaves the other arrays unread."""
     item: dict = {}
     args: dict = {}
-    for name, (entry, target) in wanted.items():
+    for entry, target in wanted.values():
         sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         _put(item, entry.keypath, jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=sharding))
-        _put(args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype))
+        _put(
+            args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)
+        )
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
         epath.Path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
     )

@@ -42,9 +42,7 @@ def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
         try:
             pattern, target = rule
         except (TypeError, ValueError):
-            raise PlacementError(
-                f"Placement rule {i} is {rule!r}; each rule must be a `(regex, spec)` pair."
-            ) from None
+            raise PlacementError(f"Placement rule {i} is {rule!r}; each rule must be a `(regex, spec)` pair.") from None
         try:
             compiled.append((re.compile(pattern), target))
         except re.error as e:
@@ -108,8 +106,7 @@ def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ..
     mesh_shape = dict(mesh.shape)
     if len(spec) > len(shape):
         raise PlacementError(
-            f"Variable '{name}' has shape {shape} ({len(shape)} dims) but PartitionSpec {spec} "
-            f"names {len(spec)} dims."
+            f"Variable '{name}' has shape {shape} ({len(shape)} dims) but PartitionSpec {spec} names {len(spec)} dims."
         )
     for dim, (size, axes) in enumerate(zip(shape, spec)):
         if axes is None:

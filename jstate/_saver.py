@@ -146,9 +146,7 @@ class Saver:
                 _files.delete(ckpt.path)
 
     # -- restoring ---------------------------------------------------------------------------
-    def restore(
-        self, path: str | os.PathLike, target: State, *, cast: bool = False, strict: bool = False
-    ) -> State:
+    def restore(self, path: str | os.PathLike, target: State, *, cast: bool = False, strict: bool = False) -> State:
         """A new State: `target` with this Saver's variables read from the checkpoint at `path`.
 
         `target` may be abstract (`jstate.abstract(model)`): no initialization is needed first.
@@ -193,7 +191,8 @@ class Saver:
                 raise SpecMismatchError(
                     f"Checkpoint {ckpt.path}: variable '{c}' has shape {entry.shape} and dtype "
                     f"{entry.dtype.name}, but '{n}' is declared with shape {spec.shape} and dtype "
-                    f"{spec.dtype.name}." + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
+                    f"{spec.dtype.name}."
+                    + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
                 )
             wanted[c] = (entry, spec.struct())
         arrays = _checkpoint.read(ckpt, wanted)
@@ -201,4 +200,3 @@ class Saver:
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._max_to_keep}, compression={self._compression})"
-

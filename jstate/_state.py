@@ -278,9 +278,7 @@ class State(Mapping[str, jax.Array]):
             for n, s in self._layout.specs.items()
         ]
         total = sum(s.nbytes for s in self._layout.specs.values())
-        title = (
-            f"State: {len(rows)} variables, {len(self._values)} initialized, {human_bytes(total)}"
-        )
+        title = f"State: {len(rows)} variables, {len(self._values)} initialized, {human_bytes(total)}"
         if len(rows) > _MAX_ROWS:
             title += f" (first {_MAX_ROWS} shown)"
             rows = rows[:_MAX_ROWS]
@@ -350,4 +348,3 @@ def report_uninitialized(state: State) -> list[str]:
     """Names of the State's declared variables that hold no value (TF's
     ``report_uninitialized_variables``)."""
     return state.uninitialized()
-

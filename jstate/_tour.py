@@ -37,7 +37,10 @@ def layers(n: int):
 
 def tour() -> None:
     key = jax.random.key(0)
-    _section("Creation", "Variables are declared in a pure function; `jstate.init` runs their initializers as compiled XLA code.")
+    _section(
+        "Creation",
+        "Variables are declared in a pure function; `jstate.init` runs their initializers as compiled XLA code.",
+    )
     state = jstate.init(model, key)
     print(state)
 

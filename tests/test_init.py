@@ -198,7 +198,10 @@ def test_initializer_with_wrong_signature_names_the_variable():
     def model(s):
         s.variable("w", lambda key, shape: jnp.zeros(shape), (2,))
 
-    with pytest.raises(jstate.InitializerError, match=r"Variable 'w': initializer .* failed when called as `init\(key, shape=\(2,\), dtype=float32\)`"):
+    with pytest.raises(
+        jstate.InitializerError,
+        match=r"Variable 'w': initializer .* failed when called as `init\(key, shape=\(2,\), dtype=float32\)`",
+    ):
         jstate.init(model, KEY)
 
 
@@ -206,7 +209,9 @@ def test_initializer_returning_wrong_shape_names_the_variable():
     def model(s):
         s.variable("w", lambda key, shape, dtype: jnp.zeros((3,), dtype), (2,))
 
-    with pytest.raises(jstate.InitializerError, match=r"Variable 'w': the initializer returned shape \(3,\).*shape \(2,\)"):
+    with pytest.raises(
+        jstate.InitializerError, match=r"Variable 'w': the initializer returned shape \(3,\).*shape \(2,\)"
+    ):
         jstate.init(model, KEY)
 
 
@@ -222,7 +227,9 @@ def test_value_with_mismatched_declared_shape_is_an_error():
     def model(s):
         s.variable("w", jnp.zeros(3), (4,))
 
-    with pytest.raises(jstate.InitializerError, match=r"'w': declared shape \(4,\) but its initial value has shape \(3,\)"):
+    with pytest.raises(
+        jstate.InitializerError, match=r"'w': declared shape \(4,\) but its initial value has shape \(3,\)"
+    ):
         jstate.abstract(model)
 
 
@@ -231,7 +238,9 @@ def test_model_failing_while_traced_names_the_variable_being_declared():
         w = s.variable("w", inits.zeros, (2, 3))
         s.variable("v", w @ w)  # shapes do not match
 
-    with pytest.raises(jstate.ModelError, match="failed after declaring variable 'w' \\(the last one declared\\): TypeError"):
+    with pytest.raises(
+        jstate.ModelError, match="failed after declaring variable 'w' \\(the last one declared\\): TypeError"
+    ):
         jstate.init(model, KEY)
 
 

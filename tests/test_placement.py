@@ -42,8 +42,15 @@ def mesh_model(s):
 
 @pytest.mark.parametrize(
     "spec, device_id",
-    [("/cpu:0", 0), ("cpu:3", 3), ("/device:CPU:2", 2), ("cpu", 0), ("CPU:7", 7), ("/job:ps/task:0", 0),
-     ("/job:worker/replica:0/task:0/device:CPU:5", 5)],
+    [
+        ("/cpu:0", 0),
+        ("cpu:3", 3),
+        ("/device:CPU:2", 2),
+        ("cpu", 0),
+        ("CPU:7", 7),
+        ("/job:ps/task:0", 0),
+        ("/job:worker/replica:0/task:0/device:CPU:5", 5),
+    ],
 )
 def test_tensorflow_device_strings(spec, device_id):
     assert parse_device(spec) == jax.devices()[device_id]
@@ -78,7 +85,7 @@ def test_placement_sources_in_order_of_strength(mesh):
     assert state.placement("stats").source == "placement block"
     assert state.placement("layer1/bias").source == "sharding="
     assert state.placement("layer0/kernel").source == "rule 0 ('.*/kernel$')"
-    assert "cpu:0 (from device=)" == str(state.placement("step"))
+    assert str(state.placement("step")) == "cpu:0 (from device=)"
 
 
 def test_without_rules_variables_go_to_the_default_device():
@@ -176,12 +183,17 @@ def one(spec=None, shape=(8,), **kw):
 
 
 def test_partition_spec_axis_missing_from_mesh(mesh):
-    with pytest.raises(jstate.PlacementError, match="Variable 'w': PartitionSpec .* uses mesh axis 'batch', but the mesh has axes \\('data', 'model'\\)"):
+    with pytest.raises(
+        jstate.PlacementError,
+        match="Variable 'w': PartitionSpec .* uses mesh axis 'batch', but the mesh has axes \\('data', 'model'\\)",
+    ):
         jstate.abstract(one(P("batch")), mesh=mesh)
 
 
 def test_dimension_not_divisible_by_mesh_axis(mesh):
-    with pytest.raises(jstate.PlacementError, match=r"Variable 'w' of shape \(6,\): dimension 0 \(size 6\) is not divisible by 4"):
+    with pytest.raises(
+        jstate.PlacementError, match=r"Variable 'w' of shape \(6,\): dimension 0 \(size 6\) is not divisible by 4"
+    ):
         jstate.abstract(one(P("data"), shape=(6,)), mesh=mesh)
 
 

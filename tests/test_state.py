@@ -58,7 +58,10 @@ def test_assign_dict_updates_several(state, mode):
 @pytest.mark.parametrize("mode", ["eager", "jit"])
 def test_assign_rejects_shape_change(state, mode):
     fn = lambda s: s.assign("biases", jnp.ones(100))  # noqa: E731
-    with pytest.raises(jstate.SpecMismatchError, match=r"variable 'biases': declared shape \(200,\) and dtype float32, given shape \(100,\)"):
+    with pytest.raises(
+        jstate.SpecMismatchError,
+        match=r"variable 'biases': declared shape \(200,\) and dtype float32, given shape \(100,\)",
+    ):
         (jax.jit(fn) if mode == "jit" else fn)(state)
 
 

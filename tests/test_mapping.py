@@ -1,0 +1,80 @@
+"""Saver name mapping: pure functions over flat names, no Orbax."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jstate
+from jstate._mapping import compile_var_list
+
+NAMES = ["biases", "model/encoder/k", "model/encoder/b", "model/decoder/k", "v2", "weights"]
+
+
+def resolve(var_list, names=NAMES):
+    return compile_var_list(var_list).resolve(names)
+
+
+def test_none_maps_every_name_to_itself():
+    assert resolve(None) == {n: n for n in NAMES}
+
+
+def test_list_selects_names_and_scopes():
+    assert resolve(["weights", "biases"]) == {"weights": "weights", "biases": "biases"}
+    assert resolve(["model/encoder/"]) == {"model/encoder/b": "model/encoder/b", "model/encoder/k": "model/encoder/k"}
+
+
+def test_dict_maps_checkpoint_names_to_state_names():
+    assert resolve({"my_v2": "v2"}) == {"v2": "my_v2"}
+    assert resolve({"encoder/": "model/encoder/"}) == {"model/encoder/b": "encoder/b", "model/encoder/k": "encoder/k"}
+
+
+def test_regex_rules_with_group_references_first_match_wins():
+    rules = [(r"^model/decoder/", None), (r"^model/(\w+)/(\w)$", r"\1_\2"), (r"^w(.*)$", r"W\1")]
+    assert resolve(rules) == {"model/encoder/b": "encoder_b", "model/encoder/k": "encoder_k", "weights": "Weights"}
+
+
+def test_two_names_mapped_to_one_is_an_error():
+    with pytest.raises(
+        jstate.MappingError, match="maps both 'model/decoder/k' and 'model/encoder/k' to checkpoint name 'k'"
+    ):
+        resolve([(r"^model/\w+/(k)$", r"\1")])
+
+
+def test_naming_an_undeclared_variable_is_an_error():
+    with pytest.raises(
+        jstate.UnknownVariableError, match="The Saver names variable 'weight' is not declared. Did you mean 'weights'"
+    ):
+        resolve(["weight"])
+    with pytest.raises(jstate.MappingError, match="scope 'model/enc/' matches no variable"):
+        resolve({"enc/": "model/enc/"})
+
+
+@pytest.mark.parametrize(
+    "var_list, message",
+    [
+        ("weights", "pass a list of names"),
+        ({"a/": "b"}, "a scope \\(ending in '/'\\) must map to a scope"),
+        ([3], "is not a name, a scope"),
+        ([("([", "x")], "does not compile"),
+    ],
+)
+def test_malformed_var_lists(var_list, message):
+    with pytest.raises(jstate.MappingError, match=message):
+        compile_var_list(var_list)
+
+
+def test_checkpoint_names_are_validated_so_they_cannot_collide_on_disk():
+    with pytest.raises(jstate.InvalidNameError, match="'.' is not allowed"):
+        resolve({"a.b": "v2"})
+    with pytest.raises(jstate.InvalidNameError, match="'.' is not allowed"):
+        resolve([(r"^(weights)$", r"x.\1")])
+
+
+name = st.text(alphabet="abcxyz_0", min_size=1, max_size=4)
+
+
+@given(st.lists(st.lists(name, min_size=1, max_size=3).map("/".join), min_size=1, max_size=8, unique=True))
+def test_rename_then_inverse_rename_is_identity(names):
+    forward = resolve([(r"^(.*)$", r"renamed/\1")], names)
+    backward = resolve([(r"^renamed/(.*)$", r"\1")], list(forward.values()))
+    assert {backward[forward[n]] for n in names} == set(names)
