@@ -47,7 +47,7 @@ class Config:
 
 
 FULL = Config(layers=16, width=4096, child_runs=2, rounds=5)
-QUICK = Config(layers=4, width=1024, child_runs=1, rounds=2)
+QUICK = Config(layers=4, width=2048, child_runs=1, rounds=3)
 
 
 def model_fn(cfg: Config):

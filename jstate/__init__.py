@@ -17,6 +17,7 @@ from ._errors import PlacementError as PlacementError
 from ._errors import SpecMismatchError as SpecMismatchError
 from ._errors import UninitializedError as UninitializedError
 from ._errors import UnknownVariableError as UnknownVariableError
+from ._flax import flax_model as flax_model
 from ._init import abstract as abstract
 from ._init import explain_placement as explain_placement
 from ._init import init as init

@@ -64,6 +64,13 @@ class Scope:
         _names.check_part(name, f"Scope {name!r} under {self._prefix or 'the root'}")
         return Scope(self._record, self._key, _names.join(self._prefix, name))
 
+    def make_rng(self, name: str) -> jax.Array:
+        """A PRNG key for computing initial values by hand, derived from init's key and
+        ``"<this scope>/<name>"`` (like a variable's own key, it ignores declaration order)."""
+        full = _names.join(self._prefix, name)
+        words = _names.name_hash(full + "#rng")  # never equal to a variable's own key
+        return jax.random.fold_in(jax.random.fold_in(self._key, words[0]), words[1])
+
     @contextlib.contextmanager
     def placement(self, spec: Any) -> Iterator[None]:
         """Place every variable declared inside the block on `spec` (TF's ``with tf.device``).

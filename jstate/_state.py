@@ -249,15 +249,21 @@ class State(Mapping[str, jax.Array]):
         return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
 
     @classmethod
-    def from_tree(cls, tree: Mapping[str, Any], *, flat: bool = False) -> State:
-        """A State from a nested dict of arrays (paths joined by "/" become names).
+    def from_tree(cls, tree: Any, *, flat: bool = False) -> State:
+        """A State from any pytree of arrays: nested dicts, lists, optax states, Flax variables.
 
-        A `jax.ShapeDtypeStruct` leaf declares an uninitialized variable (its sharding, if any,
-        becomes the variable's placement). With ``flat=True``, `tree` is ``{name: array}``.
+        Tree paths joined by "/" become names (``{"a": {"b": x}}`` -> ``"a/b"``, list items by
+        index, named tuples by field). A `jax.ShapeDtypeStruct` leaf declares an uninitialized
+        variable (its sharding, if any, becomes the placement). With ``flat=True``, `tree` is
+        ``{name: array}`` already.
         """
-        flat_tree = dict(tree) if flat else traverse_util.flatten_dict(tree, sep=_names.SEP)
+        if flat:
+            items = dict(tree).items()
+        else:
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[0]
+            items = [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
         specs, values = {}, {}
-        for name, leaf in flat_tree.items():
+        for name, leaf in items:
             _names.check_name(name)
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 placement = Placement(leaf.sharding, "sharding=", leaf.sharding) if leaf.sharding else DEFAULT
@@ -269,6 +275,19 @@ class State(Mapping[str, jax.Array]):
             values[name] = leaf
         values = dict(sorted(values.items()))
         return State._make(_Layout(specs, values), values)
+
+    def to_nnx(self) -> Any:
+        """The initialized variables as an `nnx.State` (``nnx.update(module, state.to_nnx())``)."""
+        from ._flax import to_nnx
+
+        return to_nnx(self)
+
+    @classmethod
+    def from_nnx(cls, source: Any) -> State:
+        """A State from an NNX module or `nnx.State`, variables named by their paths."""
+        from ._flax import from_nnx
+
+        return from_nnx(source)
 
     # -- display ----------------------------------------------------------------------------
     def table(self) -> Table:
@@ -289,6 +308,13 @@ class State(Mapping[str, jax.Array]):
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:

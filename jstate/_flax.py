@@ -1,0 +1,60 @@
+"""Flax interop: a linen Module as a jstate model, and State <-> NNX state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from ._scope import Scope
+from ._state import State
+
+
+def flax_model(module: Any, *args: Any, method: str | None = None, **kwargs: Any) -> Callable[[Scope], None]:
+    """A jstate model declaring the variables of a Flax linen `module`, named by their paths.
+
+    ``module.init`` runs inside the model (traced like the rest of it) with a key from
+    ``s.make_rng("flax")``; every variable it creates becomes a jstate variable named by its
+    path, e.g. ``"params/Dense_0/kernel"``, so Saver mappings, placement rules and ``only=``
+    work on them. `args` are example inputs (arrays or `jax.ShapeDtypeStruct`s).
+
+    >>> model = jstate.flax_model(nn.Dense(3), jnp.ones((1, 4)))
+    >>> state = jstate.init(model, jax.random.key(0))
+    >>> y = nn.Dense(3).apply(state.tree(), x)
+    """
+
+    def model(s: Scope) -> None:
+        inputs = [jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args]
+        init_kwargs = {"method": method} if method is not None else {}
+        variables = module.init(s.make_rng("flax"), *inputs, **kwargs, **init_kwargs)
+        for name, value in traverse_util.flatten_dict(dict(variables), sep="/").items():
+            s.variable(name, value)
+
+    model.__qualname__ = f"flax_model({type(module).__name__})"
+    return model
+
+
+def to_nnx(state: State) -> Any:
+    """The State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+    Path parts that are numbers (list indices, ``"layers/0/kernel"``) become ints, as NNX
+    expects.
+    """
+    from flax import nnx
+
+    flat = {tuple(int(p) if p.isdigit() else p for p in n.split("/")): v for n, v in state.items()}
+    return nnx.State(traverse_util.unflatten_dict(flat))
+
+
+def from_nnx(source: Any) -> State:
+    """A State from an NNX module or `nnx.State` (its arrays, named by their paths)."""
+    from flax import nnx
+
+    if isinstance(source, nnx.Module):
+        source = nnx.state(source)
+    pure = nnx.to_pure_dict(source)
+    flat = traverse_util.flatten_dict(pure)
+    return State.from_tree({"/".join(map(str, k)): v for k, v in flat.items()}, flat=True)
