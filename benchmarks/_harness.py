@@ -46,8 +46,10 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def print_header(title: str, quick: bool, jax_module) -> None:
     print(f"== {title} ==")
-    print(f"jax {jax_module.__version__}, {len(jax_module.devices())} {jax_module.default_backend()} device(s), "
-          f"{os.cpu_count()} cores, python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"jax {jax_module.__version__}, {len(jax_module.devices())} {jax_module.default_backend()} device(s), "
+        f"{os.cpu_count()} cores, python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"malloc: {malloc_setting()}")
     if quick:
         print("QUICK MODE: small sizes and one or two repeats; a smoke test, the verdicts mean nothing.")
@@ -82,7 +84,7 @@ def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
 
 
 def _rotations(names: list[str], rounds: int) -> list[list[str]]:
-    return [names[r % len(names):] + names[: r % len(names)] for r in range(rounds)]
+    return [names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)]
 
 
 # -- fresh processes: first call and peak memory --------------------------------------------
@@ -110,7 +112,9 @@ def report_to_parent(result: dict[str, float]) -> None:
     print(json.dumps(result))
 
 
-def in_children(script: str, variants: Sequence[str], runs: int, extra_args: Sequence[str] = ()) -> dict[str, list[dict]]:
+def in_children(
+    script: str, variants: Sequence[str], runs: int, extra_args: Sequence[str] = ()
+) -> dict[str, list[dict]]:
     """Run ``script --child VARIANT`` for each variant, `runs` times, interleaved and rotating.
 
     Each child measures its variant with `first_call` and prints the result as its last line.

@@ -54,8 +54,9 @@ class Config:
     assign_calls: int  # replacements per round, section 4
 
 
-FULL = Config(layers=24, width=2048, many=1000, child_runs=3, init_rounds=7, rounds=11, step_calls=200,
-              assign_calls=2000)
+FULL = Config(
+    layers=24, width=2048, many=1000, child_runs=3, init_rounds=7, rounds=11, step_calls=200, assign_calls=2000
+)
 QUICK = Config(layers=4, width=512, many=100, child_runs=1, init_rounds=2, rounds=3, step_calls=20, assign_calls=200)
 
 
@@ -158,8 +159,11 @@ def bench_big_init(cfg: Config) -> None:
         *[h.Row(f"steady time, {name}", h.median(times), "s") for name, times in steady.items()],
         *[h.Row(f"first-call time, {name}", h.median(times), "s") for name, times in first.items()],
         *[
-            h.Row(f"peak RSS over baseline / param bytes, {name}", h.median(peaks) / nbytes,
-                  at_most=1.6 if name == "jstate" else None)
+            h.Row(
+                f"peak RSS over baseline / param bytes, {name}",
+                h.median(peaks) / nbytes,
+                at_most=1.6 if name == "jstate" else None,
+            )
             for name, peaks in rss.items()
         ],
     ]
@@ -213,8 +217,9 @@ def bench_assign(cfg: Config) -> None:
     times = h.interleave({"assign": assign, "dict copy": dict_copy}, cfg.rounds)
     per_call = {label: [t / cfg.assign_calls for t in runs] for label, runs in times.items()}
     rows = [
-        h.Row("per call, state.assign / dict copy", h.median_ratio(per_call["assign"], per_call["dict copy"]),
-              at_most=4.0),
+        h.Row(
+            "per call, state.assign / dict copy", h.median_ratio(per_call["assign"], per_call["dict copy"]), at_most=4.0
+        ),
         *[h.Row(f"per call, {label}", h.median(runs), "us") for label, runs in per_call.items()],
     ]
     h.print_rows(f"4. replacing one variable of {cfg.many}, outside jit", rows)

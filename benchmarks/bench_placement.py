@@ -46,7 +46,7 @@ class Config:
     rounds: int  # interleaved steady-state rounds
 
 
-FULL = Config(layers=16, width=4096, child_runs=2, rounds=5)
+FULL = Config(layers=16, width=4096, child_runs=2, rounds=7)
 QUICK = Config(layers=4, width=2048, child_runs=1, rounds=3)
 
 
@@ -130,7 +130,10 @@ def bench(cfg: Config) -> None:
         h.Row("first-call time, jstate / hand-jit", h.median_ratio(first["jstate"], first["hand-jit"])),
         *[h.Row(f"steady time, {name}", h.median(times), "s") for name, times in steady.items()],
         *[h.Row(f"first-call time, {name}", h.median(times), "s") for name, times in first.items()],
-        *[h.Row(f"peak RSS over baseline / param bytes, {name}", h.median(peaks) / nbytes) for name, peaks in rss.items()],
+        *[
+            h.Row(f"peak RSS over baseline / param bytes, {name}", h.median(peaks) / nbytes)
+            for name, peaks in rss.items()
+        ],
     ]
     title = f"sharded init of {cfg.layers} layers of {cfg.width}x{cfg.width} ({nbytes / 2**20:.0f} MiB float32), mesh (data=4, model=2)"
     h.print_rows(title, rows)

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _files, _orbax
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest
+from ._spec import Entry
 from ._table import Table, human_bytes
 
 
@@ -21,26 +22,28 @@ class Checkpoint:
 
     Attributes:
       path: the checkpoint's directory.
-      arrays: the Orbax PyTree checkpoint directory that holds its arrays.
+      source: what holds its arrays: an Orbax PyTree checkpoint directory, a TensorFlow
+        checkpoint prefix, or a file.
+      format: "orbax", "tensorflow" or "safetensors": how `source` is read.
       step: its step, when saved with one.
       created: seconds since the epoch when it was committed (0 when unknown).
       entries: every array it holds, by name.
-      writer: "jstate", or "orbax" for a checkpoint plain Orbax or Flax wrote.
+      writer: "jstate", or who else wrote it ("orbax" for plain Orbax or Flax).
     """
 
     path: Path
-    arrays: Path
+    source: Path
+    format: str
     step: int | None
     created: float
-    entries: dict[str, _orbax.Entry]
+    entries: dict[str, Entry]
     writer: str
 
     def table(self) -> Table:
         rows = [
-            (n, e.shape, e.dtype.name, human_bytes(int(np.prod(e.shape)) * e.dtype.itemsize))
-            for n, e in sorted(self.entries.items())
+            (n, e.shape, e.dtype.name, human_bytes(e.nbytes)) for n, e in sorted(self.entries.items())
         ]
-        total = sum(int(np.prod(e.shape)) * e.dtype.itemsize for e in self.entries.values())
+        total = sum(e.nbytes for e in self.entries.values())
         step = f", step {self.step}" if self.step is not None else ""
         title = f"Checkpoint {self.path}{step}: {len(rows)} variables, {human_bytes(total)}"
         return Table(("name", "shape", "dtype", "size"), rows, title)
@@ -84,12 +87,13 @@ def _load(path: Path) -> Checkpoint | None:
             )
         try:
             entries = {
-                name: _orbax.Entry((name,), tuple(v["shape"]), np.dtype(_dtype(v["dtype"])))
+                name: Entry((name,), tuple(v["shape"]), np.dtype(_dtype(v["dtype"])))
                 for name, v in manifest["variables"].items()
             }
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"Checkpoint {path}: its manifest {path / _files.MANIFEST} is damaged.") from e
-        return Checkpoint(path, arrays, manifest.get("step"), manifest.get("created", 0.0), entries, "jstate")
+        step, created = manifest.get("step"), manifest.get("created", 0.0)
+        return Checkpoint(path, arrays, "orbax", step, created, entries, "jstate")
     arrays = _orbax_dir(path)
     if arrays is None:
         return None
@@ -100,7 +104,8 @@ def _load(path: Path) -> Checkpoint | None:
             f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
         ) from e
     step = int(path.name) if path.name.isdigit() else None
-    return Checkpoint(path, arrays, step, (arrays / _orbax.METADATA_FILE).stat().st_mtime, entries, "orbax")
+    created = (arrays / _orbax.METADATA_FILE).stat().st_mtime
+    return Checkpoint(path, arrays, "orbax", step, created, entries, "orbax")
 
 
 def _orbax_dir(path: Path) -> Path | None:
@@ -172,14 +177,21 @@ def load_variable(path: str | os.PathLike, name: str) -> jax.Array:
     return read(ckpt, {name: (entry, jax.ShapeDtypeStruct(entry.shape, entry.dtype))})[name]
 
 
-def read(ckpt: Checkpoint, wanted: dict[str, tuple[_orbax.Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
-    """Read `wanted` arrays of `ckpt`, turning any failure into one CorruptCheckpointError."""
+def read(ckpt: Checkpoint, wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+    """Read `wanted` arrays of `ckpt`, each onto its target struct's sharding and dtype.
+
+    Any failure becomes one CorruptCheckpointError naming the checkpoint and variable.
+    """
     try:
-        return _orbax.read(ckpt.arrays, wanted)
+        if ckpt.format == "orbax":
+            return _orbax.read(ckpt.source, wanted)
+        raise AssertionError(f"unknown checkpoint format {ckpt.format}")
+    except CheckpointError:
+        raise
     except Exception as e:
         names = sorted(wanted)
         which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
         raise CorruptCheckpointError(
-            f"Checkpoint {ckpt.path}: reading {which} from {ckpt.arrays} failed ({type(e).__name__}); "
+            f"Checkpoint {ckpt.path}: reading {which} from {ckpt.source} failed ({type(e).__name__}); "
             "its files are damaged or incomplete."
         ) from e

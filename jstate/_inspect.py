@@ -36,6 +36,5 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
         print(table)
         return
     for n, e in sorted(entries.items()):
-        size = human_bytes(int(np.prod(e.shape)) * e.dtype.itemsize)
-        print(f"tensor_name: {n}  shape: {e.shape}  dtype: {e.dtype.name}  size: {size}")
+        print(f"tensor_name: {n}  shape: {e.shape}  dtype: {e.dtype.name}  size: {human_bytes(e.nbytes)}")
         print(np.asarray(load_variable(ckpt.path, n)))

@@ -3,7 +3,6 @@ read the metadata of checkpoints that jstate did not write. The only module impo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from ._spec import Entry
 
 # Orbax logs each save and restore at INFO/WARNING through absl; keep user output clean.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -21,15 +22,6 @@ from etils import epath  # noqa: E402 (Orbax's path type)
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One array of a checkpoint: where Orbax keeps it, and what it is."""
-
-    keypath: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 class Writer:

@@ -67,3 +67,22 @@ class VariableSpec:
     def struct(self) -> jax.ShapeDtypeStruct:
         """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed)."""
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One array a checkpoint holds: where its format keeps it, and what it is.
+
+    Attributes:
+      keypath: its path in the checkpoint's tree (Orbax), or ``(name,)`` for flat formats.
+      shape: its shape.
+      dtype: its dtype.
+    """
+
+    keypath: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
