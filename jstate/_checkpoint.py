@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import _files, _orbax
+from . import _files, _integrity, _orbax
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest
 from ._spec import Entry
 from ._table import Table, human_bytes
@@ -29,6 +29,8 @@ class Checkpoint:
       created: seconds since the epoch when it was committed (0 when unknown).
       entries: every array it holds, by name.
       writer: "jstate", or who else wrote it ("orbax" for plain Orbax or Flax).
+      digests: per variable, the checksum of each saved region (jstate checkpoints only).
+      files: ``{path under source: [size, crc32c]}`` of every array file (jstate only).
     """
 
     path: Path
@@ -38,11 +40,11 @@ class Checkpoint:
     created: float
     entries: dict[str, Entry]
     writer: str
+    digests: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict, repr=False)
+    files: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
 
     def table(self) -> Table:
-        rows = [
-            (n, e.shape, e.dtype.name, human_bytes(e.nbytes)) for n, e in sorted(self.entries.items())
-        ]
+        rows = [(n, e.shape, e.dtype.name, human_bytes(e.nbytes)) for n, e in sorted(self.entries.items())]
         total = sum(e.nbytes for e in self.entries.values())
         step = f", step {self.step}" if self.step is not None else ""
         title = f"Checkpoint {self.path}{step}: {len(rows)} variables, {human_bytes(total)}"
@@ -86,14 +88,19 @@ def _load(path: Path) -> Checkpoint | None:
                 f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing."
             )
         try:
-            entries = {
-                name: Entry((name,), tuple(v["shape"]), np.dtype(_dtype(v["dtype"])))
-                for name, v in manifest["variables"].items()
-            }
+            variables = manifest["variables"]
+            entries = {n: Entry((n,), tuple(v["shape"]), np.dtype(_dtype(v["dtype"]))) for n, v in variables.items()}
+            digests = {n: dict(v.get("digests", {})) for n, v in variables.items()}
+            files = dict(manifest.get("files", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"Checkpoint {path}: its manifest {path / _files.MANIFEST} is damaged.") from e
+        _integrity.check_files(arrays, files, path)  # sizes only: cheap enough for every listing
         step, created = manifest.get("step"), manifest.get("created", 0.0)
-        return Checkpoint(path, arrays, "orbax", step, created, entries, "jstate")
+        return Checkpoint(path, arrays, "orbax", step, created, entries, "jstate", digests, files)
+    if (path / _files.ARRAYS / _orbax.METADATA_FILE).is_file():  # jstate's layout without its manifest
+        raise CorruptCheckpointError(
+            f"Checkpoint {path} is incomplete: its manifest {path / _files.MANIFEST} is missing."
+        )
     arrays = _orbax_dir(path)
     if arrays is None:
         return None
@@ -122,7 +129,7 @@ def _dtype(name: str) -> np.dtype:
 def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
     """Complete checkpoints in directory `path`, or named ``<path>-<step>`` beside it, oldest first."""
     path = Path(path)
-    if path.is_dir() and _load_quietly(path) is None:
+    if path.is_dir() and not _is_checkpoint_dir(path):
         parent, prefix = path, None
     else:
         parent, prefix = path.parent, path.name
@@ -138,6 +145,11 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
         if ckpt is not None:
             found.append(ckpt)
     return sorted(found, key=lambda c: (c.step if c.step is not None else -1, c.created))
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """Whether `path` is meant as one checkpoint (complete or not), not a directory of them."""
+    return (path / _files.MANIFEST).exists() or (path / _files.ARRAYS).exists() or _load_quietly(path) is not None
 
 
 def _load_quietly(path: Path) -> Checkpoint | None:
@@ -165,8 +177,11 @@ def list_variables(path: str | os.PathLike) -> list[tuple[str, tuple[int, ...], 
     return [(n, e.shape, e.dtype) for n, e in sorted(ckpt.entries.items())]
 
 
-def load_variable(path: str | os.PathLike, name: str) -> jax.Array:
-    """One variable of a checkpoint, reading only that array (onto the default device)."""
+def load_variable(path: str | os.PathLike, name: str, *, verify: bool = True) -> jax.Array:
+    """One variable of a checkpoint, reading only that array (onto the default device).
+
+    With `verify` (the default), it is checked against the checksum recorded at save.
+    """
     ckpt = open_checkpoint(path)
     entry = ckpt.entries.get(name)
     if entry is None:
@@ -174,24 +189,48 @@ def load_variable(path: str | os.PathLike, name: str) -> jax.Array:
             f"Checkpoint {ckpt.path} holds no variable '{name}'.{closest(name, ckpt.entries)} "
             "`jstate.list_variables(path)` lists them."
         )
-    return read(ckpt, {name: (entry, jax.ShapeDtypeStruct(entry.shape, entry.dtype))})[name]
+    return read(ckpt, {name: (entry, jax.ShapeDtypeStruct(entry.shape, entry.dtype))}, verify=verify)[name]
 
 
-def read(ckpt: Checkpoint, wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+def read(
+    ckpt: Checkpoint, wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]], *, verify: bool = True
+) -> dict[str, jax.Array]:
     """Read `wanted` arrays of `ckpt`, each onto its target struct's sharding and dtype.
 
-    Any failure becomes one CorruptCheckpointError naming the checkpoint and variable.
+    With `verify`, the small metadata files and each array are checked against the checksums
+    recorded at save. Any failure becomes one CorruptCheckpointError naming the checkpoint,
+    the variable and, where it can be found, the damaged file.
     """
+    if verify and ckpt.files:
+        metadata = [rel for rel in ckpt.files if "d" not in rel.split("/")[:-1]]  # all but data files
+        _integrity.check_files(ckpt.source, ckpt.files, ckpt.path, contents=metadata)
+    names = sorted(wanted)
     try:
         if ckpt.format == "orbax":
-            return _orbax.read(ckpt.source, wanted)
-        raise AssertionError(f"unknown checkpoint format {ckpt.format}")
+            arrays = _orbax.read(ckpt.source, wanted)
+        else:
+            raise AssertionError(f"unknown checkpoint format {ckpt.format}")
     except CheckpointError:
         raise
     except Exception as e:
-        names = sorted(wanted)
         which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
         raise CorruptCheckpointError(
-            f"Checkpoint {ckpt.path}: reading {which} from {ckpt.source} failed ({type(e).__name__}); "
-            "its files are damaged or incomplete."
+            f"Checkpoint {ckpt.path}: reading {which} failed ({type(e).__name__}){_culprit(ckpt)}."
         ) from e
+    if verify:
+        for name, (entry, target) in wanted.items():
+            if entry.dtype != target.dtype:
+                continue  # cast on read: the saved bytes are not what we hold
+            try:
+                _integrity.verify_array(arrays[name], ckpt.digests.get(name, {}), f"variable '{name}'")
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"Checkpoint {ckpt.path}: {e}{_culprit(ckpt)}.") from None
+    return arrays
+
+
+def _culprit(ckpt: Checkpoint) -> str:
+    """ ", damaged file: <path>" when the recorded file checksums find one."""
+    bad = _integrity.damaged_files(ckpt.source, ckpt.files, ckpt.path) if ckpt.files else []
+    if bad:
+        return f"; damaged file: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+    return f"; its files under {ckpt.source} are damaged or incomplete"

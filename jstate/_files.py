@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import CorruptCheckpointError
+from ._integrity import checksum
 
 MANIFEST = "jstate.json"
 ARRAYS = "arrays"
@@ -28,9 +29,16 @@ def temporary(final: Path) -> Path:
     return final.parent / f".{final.name}{_TMP}"
 
 
+def _body(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: v for k, v in manifest.items() if k != "checksum"}, separators=(",", ":"), sort_keys=True
+    ).encode()
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    path = directory / MANIFEST
-    with open(path, "w") as f:
+    """Write the manifest with a checksum of its own content, and flush it to disk."""
+    manifest = {**manifest, "checksum": checksum(_body(manifest))}
+    with open(directory / MANIFEST, "w") as f:
         json.dump(manifest, f, separators=(",", ":"), sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -40,7 +48,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of a jstate checkpoint, None if `directory` has none."""
     path = directory / MANIFEST
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -49,7 +57,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         manifest = json.loads(text)
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("variables"), dict):
             raise ValueError("not a jstate manifest")
-    except (ValueError, AttributeError) as e:
+        if manifest.get("checksum") != checksum(_body(manifest)):
+            raise ValueError("checksum mismatch")
+    except (ValueError, AttributeError, TypeError) as e:
         raise CorruptCheckpointError(
             f"Checkpoint {directory}: its manifest {path} is damaged ({type(e).__name__}). "
             "Restore an earlier checkpoint."

@@ -197,7 +197,9 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
         results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
         seen = {id(v) for v in values.values()}
         for i, value in zip(derived, results):
-            if id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
+            if not isinstance(value, jax.Array):  # a literal or constant of the jaxpr
+                value = jax.numpy.asarray(value)
+            elif id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
                 value = value.copy()
             seen.add(id(value))
             sharding = plan.specs[i].sharding

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from . import _checkpoint, _files, _orbax
+from . import _checkpoint, _files, _integrity, _orbax
 from ._errors import CheckpointError, SpecMismatchError, UninitializedError, closest, shorten
 from ._mapping import VarList, compile_var_list
 from ._state import State
@@ -81,7 +81,11 @@ class Saver:
             "format": _files.FORMAT,
             "version": _VERSION,
             "step": None if step is None else int(step),
-            "variables": {n: {"shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()},
+            "variables": {
+                # Checksums are taken now: the values saved are the values at call time.
+                n: {"shape": list(a.shape), "dtype": a.dtype.name, "digests": _integrity.array_digests(a)}
+                for n, a in arrays.items()
+            },
         }
         if self._writer is None:
             self._writer = _orbax.Writer(self._compression)
@@ -110,6 +114,7 @@ class Saver:
     def _finish(self, tmp: Path, final: Path, manifest: dict[str, Any], prefix: str) -> None:
         self._writer.wait()
         manifest["created"] = time.time()
+        manifest["files"] = _integrity.file_records(tmp / _files.ARRAYS)
         _files.write_manifest(tmp, manifest)
         _files.commit(tmp, final)
         self._retire(Path(prefix))
@@ -146,7 +151,15 @@ class Saver:
                 _files.delete(ckpt.path)
 
     # -- restoring ---------------------------------------------------------------------------
-    def restore(self, path: str | os.PathLike, target: State, *, cast: bool = False, strict: bool = False) -> State:
+    def restore(
+        self,
+        path: str | os.PathLike,
+        target: State,
+        *,
+        cast: bool = False,
+        strict: bool = False,
+        verify: bool = True,
+    ) -> State:
         """A new State: `target` with this Saver's variables read from the checkpoint at `path`.
 
         `target` may be abstract (`jstate.abstract(model)`): no initialization is needed first.
@@ -159,6 +172,7 @@ class Saver:
           target: the State to restore into; it is left unchanged.
           cast: allow a checkpoint dtype that differs from the declaration (converted).
           strict: fail if the checkpoint holds variables this Saver does not restore.
+          verify: check each array against the checksums recorded when it was saved.
 
         Raises:
           CheckpointNotFoundError, CorruptCheckpointError: for a missing or damaged checkpoint.
@@ -195,7 +209,7 @@ class Saver:
                     + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
                 )
             wanted[c] = (entry, spec.struct())
-        arrays = _checkpoint.read(ckpt, wanted)
+        arrays = _checkpoint.read(ckpt, wanted, verify=verify)
         return target._replace_values({n: arrays[c] for n, c in names.items()})
 
     def __repr__(self) -> str:

@@ -260,7 +260,9 @@ class State(Mapping[str, jax.Array]):
         if flat:
             items = dict(tree).items()
         else:
-            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[0]
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[
+                0
+            ]
             items = [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
         specs, values = {}, {}
         for name, leaf in items:

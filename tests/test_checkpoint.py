@@ -311,17 +311,29 @@ def test_list_and_load_variable(state, tmp_path):
         jstate.load_variable(path, "weight")
 
 
-def test_inspect_reads_metadata_only(state, tmp_path):
+def test_inspect_reads_metadata_only(state, tmp_path, monkeypatch, capsys):
+    from jstate import _orbax
+    from jstate._inspect import inspect_checkpoint
+
     path = jstate.Saver().save(state, tmp_path / "m", step=3)
-    for root, _, files in os.walk(os.path.join(path, "arrays")):
-        for f in files:
-            if "ocdbt" in root or f.startswith("d"):
-                os.remove(os.path.join(root, f))  # no array data left
-    out = subprocess.run(
-        [sys.executable, "-m", "jstate", "inspect", path], capture_output=True, text=True, check=True
-    ).stdout
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("inspect must not read arrays or Orbax metadata")
+
+    monkeypatch.setattr(_orbax, "read", no_reading)
+    monkeypatch.setattr(_orbax, "entries", no_reading)
+    inspect_checkpoint(path)
+    out = capsys.readouterr().out
     assert "step 3: 5 variables" in out
     assert re.search(r"weights\s+\(64, 32\)\s+float32\s+8.0 KiB", out)
+
+
+def test_inspect_of_a_damaged_checkpoint_is_an_error(state, tmp_path):
+    path = jstate.Saver().save(state, tmp_path / "m", step=3)
+    os.remove(os.path.join(path, "arrays", "_METADATA"))
+    out = subprocess.run([sys.executable, "-m", "jstate", "inspect", path], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"Checkpoint {path} is incomplete: {path}/arrays/_METADATA is missing." in out.stderr
 
 
 def test_inspect_values_and_directory_listing(state, tmp_path):
@@ -370,6 +382,8 @@ def test_truncated_data_files(state, tmp_path):
             if root.endswith("/d"):
                 with open(os.path.join(root, f), "r+b") as fh:
                     fh.truncate(10)
-    with pytest.raises(jstate.CorruptCheckpointError, match=f"Checkpoint {path}: reading 5 variables"):
+    with pytest.raises(
+        jstate.CorruptCheckpointError, match=f"Checkpoint {path} is damaged: {path}/arrays/d/.* has 10 bytes"
+    ):
         jstate.Saver().restore(path, target)
     assert target.uninitialized() == sorted(target.specs)

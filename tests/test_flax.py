@@ -47,7 +47,9 @@ def test_only_and_rules_work_on_flax_variables():
     assert list(only) == ["params/Dense_1/kernel"]
     np.testing.assert_array_equal(only["params/Dense_1/kernel"], full["params/Dense_1/kernel"])
     mesh = jax.make_mesh((8,), ("model",))
-    placed = jstate.init(model, jax.random.key(0), mesh=mesh, rules=[(r"Dense_0/kernel", P(None, "model")), (".*", P())])
+    placed = jstate.init(
+        model, jax.random.key(0), mesh=mesh, rules=[(r"Dense_0/kernel", P(None, "model")), (".*", P())]
+    )
     assert placed["params/Dense_0/kernel"].sharding == NamedSharding(mesh, P(None, "model"))
     np.testing.assert_array_equal(placed["params/Dense_0/kernel"], full["params/Dense_0/kernel"])
 

@@ -48,6 +48,7 @@ def test_initializers_accept_jax_and_custom_callables():
         s.variable("e", np.arange(3.0), dtype=jnp.float16)
 
     state = jstate.init(model, KEY)
+    assert all(isinstance(v, jax.Array) for v in state.values())
     assert state["b"].dtype == jnp.int32 and state["b"].tolist() == [3, 3]
     assert state["c"].dtype == jnp.bfloat16
     assert state["d"].dtype == jnp.int32 and state.spec("d").shape == ()

@@ -1,0 +1,115 @@
+"""Checksums that make every corruption of a checkpoint an error, never wrong values.
+
+Orbax stores no checksum of array data (a flipped byte restores silently wrong), so jstate
+records, in its manifest:
+  - a CRC32C of every saved shard of every array, verified after each restore;
+  - the size and CRC32C of every file Orbax wrote; sizes are checked whenever a checkpoint is
+    opened, and contents when an array digest fails, to name the damaged file.
+CRC32C is TensorFlow's checksum; the `crc32c` package computes it at several GB/s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import crc32c
+import jax
+import numpy as np
+
+from ._errors import CorruptCheckpointError
+
+
+def checksum(data: np.ndarray | bytes) -> int:
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return crc32c.crc32c(data)
+
+
+def _slice_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+    """``"0:16,0:32"``: the region of the global array a shard covers."""
+    return ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}" for s, dim in zip(index, shape))
+
+
+def _parse_key(key: str) -> tuple[slice, ...]:
+    if not key:
+        return ()
+    return tuple(slice(*map(int, part.split(":"))) for part in key.split(","))
+
+
+def array_digests(array: jax.Array) -> dict[str, int]:
+    """CRC32C of each distinct shard this process holds, keyed by the region it covers."""
+    return {
+        _slice_key(shard.index, array.shape): checksum(np.asarray(shard.data))
+        for shard in array.addressable_shards
+        if shard.replica_id == 0
+    }
+
+
+def verify_array(array: jax.Array, digests: dict[str, int], where: str) -> None:
+    """Check a restored array against the digests recorded when it was saved.
+
+    A recorded region is checked where this process can see it whole: one of its shards, or
+    (single-process) any region. Raises CorruptCheckpointError on the first mismatch.
+    """
+    local = {_slice_key(s.index, array.shape): s for s in array.addressable_shards}
+    for key, expected in digests.items():
+        shard = local.get(key)
+        if shard is not None:
+            data = np.asarray(shard.data)
+        elif array.is_fully_addressable:
+            data = np.asarray(array[_parse_key(key)])
+        else:
+            continue  # that region spans other processes; they check their parts
+        if checksum(data) != expected:
+            raise CorruptCheckpointError(f"{where} (region [{key}]) does not match the checksum recorded at save")
+
+
+def file_records(directory: Path) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32c]}`` for every file under `directory`."""
+    records = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = Path(root, name)
+            records[path.relative_to(directory).as_posix()] = [path.stat().st_size, checksum(path.read_bytes())]
+    return records
+
+
+def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path, contents: Iterable[str] = ()) -> None:
+    """Every recorded file exists with its recorded size; those named in `contents` also with
+    their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
+    contents = set(contents)
+    for rel, (size, crc) in records.items():
+        path = safe_join(directory, rel, checkpoint)
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {path} is missing.") from None
+        if actual != size:
+            raise CorruptCheckpointError(
+                f"Checkpoint {checkpoint} is damaged: {path} has {actual} bytes, {size} were written."
+            )
+        if rel in contents and checksum(path.read_bytes()) != crc:
+            raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")
+
+
+def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Path) -> list[str]:
+    """The recorded files whose contents no longer match (slow: reads them all)."""
+    bad = []
+    for rel, (_, crc) in records.items():
+        path = safe_join(directory, rel, checkpoint)
+        if not path.is_file() or checksum(path.read_bytes()) != crc:
+            bad.append(str(path))
+    return bad
+
+
+def safe_join(directory: Path, rel: str, checkpoint: Path) -> Path:
+    """`directory / rel`, refusing paths that would leave `directory` (a crafted manifest)."""
+    path = (directory / rel).resolve()
+    if rel.startswith("/") or ".." in Path(rel).parts or not path.is_relative_to(directory.resolve()):
+        raise CorruptCheckpointError(
+            f"Checkpoint {checkpoint}: its manifest names the file {rel!r}, outside the checkpoint. "
+            "It was not written by jstate; refusing to read it."
+        )
+    return path

@@ -1,0 +1,437 @@
+"""Reading TensorFlow checkpoints without TensorFlow: TF1 ``Saver`` and TF2 ``tf.train.Checkpoint``.
+
+Both write a "tensor bundle" (TF's V2 checkpoint format) under a prefix such as ``model.ckpt``:
+
+  model.ckpt.index                  an SSTable (LevelDB's table format) mapping each tensor name
+                                    to a ``BundleEntryProto`` (dtype, shape, data file, offset,
+                                    size, masked CRC32C); the key "" holds a ``BundleHeaderProto``
+  model.ckpt.data-00000-of-00002    the tensors' raw little-endian bytes, back to back
+  checkpoint                        (beside it, optional) a text proto naming the latest prefix
+
+The table and the two small protobufs are parsed here by hand, so TensorFlow and protobuf are
+not needed. TF1's older V1 format (one ``model.ckpt`` file, no ``.index``) is not read.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import ml_dtypes
+import numpy as np
+
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
+from ._spec import Entry
+
+STATE_FILE = "checkpoint"
+_DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
+_TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of every LevelDB/TF table
+_FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the magic
+_TRAILER_SIZE = 5  # after each block: compression type (1 byte), masked CRC32C (4 bytes)
+_CRC_MASK_DELTA = 0xA282EAD8
+
+# TensorFlow's DataType enum (types.proto) -> numpy dtype, for the dtypes jstate reads.
+_DTYPES: dict[int, np.dtype] = {
+    1: np.dtype(np.float32),
+    2: np.dtype(np.float64),
+    3: np.dtype(np.int32),
+    4: np.dtype(np.uint8),
+    5: np.dtype(np.int16),
+    6: np.dtype(np.int8),
+    8: np.dtype(np.complex64),
+    9: np.dtype(np.int64),
+    10: np.dtype(np.bool_),
+    14: np.dtype(ml_dtypes.bfloat16),
+    17: np.dtype(np.uint16),
+    18: np.dtype(np.complex128),
+    19: np.dtype(np.float16),
+    22: np.dtype(np.uint32),
+    23: np.dtype(np.uint64),
+}
+# The rest, by name, for the reasons `skipped` gives.
+_UNREAD = {7: "DT_STRING", 11: "DT_QINT8", 12: "DT_QUINT8", 13: "DT_QINT32", 15: "DT_QINT16", 16: "DT_QUINT16"}
+_UNREAD |= {20: "DT_RESOURCE", 21: "DT_VARIANT", 24: "DT_FLOAT8_E5M2", 25: "DT_FLOAT8_E4M3FN", 29: "DT_INT4"}
+_UNREAD |= {30: "DT_UINT4"}
+
+
+@dataclass(frozen=True)
+class _BundleEntry:
+    """One tensor's ``BundleEntryProto``: where its bytes are and how to check them."""
+
+    dtype: int  # TF DataType enum
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc32c: int  # masked, as TF stores it
+    slices: int  # number of TensorSliceProtos: > 0 for a partitioned variable
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """A parsed ``.index`` file."""
+
+    num_shards: int
+    tensors: dict[str, _BundleEntry]
+
+
+class _Garbled(ValueError):
+    """Internal: bytes that do not parse; becomes a CorruptCheckpointError naming the file."""
+
+
+class _Unsupported(Exception):
+    """Internal: a valid index jstate cannot read; becomes a CheckpointError naming the file."""
+
+
+# -- finding checkpoints ----------------------------------------------------------------------
+def find(path: Path) -> Path | None:
+    """The prefix of the TensorFlow checkpoint that `path` names, or None if it names none.
+
+    Valid forms of `path`:
+
+      ckpt/model.ckpt-1000                         the prefix (``model.ckpt-1000.index`` exists)
+      ckpt/model.ckpt-1000.index                   its index file
+      ckpt/model.ckpt-1000.data-00000-of-00001     one of its data files
+
+    A directory is not a checkpoint here: `latest` finds the one its state file names.
+    """
+    path = Path(path)
+    if path.name.endswith(".index") and path.is_file():
+        return path.with_name(path.name[: -len(".index")])
+    m = _DATA_FILE.fullmatch(path.name)
+    if m and _index_file(path.with_name(m.group(1))).is_file():
+        return path.with_name(m.group(1))
+    return path if _index_file(path).is_file() else None
+
+
+def latest(directory: Path) -> Path | None:
+    """The prefix that TensorFlow's ``checkpoint`` state file in `directory` names as the latest.
+
+    A relative ``model_checkpoint_path`` is taken relative to `directory` (as TF does). An
+    absolute one that no longer exists (the directory was moved or copied) falls back to its
+    last component inside `directory`. None if there is no state file, it names nothing, or the
+    named checkpoint's ``.index`` is missing.
+
+    >>> _tensorflow.latest(Path("train"))
+    PosixPath('train/model.ckpt-20')
+    """
+    directory = Path(directory)
+    try:
+        text = (directory / STATE_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+    if m is None:
+        return None
+    try:  # a text proto string: C escapes over UTF-8 bytes
+        name = codecs.escape_decode(m.group(1).encode("utf-8"))[0].decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for prefix in (directory / name, directory / Path(name).name):
+        if _index_file(prefix).is_file():
+            return prefix
+    return None
+
+
+def _index_file(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".index")
+
+
+def _data_file(prefix: Path, shard: int, num_shards: int) -> Path:
+    return prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{num_shards:05d}")
+
+
+# -- what a checkpoint holds ------------------------------------------------------------------
+def entries(prefix: Path) -> dict[str, Entry]:
+    """Every tensor of the checkpoint that jstate can read, by name, from its index only.
+
+    Names are TensorFlow's, unchanged: ``layer1/weights`` (TF1) or
+    ``model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE`` (TF2). Tensors that cannot be read are
+    listed by `skipped` instead.
+
+    Raises:
+      CheckpointNotFoundError: if ``<prefix>.index`` does not exist.
+      CorruptCheckpointError: if it is truncated or garbled.
+      CheckpointError: if it was written big-endian or by a newer, incompatible TensorFlow.
+    """
+    bundle = _read_index(Path(prefix))
+    return {name: Entry((name,), t.shape, _DTYPES[t.dtype]) for name, t in bundle.tensors.items() if _reason(t) is None}
+
+
+def skipped(prefix: Path) -> dict[str, str]:
+    """The tensors of the checkpoint that jstate cannot read, by name, each with the reason.
+
+    Strings (TF2's ``_CHECKPOINTABLE_OBJECT_GRAPH`` among them), resources, variants,
+    quantized and 4-bit types, and partitioned variables (stored as slices) are skipped.
+    """
+    bundle = _read_index(Path(prefix))
+    reasons = {name: _reason(t) for name, t in bundle.tensors.items()}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+def _reason(t: _BundleEntry) -> str | None:
+    if t.dtype not in _DTYPES:
+        kind = _UNREAD.get(t.dtype, f"DataType {t.dtype}")
+        what = "a string tensor" if kind == "DT_STRING" else "a tensor"
+        return f"{what} of dtype {kind}, which has no JAX equivalent"
+    if t.slices:
+        return (
+            f"a partitioned variable, saved as {t.slices} slices; jstate reads whole tensors only "
+            "(load it with TensorFlow and save it unpartitioned)"
+        )
+    return None
+
+
+# -- reading tensors --------------------------------------------------------------------------
+def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Read just the tensors `names` of the checkpoint, checking each one's CRC32C.
+
+    Each data file is opened once and read at the tensors' offsets, in file order. The arrays
+    are read-only views of the bytes read (no copy is made).
+
+    Args:
+      prefix: the checkpoint prefix (see `find`).
+      names: tensor names, as `entries` lists them.
+
+    Returns:
+      ``{name: array}`` with TensorFlow's shape and dtype (bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+      CheckpointError: for a name the checkpoint lacks or holds in a form jstate cannot read.
+      CorruptCheckpointError: for a missing, truncated or altered index or data file; the
+        message names the file and the tensor.
+    """
+    prefix = Path(prefix)
+    bundle = _read_index(prefix)
+    missing = [n for n in names if n not in bundle.tensors]
+    if missing:
+        raise CheckpointError(
+            f"TensorFlow checkpoint {prefix} holds no tensor {shorten(missing)}.{closest(missing[0], bundle.tensors)} "
+            "`jstate.list_variables(path)` lists them."
+        )
+    for name in names:
+        reason = _reason(bundle.tensors[name])
+        if reason is not None:
+            raise CheckpointError(f"TensorFlow checkpoint {prefix}: tensor '{name}' cannot be read: it is {reason}.")
+    by_shard: dict[int, list[str]] = {}
+    for name in dict.fromkeys(names):
+        by_shard.setdefault(bundle.tensors[name].shard, []).append(name)
+    out = {}
+    for shard, shard_names in sorted(by_shard.items()):
+        path = _data_file(prefix, shard, bundle.num_shards)
+        shard_names.sort(key=lambda n: bundle.tensors[n].offset)
+        try:
+            with open(path, "rb") as f:
+                for name in shard_names:
+                    out[name] = _read_tensor(f, prefix, path, name, bundle.tensors[name])
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"TensorFlow checkpoint {prefix} is incomplete: its data file {path} is missing "
+                f"(it holds '{shard_names[0]}')."
+            ) from None
+        except OSError as e:
+            raise CorruptCheckpointError(f"TensorFlow checkpoint {prefix}: cannot read {path} ({e}).") from e
+    return {name: out[name] for name in names}
+
+
+def _read_tensor(f, prefix: Path, path: Path, name: str, t: _BundleEntry) -> np.ndarray:
+    dtype = _DTYPES[t.dtype]
+    expected = math.prod(t.shape) * dtype.itemsize
+    if t.size != expected:
+        raise CorruptCheckpointError(
+            f"TensorFlow checkpoint index {_index_file(prefix)} is damaged: tensor '{name}' is recorded "
+            f"as {t.size} bytes, but shape {t.shape} of {dtype.name} takes {expected}."
+        )
+    f.seek(t.offset)
+    data = f.read(t.size)  # bytes: google_crc32c checksums these without a copy
+    if len(data) != t.size:
+        raise CorruptCheckpointError(
+            f"Data file {path} is truncated: tensor '{name}' needs bytes {t.offset}-{t.offset + t.size}, "
+            f"but the file ends at byte {t.offset + len(data)}."
+        )
+    actual = _mask(google_crc32c.value(data))
+    if actual != t.crc32c:
+        raise CorruptCheckpointError(
+            f"Data file {path}: tensor '{name}' fails its checksum (CRC32C {actual:#010x}, the index "
+            f"records {t.crc32c:#010x}); the file is damaged. Restore an earlier checkpoint."
+        )
+    return np.frombuffer(data, dtype).reshape(t.shape)
+
+
+def _mask(crc: int) -> int:
+    """TF stores CRCs masked, so that a CRC of data that holds CRCs is not degenerate."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+# -- the index file: an SSTable of protobufs --------------------------------------------------
+def _read_index(prefix: Path) -> _Bundle:
+    path = _index_file(prefix)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"No TensorFlow checkpoint at {prefix}: {path} does not exist.") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"TensorFlow checkpoint index {path} cannot be read ({e}).") from e
+    try:
+        return _parse_bundle(data)
+    except _Unsupported as e:
+        raise CheckpointError(f"TensorFlow checkpoint index {path}: {e}") from None
+    except (_Garbled, IndexError, TypeError, ValueError) as e:  # garbage where a message or number should be
+        raise CorruptCheckpointError(
+            f"TensorFlow checkpoint index {path} is damaged ({e}). Restore an earlier checkpoint."
+        ) from e
+
+
+def _parse_bundle(data: bytes) -> _Bundle:
+    header = None
+    tensors = {}
+    for key, value in _table(data):
+        if key == b"":
+            header = value
+        elif key[0] != 0:  # keys starting with NUL hold the slices of partitioned variables
+            tensors[key.decode("utf-8")] = _parse_entry(value)
+    if header is None:
+        raise _Garbled("no header entry")
+    num_shards, endianness, min_consumer, bad_consumers = 1, 0, 0, []
+    for field, value in _fields(header):
+        if field == 1:
+            num_shards = value
+        elif field == 2:
+            endianness = value
+        elif field == 3:  # VersionDef
+            for f, v in _fields(value):
+                if f == 2:
+                    min_consumer = v
+                elif f == 3:
+                    bad_consumers.append(v)
+    if endianness != 0:
+        raise _Unsupported(
+            "it was written on a big-endian machine; jstate reads little-endian checkpoints only. "
+            "Re-save it with TensorFlow on a little-endian (x86 or ARM) machine."
+        )
+    if min_consumer > 1 or 1 in bad_consumers:
+        raise _Unsupported(
+            f"it needs a tensor bundle reader of version {max(min_consumer, 2)} or newer; jstate reads "
+            "version 1 (what TensorFlow 1.x and 2.x write)."
+        )
+    for name, t in tensors.items():
+        if not 0 <= t.shard < num_shards or t.offset < 0 or t.size < 0 or any(d < 0 for d in t.shape):
+            raise _Garbled(f"tensor '{name}' has shard {t.shard} of {num_shards}, offset {t.offset}, shape {t.shape}")
+    return _Bundle(num_shards, tensors)
+
+
+def _parse_entry(data: bytes) -> _BundleEntry:
+    values = {"dtype": 0, "shard": 0, "offset": 0, "size": 0, "crc32c": 0}
+    shape: list[int] = []
+    slices = 0
+    names = {1: "dtype", 3: "shard", 4: "offset", 5: "size", 6: "crc32c"}
+    for field, value in _fields(data):
+        if field == 2:  # TensorShapeProto: repeated Dim dim = 2 { int64 size = 1; }
+            for f, dim in _fields(value):
+                if f == 2:
+                    shape.append(next((_signed(v) for g, v in _fields(dim) if g == 1), 0))
+        elif field == 7:
+            slices += 1
+        elif field in names:
+            values[names[field]] = value if field == 6 else _signed(value)
+    return _BundleEntry(shape=tuple(shape), slices=slices, **values)
+
+
+def _signed(value) -> int:
+    """A varint as the int32/int64 it encodes (negative numbers take ten bytes, two's complement)."""
+    if not isinstance(value, int):
+        raise _Garbled("a number field holds bytes")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """A protobuf message's (field number, value): ints for varints and fixed, bytes otherwise."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1 or wire == 5:
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise _Garbled("a protobuf field runs past its message")
+            value = int.from_bytes(data[pos : pos + size], "little")
+            pos += size
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            if pos + size > end:
+                raise _Garbled("a protobuf field runs past its message")
+            value, pos = data[pos : pos + size], pos + size
+        else:
+            raise _Garbled(f"protobuf wire type {wire}")
+        yield field, value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _Garbled("a varint runs past its block")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of an SSTable held in `data`, in key order.
+
+    The footer points to an index block whose values point to the data blocks. A block is a
+    run of prefix-compressed entries (shared key length, new key bytes, value) followed by its
+    restart points, which a sequential reader does not need.
+    """
+    if len(data) < _FOOTER_SIZE:
+        raise _Garbled(f"{len(data)} bytes is shorter than a table footer")
+    footer = data[-_FOOTER_SIZE:]
+    if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
+        raise _Garbled("no table magic number at its end")
+    _, pos = _varint(footer, _varint(footer, 0)[1])  # the metaindex handle: TF writes no meta blocks
+    index_offset, pos = _varint(footer, pos)
+    index_size, _ = _varint(footer, pos)
+    for _, handle in _block(data, index_offset, index_size):
+        offset, pos = _varint(handle, 0)
+        size, _ = _varint(handle, pos)
+        yield from _block(data, offset, size)
+
+
+def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
+    end = offset + size
+    if end + _TRAILER_SIZE > len(data) - _FOOTER_SIZE or size < 4:
+        raise _Garbled(f"a block at bytes {offset}-{end} runs past the table")
+    kind = data[end]
+    stored = int.from_bytes(data[end + 1 : end + _TRAILER_SIZE], "little")
+    if _mask(google_crc32c.value(data[offset : end + 1])) != stored:
+        raise _Garbled(f"the block at bytes {offset}-{end} fails its checksum")
+    if kind != 0:
+        raise _Unsupported(
+            f"its block at bytes {offset}-{end} is compressed ({'snappy' if kind == 1 else f'type {kind}'}); "
+            "TensorFlow writes checkpoint indexes uncompressed, and jstate reads only those."
+        )
+    num_restarts = int.from_bytes(data[end - 4 : end], "little")
+    limit = end - 4 * (num_restarts + 1)
+    if limit < offset:
+        raise _Garbled(f"the block at bytes {offset}-{end} has {num_restarts} restart points")
+    pos, key = offset, b""
+    while pos < limit:
+        shared, pos = _varint(data, pos)
+        unshared, pos = _varint(data, pos)
+        length, pos = _varint(data, pos)
+        if shared > len(key) or pos + unshared + length > limit:
+            raise _Garbled(f"an entry at byte {pos} of the block at bytes {offset}-{end} runs past it")
+        key = key[:shared] + data[pos : pos + unshared]
+        pos += unshared
+        yield key, data[pos : pos + length]
+        pos += length
