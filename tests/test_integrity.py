@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +48,12 @@ def damage(path, rel, how, rng):
         with open(file, "r+b") as f:
             f.truncate(rng.randrange(size) if size else 0)
     else:
-        data = bytearray(open(file, "rb").read())
+        data = bytearray(Path(file).read_bytes())
         if not data:
             return False
         for _ in range(rng.randint(1, 3)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        open(file, "wb").write(bytes(data))
+        Path(file).write_bytes(bytes(data))
     return True
 
 
@@ -94,11 +95,11 @@ def test_flipped_byte_in_array_data_names_variable_and_file(saved, tmp_path):
     # Flip a byte inside the float data of 'weights' (uncompressed, so its bytes are on disk).
     needle = np.asarray(state["weights"]).tobytes()[:64]
     for rel in data_files:
-        blob = bytearray(open(os.path.join(copy, rel), "rb").read())
+        blob = bytearray(Path(copy, rel).read_bytes())
         at = blob.find(needle)
         if at >= 0:
             blob[at + 5] ^= 0x10
-            open(os.path.join(copy, rel), "wb").write(bytes(blob))
+            Path(copy, rel).write_bytes(bytes(blob))
             break
     else:
         pytest.fail("weights' bytes not found in any data file")
@@ -117,9 +118,9 @@ def test_flipped_byte_in_array_data_names_variable_and_file(saved, tmp_path):
 def test_manifest_is_checksummed(saved, tmp_path):
     state, path, _ = saved
     copy = copy_checkpoint(path, tmp_path)
-    manifest = json.load(open(os.path.join(copy, "jstate.json")))
+    manifest = json.loads(Path(copy, "jstate.json").read_text())
     manifest["variables"]["biases"]["dtype"] = "float16"
-    json.dump(manifest, open(os.path.join(copy, "jstate.json"), "w"))
+    Path(copy, "jstate.json").write_text(json.dumps(manifest))
     with pytest.raises(jstate.CorruptCheckpointError, match="manifest .*jstate.json is damaged"):
         jstate.list_variables(copy)
 
@@ -130,10 +131,10 @@ def test_crafted_manifest_cannot_read_outside_the_checkpoint(saved, tmp_path, re
 
     state, path, _ = saved
     copy = copy_checkpoint(path, tmp_path)
-    manifest = json.load(open(os.path.join(copy, "jstate.json")))
+    manifest = json.loads(Path(copy, "jstate.json").read_text())
     manifest["files"][rel] = [10, 0]
     del manifest["checksum"]
-    _files.write_manifest(__import__("pathlib").Path(copy), manifest)  # a well-formed but hostile manifest
+    _files.write_manifest(Path(copy), manifest)  # a well-formed but hostile manifest
     with pytest.raises(jstate.CorruptCheckpointError, match="outside the checkpoint"):
         jstate.Saver().restore(copy, jstate.abstract(model))
 
