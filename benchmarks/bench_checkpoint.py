@@ -93,7 +93,7 @@ FULL = Config(
 QUICK = Config(
     cases=(Case("big", 8, 256 * 2**10, 0.020), Case("many", 200, 2560, 0.050)),
     rounds=1,
-    inspect_calls=3,
+    inspect_calls=5,
 )
 
 
@@ -416,6 +416,19 @@ def _drop_malloc(argv: list[str]) -> list[str]:
     return out
 
 
+def source_revision() -> str:
+    """The git commit jstate was imported from, "+ uncommitted changes" if its tree differs."""
+    root = Path(jstate.__file__).parent
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown revision (not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted changes to jstate/" if dirty else "")
+
+
 def main() -> None:
     args = parse_args()
     if args.malloc == "both":
@@ -430,6 +443,7 @@ def main() -> None:
     print(f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}, numpy {np.__version__}, "
           f"{len(jax.devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}")
+    print(f"jstate {jstate.__version__} from {Path(jstate.__file__).parent} at {source_revision()}")
     print(f"malloc: {h.malloc_setting()}")
     print(f"workdir: {workdir} ({'same filesystem as' if same else 'NOT on the filesystem of'} /tmp)")
     print("page cache: 'warm' = restore right after the save (files cached); "

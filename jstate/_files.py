@@ -44,6 +44,18 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_manifest(directory: Path) -> dict[str, Any] | None:
     """The manifest of a jstate checkpoint, None if `directory` has none."""
     path = directory / MANIFEST

@@ -31,9 +31,9 @@ class Writer:
     caller may donate or overwrite them right after.
     """
 
-    def __init__(self, compression: bool):
+    def __init__(self, compression: bool, timeout: float):
         handler = ocp.PyTreeCheckpointHandler(use_compression=compression)
-        self._checkpointer = ocp.AsyncCheckpointer(handler)
+        self._checkpointer = ocp.AsyncCheckpointer(handler, timeout_secs=int(timeout))
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
         self._checkpointer.save(
@@ -46,6 +46,15 @@ class Writer:
 
     def close(self) -> None:
         self._checkpointer.close()
+
+
+def barrier(name: str, timeout: float, stage: str) -> None:
+    """Wait until every JAX process reaches barrier `name`/`stage` (no-op with one process).
+
+    Orbax's barrier runs on JAX's distributed client, so it is safe in a background save.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=f"{name}:{stage}", timeout_ms=int(timeout * 1000))
 
 
 def entries(directory: Path) -> dict[str, Entry]:
@@ -75,7 +84,7 @@ def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct
     item: dict = {}
     args: dict = {}
     for entry, target in wanted.values():
-        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         _put(item, entry.keypath, jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=sharding))
         _put(
             args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
 import jax
 
 from . import _checkpoint, _files, _integrity, _orbax
@@ -38,6 +37,7 @@ class Saver:
       keep_every_n_hours: also keep, for good, one checkpoint per N hours.
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
       compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
+      timeout: seconds that processes of a multi-process save wait for each other.
 
     >>> saver = jstate.Saver(max_to_keep=3)
     >>> path = saver.save(state, "ckpt/model", step=1000)
@@ -52,12 +52,15 @@ class Saver:
         keep_every_n_hours: float | None = None,
         keep_every_n_steps: int | None = None,
         compression: bool = False,
+        timeout: float = 600.0,
     ):
         self._names = compile_var_list(var_list)
         self._max_to_keep = max_to_keep
         self._keep_hours = keep_every_n_hours
         self._keep_steps = keep_every_n_steps
         self._compression = compression
+        self._timeout = timeout
+        self._saves = 0
         self._writer: _orbax.Writer | None = None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -73,24 +76,28 @@ class Saver:
         self.wait()
         arrays = self._arrays(state)
         final = Path(f"{path}-{int(step)}" if step is not None else path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _files.clean_stale(final.parent)
         tmp = _files.temporary(final)
-        tmp.mkdir()
+        self._saves += 1
+        barrier = functools.partial(_orbax.barrier, f"jstate-save-{self._saves}-{final}", self._timeout)
+        # With several JAX processes, all call `save` on a shared directory: process 0 prepares
+        # and commits; every process writes its shards (through Orbax) and their checksums.
+        if jax.process_index() == 0:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _files.clean_stale(final.parent)
+            tmp.mkdir()
+        barrier("start")
+        # Checksums are taken now: the values saved are the values at call time.
+        digests = {n: _integrity.array_digests(a) for n, a in arrays.items()}
         manifest = {
             "format": _files.FORMAT,
             "version": _VERSION,
             "step": None if step is None else int(step),
-            "variables": {
-                # Checksums are taken now: the values saved are the values at call time.
-                n: {"shape": list(a.shape), "dtype": a.dtype.name, "digests": _integrity.array_digests(a)}
-                for n, a in arrays.items()
-            },
+            "variables": {n: {"shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()},
         }
         if self._writer is None:
-            self._writer = _orbax.Writer(self._compression)
+            self._writer = _orbax.Writer(self._compression, self._timeout)
         self._writer.save(tmp / _files.ARRAYS, arrays)
-        finish = lambda: self._finish(tmp, final, manifest, str(path))  # noqa: E731
+        finish = functools.partial(self._finish, tmp, final, manifest, digests, Path(path), barrier)
         if blocking:
             finish()
         else:
@@ -109,15 +116,34 @@ class Saver:
                 f"Cannot save: variable {shorten(empty)} {'is' if len(empty) == 1 else 'are'} not "
                 "initialized. Initialize or restore it first, or leave it out of the Saver."
             )
+        if jax.process_count() > 1:
+            local = [n for n in names if state[n].is_fully_addressable]
+            if local:
+                raise CheckpointError(
+                    f"Cannot save variable {shorten(local)} from {jax.process_count()} processes: it lives on "
+                    "one process's devices only. Place it on a mesh over all processes' devices "
+                    "(e.g. a rule `(name, P())`), or leave it out of the Saver."
+                )
         return {ckpt: state[n] for n, ckpt in names.items()}
 
-    def _finish(self, tmp: Path, final: Path, manifest: dict[str, Any], prefix: str) -> None:
+    def _finish(self, tmp: Path, final: Path, manifest: dict, digests: dict, prefix: Path, barrier) -> None:
         self._writer.wait()
-        manifest["created"] = time.time()
-        manifest["files"] = _integrity.file_records(tmp / _files.ARRAYS)
-        _files.write_manifest(tmp, manifest)
-        _files.commit(tmp, final)
-        self._retire(Path(prefix))
+        process = jax.process_index()
+        if jax.process_count() > 1:
+            _files.write_json(tmp / f"digests.{process}.json", digests)
+        barrier("written")
+        if process == 0:
+            for other in range(1, jax.process_count()):
+                for name, regions in _files.read_json(tmp / f"digests.{other}.json").items():
+                    digests[name].update(regions)
+            for name, regions in digests.items():
+                manifest["variables"][name]["digests"] = regions
+            manifest["created"] = time.time()
+            manifest["files"] = _integrity.file_records(tmp / _files.ARRAYS)
+            _files.write_manifest(tmp, manifest)
+            _files.commit(tmp, final)
+            self._retire(prefix)
+        barrier("committed")  # every process sees the new checkpoint once `save` returns
 
     def _background(self, finish) -> None:
         try:

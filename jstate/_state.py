@@ -239,7 +239,7 @@ class State(Mapping[str, jax.Array]):
                 p = _placement.choose(n, spec.shape, None, None, compiled, mesh)
             specs[n] = dataclasses.replace(spec, placement=p)
         names = list(self._values)
-        targets = [specs[n].sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in names]
+        targets = [specs[n].sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for n in names]
         moved = jax.device_put([self._values[n] for n in names], targets)
         values = dict(zip(names, moved))
         return State._make(_Layout(specs, values), values)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import ml_dtypes
 import numpy as np
 
@@ -191,8 +192,8 @@ def _reason(t: _BundleEntry) -> str | None:
 def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
     """Read just the tensors `names` of the checkpoint, checking each one's CRC32C.
 
-    Each data file is opened once and read at the tensors' offsets, in file order. The arrays
-    are read-only views of the bytes read (no copy is made).
+    Each data file is opened once and read at the tensors' offsets, in file order, straight into
+    the arrays returned.
 
     Args:
       prefix: the checkpoint prefix (see `find`).
@@ -227,8 +228,9 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
         shard_names.sort(key=lambda n: bundle.tensors[n].offset)
         try:
             with open(path, "rb") as f:
+                file_size = os.fstat(f.fileno()).st_size
                 for name in shard_names:
-                    out[name] = _read_tensor(f, prefix, path, name, bundle.tensors[name])
+                    out[name] = _read_tensor(f, file_size, prefix, path, name, bundle.tensors[name])
         except FileNotFoundError:
             raise CorruptCheckpointError(
                 f"TensorFlow checkpoint {prefix} is incomplete: its data file {path} is missing "
@@ -239,7 +241,7 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
     return {name: out[name] for name in names}
 
 
-def _read_tensor(f, prefix: Path, path: Path, name: str, t: _BundleEntry) -> np.ndarray:
+def _read_tensor(f, file_size: int, prefix: Path, path: Path, name: str, t: _BundleEntry) -> np.ndarray:
     dtype = _DTYPES[t.dtype]
     expected = math.prod(t.shape) * dtype.itemsize
     if t.size != expected:
@@ -247,20 +249,23 @@ def _read_tensor(f, prefix: Path, path: Path, name: str, t: _BundleEntry) -> np.
             f"TensorFlow checkpoint index {_index_file(prefix)} is damaged: tensor '{name}' is recorded "
             f"as {t.size} bytes, but shape {t.shape} of {dtype.name} takes {expected}."
         )
-    f.seek(t.offset)
-    data = f.read(t.size)  # bytes: google_crc32c checksums these without a copy
-    if len(data) != t.size:
+    if t.offset + t.size > file_size:  # checked first: a garbled entry must not allocate terabytes
         raise CorruptCheckpointError(
             f"Data file {path} is truncated: tensor '{name}' needs bytes {t.offset}-{t.offset + t.size}, "
-            f"but the file ends at byte {t.offset + len(data)}."
+            f"but the file ends at byte {file_size}."
         )
-    actual = _mask(google_crc32c.value(data))
+    array = np.empty(t.shape, dtype)
+    raw = memoryview(array.reshape(-1).view(np.uint8))  # plain bytes: numpy cannot export bfloat16 buffers
+    f.seek(t.offset)
+    if f.readinto(raw) != t.size:
+        raise CorruptCheckpointError(f"Data file {path} changed while tensor '{name}' was read from it.")
+    actual = _mask(crc32c.crc32c(raw))
     if actual != t.crc32c:
         raise CorruptCheckpointError(
             f"Data file {path}: tensor '{name}' fails its checksum (CRC32C {actual:#010x}, the index "
             f"records {t.crc32c:#010x}); the file is damaged. Restore an earlier checkpoint."
         )
-    return np.frombuffer(data, dtype).reshape(t.shape)
+    return array
 
 
 def _mask(crc: int) -> int:
@@ -413,7 +418,7 @@ def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]
         raise _Garbled(f"a block at bytes {offset}-{end} runs past the table")
     kind = data[end]
     stored = int.from_bytes(data[end + 1 : end + _TRAILER_SIZE], "little")
-    if _mask(google_crc32c.value(data[offset : end + 1])) != stored:
+    if _mask(crc32c.crc32c(memoryview(data)[offset : end + 1])) != stored:
         raise _Garbled(f"the block at bytes {offset}-{end} fails its checksum")
     if kind != 0:
         raise _Unsupported(

@@ -1,0 +1,112 @@
+"""Multi-process JAX on one machine: 2 local processes x 4 CPU devices, loopback only."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jstate
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(scenario, workdir, timeout=120):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(port), str(i), "2", scenario, str(workdir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        results.append((p.returncode, out, err))
+    return results
+
+
+def last_json(out):
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def model(s):
+    for i in range(3):
+        layer = s.scope(f"layer{i}")
+        layer.variable("kernel", jstate.initializers.normal(1.0), (16, 32))
+        layer.variable("bias", jstate.initializers.normal(1.0), (32,))
+
+
+@pytest.fixture(scope="module")
+def two_process_save(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("multihost")
+    results = run_processes("save", workdir)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    return workdir, [last_json(out) for _, out, _ in results]
+
+
+def test_init_creates_each_process_shards_only(two_process_save):
+    _, (r0, r1) = two_process_save
+    for r, process in ((r0, 0), (r1, 1)):
+        assert r["fully_addressable"] is False
+        assert r["local_shards"] == 4 and r["local_devices"] == [process]
+
+
+def test_one_checkpoint_from_both_and_latest_agrees(two_process_save):
+    workdir, (r0, r1) = two_process_save
+    assert r0["path"] == r1["path"] == str(workdir / "model-2")
+    assert r0["latest"] == r1["latest"] == str(workdir / "model-2")
+    assert sorted(os.listdir(workdir)) == ["model-1", "model-2"]
+
+
+def test_restore_onto_same_and_other_mesh_shape(two_process_save):
+    _, (r0, r1) = two_process_save
+    for r in (r0, r1):
+        assert r["same"] == r["sums"]  # same layout, same reduction order: exact
+        assert r["other"] == pytest.approx(r["sums"], rel=1e-5)  # sums reduce in another order
+        assert r["other_spec"] == "P('data', 'model')"
+
+
+def test_restore_onto_one_process_with_8_devices(two_process_save):
+    workdir, (r0, _) = two_process_save
+    restored = jstate.Saver().restore(workdir, jstate.abstract(model))
+    expected = jstate.init(model, jax.random.key(0))  # values do not depend on placement
+    for name in expected:
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(expected[name]))
+        assert float(np.sum(np.asarray(restored[name]))) == pytest.approx(r0["sums"][name], rel=1e-5)
+
+
+def test_task_placement_maps_to_that_process(two_process_save):
+    _, (r0, r1) = two_process_save
+    assert r0["task1_process"] == r1["task1_process"] == 1
+
+
+def test_killing_one_process_mid_save_leaves_previous_checkpoint_valid(tmp_path):
+    results = run_processes("kill", tmp_path, timeout=90)
+    assert results[1][0] == 9
+    assert last_json(results[0][1]) != {"unexpected": "save completed without its peer"}
+    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-1")
+    restored = jstate.Saver().restore(tmp_path, jstate.abstract(model))
+    assert restored.uninitialized() == []

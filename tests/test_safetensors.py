@@ -1,0 +1,144 @@
+"""Reading and exporting ``.safetensors`` files, against files the safetensors package writes itself."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jstate
+from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jstate import _safetensors as st
+from jstate import initializers as inits
+from jstate._spec import Entry
+
+ARRAYS = {
+    "layer1/kernel": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "layer1/bias": np.array([0.5, -1.5, 2.0], ml_dtypes.bfloat16),
+    "step": np.array(7, np.int64),
+    "mask": np.array([True, False, True]),
+    "half": np.ones((2, 2), np.float16),
+    "bytes": np.arange(5, dtype=np.uint8),
+}
+
+
+@pytest.fixture
+def file(tmp_path):
+    """A file written by the safetensors package itself, as Hugging Face tools write them."""
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(ARRAYS, path)
+    return path
+
+
+def test_find_accepts_safetensors_files_only(file, tmp_path):
+    assert st.find(file) == file
+    assert st.find(tmp_path / "other.safetensors") is None
+    (tmp_path / "model.npz").write_bytes(b"")
+    assert st.find(tmp_path / "model.npz") is None
+    assert st.find(tmp_path) is None
+
+
+def test_entries_come_from_the_header(file):
+    entries = st.entries(file)
+    assert entries == {n: Entry((n,), a.shape, a.dtype) for n, a in ARRAYS.items()}
+    assert entries["layer1/bias"].dtype == np.dtype(ml_dtypes.bfloat16)
+    assert entries["step"].shape == ()
+    assert st.skipped(file) == {}
+
+
+def test_read_returns_exactly_the_arrays_asked_for(file):
+    values = st.read(file, ["step", "layer1/bias", "layer1/kernel"])
+    assert list(values) == ["step", "layer1/bias", "layer1/kernel"]
+    for name, value in values.items():
+        assert value.dtype == ARRAYS[name].dtype and value.shape == ARRAYS[name].shape
+        np.testing.assert_array_equal(value, ARRAYS[name])
+
+
+def test_reading_an_unknown_name_suggests_the_closest(file):
+    with pytest.raises(CheckpointError, match=r"holds no array 'layer1/kernal'\. Did you mean 'layer1/kernel'"):
+        st.read(file, ["layer1/kernal"])
+
+
+def test_float8_arrays_are_skipped_with_a_reason(tmp_path):
+    path = tmp_path / "f8.safetensors"
+    safetensors.numpy.save_file({"x": np.zeros(4, ml_dtypes.float8_e4m3fn), "y": np.ones(2, np.float32)}, path)
+    assert set(st.entries(path)) == {"y"}
+    assert "F8_E4M3" in st.skipped(path)["x"]
+    with pytest.raises(CheckpointError, match=r"array 'x' cannot be read: its dtype F8_E4M3"):
+        st.read(path, ["x"])
+
+
+def test_a_missing_file_is_not_found(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match=r"No safetensors file at .*nope\.safetensors"):
+        st.entries(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 7, 20, -3])
+def test_a_truncated_file_is_corrupt(file, keep):
+    file.write_bytes(file.read_bytes()[:keep])
+    with pytest.raises(CorruptCheckpointError, match=r"Safetensors file .*model\.safetensors is damaged or truncated"):
+        st.read(file, ["layer1/kernel"])
+
+
+def test_a_garbled_header_is_corrupt(file):
+    data = bytearray(file.read_bytes())
+    data[8:12] = b"\xff\xfe{]"
+    file.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is damaged"):
+        st.entries(file)
+
+
+# -- exporting a State ------------------------------------------------------------------------
+def model(s):
+    s.variable("weights", inits.normal(0.35), (16, 8))
+    s.variable("biases", inits.zeros, (8,), dtype=jnp.bfloat16)
+    s.variable("step", 3)
+    s.scope("later").variable("k", inits.ones, (4,))
+
+
+def test_save_exports_initialized_variables_and_reads_back(tmp_path):
+    state = jstate.init(model, jax.random.key(0), only=["weights", "biases", "step"])
+    path = st.save(state, tmp_path / "out" / "model.safetensors")
+    assert path == tmp_path / "out" / "model.safetensors"
+    assert st.entries(path) == {n: Entry((n,), a.shape, a.dtype) for n, a in state.items()}
+    values = st.read(path, list(state))
+    for name, value in values.items():
+        np.testing.assert_array_equal(value, np.asarray(state[name]))
+    assert "later/k" not in values  # uninitialized: left out
+    assert os.listdir(path.parent) == ["model.safetensors"]  # no temporary left behind
+
+
+def test_save_gathers_sharded_variables(tmp_path):
+    mesh = jax.make_mesh((8,), ("x",))
+    kernel = jax.device_put(jnp.arange(64.0, dtype=jnp.float32).reshape(16, 4), NamedSharding(mesh, P("x")))
+    state = jstate.State({"kernel": kernel})
+    path = st.save(state, tmp_path / "sharded.safetensors")
+    np.testing.assert_array_equal(st.read(path, ["kernel"])["kernel"], np.arange(64.0).reshape(16, 4))
+
+
+def test_save_replaces_an_existing_file_whole(file):
+    state = jstate.State({"only": jnp.ones(3)})
+    st.save(state, file)
+    assert set(st.entries(file)) == {"only"}
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(file):
+    state = jstate.State({"fine": jnp.ones(3), "nibbles": jnp.ones(4, jnp.int4)})
+    with pytest.raises(
+        CheckpointError, match=r"Cannot export variable 'nibbles' to .*model\.safetensors: its dtype int4"
+    ):
+        st.save(state, file)
+    assert st.entries(file) == {n: Entry((n,), a.shape, a.dtype) for n, a in ARRAYS.items()}
+    assert os.listdir(file.parent) == ["model.safetensors"]
+
+
+def test_save_leaves_the_state_unchanged(tmp_path):
+    state = jstate.State({"a": jnp.arange(4.0)})
+    before = state["a"]
+    st.save(state, tmp_path / "a.safetensors")
+    assert state["a"] is before and list(state) == ["a"]

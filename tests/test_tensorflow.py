@@ -1,0 +1,248 @@
+"""Reading TensorFlow checkpoints without TensorFlow, against checkpoints real TensorFlow wrote.
+
+The fixtures and the values TensorFlow saved in them come from tests/data/tensorflow/make_fixtures.py.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import crc32c
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jstate import _tensorflow as tf_ckpt
+from jstate._spec import Entry
+
+DATA = Path(__file__).parent / "data" / "tensorflow"
+INDEX = json.loads((DATA / "values" / "index.json").read_text())
+
+
+def saved(checkpoint: str, name: str) -> np.ndarray:
+    """What TensorFlow saved as tensor `name` of `checkpoint`."""
+    info = INDEX[checkpoint][name]
+    value = np.load(DATA / info["file"])
+    return value.view(ml_dtypes.bfloat16) if info["dtype"] == "bfloat16" else value
+
+
+def copy(tmp_path: Path, checkpoint: str) -> Path:
+    """A copy of a fixture checkpoint (all its files) under tmp_path; its prefix."""
+    prefix = DATA / checkpoint
+    for file in prefix.parent.glob(prefix.name + ".*"):
+        shutil.copy(file, tmp_path / file.name)
+    return tmp_path / prefix.name
+
+
+# -- values -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpoint", sorted(INDEX))
+def test_every_value_equals_what_tensorflow_saved(checkpoint):
+    entries = tf_ckpt.entries(DATA / checkpoint)
+    readable = {n for n, info in INDEX[checkpoint].items() if info["file"] and not info["partitioned"]}
+    assert set(entries) == readable
+    values = tf_ckpt.read(DATA / checkpoint, sorted(entries))
+    assert list(values) == sorted(entries)
+    for name, value in values.items():
+        expected = saved(checkpoint, name)
+        assert entries[name] == Entry((name,), expected.shape, expected.dtype)
+        assert value.dtype == expected.dtype and value.shape == expected.shape, name
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+
+
+def test_tf1_guide_variables_hold_their_values_after_the_assign_ops():
+    values = tf_ckpt.read(DATA / "guide/model.ckpt", ["v1", "v2", "weights", "biases"])
+    np.testing.assert_array_equal(values["v1"], np.ones(3, np.float32))
+    np.testing.assert_array_equal(values["v2"], -np.ones(5, np.float32))
+    assert values["weights"].shape == (100, 20) and values["biases"].shape == (20,)
+    assert tf_ckpt.entries(DATA / "guide/my_v2.ckpt") == {"my_v2": Entry(("my_v2",), (5,), np.dtype(np.float32))}
+
+
+def test_every_dtype_maps_to_its_numpy_dtype():
+    entries = tf_ckpt.entries(DATA / "dtypes/model.ckpt")
+    for name, info in INDEX["dtypes/model.ckpt"].items():
+        assert entries[name].dtype.name == info["dtype"], name
+    assert entries["bfloat16"].dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_scalars_and_empty_tensors_keep_their_shapes():
+    values = tf_ckpt.read(DATA / "dtypes/model.ckpt", ["scalar", "scalar_int", "empty"])
+    assert values["scalar"].shape == () and values["scalar"] == np.float32(2.5)
+    assert values["scalar_int"].shape == () and values["scalar_int"] == -42
+    assert values["empty"].shape == (0, 3)
+
+
+def test_arrays_read_are_writable_and_independent_of_the_file():
+    value = tf_ckpt.read(DATA / "guide/model.ckpt", ["v1"])["v1"]
+    value += 1  # a plain numpy array, not a view of a file mapping
+    np.testing.assert_array_equal(tf_ckpt.read(DATA / "guide/model.ckpt", ["v1"])["v1"], np.ones(3))
+
+
+def test_multi_shard_checkpoint_reads_from_each_data_file():
+    prefix = DATA / "sharded/model.ckpt"
+    assert len(list(prefix.parent.glob("model.ckpt.data-*-of-00003"))) == 3
+    values = tf_ckpt.read(prefix, ["cpu2/kernel", "cpu0/count", "cpu1/kernel"])
+    assert list(values) == ["cpu2/kernel", "cpu0/count", "cpu1/kernel"]  # the order asked for
+    for name, value in values.items():
+        np.testing.assert_array_equal(value, saved("sharded/model.ckpt", name))
+
+
+def test_reading_one_shard_opens_only_its_data_file(tmp_path):
+    prefix = copy(tmp_path, "sharded/model.ckpt")
+    (tmp_path / "model.ckpt.data-00000-of-00003").unlink()
+    (tmp_path / "model.ckpt.data-00002-of-00003").unlink()
+    value = tf_ckpt.read(prefix, ["cpu1/kernel"])["cpu1/kernel"]
+    np.testing.assert_array_equal(value, saved("sharded/model.ckpt", "cpu1/kernel"))
+    with pytest.raises(CorruptCheckpointError, match=r"incomplete: its data file .*data-00002-of-00003 is missing"):
+        tf_ckpt.read(prefix, ["cpu2/kernel"])
+
+
+def test_tf2_object_graph_names_are_listed_as_they_are():
+    entries = tf_ckpt.entries(DATA / "tf2/ckpt-1")
+    assert "model/layers/0/kernel/.ATTRIBUTES/VARIABLE_VALUE" in entries
+    assert entries["model/scale/.ATTRIBUTES/VARIABLE_VALUE"].shape == ()
+    assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in entries
+    assert "DT_STRING" in tf_ckpt.skipped(DATA / "tf2/ckpt-1")["_CHECKPOINTABLE_OBJECT_GRAPH"]
+    step = tf_ckpt.read(DATA / "tf2/ckpt-1", ["step/.ATTRIBUTES/VARIABLE_VALUE"])
+    assert step["step/.ATTRIBUTES/VARIABLE_VALUE"] == 7
+
+
+# -- finding checkpoints ----------------------------------------------------------------------
+def test_find_accepts_the_prefix_its_index_or_a_data_file():
+    prefix = DATA / "train/model.ckpt-10"
+    assert tf_ckpt.find(prefix) == prefix
+    assert tf_ckpt.find(DATA / "train/model.ckpt-10.index") == prefix
+    assert tf_ckpt.find(DATA / "train/model.ckpt-10.data-00000-of-00001") == prefix
+    assert tf_ckpt.find(DATA / "train/model.ckpt-30") is None
+    assert tf_ckpt.find(DATA / "train") is None
+    assert tf_ckpt.find(DATA / "train/checkpoint") is None
+
+
+def test_latest_follows_the_state_file():
+    assert tf_ckpt.latest(DATA / "train") == DATA / "train/model.ckpt-20"
+    assert tf_ckpt.latest(DATA / "tf2") == DATA / "tf2/ckpt-1"
+    assert tf_ckpt.latest(DATA / "guide") is None  # saved with write_state=False
+
+
+def test_latest_finds_a_moved_checkpoint_whose_state_file_has_absolute_paths(tmp_path):
+    copy(tmp_path, "train/model.ckpt-10")
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "/old/machine/train/model.ckpt-10"\n'
+        'all_model_checkpoint_paths: "/old/machine/train/model.ckpt-10"\n'
+    )
+    assert tf_ckpt.latest(tmp_path) == tmp_path / "model.ckpt-10"
+
+
+def test_latest_is_none_when_the_named_checkpoint_is_gone(tmp_path):
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-99"\n')
+    assert tf_ckpt.latest(tmp_path) is None
+    (tmp_path / "checkpoint").write_text("garbage\n")
+    assert tf_ckpt.latest(tmp_path) is None
+
+
+# -- what cannot be read ----------------------------------------------------------------------
+def test_strings_and_partitioned_variables_are_skipped_with_reasons():
+    prefix = DATA / "skipped/model.ckpt"
+    assert set(tf_ckpt.entries(prefix)) == {"plain"}
+    reasons = tf_ckpt.skipped(prefix)
+    assert set(reasons) == {"words", "embedding"}
+    assert "string tensor of dtype DT_STRING" in reasons["words"]
+    assert "partitioned variable, saved as 2 slices" in reasons["embedding"]
+    assert tf_ckpt.skipped(DATA / "guide/model.ckpt") == {}
+
+
+def test_reading_a_skipped_tensor_names_it_and_the_reason():
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'words' cannot be read: it is a string tensor of dtype DT_STRING"
+    ):
+        tf_ckpt.read(DATA / "skipped/model.ckpt", ["plain", "words"])
+    with pytest.raises(CheckpointError, match=r"'embedding' cannot be read: it is a partitioned variable"):
+        tf_ckpt.read(DATA / "skipped/model.ckpt", ["embedding"])
+
+
+def test_reading_an_unknown_name_suggests_the_closest():
+    with pytest.raises(CheckpointError, match=r"holds no tensor 'layer1/weight'\. Did you mean 'layer1/weights'"):
+        tf_ckpt.read(DATA / "train/model.ckpt-20", ["layer1/weight"])
+
+
+# -- damage -----------------------------------------------------------------------------------
+def flip_byte_of(prefix: Path, name: str) -> None:
+    tensor = tf_ckpt._read_index(prefix).tensors[name]
+    data_file = prefix.with_name(prefix.name + ".data-00000-of-00001")
+    data = bytearray(data_file.read_bytes())
+    data[tensor.offset + tensor.size // 2] ^= 0x01
+    data_file.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_fails_the_checksum_naming_tensor_and_file(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    flip_byte_of(prefix, "weights")
+    with pytest.raises(
+        CorruptCheckpointError, match=r"model\.ckpt\.data-00000-of-00001: tensor 'weights' fails its checksum"
+    ):
+        tf_ckpt.read(prefix, ["v1", "weights"])
+
+
+def test_damage_to_a_tensor_not_read_goes_unnoticed(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    flip_byte_of(prefix, "weights")
+    values = tf_ckpt.read(prefix, ["biases", "v1", "v2"])
+    np.testing.assert_array_equal(values["v2"], saved("guide/model.ckpt", "v2"))
+
+
+def test_a_truncated_data_file_is_corrupt(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    data_file = tmp_path / "model.ckpt.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match=r"data-00000-of-00001 is truncated: tensor '\w+' needs bytes"):
+        tf_ckpt.read(prefix, ["weights"])
+
+
+@pytest.mark.parametrize("keep", [0, 10, 47, 100, -1])
+def test_a_truncated_index_is_corrupt(tmp_path, keep):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    index = tmp_path / "model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:keep])
+    with pytest.raises(CorruptCheckpointError, match=r"index .*model\.ckpt\.index is damaged"):
+        tf_ckpt.entries(prefix)
+
+
+def test_every_flipped_byte_of_an_index_is_caught_or_harmless(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    index = tmp_path / "model.ckpt.index"
+    original = index.read_bytes()
+    expected = tf_ckpt.entries(DATA / "guide/model.ckpt")
+    for i in range(len(original)):
+        damaged = bytearray(original)
+        damaged[i] ^= 0x20
+        index.write_bytes(bytes(damaged))
+        try:
+            assert tf_ckpt.entries(prefix) == expected, f"byte {i}"  # only the footer's padding is unchecked
+        except CorruptCheckpointError:
+            pass
+
+
+def test_a_missing_index_is_not_found(tmp_path):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"No TensorFlow checkpoint at .*model\.ckpt: .*\.index does not exist"
+    ):
+        tf_ckpt.entries(tmp_path / "model.ckpt")
+
+
+def test_a_compressed_index_is_refused_clearly(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    index = tmp_path / "model.ckpt.index"
+    data = bytearray(index.read_bytes())
+    # The first data block starts at byte 0; its size is in the index block's first handle. Mark
+    # it snappy-compressed and fix its checksum, as a non-TF writer would.
+    footer = data[-48:]
+    _, pos = tf_ckpt._varint(footer, tf_ckpt._varint(footer, 0)[1])
+    index_offset, pos = tf_ckpt._varint(footer, pos)
+    index_size, _ = tf_ckpt._varint(footer, pos)
+    first_handle = next(tf_ckpt._block(bytes(data), index_offset, index_size))[1]
+    size = tf_ckpt._varint(first_handle, tf_ckpt._varint(first_handle, 0)[1])[0]
+    data[size] = 1
+    data[size + 1 : size + 5] = tf_ckpt._mask(crc32c.crc32c(bytes(data[: size + 1]))).to_bytes(4, "little")
+    index.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: its block at bytes 0-\d+ is compressed \(snappy\)"):
+        tf_ckpt.entries(prefix)
