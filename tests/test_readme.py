@@ -1,0 +1,23 @@
+"""The README's example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    code = blocks[0].replace("/tmp/jstate-readme", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {})
+    assert "('biases', (200,)" in capsys.readouterr().out
+
+
+def test_readme_names_the_commands_ci_runs():
+    text = README.read_text()
+    assert 'pip install -e ".[dev]" && python -m jstate tour' in text
+    assert 'pip install -e ".[dev]" && pytest' in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dev]"' in ci and "\npytest" in ci
