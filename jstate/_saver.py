@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
+
 import jax
 
 from . import _checkpoint, _files, _integrity, _orbax

@@ -62,7 +62,7 @@ def model(s):
 def two_process_save(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multihost")
     results = run_processes("save", workdir)
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == 0, err[-3000:]
     return workdir, [last_json(out) for _, out, _ in results]
 
