@@ -42,15 +42,12 @@ def _plan(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules
     cache_key = (key_type.shape, key_type.dtype, mesh, tuple((p.pattern, t) for p, t in compiled))
     try:
         per_model = _plans.setdefault(model, {})
-        hashable = hash(cache_key) is not None
-    except TypeError:
-        per_model, hashable = {}, False
-    plan = per_model.get(cache_key) if hashable else None
-    if plan is None:
-        plan = _trace(model, key_type, mesh, compiled)
-        if hashable:
-            per_model[cache_key] = plan
-    return plan
+        return per_model[cache_key]
+    except KeyError:
+        plan = per_model[cache_key] = _trace(model, key_type, mesh, compiled)
+        return plan
+    except TypeError:  # a model that cannot be weakly referenced, or an unhashable rule target
+        return _trace(model, key_type, mesh, compiled)
 
 
 def _trace(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules) -> _Plan:
