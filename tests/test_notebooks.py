@@ -42,10 +42,6 @@ def execute(nb, cwd: Path, env: dict[str, str]):
     return client.execute(env=env)
 
 
-def code_cells(nb) -> list:
-    return [c for c in nb.cells if c.cell_type == "code"]
-
-
 def test_kernel_runs_this_interpreter(tmp_path, kernel_env):
     source = "import os, sys\nprint(sys.executable)\nprint(os.getcwd())"
     out = execute(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), tmp_path, kernel_env)
@@ -72,5 +68,5 @@ def test_notebook_is_committed_clean(path):
         i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
     ]
     assert dirty == [], f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing."
-    cells = code_cells(nb)
+    cells = [c for c in nb.cells if c.cell_type == "code"]
     assert cells and "assert" in cells[-1].source, f"{path.name} should end in a cell that asserts what it showed."
