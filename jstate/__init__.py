@@ -5,6 +5,7 @@ from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_variables as list_variables
 from ._checkpoint import load_variable as load_variable
+from ._checkpoint import open_checkpoint as open_checkpoint
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError

@@ -53,7 +53,7 @@ class Checkpoint:
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return str(self.table())
 
 

@@ -86,7 +86,7 @@ def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) 
                 "Pass `mesh=` to `jstate.init` (or `abstract`), or give a `NamedSharding`."
             )
         _check_fits(request, mesh, name, shape)
-        return NamedSharding(mesh, request)
+        return NamedSharding(mesh, _canonical(request, mesh, len(shape)))
     if isinstance(request, NamedSharding):
         _check_fits(request.spec, request.mesh, name, shape)
         return request
@@ -100,6 +100,19 @@ def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) 
         f"Variable '{name}': cannot place on {request!r} ({type(request).__name__}). Use a device "
         "string such as 'cpu:0', a `jax.Device`, a `Sharding` or a `PartitionSpec`."
     )
+
+
+def _canonical(spec: PartitionSpec, mesh: Mesh, ndim: int) -> PartitionSpec:
+    """The spec in the form `jax.jit` gives its outputs, so a State that goes through a jitted
+    step compares equal to its placement and does not recompile the step: full rank on meshes
+    with explicit axes (the sharding is part of the type), no trailing Nones on auto ones."""
+    parts = list(spec)
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:
+        parts += [None] * (ndim - len(parts))
+    else:
+        while parts and parts[-1] is None:
+            parts.pop()
+    return PartitionSpec(*parts)
 
 
 def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ...]) -> None:

@@ -43,6 +43,9 @@ class _Layout:
     def __hash__(self) -> int:
         return self._hash
 
+    def __repr__(self) -> str:
+        return f"Layout({len(self.specs)} variables, {len(self.names)} initialized)"
+
     def __eq__(self, other: object) -> bool:
         return self is other or (
             isinstance(other, _Layout)
@@ -244,9 +247,17 @@ class State(Mapping[str, jax.Array]):
         values = dict(zip(names, moved))
         return State._make(_Layout(specs, values), values)
 
-    def tree(self) -> dict[str, Any]:
-        """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``."""
-        return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
+    def tree(self, like: Any = None) -> Any:
+        """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
+
+        With `like` (any pytree, e.g. an optax state), the result has its structure instead,
+        each leaf taken from the variable its path names: the inverse of `State.from_tree`.
+
+        >>> opt_state = restored.subset(names).tree(like=opt.init(params))
+        """
+        if like is None:
+            return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
+        return jax.tree_util.tree_map_with_path(lambda path, _: self["/".join(map(_key_name, path))], like)
 
     @classmethod
     def from_tree(cls, tree: Any, *, flat: bool = False) -> State:

@@ -210,3 +210,16 @@ def test_rule_regex_that_does_not_compile():
 def test_partition_spec_without_mesh():
     with pytest.raises(jstate.PlacementError, match="'w' is placed with PartitionSpec .* but no mesh was given"):
         jstate.abstract(one(P("data")))
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+@pytest.mark.parametrize("spec", [P("data"), P("data", None)])
+def test_jitted_steps_keep_the_very_same_sharding(axis_type, spec):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+
+    def m(s):
+        s.variable("w", inits.ones, (8, 4), sharding=spec)
+
+    state = jstate.init(m, KEY, mesh=mesh)
+    out = jax.jit(lambda s: s.assign_add("w", 1.0))(state)
+    assert out["w"].sharding == state["w"].sharding == state.placement("w").sharding

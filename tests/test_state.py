@@ -156,3 +156,13 @@ def test_state_prints_as_a_table_and_renders_html():
     assert html.startswith("<table>") and "layer1/kernel" in html
     # Never prints values.
     assert "0.0" not in text
+
+
+def test_tree_like_rebuilds_any_pytree():
+    opt = optax.adam(1e-3)
+    params = jstate.State.from_tree({"w": jnp.ones(3), "b": jnp.zeros(2)})
+    opt_state = opt.init(params)
+    flat = jstate.State.from_tree({"opt": opt_state})
+    back = flat.subset([n for n in flat.specs]).tree(like={"opt": opt_state})["opt"]
+    assert jax.tree.structure(back) == jax.tree.structure(opt_state)
+    np.testing.assert_array_equal(back[0].mu["w"], opt_state[0].mu["w"])
