@@ -14,7 +14,10 @@ Two ways to read every tensor into host memory, run side by side in a rotating o
   jstate  ``jstate._tensorflow.read(prefix, names)``: parses the index, opens each data file
           once, reads each tensor into a new array and checks its CRC32C.
   numpy   ``np.fromfile(data_file, dtype, count, offset=...)`` per tensor, offsets known in
-          advance: the floor for reading the bytes, with no index and no checksums.
+          advance, into a dict: the floor for reading the bytes, with no index and no checksums.
+
+Both return every array, alive together, as a restore does (dropping each array as soon as it
+is read would let malloc reuse its memory, which a restore cannot).
 
 Target (full run): read time, jstate / numpy (warm page cache) <= 2. The ratio is the median of
 per-round ratios. Both read files just written, so from the page cache ("warm").
@@ -174,11 +177,13 @@ def run(config: Config, rounds: int, workdir: Path) -> None:
     del arrays
 
     def jstate_read():
-        _tensorflow.read(prefix, names)
+        return _tensorflow.read(prefix, names)
 
-    def numpy_read():
-        for path, offset, count in locations:
-            np.fromfile(path, np.float32, count, offset=offset)
+    def numpy_read():  # all arrays alive at the end, as after a restore (memory reuse differs otherwise)
+        return {
+            name: np.fromfile(path, np.float32, count, offset=offset)
+            for name, (path, offset, count) in zip(names, locations)
+        }
 
     times = h.interleave({"jstate": jstate_read, "numpy": numpy_read}, rounds)
     seconds = {name: h.median(t) for name, t in times.items()}

@@ -305,15 +305,15 @@ def _parse_bundle(data: bytes) -> _Bundle:
     num_shards, endianness, min_consumer, bad_consumers = 1, 0, 0, []
     for field, value in _fields(header):
         if field == 1:
-            num_shards = value
+            num_shards = _signed(value)
         elif field == 2:
-            endianness = value
+            endianness = _signed(value)
         elif field == 3:  # VersionDef
             for f, v in _fields(value):
                 if f == 2:
-                    min_consumer = v
-                elif f == 3:
-                    bad_consumers.append(v)
+                    min_consumer = _signed(v)
+                elif f == 3:  # repeated int32, packed by proto3 writers
+                    bad_consumers += _packed(v) if isinstance(v, bytes) else [v]
     if endianness != 0:
         raise _Unsupported(
             "it was written on a big-endian machine; jstate reads little-endian checkpoints only. "
@@ -343,7 +343,7 @@ def _parse_entry(data: bytes) -> _BundleEntry:
         elif field == 7:
             slices += 1
         elif field in names:
-            values[names[field]] = value if field == 6 else _signed(value)
+            values[names[field]] = _signed(value) & 0xFFFFFFFF if field == 6 else _signed(value)
     return _BundleEntry(shape=tuple(shape), slices=slices, **values)
 
 
@@ -352,6 +352,14 @@ def _signed(value) -> int:
     if not isinstance(value, int):
         raise _Garbled("a number field holds bytes")
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _packed(data: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(data):
+        value, pos = _varint(data, pos)
+        out.append(value)
+    return out
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:

@@ -102,7 +102,8 @@ def model(s):
 
 
 def test_save_exports_initialized_variables_and_reads_back(tmp_path):
-    state = jstate.init(model, jax.random.key(0), only=["weights", "biases", "step"])
+    values = {"weights": np.linspace(-1, 1, 128, dtype=np.float32).reshape(16, 8), "step": np.int32(3)}
+    state = jstate.abstract(model).assign({**values, "biases": jnp.full(8, 0.25, jnp.bfloat16)})
     path = st.save(state, tmp_path / "out" / "model.safetensors")
     assert path == tmp_path / "out" / "model.safetensors"
     assert st.entries(path) == {n: Entry((n,), a.shape, a.dtype) for n, a in state.items()}

@@ -3,7 +3,9 @@
 The fixtures and the values TensorFlow saved in them come from tests/data/tensorflow/make_fixtures.py.
 """
 
+import contextlib
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -212,14 +214,54 @@ def test_every_flipped_byte_of_an_index_is_caught_or_harmless(tmp_path):
     index = tmp_path / "model.ckpt.index"
     original = index.read_bytes()
     expected = tf_ckpt.entries(DATA / "guide/model.ckpt")
+    harmless = []
     for i in range(len(original)):
         damaged = bytearray(original)
         damaged[i] ^= 0x20
         index.write_bytes(bytes(damaged))
         try:
-            assert tf_ckpt.entries(prefix) == expected, f"byte {i}"  # only the footer's padding is unchecked
+            entries = tf_ckpt.entries(prefix)
         except CorruptCheckpointError:
-            pass
+            continue
+        assert entries == expected, f"byte {i}"
+        harmless.append(i)
+    # Unchecked: the metaindex block and its handle (TF writes it empty; neither TF nor jstate
+    # reads it) and the footer's padding.
+    footer = len(original) - 48
+    meta_offset, pos = tf_ckpt._varint(original, footer)
+    meta_size, meta_end = tf_ckpt._varint(original, pos)
+    index_end = tf_ckpt._varint(original, tf_ckpt._varint(original, meta_end)[1])[1]
+    unread = [
+        *range(meta_offset, meta_offset + meta_size + 5),
+        *range(footer, meta_end),
+        *range(index_end, footer + 40),
+    ]
+    assert harmless and set(harmless) <= set(unread)
+
+
+def test_garbage_that_passes_the_block_checksums_is_refused_or_read(tmp_path):
+    # A writer with bugs (not a disk) can produce well-checksummed nonsense: it must raise a
+    # CheckpointError, never IndexError or MemoryError. Deterministic random edits of each block.
+    prefix = copy(tmp_path, "dtypes/model.ckpt")
+    index = tmp_path / "model.ckpt.index"
+    original = index.read_bytes()
+    footer = len(original) - 48
+    index_offset, pos = tf_ckpt._varint(original, tf_ckpt._varint(original, tf_ckpt._varint(original, footer)[1])[1])
+    blocks = [(index_offset, tf_ckpt._varint(original, pos)[0])]
+    for _, handle in tf_ckpt._block(original, *blocks[0]):
+        offset, pos = tf_ckpt._varint(handle, 0)
+        blocks.append((offset, tf_ckpt._varint(handle, pos)[0]))
+    rng = random.Random(0)
+    for _ in range(150):
+        data = bytearray(original)
+        offset, size = rng.choice(blocks)
+        for _ in range(rng.choice([1, 2, 8])):
+            data[offset + rng.randrange(size)] = rng.randrange(256)
+        trailer = tf_ckpt._mask(crc32c.crc32c(bytes(data[offset : offset + size + 1])))
+        data[offset + size + 1 : offset + size + 5] = trailer.to_bytes(4, "little")
+        index.write_bytes(bytes(data))
+        with contextlib.suppress(CheckpointError):
+            tf_ckpt.read(prefix, list(tf_ckpt.entries(prefix)))
 
 
 def test_a_missing_index_is_not_found(tmp_path):

@@ -13,7 +13,7 @@ It replaces everything under tests/data/tensorflow/ but this script. Checkpoints
   guide/my_v2.ckpt        the same graph saved with Saver({"my_v2": v2})
   train/model.ckpt-{10,20}  a 2-layer model trained with Adam (slot variables, global_step),
                           saved at two steps, so the `checkpoint` state file names model.ckpt-20
-  dtypes/model.ckpt       one variable per dtype TF variables allow, and a scalar
+  dtypes/model.ckpt       one variable per dtype jstate reads (complex too), scalars, an empty tensor
   sharded/model.ckpt      Saver(sharded=True) over variables on 3 CPU devices: 3 data files
   skipped/model.ckpt      what jstate cannot read: a string and a partitioned variable
   tf2/ckpt-1              tf.train.Checkpoint of a tf.Module (object-graph names), with state file
