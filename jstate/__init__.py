@@ -23,6 +23,7 @@ from ._init import abstract as abstract
 from ._init import explain_placement as explain_placement
 from ._init import init as init
 from ._saver import Saver as Saver
+from ._saver import save_safetensors as save_safetensors
 from ._scope import Scope as Scope
 from ._spec import Placement as Placement
 from ._spec import VariableSpec as VariableSpec

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from . import _files, _integrity, _orbax
+from . import _files, _integrity, _orbax, _tensorflow
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest
 from ._spec import Entry
 from ._table import Table, human_bytes
@@ -31,6 +32,7 @@ class Checkpoint:
       writer: "jstate", or who else wrote it ("orbax" for plain Orbax or Flax).
       digests: per variable, the checksum of each saved region (jstate checkpoints only).
       files: ``{path under source: [size, crc32c]}`` of every array file (jstate only).
+      skipped: entries jstate cannot read (strings, partitioned slices, ...), with the reason.
     """
 
     path: Path
@@ -42,12 +44,14 @@ class Checkpoint:
     writer: str
     digests: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict, repr=False)
     files: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
 
     def table(self) -> Table:
         rows = [(n, e.shape, e.dtype.name, human_bytes(e.nbytes)) for n, e in sorted(self.entries.items())]
         total = sum(e.nbytes for e in self.entries.values())
+        rows += [(n, "-", "-", f"skipped: {why}") for n, why in sorted(self.skipped.items())]
         step = f", step {self.step}" if self.step is not None else ""
-        title = f"Checkpoint {self.path}{step}: {len(rows)} variables, {human_bytes(total)}"
+        title = f"Checkpoint {self.path}{step} ({self.writer}): {len(self.entries)} variables, {human_bytes(total)}"
         return Table(("name", "shape", "dtype", "size"), rows, title)
 
     def _repr_html_(self) -> str:
@@ -58,8 +62,21 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """The checkpoint at `path`: a jstate checkpoint, an Orbax PyTree checkpoint, an Orbax
-    CheckpointManager step with one item, or a directory of checkpoints (its latest)."""
+    """The checkpoint at `path`, read from its metadata only.
+
+    Valid forms of `path`:
+
+      ckpt/model-1000              a jstate checkpoint
+      ckpt/flax_params             an Orbax PyTree checkpoint (plain Orbax, Flax)
+      ckpt/1000                    an Orbax CheckpointManager step with one item
+      old/model.ckpt-20            a TensorFlow checkpoint prefix (or its .index file)
+      model.safetensors            a safetensors file (needs `jstate[safetensors]`)
+      ckpt/                        a directory of any of these: its latest complete one
+
+    Raises:
+      CheckpointNotFoundError: nothing readable at `path`.
+      CorruptCheckpointError: a checkpoint that is incomplete or damaged.
+    """
     path = Path(path)
     found = _load(path)
     if found is not None:
@@ -79,7 +96,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _load(path: Path) -> Checkpoint | None:
     """`path` as a checkpoint, None if it is not one (CorruptCheckpointError if damaged)."""
     if not path.is_dir():
-        return None
+        return _load_file(path)
     manifest = _files.read_manifest(path)
     if manifest is not None:
         arrays = path / _files.ARRAYS
@@ -115,6 +132,38 @@ def _load(path: Path) -> Checkpoint | None:
     return Checkpoint(path, arrays, "orbax", step, created, entries, "orbax")
 
 
+def _load_file(path: Path) -> Checkpoint | None:
+    """A TensorFlow checkpoint (its prefix or one of its files) or a ``.safetensors`` file."""
+    prefix = _tensorflow.find(path)
+    if prefix is not None:
+        index = prefix.with_name(prefix.name + ".index")
+        step = re.search(r"-(\d+)$", prefix.name)
+        return Checkpoint(
+            prefix,
+            prefix,
+            "tensorflow",
+            int(step.group(1)) if step else None,
+            index.stat().st_mtime,
+            _tensorflow.entries(prefix),
+            "tensorflow",
+            skipped=_tensorflow.skipped(prefix),
+        )
+    if path.suffix == ".safetensors" and path.is_file():
+        from . import _safetensors  # an optional extra: `pip install jstate[safetensors]`
+
+        return Checkpoint(
+            path,
+            path,
+            "safetensors",
+            None,
+            path.stat().st_mtime,
+            _safetensors.entries(path),
+            "safetensors",
+            skipped=_safetensors.skipped(path),
+        )
+    return None
+
+
 def _orbax_dir(path: Path) -> Path | None:
     if (path / _orbax.METADATA_FILE).is_file():
         return path
@@ -135,16 +184,18 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
         parent, prefix = path.parent, path.name
     if not parent.is_dir():
         return []
-    found = []
+    found = {}
     for entry in parent.iterdir():
-        if entry.name.startswith("."):
+        if entry.name.endswith(".index"):  # a TensorFlow checkpoint: list it by its prefix
+            entry = entry.with_name(entry.name[: -len(".index")])
+        if entry.name.startswith(".") or entry in found:
             continue
         if prefix is not None and entry.name != prefix and _files.step_of(entry.name, prefix) is None:
             continue
         ckpt = _load_quietly(entry)
         if ckpt is not None:
-            found.append(ckpt)
-    return sorted(found, key=lambda c: (c.step if c.step is not None else -1, c.created))
+            found[entry] = ckpt
+    return sorted(found.values(), key=lambda c: (c.step if c.step is not None else -1, c.created))
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -168,6 +219,10 @@ def latest_checkpoint(path: str | os.PathLike) -> str | None:
     'ckpt/model-2000'
     """
     found = checkpoints(path)
+    if found and found[-1].format == "tensorflow" and Path(path).is_dir():
+        named = _tensorflow.latest(Path(path))  # TensorFlow's own `checkpoint` state file decides
+        if named is not None:
+            return str(named)
     return str(found[-1].path) if found else None
 
 
@@ -209,7 +264,7 @@ def read(
         if ckpt.format == "orbax":
             arrays = _orbax.read(ckpt.source, wanted)
         else:
-            raise AssertionError(f"unknown checkpoint format {ckpt.format}")
+            arrays = _place(_read_flat(ckpt, [entry.keypath[0] for entry, _ in wanted.values()]), wanted)
     except CheckpointError:
         raise
     except Exception as e:
@@ -228,6 +283,25 @@ def read(
                 f"recorded at save{_culprit(ckpt)}."
             )
     return arrays
+
+
+def _read_flat(ckpt: Checkpoint, names: list[str]) -> dict[str, np.ndarray]:
+    """Host arrays from a flat, single-file-per-format checkpoint (TensorFlow, safetensors)."""
+    if ckpt.format == "tensorflow":
+        return _tensorflow.read(ckpt.source, names)
+    from . import _safetensors
+
+    return _safetensors.read(ckpt.source, names)
+
+
+def _place(host: dict[str, np.ndarray], wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+    """Put host arrays onto their targets' shardings (each process holds the whole array, so
+    this works for shardings over several processes too), cast to the targets' dtypes."""
+    out = {}
+    for name, (_, target) in wanted.items():
+        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        out[name] = jax.device_put(host.pop(name).astype(target.dtype, copy=False), sharding)
+    return out
 
 
 def _culprit(ckpt: Checkpoint) -> str:

@@ -60,7 +60,7 @@ class NameMap:
         for n in names:
             target = self._apply(n)
             if target is not None:
-                out[n] = check_name(target)
+                out[n] = target
         _check_one_to_one(out)
         return out
 
@@ -95,10 +95,14 @@ def _pair(ckpt: Any, state: Any) -> _Rule:
         )
     if ckpt.endswith("/") != state.endswith("/"):
         raise MappingError(f"Saver entry {ckpt!r}: {state!r}: a scope (ending in '/') must map to a scope.")
+    # Checkpoint names are checked when a Saver writes them: other writers' checkpoints may use
+    # names jstate would not write (TF2's "layer/kernel/.ATTRIBUTES/VARIABLE_VALUE").
+    if not ckpt.strip("/"):
+        raise MappingError(f"Saver entry {ckpt!r}: {state!r}: the checkpoint name is empty.")
     if ckpt.endswith("/"):
-        check_name(ckpt[:-1]), check_name(state[:-1])
+        check_name(state[:-1])
         return _Rule("scope", state, ckpt)
-    return _Rule("name", check_name(state), check_name(ckpt))
+    return _Rule("name", check_name(state), ckpt)
 
 
 def _item(item: Any) -> _Rule:

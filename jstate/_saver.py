@@ -13,6 +13,7 @@ import jax
 from . import _checkpoint, _files, _integrity, _orbax
 from ._errors import CheckpointError, SpecMismatchError, UninitializedError, closest, shorten
 from ._mapping import VarList, compile_var_list
+from ._names import check_name
 from ._state import State
 
 _VERSION = 1
@@ -125,6 +126,8 @@ class Saver:
                     "one process's devices only. Place it on a mesh over all processes' devices "
                     "(e.g. a rule `(name, P())`), or leave it out of the Saver."
                 )
+        for ckpt in names.values():
+            check_name(ckpt)  # "." would let two names share storage in Orbax's files
         return {ckpt: state[n] for n, ckpt in names.items()}
 
     def _finish(self, tmp: Path, final: Path, manifest: dict, digests: dict, prefix: Path, barrier) -> None:
@@ -210,6 +213,12 @@ class Saver:
         names = self._names.resolve(target.specs, "the target State")
         ckpt = _checkpoint.open_checkpoint(path)
         missing = {n: c for n, c in names.items() if c not in ckpt.entries}
+        unreadable = {c: ckpt.skipped[c] for c in missing.values() if c in ckpt.skipped}
+        if unreadable:
+            name, why = next(iter(unreadable.items()))
+            raise CheckpointError(
+                f"Checkpoint {ckpt.path}: jstate cannot read '{name}' ({why}). Leave it out of the Saver."
+            )
         if missing:
             first_state, first = next(iter(missing.items()))
             shown = shorten(f"{c}" if c == n else f"{c} (for '{n}')" for n, c in missing.items())
@@ -241,3 +250,14 @@ class Saver:
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._max_to_keep}, compression={self._compression})"
+
+
+def save_safetensors(state: State, path: str | os.PathLike) -> str:
+    """Export the State's initialized variables, under their names, to one ``.safetensors`` file.
+
+    Written atomically (temporary file, fsync, rename). Needs ``pip install jstate[safetensors]``.
+    Read it back with ``Saver().restore(path, target)`` or `jstate.load_variable`.
+    """
+    from . import _safetensors
+
+    return str(_safetensors.save(state, path))

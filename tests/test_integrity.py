@@ -143,8 +143,10 @@ def test_crafted_manifest_cannot_read_outside_the_checkpoint(saved, tmp_path, re
 def test_names_cannot_escape_the_checkpoint_directory(name, tmp_path):
     with pytest.raises(jstate.InvalidNameError):
         jstate.State.from_tree({name: jnp.ones(1)}, flat=True)
+    state = jstate.State.from_tree({"x": jnp.ones(1)}, flat=True)
     with pytest.raises(jstate.InvalidNameError):
-        jstate.Saver({name: "x"})
+        jstate.Saver({name: "x"}).save(state, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
 
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)

@@ -63,11 +63,10 @@ def test_malformed_var_lists(var_list, message):
         compile_var_list(var_list)
 
 
-def test_checkpoint_names_are_validated_so_they_cannot_collide_on_disk():
-    with pytest.raises(jstate.InvalidNameError, match="'.' is not allowed"):
-        resolve({"a.b": "v2"})
-    with pytest.raises(jstate.InvalidNameError, match="'.' is not allowed"):
-        resolve([(r"^(weights)$", r"x.\1")])
+def test_checkpoint_names_of_other_writers_are_allowed_when_reading():
+    tf2 = "model/layers/0/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+    assert resolve({tf2: "weights"}) == {"weights": tf2}
+    assert resolve([(r"^(weights)$", r"x.\1")]) == {"weights": "x.weights"}
 
 
 name = st.text(alphabet="abcxyz_0", min_size=1, max_size=4)
