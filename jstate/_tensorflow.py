@@ -18,7 +18,6 @@ import codecs
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +25,12 @@ import crc32c
 import ml_dtypes
 import numpy as np
 
+from . import _sstable
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
 from ._spec import Entry
 
 STATE_FILE = "checkpoint"
 _DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
-_TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of every LevelDB/TF table
-_FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the magic
-_TRAILER_SIZE = 5  # after each block: compression type (1 byte), masked CRC32C (4 bytes)
-_CRC_MASK_DELTA = 0xA282EAD8
 
 # TensorFlow's DataType enum (types.proto) -> numpy dtype, for the dtypes jstate reads.
 _DTYPES: dict[int, np.dtype] = {
@@ -79,14 +75,6 @@ class _Bundle:
 
     num_shards: int
     tensors: dict[str, _BundleEntry]
-
-
-class _Garbled(ValueError):
-    """Internal: bytes that do not parse; becomes a CorruptCheckpointError naming the file."""
-
-
-class _Unsupported(Exception):
-    """Internal: a valid index jstate cannot read; becomes a CheckpointError naming the file."""
 
 
 # -- finding checkpoints ----------------------------------------------------------------------
@@ -259,18 +247,13 @@ def _read_tensor(f, file_size: int, prefix: Path, path: Path, name: str, t: _Bun
     f.seek(t.offset)
     if f.readinto(raw) != t.size:
         raise CorruptCheckpointError(f"Data file {path} changed while tensor '{name}' was read from it.")
-    actual = _mask(crc32c.crc32c(raw))
+    actual = _sstable.mask(crc32c.crc32c(raw))
     if actual != t.crc32c:
         raise CorruptCheckpointError(
             f"Data file {path}: tensor '{name}' fails its checksum (CRC32C {actual:#010x}, the index "
             f"records {t.crc32c:#010x}); the file is damaged. Restore an earlier checkpoint."
         )
     return array
-
-
-def _mask(crc: int) -> int:
-    """TF stores CRCs masked, so that a CRC of data that holds CRCs is not degenerate."""
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _CRC_MASK_DELTA) & 0xFFFFFFFF
 
 
 # -- the index file: an SSTable of protobufs --------------------------------------------------
@@ -284,9 +267,9 @@ def _read_index(prefix: Path) -> _Bundle:
         raise CorruptCheckpointError(f"TensorFlow checkpoint index {path} cannot be read ({e}).") from e
     try:
         return _parse_bundle(data)
-    except _Unsupported as e:
+    except _sstable.Unsupported as e:
         raise CheckpointError(f"TensorFlow checkpoint index {path}: {e}") from None
-    except (_Garbled, IndexError, TypeError, ValueError) as e:  # garbage where a message or number should be
+    except (_sstable.Garbled, IndexError, TypeError, ValueError) as e:  # garbage where a message or number should be
         raise CorruptCheckpointError(
             f"TensorFlow checkpoint index {path} is damaged ({e}). Restore an earlier checkpoint."
         ) from e
@@ -295,38 +278,40 @@ def _read_index(prefix: Path) -> _Bundle:
 def _parse_bundle(data: bytes) -> _Bundle:
     header = None
     tensors = {}
-    for key, value in _table(data):
+    for key, value in _sstable.table(data):
         if key == b"":
             header = value
         elif key[0] != 0:  # keys starting with NUL hold the slices of partitioned variables
             tensors[key.decode("utf-8")] = _parse_entry(value)
     if header is None:
-        raise _Garbled("no header entry")
+        raise _sstable.Garbled("no header entry")
     num_shards, endianness, min_consumer, bad_consumers = 1, 0, 0, []
-    for field, value in _fields(header):
+    for field, value in _sstable.fields(header):
         if field == 1:
-            num_shards = _signed(value)
+            num_shards = _sstable.signed(value)
         elif field == 2:
-            endianness = _signed(value)
+            endianness = _sstable.signed(value)
         elif field == 3:  # VersionDef
-            for f, v in _fields(value):
+            for f, v in _sstable.fields(value):
                 if f == 2:
-                    min_consumer = _signed(v)
+                    min_consumer = _sstable.signed(v)
                 elif f == 3:  # repeated int32, packed by proto3 writers
-                    bad_consumers += _packed(v) if isinstance(v, bytes) else [v]
+                    bad_consumers += _sstable.packed(v) if isinstance(v, bytes) else [v]
     if endianness != 0:
-        raise _Unsupported(
+        raise _sstable.Unsupported(
             "it was written on a big-endian machine; jstate reads little-endian checkpoints only. "
             "Re-save it with TensorFlow on a little-endian (x86 or ARM) machine."
         )
     if min_consumer > 1 or 1 in bad_consumers:
-        raise _Unsupported(
+        raise _sstable.Unsupported(
             f"it needs a tensor bundle reader of version {max(min_consumer, 2)} or newer; jstate reads "
             "version 1 (what TensorFlow 1.x and 2.x write)."
         )
     for name, t in tensors.items():
         if not 0 <= t.shard < num_shards or t.offset < 0 or t.size < 0 or any(d < 0 for d in t.shape):
-            raise _Garbled(f"tensor '{name}' has shard {t.shard} of {num_shards}, offset {t.offset}, shape {t.shape}")
+            raise _sstable.Garbled(
+                f"tensor '{name}' has shard {t.shard} of {num_shards}, offset {t.offset}, shape {t.shape}"
+            )
     return _Bundle(num_shards, tensors)
 
 
@@ -335,116 +320,13 @@ def _parse_entry(data: bytes) -> _BundleEntry:
     shape: list[int] = []
     slices = 0
     names = {1: "dtype", 3: "shard", 4: "offset", 5: "size", 6: "crc32c"}
-    for field, value in _fields(data):
+    for field, value in _sstable.fields(data):
         if field == 2:  # TensorShapeProto: repeated Dim dim = 2 { int64 size = 1; }
-            for f, dim in _fields(value):
+            for f, dim in _sstable.fields(value):
                 if f == 2:
-                    shape.append(next((_signed(v) for g, v in _fields(dim) if g == 1), 0))
+                    shape.append(next((_sstable.signed(v) for g, v in _sstable.fields(dim) if g == 1), 0))
         elif field == 7:
             slices += 1
         elif field in names:
-            values[names[field]] = _signed(value) & 0xFFFFFFFF if field == 6 else _signed(value)
+            values[names[field]] = _sstable.signed(value) & 0xFFFFFFFF if field == 6 else _sstable.signed(value)
     return _BundleEntry(shape=tuple(shape), slices=slices, **values)
-
-
-def _signed(value) -> int:
-    """A varint as the int32/int64 it encodes (negative numbers take ten bytes, two's complement)."""
-    if not isinstance(value, int):
-        raise _Garbled("a number field holds bytes")
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _packed(data: bytes) -> list[int]:
-    out, pos = [], 0
-    while pos < len(data):
-        value, pos = _varint(data, pos)
-        out.append(value)
-    return out
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """A protobuf message's (field number, value): ints for varints and fixed, bytes otherwise."""
-    pos, end = 0, len(data)
-    while pos < end:
-        key, pos = _varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(data, pos)
-        elif wire == 1 or wire == 5:
-            size = 8 if wire == 1 else 4
-            if pos + size > end:
-                raise _Garbled("a protobuf field runs past its message")
-            value = int.from_bytes(data[pos : pos + size], "little")
-            pos += size
-        elif wire == 2:
-            size, pos = _varint(data, pos)
-            if pos + size > end:
-                raise _Garbled("a protobuf field runs past its message")
-            value, pos = data[pos : pos + size], pos + size
-        else:
-            raise _Garbled(f"protobuf wire type {wire}")
-        yield field, value
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise _Garbled("a varint runs past its block")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of an SSTable held in `data`, in key order.
-
-    The footer points to an index block whose values point to the data blocks. A block is a
-    run of prefix-compressed entries (shared key length, new key bytes, value) followed by its
-    restart points, which a sequential reader does not need.
-    """
-    if len(data) < _FOOTER_SIZE:
-        raise _Garbled(f"{len(data)} bytes is shorter than a table footer")
-    footer = data[-_FOOTER_SIZE:]
-    if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
-        raise _Garbled("no table magic number at its end")
-    _, pos = _varint(footer, _varint(footer, 0)[1])  # the metaindex handle: TF writes no meta blocks
-    index_offset, pos = _varint(footer, pos)
-    index_size, _ = _varint(footer, pos)
-    for _, handle in _block(data, index_offset, index_size):
-        offset, pos = _varint(handle, 0)
-        size, _ = _varint(handle, pos)
-        yield from _block(data, offset, size)
-
-
-def _block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
-    end = offset + size
-    if end + _TRAILER_SIZE > len(data) - _FOOTER_SIZE or size < 4:
-        raise _Garbled(f"a block at bytes {offset}-{end} runs past the table")
-    kind = data[end]
-    stored = int.from_bytes(data[end + 1 : end + _TRAILER_SIZE], "little")
-    if _mask(crc32c.crc32c(memoryview(data)[offset : end + 1])) != stored:
-        raise _Garbled(f"the block at bytes {offset}-{end} fails its checksum")
-    if kind != 0:
-        raise _Unsupported(
-            f"its block at bytes {offset}-{end} is compressed ({'snappy' if kind == 1 else f'type {kind}'}); "
-            "TensorFlow writes checkpoint indexes uncompressed, and jstate reads only those."
-        )
-    num_restarts = int.from_bytes(data[end - 4 : end], "little")
-    limit = end - 4 * (num_restarts + 1)
-    if limit < offset:
-        raise _Garbled(f"the block at bytes {offset}-{end} has {num_restarts} restart points")
-    pos, key = offset, b""
-    while pos < limit:
-        shared, pos = _varint(data, pos)
-        unshared, pos = _varint(data, pos)
-        length, pos = _varint(data, pos)
-        if shared > len(key) or pos + unshared + length > limit:
-            raise _Garbled(f"an entry at byte {pos} of the block at bytes {offset}-{end} runs past it")
-        key = key[:shared] + data[pos : pos + unshared]
-        pos += unshared
-        yield key, data[pos : pos + length]
-        pos += length

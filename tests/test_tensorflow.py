@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jstate import _sstable
 from jstate import _tensorflow as tf_ckpt
 from jstate._spec import Entry
 
@@ -228,9 +229,9 @@ def test_every_flipped_byte_of_an_index_is_caught_or_harmless(tmp_path):
     # Unchecked: the metaindex block and its handle (TF writes it empty; neither TF nor jstate
     # reads it) and the footer's padding.
     footer = len(original) - 48
-    meta_offset, pos = tf_ckpt._varint(original, footer)
-    meta_size, meta_end = tf_ckpt._varint(original, pos)
-    index_end = tf_ckpt._varint(original, tf_ckpt._varint(original, meta_end)[1])[1]
+    meta_offset, pos = _sstable.varint(original, footer)
+    meta_size, meta_end = _sstable.varint(original, pos)
+    index_end = _sstable.varint(original, _sstable.varint(original, meta_end)[1])[1]
     unread = [
         *range(meta_offset, meta_offset + meta_size + 5),
         *range(footer, meta_end),
@@ -246,18 +247,18 @@ def test_garbage_that_passes_the_block_checksums_is_refused_or_read(tmp_path):
     index = tmp_path / "model.ckpt.index"
     original = index.read_bytes()
     footer = len(original) - 48
-    index_offset, pos = tf_ckpt._varint(original, tf_ckpt._varint(original, tf_ckpt._varint(original, footer)[1])[1])
-    blocks = [(index_offset, tf_ckpt._varint(original, pos)[0])]
-    for _, handle in tf_ckpt._block(original, *blocks[0]):
-        offset, pos = tf_ckpt._varint(handle, 0)
-        blocks.append((offset, tf_ckpt._varint(handle, pos)[0]))
+    index_offset, pos = _sstable.varint(original, _sstable.varint(original, _sstable.varint(original, footer)[1])[1])
+    blocks = [(index_offset, _sstable.varint(original, pos)[0])]
+    for _, handle in _sstable.block(original, *blocks[0]):
+        offset, pos = _sstable.varint(handle, 0)
+        blocks.append((offset, _sstable.varint(handle, pos)[0]))
     rng = random.Random(0)
     for _ in range(150):
         data = bytearray(original)
         offset, size = rng.choice(blocks)
         for _ in range(rng.choice([1, 2, 8])):
             data[offset + rng.randrange(size)] = rng.randrange(256)
-        trailer = tf_ckpt._mask(crc32c.crc32c(bytes(data[offset : offset + size + 1])))
+        trailer = _sstable.mask(crc32c.crc32c(bytes(data[offset : offset + size + 1])))
         data[offset + size + 1 : offset + size + 5] = trailer.to_bytes(4, "little")
         index.write_bytes(bytes(data))
         with contextlib.suppress(CheckpointError):
@@ -278,13 +279,13 @@ def test_a_compressed_index_is_refused_clearly(tmp_path):
     # The first data block starts at byte 0; its size is in the index block's first handle. Mark
     # it snappy-compressed and fix its checksum, as a non-TF writer would.
     footer = data[-48:]
-    _, pos = tf_ckpt._varint(footer, tf_ckpt._varint(footer, 0)[1])
-    index_offset, pos = tf_ckpt._varint(footer, pos)
-    index_size, _ = tf_ckpt._varint(footer, pos)
-    first_handle = next(tf_ckpt._block(bytes(data), index_offset, index_size))[1]
-    size = tf_ckpt._varint(first_handle, tf_ckpt._varint(first_handle, 0)[1])[0]
+    _, pos = _sstable.varint(footer, _sstable.varint(footer, 0)[1])
+    index_offset, pos = _sstable.varint(footer, pos)
+    index_size, _ = _sstable.varint(footer, pos)
+    first_handle = next(_sstable.block(bytes(data), index_offset, index_size))[1]
+    size = _sstable.varint(first_handle, _sstable.varint(first_handle, 0)[1])[0]
     data[size] = 1
-    data[size + 1 : size + 5] = tf_ckpt._mask(crc32c.crc32c(bytes(data[: size + 1]))).to_bytes(4, "little")
+    data[size + 1 : size + 5] = _sstable.mask(crc32c.crc32c(bytes(data[: size + 1]))).to_bytes(4, "little")
     index.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: its block at bytes 0-\d+ is compressed \(snappy\)"):
         tf_ckpt.entries(prefix)

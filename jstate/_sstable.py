@@ -1,0 +1,133 @@
+"""LevelDB's table format and protobuf's wire format, read by hand for TensorFlow's checkpoint index.
+
+Written by hand because the alternatives are TensorFlow itself or a generated protobuf schema
+for two tiny messages; the table format is LevelDB's (footer, index block, prefix-compressed
+data blocks with restart points), each block checked with TF's masked CRC32C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import crc32c
+
+TABLE_MAGIC = 0xDB4775248B80FB57  # the last 8 bytes of every LevelDB/TF table
+FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the magic
+TRAILER_SIZE = 5  # after each block: compression type (1 byte), masked CRC32C (4 bytes)
+CRC_MASK_DELTA = 0xA282EAD8
+
+
+class Garbled(ValueError):
+    """Bytes that do not parse; becomes a CorruptCheckpointError naming the file."""
+
+
+class Unsupported(Exception):
+    """A valid index jstate cannot read; becomes a CheckpointError naming the file."""
+
+
+def mask(crc: int) -> int:
+    """TF stores CRCs masked, so that a CRC of data that holds CRCs is not degenerate."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def signed(value) -> int:
+    """A varint as the int32/int64 it encodes (negative numbers take ten bytes, two's complement)."""
+    if not isinstance(value, int):
+        raise Garbled("a number field holds bytes")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def packed(data: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(data):
+        value, pos = varint(data, pos)
+        out.append(value)
+    return out
+
+
+def fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """A protobuf message's (field number, value): ints for varints and fixed, bytes otherwise."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = varint(data, pos)
+        elif wire == 1 or wire == 5:
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise Garbled("a protobuf field runs past its message")
+            value = int.from_bytes(data[pos : pos + size], "little")
+            pos += size
+        elif wire == 2:
+            size, pos = varint(data, pos)
+            if pos + size > end:
+                raise Garbled("a protobuf field runs past its message")
+            value, pos = data[pos : pos + size], pos + size
+        else:
+            raise Garbled(f"protobuf wire type {wire}")
+        yield field, value
+
+
+def varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise Garbled("a varint runs past its block")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of an SSTable held in `data`, in key order.
+
+    The footer points to an index block whose values point to the data blocks. A block is a
+    run of prefix-compressed entries (shared key length, new key bytes, value) followed by its
+    restart points, which a sequential reader does not need.
+    """
+    if len(data) < FOOTER_SIZE:
+        raise Garbled(f"{len(data)} bytes is shorter than a table footer")
+    footer = data[-FOOTER_SIZE:]
+    if int.from_bytes(footer[-8:], "little") != TABLE_MAGIC:
+        raise Garbled("no table magic number at its end")
+    _, pos = varint(footer, varint(footer, 0)[1])  # the metaindex handle: TF writes no meta blocks
+    index_offset, pos = varint(footer, pos)
+    index_size, _ = varint(footer, pos)
+    for _, handle in block(data, index_offset, index_size):
+        offset, pos = varint(handle, 0)
+        size, _ = varint(handle, pos)
+        yield from block(data, offset, size)
+
+
+def block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
+    end = offset + size
+    if end + TRAILER_SIZE > len(data) - FOOTER_SIZE or size < 4:
+        raise Garbled(f"a block at bytes {offset}-{end} runs past the table")
+    kind = data[end]
+    stored = int.from_bytes(data[end + 1 : end + TRAILER_SIZE], "little")
+    if mask(crc32c.crc32c(memoryview(data)[offset : end + 1])) != stored:
+        raise Garbled(f"the block at bytes {offset}-{end} fails its checksum")
+    if kind != 0:
+        raise Unsupported(
+            f"its block at bytes {offset}-{end} is compressed ({'snappy' if kind == 1 else f'type {kind}'}); "
+            "TensorFlow writes checkpoint indexes uncompressed, and jstate reads only those."
+        )
+    num_restarts = int.from_bytes(data[end - 4 : end], "little")
+    limit = end - 4 * (num_restarts + 1)
+    if limit < offset:
+        raise Garbled(f"the block at bytes {offset}-{end} has {num_restarts} restart points")
+    pos, key = offset, b""
+    while pos < limit:
+        shared, pos = varint(data, pos)
+        unshared, pos = varint(data, pos)
+        length, pos = varint(data, pos)
+        if shared > len(key) or pos + unshared + length > limit:
+            raise Garbled(f"an entry at byte {pos} of the block at bytes {offset}-{end} runs past it")
+        key = key[:shared] + data[pos : pos + unshared]
+        pos += unshared
+        yield key, data[pos : pos + length]
+        pos += length
