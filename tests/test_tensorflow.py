@@ -14,8 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from jstate import _sstable
+from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, _sstable
 from jstate import _tensorflow as tf_ckpt
 from jstate._spec import Entry
 
