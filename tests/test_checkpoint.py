@@ -324,7 +324,7 @@ def test_inspect_reads_metadata_only(state, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(_orbax, "entries", no_reading)
     inspect_checkpoint(path)
     out = capsys.readouterr().out
-    assert "step 3: 5 variables" in out
+    assert "step 3 (jstate): 5 variables" in out
     assert re.search(r"weights\s+\(64, 32\)\s+float32\s+8.0 KiB", out)
 
 
