@@ -1,6 +1,7 @@
 """Benchmarks of jstate checkpoints (save, restore, 10% restore, list_variables) against Orbax and numpy.
 
-    python benchmarks/bench_checkpoint.py [--quick] [--workdir DIR] [--malloc {inherit,glibc,tuned,both}] [--no-cold]
+    python benchmarks/bench_checkpoint.py [--quick] [--workdir DIR] [--malloc {inherit,glibc,tuned,both}]
+        [--no-cold] [--no-pretouch] [--only {big,many}]
 
 Two States, random float32 data, on the default (CPU) device:
 
@@ -35,7 +36,11 @@ restores and partially restores each fresh checkpoint, then deletes the checkpoi
 A first round is a warm-up and is not counted. "warm" restores read checkpoints just written
 (in the page cache); "cold" restores first evict the checkpoint's files from the page cache with
 ``posix_fadvise(DONTNEED)`` (they are clean after the fsyncs, so this drops them; no root needed).
-Every timed call blocks until its arrays are ready (``jax.block_until_ready``).
+Every timed call blocks until its arrays are ready (``jax.block_until_ready``) and follows a
+garbage collection. Before the saves and again before the restores of each round, 2x the
+checkpoint's size of memory is touched and freed, untimed (``--no-pretouch`` skips it): on these
+VMs fresh memory is slow to touch the first time, and without this the first restore after the
+saves paid for it, whichever variant it was.
 
 glibc's malloc settings change restore times a lot on these machines (shared/BENCHMARKING.md):
 the header prints the setting in force; ``--malloc tuned|glibc`` re-runs the script under that
@@ -49,6 +54,7 @@ import dataclasses
 import gc
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -176,8 +182,9 @@ def orbax_variant(arrays: dict[str, jax.Array], some: list[str]) -> Variant:
     checkpointer = ocp.StandardCheckpointer()
     target = structs(arrays, list(arrays))
     some_item = structs(arrays, some)
-    some_args = {n: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
-                 for n, s in some_item.items()}
+    some_args = {
+        n: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype) for n, s in some_item.items()
+    }
     partial = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
     def save(d: Path) -> Path:
@@ -255,9 +262,28 @@ def tree_stats(path: Path) -> tuple[int, int]:
     return len(files), sum(os.path.getsize(f) for f in files)
 
 
-def timed(fn: Callable[[], object]) -> float:
+def pretouch(nbytes: int) -> None:
+    """Allocate, touch and free `nbytes`, so the next timed calls find memory the host has backed.
+
+    On these VMs the first touch of guest memory the host has not backed yet costs 0.6-4 s per
+    GiB (shared/BENCHMARKING.md); a restore right after a save (whose files took the backed
+    pages as page cache) read 1 GiB of just-written numpy files in 2.4-7.8 s instead of 0.35 s,
+    and 0.44 s after this. That cost lands on whichever variant runs first; this runs (untimed)
+    at the start of each round and again before its restores.
+    """
+    block = np.ones(nbytes, dtype=np.uint8)
+    del block
+
+
+def measure(fn: Callable[..., object], arg: Path) -> float:
+    """Seconds of ``fn(arg)``, after a garbage collection."""
+    gc.collect()
+    return timed(fn, arg)
+
+
+def timed(fn: Callable[..., object], *args) -> float:
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     seconds = time.perf_counter() - start
     del result
     return seconds
@@ -267,7 +293,7 @@ def timed(fn: Callable[[], object]) -> float:
 OPS = ("save", "inspect", "restore", "restore 10%", "cold restore", "cold restore 10%")
 
 
-def run_case(case: Case, cfg: Config, workdir: Path, cold: bool) -> None:
+def run_case(case: Case, cfg: Config, workdir: Path, cold: bool, touch: bool) -> None:
     setup = time.perf_counter()
     arrays = make_arrays(case)
     names = list(arrays)
@@ -278,13 +304,18 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool) -> None:
     ops = OPS if cold else OPS[:4]
     times = {op: {v: [] for v in VARIANTS} for op in ops}
     on_disk = {}
-    print(f"[{case.name}: {case.count} x {case.size} float32, {nbytes / 2**20:.1f} MiB; 10% = {len(some)} arrays, "
-          f"{some_bytes / 2**20:.1f} MiB; data made in {time.perf_counter() - setup:.1f} s]", flush=True)
+    print(
+        f"[{case.name}: {case.count} x {case.size} float32, {nbytes / 2**20:.1f} MiB; 10% = {len(some)} arrays, "
+        f"{some_bytes / 2**20:.1f} MiB; data made in {time.perf_counter() - setup:.1f} s]",
+        flush=True,
+    )
     for r in range(cfg.rounds + 1):
         start = time.perf_counter()
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
         dirs = {v: workdir / f"{case.name}-{v}" for v in VARIANTS}
         paths, sample = {}, {}
+        if touch:
+            pretouch(2 * nbytes)
         for v in order:
             _remove(dirs[v])
             dirs[v].mkdir()
@@ -295,28 +326,30 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool) -> None:
         for v in order:
             calls = []  # up to inspect_calls calls, but at least 3 and no more than ~1 s of them
             while len(calls) < 3 or (len(calls) < cfg.inspect_calls and sum(calls) < 1.0):
-                calls.append(timed(lambda: variants[v].inspect(paths[v])))
+                calls.append(timed(variants[v].inspect, paths[v]))
             sample.setdefault("inspect", {})[v] = statistics.median(calls)
         for v in order:
             assert len(variants[v].inspect(paths[v])) == case.count, v
             on_disk[v] = tree_stats(paths[v])
+        if touch:
+            pretouch(2 * nbytes)
         for op, fn in (("restore", "restore"), ("restore 10%", "restore_some")):
             for v in order:
-                gc.collect()
-                sample.setdefault(op, {})[v] = timed(lambda: getattr(variants[v], fn)(paths[v]))
+                sample.setdefault(op, {})[v] = measure(getattr(variants[v], fn), paths[v])
         if cold:
             for op, fn in (("cold restore", "restore"), ("cold restore 10%", "restore_some")):
                 for v in order:
-                    gc.collect()
                     evict(paths[v])
-                    sample.setdefault(op, {})[v] = timed(lambda: getattr(variants[v], fn)(paths[v]))
+                    sample.setdefault(op, {})[v] = measure(getattr(variants[v], fn), paths[v])
         for v in VARIANTS:
             _remove(dirs[v])
         os.sync()
         label = "warm-up" if r == 0 else f"round {r}/{cfg.rounds}"
-        print(f"  {label} ({time.perf_counter() - start:.1f} s): "
-              + "; ".join(f"{op} " + " ".join(f"{v} {sample[op][v]:.3g}" for v in VARIANTS) for op in ops[:4]),
-              flush=True)
+        print(
+            f"  {label} ({time.perf_counter() - start:.1f} s): "
+            + "; ".join(f"{op} " + " ".join(f"{v} {sample[op][v]:.3g}" for v in VARIANTS) for op in ops[:4]),
+            flush=True,
+        )
         if r > 0:
             for op in ops:
                 for v in VARIANTS:
@@ -324,16 +357,16 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool) -> None:
     print("  on disk: " + ", ".join(f"{v} {n} files {b / 2**20:.1f} MiB" for v, (n, b) in on_disk.items()))
     print()
     report(case, times, nbytes, some_bytes, cold)
-    del variants, arrays
-    gc.collect()
 
 
 def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool) -> None:
     med = {op: {v: statistics.median(x) for v, x in by.items()} for op, by in t.items()}
     speedup = lambda op, a, b: h.median_ratio(t[op][b], t[op][a])  # noqa: E731  throughput a / b
     fraction = lambda op, v: h.median_ratio(t[f"{op} 10%"][v], t[op][v])  # noqa: E731
-    title = (f"{case.name}: {case.count} arrays of {case.size} float32 ({nbytes / 2**20:.1f} MiB), "
-             f"10% = {some_bytes / 2**20:.1f} MiB")
+    title = (
+        f"{case.name}: {case.count} arrays of {case.size} float32 ({nbytes / 2**20:.1f} MiB), "
+        f"10% = {some_bytes / 2**20:.1f} MiB"
+    )
     rows = [
         Row("save throughput, jstate / orbax", speedup("save", "jstate", "orbax"), at_least=2),
         Row("save throughput, jstate / numpy", speedup("save", "jstate", "numpy")),
@@ -342,10 +375,14 @@ def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool) -> Non
         Row("10% restore / full restore, jstate (warm)", fraction("restore", "jstate"), at_most=0.15),
         Row("10% restore / full restore, orbax partial (warm)", fraction("restore", "orbax")),
         Row("10% restore / full restore, numpy (warm)", fraction("restore", "numpy")),
-        Row("10% restore time, jstate / orbax partial (warm)", h.median_ratio(t["restore 10%"]["jstate"],
-                                                                              t["restore 10%"]["orbax"])),
-        Row("10% restore time, jstate / numpy (warm)", h.median_ratio(t["restore 10%"]["jstate"],
-                                                                      t["restore 10%"]["numpy"])),
+        Row(
+            "10% restore time, jstate / orbax partial (warm)",
+            h.median_ratio(t["restore 10%"]["jstate"], t["restore 10%"]["orbax"]),
+        ),
+        Row(
+            "10% restore time, jstate / numpy (warm)",
+            h.median_ratio(t["restore 10%"]["jstate"], t["restore 10%"]["numpy"]),
+        ),
     ]
     if cold:
         rows += [
@@ -365,11 +402,15 @@ def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool) -> Non
             seconds = med[op][v]
             unit = "ms" if seconds < 1 else "s"
             moved = nbytes if op in ("save", "restore", "cold restore") else some_bytes if "10%" in op else 0
-            rate = "" if not moved else (f", {moved / 2**30 / seconds:.2f} GiB/s" if moved / seconds >= 2**30
-                                         else f", {moved / 2**20 / seconds:.1f} MiB/s")
-            abs_rows.append((f"{op}, {v}", f"{_number(seconds, unit)}{rate}"))
+            abs_rows.append((f"{op}, {v}", _number(seconds, unit) + (f", {_rate(moved / seconds)}" if moved else "")))
     width = max(len(a) for a, _ in abs_rows)
     print(f"{case.name}: median times", *(f"  {a.ljust(width)}  {b}" for a, b in abs_rows), "", sep="\n", flush=True)
+
+
+def _rate(bytes_per_second: float) -> str:
+    if bytes_per_second >= 2**30:
+        return f"{bytes_per_second / 2**30:.2f} GiB/s"
+    return f"{bytes_per_second / 2**20:.1f} MiB/s"
 
 
 def _remove(path: Path) -> None:
@@ -381,12 +422,25 @@ def _remove(path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke test (< 60 s)")
-    parser.add_argument("--workdir", default="/tmp",
-                        help="where checkpoints go (a fresh temporary directory is made inside it; default /tmp)")
-    parser.add_argument("--malloc", choices=("inherit", "glibc", "tuned", "both"), default="inherit",
-                        help="glibc malloc setting: as inherited, glibc defaults, the tuned setting of "
-                             "shared/BENCHMARKING.md, or one run under each")
+    parser.add_argument(
+        "--workdir",
+        default="/tmp",
+        help="where checkpoints go (a fresh temporary directory is made inside it; default /tmp)",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("inherit", "glibc", "tuned", "both"),
+        default="inherit",
+        help="glibc malloc setting: as inherited, glibc defaults, the tuned setting of "
+        "shared/BENCHMARKING.md, or one run under each",
+    )
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-page-cache restores")
+    parser.add_argument(
+        "--no-pretouch",
+        dest="pretouch",
+        action="store_false",
+        help="skip touching 2x the checkpoint's size of fresh memory before the saves and the restores",
+    )
     parser.add_argument("--only", choices=("big", "many"), help="run one case only")
     return parser.parse_args()
 
@@ -420,16 +474,19 @@ def source_revision() -> str:
     """The git commit jstate was imported from, "+ uncommitted changes" if its tree differs."""
     root = Path(jstate.__file__).parent
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "an unknown revision (not a git checkout)"
     return f"commit {commit}" + (" + uncommitted changes to jstate/" if dirty else "")
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` removes the workdir
     args = parse_args()
     if args.malloc == "both":
         codes = [rerun(s) for s in ("glibc", "tuned")]
@@ -440,14 +497,26 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="jstate-bench-checkpoint-", dir=args.workdir))
     same = os.stat(workdir).st_dev == os.stat("/tmp").st_dev
     print("== jstate checkpoint benchmarks ==")
-    print(f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}, numpy {np.__version__}, "
-          f"{len(jax.devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}, numpy {np.__version__}, "
+        f"{len(jax.devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"jstate {jstate.__version__} from {Path(jstate.__file__).parent} at {source_revision()}")
     print(f"malloc: {h.malloc_setting()}")
     print(f"workdir: {workdir} ({'same filesystem as' if same else 'NOT on the filesystem of'} /tmp)")
-    print("page cache: 'warm' = restore right after the save (files cached); "
-          + ("'cold' = files evicted with posix_fadvise(DONTNEED) first" if args.cold else "cold restores skipped"))
+    print(
+        "page cache: 'warm' = restore right after the save (files cached); "
+        + ("'cold' = files evicted with posix_fadvise(DONTNEED) first" if args.cold else "cold restores skipped")
+    )
+    print(
+        "memory: "
+        + (
+            "2x the checkpoint's size touched and freed before each round's saves and restores (`pretouch`)"
+            if args.pretouch
+            else "no pretouch (first touches of fresh VM memory land in the timings)"
+        )
+    )
     print(f"rounds: {cfg.rounds} counted after 1 warm-up; inspect = median of 3-{cfg.inspect_calls} calls per round")
     if args.quick:
         print("QUICK MODE: small sizes and one round; a smoke test, the verdicts mean nothing.")
@@ -456,7 +525,7 @@ def main() -> None:
     try:
         for case in cfg.cases:
             if args.only is None or args.only == case.name:
-                run_case(case, cfg, workdir, args.cold)
+                run_case(case, cfg, workdir, args.cold, args.pretouch)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"total {time.perf_counter() - start:.0f} s")
