@@ -29,17 +29,18 @@ def temporary(final: Path) -> Path:
     return final.parent / f".{final.name}{_TMP}"
 
 
-def _body(manifest: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {k: v for k, v in manifest.items() if k != "checksum"}, separators=(",", ":"), sort_keys=True
-    ).encode()
+# The manifest is one JSON object whose first member is the CRC32C of the bytes after it, so it
+# is checked without re-serializing it: {"checksum":"1a2b3c4d", ...rest}.
+_HEAD = b'{"checksum":"'
+_HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest with a checksum of its own content, and flush it to disk."""
-    manifest = {**manifest, "checksum": checksum(_body(manifest))}
-    with open(directory / MANIFEST, "w") as f:
-        json.dump(manifest, f, separators=(",", ":"), sort_keys=True)
+    rest = json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, separators=(",", ":"))
+    rest = rest[1:].encode()  # without its "{"
+    with open(directory / MANIFEST, "wb") as f:
+        f.write(_HEAD + b"%08x" % checksum(rest) + b'",' + rest)
         f.flush()
         os.fsync(f.fileno())
 
@@ -66,11 +67,11 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     except OSError as e:
         raise CorruptCheckpointError(f"Checkpoint {directory}: cannot read {path.name} ({e.strerror}).") from e
     try:
+        if not text.startswith(_HEAD) or int(text[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(text[_HEAD_LEN:]):
+            raise ValueError("checksum mismatch")
         manifest = json.loads(text)
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("variables"), dict):
             raise ValueError("not a jstate manifest")
-        if manifest.get("checksum") != checksum(_body(manifest)):
-            raise ValueError("checksum mismatch")
     except (ValueError, AttributeError, TypeError) as e:
         raise CorruptCheckpointError(
             f"Checkpoint {directory}: its manifest {path} is damaged ({type(e).__name__}). "
