@@ -164,6 +164,7 @@ class Variant:
     restore: Callable[[Path], object]
     restore_some: Callable[[Path], object]
     inspect: Callable[[Path], list]
+    restore_unverified: Callable[[Path], object] | None = None  # jstate only: `verify=False`
 
 
 def jstate_variant(arrays: dict[str, jax.Array], some: list[str]) -> Variant:
@@ -175,6 +176,7 @@ def jstate_variant(arrays: dict[str, jax.Array], some: list[str]) -> Variant:
         restore=lambda p: jax.block_until_ready(saver.restore(p, target)),
         restore_some=lambda p: jax.block_until_ready(some_saver.restore(p, target)),
         inspect=lambda p: jstate.list_variables(p),
+        restore_unverified=lambda p: jax.block_until_ready(saver.restore(p, target, verify=False)),
     )
 
 
@@ -303,6 +305,7 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool, touch: bool) ->
     variants = {v: MAKERS[v](arrays, some) for v in VARIANTS}
     ops = OPS if cold else OPS[:4]
     times = {op: {v: [] for v in VARIANTS} for op in ops}
+    verify_cost = []  # per round: jstate restore time with checksums / without, back to back
     on_disk = {}
     print(
         f"[{case.name}: {case.count} x {case.size} float32, {nbytes / 2**20:.1f} MiB; 10% = {len(some)} arrays, "
@@ -336,6 +339,11 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool, touch: bool) ->
         for op, fn in (("restore", "restore"), ("restore 10%", "restore_some")):
             for v in order:
                 sample.setdefault(op, {})[v] = measure(getattr(variants[v], fn), paths[v])
+        jstate_v = variants["jstate"]
+        unverified = measure(jstate_v.restore_unverified, paths["jstate"])
+        verified = measure(jstate_v.restore, paths["jstate"])
+        if r > 0:
+            verify_cost.append(verified / unverified)
         if cold:
             for op, fn in (("cold restore", "restore"), ("cold restore 10%", "restore_some")):
                 for v in order:
@@ -356,10 +364,10 @@ def run_case(case: Case, cfg: Config, workdir: Path, cold: bool, touch: bool) ->
                     times[op][v].append(sample[op][v])
     print("  on disk: " + ", ".join(f"{v} {n} files {b / 2**20:.1f} MiB" for v, (n, b) in on_disk.items()))
     print()
-    report(case, times, nbytes, some_bytes, cold)
+    report(case, times, nbytes, some_bytes, cold, statistics.median(verify_cost))
 
 
-def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool) -> None:
+def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool, verify_cost: float) -> None:
     med = {op: {v: statistics.median(x) for v, x in by.items()} for op, by in t.items()}
     speedup = lambda op, a, b: h.median_ratio(t[op][b], t[op][a])  # noqa: E731  throughput a / b
     fraction = lambda op, v: h.median_ratio(t[f"{op} 10%"][v], t[op][v])  # noqa: E731
@@ -373,6 +381,7 @@ def report(case: Case, t: dict, nbytes: int, some_bytes: int, cold: bool) -> Non
         Row("restore throughput, jstate / orbax (warm)", speedup("restore", "jstate", "orbax"), at_least=1.5),
         Row("restore throughput, jstate / numpy (warm)", speedup("restore", "jstate", "numpy")),
         Row("10% restore / full restore, jstate (warm)", fraction("restore", "jstate"), at_most=0.15),
+        Row("restore time with checksums / verify=False, jstate (warm)", verify_cost, at_most=1.10),
         Row("10% restore / full restore, orbax partial (warm)", fraction("restore", "orbax")),
         Row("10% restore / full restore, numpy (warm)", fraction("restore", "numpy")),
         Row(
