@@ -6,12 +6,11 @@ The init comparison repeats the issue's H200 baseline: 64 x 4096^2 float32 (1.07
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
-
-import os
 
 # A dry run on a machine without a GPU uses small sizes and the CPU.
 SMALL = os.environ.get("GPU_CHECK_SMALL") == "1"
@@ -21,7 +20,6 @@ KDIM = 256 if SMALL else 4096
 
 def child(variant: str) -> None:
     import jax
-    import jax.numpy as jnp
 
     import jstate
 
@@ -47,12 +45,16 @@ def child(variant: str) -> None:
         del out
     stats = jax.devices()[0].memory_stats() or {}
     params = LAYERS * DIM * DIM * 4
-    print(json.dumps({
-        "variant": variant,
-        "first_s": times[0],
-        "steady_s": min(times[1:]),
-        "peak_over_params": stats.get("peak_bytes_in_use", 0) / params,
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "first_s": times[0],
+                "steady_s": min(times[1:]),
+                "peak_over_params": stats.get("peak_bytes_in_use", 0) / params,
+            }
+        )
+    )
 
 
 def checks() -> dict:
