@@ -66,6 +66,7 @@ class Saver:
         self._writer: _orbax.Writer | None = None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_path: Path | None = None
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, state: State, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
@@ -98,11 +99,15 @@ class Saver:
         }
         if self._writer is None:
             self._writer = _orbax.Writer(self._compression, self._timeout)
-        self._writer.save(tmp / _files.ARRAYS, arrays)
         finish = functools.partial(self._finish, tmp, final, manifest, digests, Path(path), barrier)
-        if blocking:
-            finish()
-        else:
+        try:
+            self._writer.save(tmp / _files.ARRAYS, arrays)
+            if blocking:
+                finish()
+        except Exception as e:
+            raise _save_failed(final, e) from e
+        if not blocking:
+            self._error_path = final
             self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True)
             self._pending.start()
         return str(final)
@@ -138,8 +143,10 @@ class Saver:
         barrier("written")
         if process == 0:
             for other in range(1, jax.process_count()):
-                for name, regions in _files.read_json(tmp / f"digests.{other}.json").items():
+                part = tmp / f"digests.{other}.json"
+                for name, regions in _files.read_json(part).items():
                     digests[name].update(regions)
+                part.unlink()
             for name, regions in digests.items():
                 manifest["variables"][name]["digests"] = regions
             manifest["created"] = time.time()
@@ -162,7 +169,7 @@ class Saver:
             self._pending = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"The background save failed: {type(error).__name__}: {error}") from error
+            raise _save_failed(self._error_path, error) from error
 
     def _retire(self, prefix: Path) -> None:
         """Delete checkpoints of `prefix` beyond `max_to_keep`, sparing those kept for good."""
@@ -250,6 +257,18 @@ class Saver:
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._max_to_keep}, compression={self._compression})"
+
+
+def _save_failed(path: Path | None, error: BaseException) -> CheckpointError:
+    """One short error for a failed save; Orbax's own messages can hold whole arrays."""
+    if isinstance(error, CheckpointError):
+        return error
+    detail = str(error).splitlines()[0] if str(error) else ""
+    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    return CheckpointError(
+        f"Saving checkpoint {path} failed ({type(error).__name__}: {detail}). Earlier checkpoints are intact; "
+        "the partial one is hidden and removed by the next save."
+    )
 
 
 def save_safetensors(state: State, path: str | os.PathLike) -> str:

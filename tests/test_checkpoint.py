@@ -387,3 +387,19 @@ def test_truncated_data_files(state, tmp_path):
     ):
         jstate.Saver().restore(path, target)
     assert target.uninitialized() == sorted(target.specs)
+
+
+def test_a_failing_save_is_one_short_error_and_leaves_nothing_listed(state, tmp_path, monkeypatch):
+    from jstate import _orbax
+
+    saver = jstate.Saver()
+    saver.save(state, tmp_path / "m", step=1)
+
+    def broken(self, directory, arrays):
+        raise ValueError("disk on fire\n" + "x" * 5000)
+
+    monkeypatch.setattr(_orbax.Writer, "save", broken)
+    with pytest.raises(jstate.CheckpointError, match="Saving checkpoint .*m-2 failed \\(ValueError: disk on fire\\)") as e:
+        saver.save(state, tmp_path / "m", step=2)
+    assert len(str(e.value)) < 400
+    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "m-1")
