@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -259,12 +260,51 @@ def read(
     if verify and ckpt.files:
         metadata = [rel for rel in ckpt.files if "d" not in rel.split("/")[:-1]]  # all but data files
         _integrity.check_files(ckpt.source, ckpt.files, ckpt.path, contents=metadata)
+    # Large restores go in batches, each batch's checksums computed while the next one is read.
+    batches = _batches(wanted) if verify and ckpt.format == "orbax" else [wanted]
+    arrays: dict[str, jax.Array] = {}
+    with ThreadPoolExecutor(max_workers=1) as verifier:
+        checks = []
+        for batch in batches:
+            read = _read_batch(ckpt, batch)
+            arrays.update(read)
+            if verify:
+                # A dtype cast on read changes the bytes, so those arrays cannot be checked.
+                same = {n: read[n] for n, (entry, target) in batch.items() if entry.dtype == target.dtype}
+                checks.append(verifier.submit(_integrity.verify_arrays, same, ckpt.digests))
+        for check in checks:
+            bad = check.result()
+            if bad is not None:
+                name, region = bad
+                raise CorruptCheckpointError(
+                    f"Checkpoint {ckpt.path}: variable '{name}' (region [{region}]) does not match the "
+                    f"checksum recorded at save{_culprit(ckpt)}."
+                )
+    return arrays
+
+
+_BATCH_BYTES = 512 * 1024 * 1024
+
+
+def _batches(wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> list[dict]:
+    """`wanted` split into batches of about `_BATCH_BYTES` (one batch if it is smaller)."""
+    batches, batch, size = [], {}, 0
+    for name, item in wanted.items():
+        batch[name] = item
+        size += item[0].nbytes
+        if size >= _BATCH_BYTES:
+            batches.append(batch)
+            batch, size = {}, 0
+    return batches + [batch] if batch or not batches else batches
+
+
+def _read_batch(ckpt: Checkpoint, wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+    """Read `wanted` arrays; any failure becomes one CorruptCheckpointError."""
     names = sorted(wanted)
     try:
         if ckpt.format == "orbax":
-            arrays = _orbax.read(ckpt.source, wanted)
-        else:
-            arrays = _place(_read_flat(ckpt, [entry.keypath[0] for entry, _ in wanted.values()]), wanted)
+            return _orbax.read(ckpt.source, wanted)
+        return _place(_read_flat(ckpt, [entry.keypath[0] for entry, _ in wanted.values()]), wanted)
     except CheckpointError:
         raise
     except Exception as e:
@@ -272,17 +312,6 @@ def read(
         raise CorruptCheckpointError(
             f"Checkpoint {ckpt.path}: reading {which} failed ({type(e).__name__}){_culprit(ckpt)}."
         ) from e
-    if verify:
-        # A dtype cast on read changes the bytes, so those arrays cannot be checked.
-        same = {n: arrays[n] for n, (entry, target) in wanted.items() if entry.dtype == target.dtype}
-        bad = _integrity.verify_arrays(same, ckpt.digests)
-        if bad is not None:
-            name, region = bad
-            raise CorruptCheckpointError(
-                f"Checkpoint {ckpt.path}: variable '{name}' (region [{region}]) does not match the checksum "
-                f"recorded at save{_culprit(ckpt)}."
-            )
-    return arrays
 
 
 def _read_flat(ckpt: Checkpoint, names: list[str]) -> dict[str, np.ndarray]:
