@@ -69,6 +69,9 @@ def restore_or_error(state, path):
     return "ok"
 
 
+# Orbax reading a damaged file can leave a callback for its closed asyncio loop; that is noise
+# from Orbax's threads, not an error jstate lets through (each restore's outcome is asserted).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
 def test_fuzz_every_file_of_a_checkpoint(saved, tmp_path, how):
     state, path, files = saved
