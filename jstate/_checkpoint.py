@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -101,7 +102,8 @@ def _load(path: Path) -> Checkpoint | None:
     manifest = _files.read_manifest(path)
     if manifest is not None:
         arrays = path / _files.ARRAYS
-        if not (arrays / _orbax.METADATA_FILE).is_file():
+        holds_data = any(math.prod(v.get("shape", [1])) for v in manifest["variables"].values())
+        if holds_data and not (arrays / _orbax.METADATA_FILE).is_file():
             raise CorruptCheckpointError(
                 f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing."
             )
@@ -260,9 +262,11 @@ def read(
     if verify and ckpt.files:
         metadata = [rel for rel in ckpt.files if "d" not in rel.split("/")[:-1]]  # all but data files
         _integrity.check_files(ckpt.source, ckpt.files, ckpt.path, contents=metadata)
+    # Zero-size arrays hold no data (Orbax cannot even store them): made, not read.
+    arrays = {n: _place_host(np.zeros(t.shape, t.dtype), t) for n, (e, t) in wanted.items() if not e.nbytes}
+    wanted = {n: item for n, item in wanted.items() if n not in arrays}
     # Large restores go in batches, each batch's checksums computed while the next one is read.
-    batches = _batches(wanted) if verify and ckpt.format == "orbax" else [wanted]
-    arrays: dict[str, jax.Array] = {}
+    batches = _batches(wanted) if verify and ckpt.format == "orbax" else [wanted] if wanted else []
     with ThreadPoolExecutor(max_workers=1) as verifier:
         checks = []
         for batch in batches:
@@ -295,7 +299,7 @@ def _batches(wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> list[dict
         if size >= _BATCH_BYTES:
             batches.append(batch)
             batch, size = {}, 0
-    return batches + [batch] if batch or not batches else batches
+    return batches + [batch] if batch else batches
 
 
 def _read_batch(ckpt: Checkpoint, wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
@@ -326,11 +330,12 @@ def _read_flat(ckpt: Checkpoint, names: list[str]) -> dict[str, np.ndarray]:
 def _place(host: dict[str, np.ndarray], wanted: dict[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
     """Put host arrays onto their targets' shardings (each process holds the whole array, so
     this works for shardings over several processes too), cast to the targets' dtypes."""
-    out = {}
-    for name, (_, target) in wanted.items():
-        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        out[name] = jax.device_put(host.pop(name).astype(target.dtype, copy=False), sharding)
-    return out
+    return {name: _place_host(host.pop(name), target) for name, (_, target) in wanted.items()}
+
+
+def _place_host(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.device_put(array.astype(target.dtype, copy=False), sharding)
 
 
 def _culprit(ckpt: Checkpoint) -> str:

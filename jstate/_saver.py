@@ -78,6 +78,12 @@ class Saver:
         """
         self.wait()
         arrays = self._arrays(state)
+        if not arrays:
+            raise CheckpointError(
+                f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
+            )
+        # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all of them.
+        stored = {n: a for n, a in arrays.items() if a.size}
         final = Path(f"{path}-{int(step)}" if step is not None else path)
         tmp = _files.temporary(final)
         self._saves += 1
@@ -90,7 +96,7 @@ class Saver:
             tmp.mkdir()
         barrier("start")
         # Checksums are taken now: the values saved are the values at call time.
-        digests = {n: _integrity.array_digests(a) for n, a in arrays.items()}
+        digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
         manifest = {
             "format": _files.FORMAT,
             "version": _VERSION,
@@ -101,7 +107,8 @@ class Saver:
             self._writer = _orbax.Writer(self._compression, self._timeout)
         finish = functools.partial(self._finish, tmp, final, manifest, digests, Path(path), barrier)
         try:
-            self._writer.save(tmp / _files.ARRAYS, arrays)
+            if stored:
+                self._writer.save(tmp / _files.ARRAYS, stored)
             if blocking:
                 finish()
         except Exception as e:

@@ -399,7 +399,32 @@ def test_a_failing_save_is_one_short_error_and_leaves_nothing_listed(state, tmp_
         raise ValueError("disk on fire\n" + "x" * 5000)
 
     monkeypatch.setattr(_orbax.Writer, "save", broken)
-    with pytest.raises(jstate.CheckpointError, match="Saving checkpoint .*m-2 failed \\(ValueError: disk on fire\\)") as e:
+    with pytest.raises(
+        jstate.CheckpointError, match="Saving checkpoint .*m-2 failed \\(ValueError: disk on fire\\)"
+    ) as e:
         saver.save(state, tmp_path / "m", step=2)
     assert len(str(e.value)) < 400
     assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "m-1")
+
+
+def test_zero_size_bfloat16_bool_and_scalar_variables_round_trip(tmp_path):
+    def m(s):
+        s.variable("empty", inits.zeros, (0, 3))
+        s.variable("bf", inits.normal(1.0), (5,), jnp.bfloat16)
+        s.variable("scalar", 3.5)
+        s.variable("flag", jnp.array(True))
+
+    state = jstate.init(m, KEY)
+    path = jstate.Saver().save(state, tmp_path / "m")
+    restored = jstate.Saver().restore(path, jstate.abstract(m))
+    assert_same(restored, state)
+    assert restored["empty"].shape == (0, 3) and restored["bf"].dtype == jnp.bfloat16
+    only_empty = jstate.Saver(["empty"]).save(state, tmp_path / "e")  # no array data at all
+    assert jstate.Saver(["empty"]).restore(only_empty, jstate.abstract(m))["empty"].shape == (0, 3)
+    assert jstate.latest_checkpoint(tmp_path / "e") == str(tmp_path / "e")
+
+
+def test_saving_nothing_is_an_error(tmp_path):
+    with pytest.raises(jstate.CheckpointError, match="Nothing to save"):
+        jstate.Saver().save(jstate.abstract(model), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
