@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._integrity import checksum
 
 MANIFEST = "jstate.json"
@@ -23,6 +23,7 @@ ARRAYS = "arrays"
 FORMAT = "jstate.checkpoint"
 _TMP = ".jstate-tmp"
 _DELETING = ".jstate-deleting"
+_REPLACED = ".jstate-replaced"
 
 
 def temporary(final: Path) -> Path:
@@ -101,17 +102,31 @@ def sync_dir(directory: Path) -> None:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Atomically publish `tmp` as `final` (replacing an older checkpoint of that name)."""
+    """Publish `tmp` as `final`, replacing an older jstate checkpoint of that name.
+
+    Replacing takes two renames (old out of sight, new in place). A process killed between
+    them leaves the old checkpoint under a hidden ``.replaced`` name, which `clean_stale` (the
+    next save to that directory) puts back: no kill loses both.
+    """
     sync_tree(tmp)
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}{_DELETING}"
+        old = final.parent / f".{final.name}{_REPLACED}"
         _remove(old)
         os.rename(final, old)
     os.rename(tmp, final)
     sync_dir(final.parent)
     if old is not None:
         _remove(old)
+
+
+def check_replaceable(final: Path) -> None:
+    """Refuse to save over anything at `final` but a jstate checkpoint (never delete user files)."""
+    if final.exists() and not (final / MANIFEST).is_file():
+        raise CheckpointError(
+            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. "
+            f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
+        )
 
 
 def delete(path: Path) -> None:
@@ -128,7 +143,14 @@ def clean_stale(directory: Path) -> None:
     if not directory.is_dir():
         return
     for entry in directory.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith((_TMP, _DELETING)):
+        if not entry.name.startswith("."):
+            continue
+        if entry.name.endswith(_REPLACED):
+            original = directory / entry.name[1 : -len(_REPLACED)]
+            if not original.exists():  # killed between the two renames of `commit`: put it back
+                os.rename(entry, original)
+                continue
+        if entry.name.endswith((_TMP, _DELETING, _REPLACED)):
             _remove(entry)
 
 

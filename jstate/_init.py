@@ -109,6 +109,10 @@ def init(
     >>> state = jstate.init(model, jax.random.key(0))
     >>> partial = jstate.init(model, jax.random.key(0), only=["w2"])
     """
+    if isinstance(only, str):
+        raise TypeError(f"`only=` takes a list of names; got the string {only!r}. Write `only=[{only!r}]`.")
+    if not hasattr(key, "dtype"):
+        raise TypeError(f"`key` must be a PRNG key such as `jax.random.key(0)`, got {type(key).__name__} {key!r}.")
     plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules)
     declared = plan.layout.specs
     wanted = set(declared) if only is None else set(only)

@@ -83,6 +83,14 @@ def compile_var_list(var_list: VarList) -> NameMap:
         raise MappingError(f"`var_list` is the string {var_list!r}; pass a list of names: [{var_list!r}].")
     if isinstance(var_list, Mapping):
         rules = [_pair(ckpt, state) for ckpt, state in var_list.items()]
+        seen: dict[str, str] = {}
+        for rule in rules:
+            if rule.state in seen:
+                raise MappingError(
+                    f"The Saver maps State variable '{rule.state}' to two checkpoint names, "
+                    f"'{seen[rule.state]}' and '{rule.checkpoint}'; give each variable one name."
+                )
+            seen[rule.state] = rule.checkpoint
     else:
         rules = [_item(item) for item in var_list]
     return NameMap(tuple(rules))

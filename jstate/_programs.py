@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -61,9 +62,16 @@ def initializer_identity(fn: Callable) -> Hashable:
     identity. Closures are keyed by their code and captured values instead (when those are
     hashable); `functools.partial` by its function and arguments; anything else by itself.
     """
+    if inspect.ismethod(fn):  # the bound object is part of what the method computes
+        self_key = fn.__self__
+        try:
+            hash(self_key)
+        except TypeError:
+            self_key = _ByIdentity(self_key)
+        return ("method", initializer_identity(fn.__func__), self_key)
     if isinstance(fn, functools.partial):
         try:
-            key = ("partial", initializer_identity(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+            key = ("partial", initializer_identity(fn.func), _exact(fn.args), _exact(sorted(fn.keywords.items())))
             hash(key)
             return key
         except TypeError:
@@ -71,7 +79,13 @@ def initializer_identity(fn: Callable) -> Hashable:
     code = getattr(fn, "__code__", None)
     if code is not None:
         cells = tuple(c.cell_contents for c in (fn.__closure__ or ()))
-        key = ("code", code, cells, fn.__defaults__, tuple(sorted((fn.__kwdefaults__ or {}).items())))
+        key = (
+            "code",
+            code,
+            _exact(cells),
+            _exact(fn.__defaults__ or ()),
+            _exact(sorted((fn.__kwdefaults__ or {}).items())),
+        )
         try:
             hash(key)
             return key
@@ -82,6 +96,22 @@ def initializer_identity(fn: Callable) -> Hashable:
         return fn
     except TypeError:
         return _ByIdentity(fn)
+
+
+def _exact(values) -> tuple:
+    """Values keyed so that only equal-and-same values match: ``0.0`` and ``-0.0``, ``1`` and
+    ``True`` and ``1.0`` compare equal in Python but may initialize differently."""
+    out = []
+    for v in values:
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+            out.append((v[0], *_exact([v[1]])))  # a (keyword, value) pair
+        elif isinstance(v, float):
+            out.append(("float", v.hex()))
+        elif isinstance(v, (bool, int, complex, np.generic)):
+            out.append((type(v).__name__, repr(v)))
+        else:
+            out.append(v)
+    return tuple(out)
 
 
 class _ByIdentity:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from . import _checkpoint, _files, _integrity, _orbax
 from ._errors import CheckpointError, SpecMismatchError, UninitializedError, closest, shorten
@@ -17,6 +20,19 @@ from ._names import check_name
 from ._state import State
 
 _VERSION = 1
+
+# Savers with a `blocking=False` save in flight. The interpreter finishes them at exit, before
+# concurrent.futures stops taking work (Orbax needs it): threading's own exit hooks run first,
+# newest first, and this one is registered after concurrent.futures'.
+_unfinished: weakref.WeakSet = weakref.WeakSet()
+
+
+def _finish_at_exit() -> None:
+    for saver in list(_unfinished):
+        saver._join()
+
+
+getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
 
 
 class Saver:
@@ -35,7 +51,7 @@ class Saver:
 
     Args:
       var_list: which variables, under which names.
-      max_to_keep: keep only the newest N checkpoints of a prefix (None keeps all).
+      max_to_keep: keep only the newest N checkpoints of a prefix (None or 0 keeps all).
       keep_every_n_hours: also keep, for good, one checkpoint per N hours.
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
       compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
@@ -56,7 +72,13 @@ class Saver:
         compression: bool = False,
         timeout: float = 600.0,
     ):
+        for arg, value in (("max_to_keep", max_to_keep), ("keep_every_n_steps", keep_every_n_steps)):
+            if value is not None and value < 0 or (arg == "keep_every_n_steps" and value == 0):
+                raise ValueError(f"Saver: `{arg}` must be a positive number or None, got {value}.")
+        if keep_every_n_hours is not None and keep_every_n_hours <= 0:
+            raise ValueError(f"Saver: `keep_every_n_hours` must be positive or None, got {keep_every_n_hours}.")
         self._names = compile_var_list(var_list)
+        max_to_keep = max_to_keep or None  # TensorFlow's Saver: 0 or None keeps every checkpoint
         self._max_to_keep = max_to_keep
         self._keep_hours = keep_every_n_hours
         self._keep_steps = keep_every_n_steps
@@ -73,9 +95,16 @@ class Saver:
         """Write this Saver's variables of `state` to ``<path>-<step>`` (or `path`).
 
         Returns the checkpoint's path. With ``blocking=False`` it returns as soon as the values
-        are copied off the device (donating `state` right after is safe); `wait` finishes it.
-        A save killed at any moment leaves earlier checkpoints intact and is never listed.
+        are copied off the device (donating `state` right after is safe); `wait` finishes it, and
+        so does the interpreter's exit. A save killed at any moment leaves earlier checkpoints
+        intact and is never listed. `path` may be an earlier checkpoint of this name (it is
+        replaced), never another directory. A Saver is used from one thread at a time.
+
+        Raises:
+          CheckpointError: the save failed (or an earlier ``blocking=False`` one did).
         """
+        if step is not None and int(step) < 0:
+            raise ValueError(f"Saver.save: `step` must be >= 0, got {step}.")
         self.wait()
         arrays = self._arrays(state)
         if not arrays:
@@ -85,6 +114,7 @@ class Saver:
         # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all of them.
         stored = {n: a for n, a in arrays.items() if a.size}
         final = Path(f"{path}-{int(step)}" if step is not None else path)
+        _files.check_replaceable(final)
         tmp = _files.temporary(final)
         self._saves += 1
         barrier = functools.partial(_orbax.barrier, f"jstate-save-{self._saves}-{final}", self._timeout)
@@ -117,6 +147,7 @@ class Saver:
             self._error_path = final
             self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True)
             self._pending.start()
+            _unfinished.add(self)
         return str(final)
 
     def _arrays(self, state: State) -> dict[str, jax.Array]:
@@ -140,7 +171,7 @@ class Saver:
                 )
         for ckpt in names.values():
             check_name(ckpt)  # "." would let two names share storage in Orbax's files
-        return {ckpt: state[n] for n, ckpt in names.items()}
+        return {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
 
     def _finish(self, tmp: Path, final: Path, manifest: dict, digests: dict, prefix: Path, barrier) -> None:
         self._writer.wait()
@@ -171,12 +202,16 @@ class Saver:
 
     def wait(self) -> None:
         """Block until a ``blocking=False`` save is on disk; re-raise its error, if any."""
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        self._join()
         if self._error is not None:
             error, self._error = self._error, None
             raise _save_failed(self._error_path, error) from error
+
+    def _join(self) -> None:
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+            _unfinished.discard(self)
 
     def _retire(self, prefix: Path) -> None:
         """Delete checkpoints of `prefix` beyond `max_to_keep`, sparing those kept for good."""
@@ -223,7 +258,7 @@ class Saver:
           CheckpointError: for variables missing from the checkpoint (with the closest names).
           SpecMismatchError: for a shape (or, without `cast`, dtype) that differs.
         """
-        self.wait()
+        self._join()  # a failed background save is reported by `wait` or the next `save`, not here
         names = self._names.resolve(target.specs, "the target State")
         ckpt = _checkpoint.open_checkpoint(path)
         missing = {n: c for n, c in names.items() if c not in ckpt.entries}

@@ -18,6 +18,7 @@ from ._errors import InitializerError, InvalidNameError
 from ._programs import initializer_program
 from ._spec import VariableSpec
 
+_RNG_DOMAIN = 0x726E67  # "rng"
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
@@ -68,8 +69,9 @@ class Scope:
         """A PRNG key for computing initial values by hand, derived from init's key and
         ``"<this scope>/<name>"`` (like a variable's own key, it ignores declaration order)."""
         full = _names.join(self._prefix, name)
-        words = _names.name_hash(full + "#rng")  # never equal to a variable's own key
-        return jax.random.fold_in(jax.random.fold_in(self._key, words[0]), words[1])
+        words = _names.name_hash(full)
+        key = jax.random.fold_in(jax.random.fold_in(self._key, words[0]), words[1])
+        return jax.random.fold_in(key, _RNG_DOMAIN)  # one more fold: never a variable's own key
 
     @contextlib.contextmanager
     def placement(self, spec: Any) -> Iterator[None]:

@@ -428,3 +428,54 @@ def test_saving_nothing_is_an_error(tmp_path):
     with pytest.raises(jstate.CheckpointError, match="Nothing to save"):
         jstate.Saver().save(jstate.abstract(model), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_saving_over_a_directory_that_is_not_a_checkpoint_is_refused(state, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(jstate.CheckpointError, match="exists and is not a jstate checkpoint"):
+        jstate.Saver().save(state, tmp_path / "mine")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+
+
+def test_a_kill_between_the_renames_of_a_replacing_save_loses_nothing(state, tmp_path):
+    from jstate import _files
+
+    saver = jstate.Saver(["biases"])
+    path = saver.save(state, tmp_path / "m")
+    os.rename(path, tmp_path / ".m.jstate-replaced")  # killed right after moving the old one away
+    saver.save(state.assign("biases", jnp.ones(32)), tmp_path / "other")  # the next save recovers it
+    assert (jstate.load_variable(tmp_path / "m", "biases") == 0).all()
+    _files.clean_stale(tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_max_to_keep_zero_keeps_everything_and_bad_values_are_refused(state, tmp_path):
+    saver = jstate.Saver(["biases"], max_to_keep=0)
+    for step in range(3):
+        saver.save(state, tmp_path / "m", step=step)
+    assert sorted(os.listdir(tmp_path)) == ["m-0", "m-1", "m-2"]
+    with pytest.raises(ValueError, match="max_to_keep"):
+        jstate.Saver(max_to_keep=-1)
+    with pytest.raises(ValueError, match="step"):
+        saver.save(state, tmp_path / "m", step=-5)
+
+
+def test_a_state_of_numpy_values_saves(state, tmp_path):
+    host = jax.device_get(state)
+    path = jstate.Saver().save(host, tmp_path / "h")
+    assert_same(jstate.Saver().restore(path, jstate.abstract(model)), state)
+
+
+def test_restore_does_not_raise_an_earlier_background_save_error(state, tmp_path, monkeypatch):
+    saver = jstate.Saver()
+    good = saver.save(state, tmp_path / "g", step=1)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saver, "_finish", broken)
+    saver.save(state, tmp_path / "g", step=2, blocking=False)
+    assert saver.restore(good, jstate.abstract(model)).uninitialized() == []
+    with pytest.raises(jstate.CheckpointError, match="g-2 failed \\(OSError: disk full\\)"):
+        saver.wait()

@@ -252,3 +252,27 @@ def test_model_failing_inside_a_declaration_names_that_variable():
 
     with pytest.raises(jstate.InitializerError, match="Variable 'v': `init` must be an initializer"):
         jstate.init(model, KEY)
+
+
+def test_initializers_that_compare_equal_but_differ_get_their_own_programs():
+    class Const:
+        def __init__(self, value):
+            self.value = value
+
+        def init(self, key, shape, dtype):
+            return jnp.full(shape, self.value, dtype)
+
+    def model(s):
+        s.variable("one", Const(1.0).init, (2,))
+        s.variable("five", Const(5.0).init, (2,))
+        s.variable("neg_zero", inits.constant(-0.0), (1,))
+        s.variable("zero", inits.constant(0.0), (1,))
+
+    state = jstate.init(model, KEY)
+    assert state["one"].tolist() == [1, 1] and state["five"].tolist() == [5, 5]
+    assert np.signbit(state["neg_zero"][0]) and not np.signbit(state["zero"][0])
+
+
+def test_only_given_a_string_is_a_clear_error():
+    with pytest.raises(TypeError, match="Write `only=\\['w2'\\]`"):
+        jstate.init(guide_model, KEY, only="w2")

@@ -77,3 +77,8 @@ def test_rename_then_inverse_rename_is_identity(names):
     forward = resolve([(r"^(.*)$", r"renamed/\1")], names)
     backward = resolve([(r"^renamed/(.*)$", r"\1")], list(forward.values()))
     assert {backward[forward[n]] for n in names} == set(names)
+
+
+def test_one_variable_under_two_checkpoint_names_is_an_error():
+    with pytest.raises(jstate.MappingError, match="maps State variable 'v2' to two checkpoint names"):
+        compile_var_list({"a": "v2", "b": "v2"})
