@@ -262,9 +262,13 @@ def read(
     if verify and ckpt.files:
         metadata = [rel for rel in ckpt.files if "d" not in rel.split("/")[:-1]]  # all but data files
         _integrity.check_files(ckpt.source, ckpt.files, ckpt.path, contents=metadata)
+    targets = {n: t for n, (_, t) in wanted.items()}
     # Zero-size arrays hold no data (Orbax cannot even store them): made, not read.
     arrays = {n: _place_host(np.zeros(t.shape, t.dtype), t) for n, (e, t) in wanted.items() if not e.nbytes}
     wanted = {n: item for n, item in wanted.items() if n not in arrays}
+    # Read in the stored dtype, check, then cast on the device: a cast never skips the checksums.
+    if verify:
+        wanted = {n: (e, jax.ShapeDtypeStruct(t.shape, e.dtype, sharding=t.sharding)) for n, (e, t) in wanted.items()}
     # Large restores go in batches, each batch's checksums computed while the next one is read.
     batches = _batches(wanted) if verify and ckpt.format == "orbax" else [wanted] if wanted else []
     with ThreadPoolExecutor(max_workers=1) as verifier:
@@ -273,9 +277,7 @@ def read(
             read = _read_batch(ckpt, batch)
             arrays.update(read)
             if verify:
-                # A dtype cast on read changes the bytes, so those arrays cannot be checked.
-                same = {n: read[n] for n, (entry, target) in batch.items() if entry.dtype == target.dtype}
-                checks.append(verifier.submit(_integrity.verify_arrays, same, ckpt.digests))
+                checks.append(verifier.submit(_integrity.verify_arrays, read, ckpt.digests))
         for check in checks:
             bad = check.result()
             if bad is not None:
@@ -284,7 +286,7 @@ def read(
                     f"Checkpoint {ckpt.path}: variable '{name}' (region [{region}]) does not match the "
                     f"checksum recorded at save{_culprit(ckpt)}."
                 )
-    return arrays
+    return {n: a if a.dtype == targets[n].dtype else a.astype(targets[n].dtype) for n, a in arrays.items()}
 
 
 _BATCH_BYTES = 512 * 1024 * 1024

@@ -21,6 +21,10 @@ def flax_model(module: Any, *args: Any, method: str | None = None, **kwargs: Any
     path, e.g. ``"params/Dense_0/kernel"``, so Saver mappings, placement rules and ``only=``
     work on them. `args` are example inputs (arrays or `jax.ShapeDtypeStruct`s).
 
+    The values are computed on the default device and then moved to their shardings (they are
+    array values to jstate, not initializer calls), so a model too large for one device should
+    be restored from a checkpoint rather than initialized this way.
+
     >>> model = jstate.flax_model(nn.Dense(3), jnp.ones((1, 4)))
     >>> state = jstate.init(model, jax.random.key(0))
     >>> y = nn.Dense(3).apply(state.tree(), x)

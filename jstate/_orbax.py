@@ -3,21 +3,16 @@ read the metadata of checkpoints that jstate did not write. The only module impo
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath  # Orbax's path type
 
 from ._spec import Entry
-
-# Orbax logs each save and restore at INFO/WARNING through absl; keep user output clean.
-logging.getLogger("absl").setLevel(logging.ERROR)
-
-import orbax.checkpoint as ocp  # noqa: E402
-from etils import epath  # noqa: E402 (Orbax's path type)
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.

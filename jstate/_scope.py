@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _names, _placement
-from ._errors import InitializerError, InvalidNameError
+from ._errors import InitializerError, InvalidNameError, PlacementError
 from ._programs import initializer_program
 from ._spec import VariableSpec
 
@@ -124,7 +124,7 @@ class Scope:
         if full in record.specs:
             raise InvalidNameError(f"Variable '{full}' is declared twice. Variable names must be unique.")
         if device is not None and sharding is not None:
-            raise InvalidNameError(f"Variable '{full}': give `device=` or `sharding=`, not both.")
+            raise PlacementError(f"Variable '{full}': give `device=` or `sharding=`, not both.")
         record.declaring = full
         own = ("device=", device) if device is not None else ("sharding=", sharding) if sharding is not None else None
         block = record.blocks[-1] if record.blocks else None

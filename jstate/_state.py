@@ -14,7 +14,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 
 from . import _names, _placement
-from ._errors import SpecMismatchError, UninitializedError, unknown_names
+from ._errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
 from ._spec import DEFAULT, Placement, VariableSpec
 from ._table import Table, human_bytes
 
@@ -206,7 +206,8 @@ class State(Mapping[str, jax.Array]):
                     f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
                     f"{mine.dtype.name} here but shape {spec.shape} and dtype {spec.dtype.name} in the other State."
                 )
-            specs[n] = spec
+            if mine is None or n in other._values:  # the spec travels with the value it describes
+                specs[n] = spec
         values = dict(sorted({**self._values, **other._values}.items()))
         return State._make(_Layout(specs, values), values)
 
@@ -219,7 +220,7 @@ class State(Mapping[str, jax.Array]):
         for n, spec in self._layout.specs.items():
             new = _names.check_name(mapping.get(n, n))
             if new in specs:
-                raise SpecMismatchError(f"Cannot rename: two variables would be named '{new}'.")
+                raise InvalidNameError(f"Cannot rename: two variables would be named '{new}'.")
             specs[new] = dataclasses.replace(spec, name=new)
             if n in self._values:
                 values[new] = self._values[n]

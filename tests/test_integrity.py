@@ -173,3 +173,23 @@ def test_every_name_is_rejected_or_round_trips_exactly(tmp_path, candidates):
     restored = jstate.Saver().restore(path, state)
     for name, value in accepted.items():  # no two names share storage
         np.testing.assert_array_equal(restored[name], value)
+
+
+def test_a_cast_restore_still_checks_the_stored_bytes(saved, tmp_path):
+    state, path, files = saved
+    copy = copy_checkpoint(path, tmp_path)
+    needle = np.asarray(state["weights"]).tobytes()[:64]
+    for rel in (f for f in files if "/d/" in f):
+        blob = bytearray(Path(copy, rel).read_bytes())
+        at = blob.find(needle)
+        if at >= 0:
+            blob[at + 5] ^= 0x10
+            Path(copy, rel).write_bytes(bytes(blob))
+
+    def half(s):
+        s.variable("weights", inits.zeros, (32, 16), jnp.bfloat16)
+
+    with pytest.raises(jstate.CorruptCheckpointError, match="variable 'weights'"):
+        jstate.Saver(["weights"]).restore(copy, jstate.abstract(half), cast=True)
+    restored = jstate.Saver(["weights"]).restore(path, jstate.abstract(half), cast=True)
+    assert restored["weights"].dtype == jnp.bfloat16

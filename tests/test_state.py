@@ -141,7 +141,7 @@ def test_subset_merge_rename(state):
     renamed = state.rename({"weights": "params"})
     assert "params" in renamed and "weights" not in renamed
     assert renamed.rename({"params": "weights"}).spec("weights").shape == (784, 200)
-    with pytest.raises(jstate.SpecMismatchError, match="two variables would be named 'biases'"):
+    with pytest.raises(jstate.InvalidNameError, match="two variables would be named 'biases'"):
         state.rename({"weights": "biases"})
     with pytest.raises(jstate.SpecMismatchError, match="'biases' is declared with shape \\(200,\\)"):
         state.merge(jstate.State({"biases": jnp.ones(3)}))
