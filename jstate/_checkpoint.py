@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import _files, _integrity, _orbax, _tensorflow
+from . import _files, _integrity, _orbax, _placement, _tensorflow
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest
 from ._spec import Entry
 from ._table import Table, human_bytes
@@ -336,8 +336,7 @@ def _place(host: dict[str, np.ndarray], wanted: dict[str, tuple[Entry, jax.Shape
 
 
 def _place_host(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.device_put(array.astype(target.dtype, copy=False), sharding)
+    return jax.device_put(array.astype(target.dtype, copy=False), _placement.or_default(target.sharding))
 
 
 def _culprit(ckpt: Checkpoint) -> str:

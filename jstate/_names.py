@@ -15,12 +15,12 @@ def check_part(part: str, where: str) -> None:
     """Validate one name component (a variable or scope name)."""
     if not isinstance(part, str):
         raise InvalidNameError(f"{where}: a name must be a str, got {type(part).__name__} {part!r}.")
-    problem = _problem(part, allow_sep=True)
+    problem = _problem(part)
     if problem:
         raise InvalidNameError(f"{where}: invalid name {part!r}: {problem}.")
 
 
-def _problem(name: str, allow_sep: bool) -> str:
+def _problem(name: str) -> str:
     if not name:
         return "it is empty"
     if name.startswith(SEP) or name.endswith(SEP):
@@ -56,3 +56,11 @@ def name_hash(name: str) -> np.ndarray:
     """
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return np.frombuffer(digest, dtype=np.uint32).copy()
+
+
+def key_name(key: object) -> str:
+    """One part of a name from a `jax.tree_util` path key (dict key, list index, field name)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)

@@ -12,6 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath  # Orbax's path type
 
+from ._names import key_name
+from ._placement import or_default
 from ._spec import Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
@@ -61,16 +63,9 @@ def entries(directory: Path) -> dict[str, Entry]:
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
         if shape is None or dtype is None:
             continue
-        keypath = tuple(_key(k) for k in path)
+        keypath = tuple(key_name(k) for k in path)
         out["/".join(keypath)] = Entry(keypath, tuple(shape), np.dtype(dtype))
     return out
-
-
-def _key(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
@@ -79,7 +74,7 @@ def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct
     item: dict = {}
     args: dict = {}
     for entry, target in wanted.values():
-        sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        sharding = or_default(target.sharding)
         _put(item, entry.keypath, jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=sharding))
         _put(
             args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)

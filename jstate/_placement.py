@@ -184,6 +184,11 @@ def list_devices() -> str:
     return shown + (f" and {len(devices) - 16} more" if len(devices) > 16 else "")
 
 
+def or_default(sharding: Sharding | None) -> Sharding:
+    """`sharding`, or this process's first device for a variable with no placement."""
+    return sharding or SingleDeviceSharding(jax.local_devices()[0])
+
+
 def describe(sharding: Sharding | None) -> str:
     """A short human form: 'cpu:0', "P('data', 'model') over mesh(data=4, model=2)"."""
     if sharding is None:

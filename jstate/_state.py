@@ -243,7 +243,7 @@ class State(Mapping[str, jax.Array]):
                 p = _placement.choose(n, spec.shape, None, None, compiled, mesh)
             specs[n] = dataclasses.replace(spec, placement=p)
         names = list(self._values)
-        targets = [specs[n].sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for n in names]
+        targets = [_placement.or_default(specs[n].sharding) for n in names]
         moved = jax.device_put([self._values[n] for n in names], targets)
         values = dict(zip(names, moved))
         return State._make(_Layout(specs, values), values)
@@ -258,7 +258,7 @@ class State(Mapping[str, jax.Array]):
         """
         if like is None:
             return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
-        return jax.tree_util.tree_map_with_path(lambda path, _: self["/".join(map(_key_name, path))], like)
+        return jax.tree_util.tree_map_with_path(lambda path, _: self["/".join(map(_names.key_name, path))], like)
 
     @classmethod
     def from_tree(cls, tree: Any, *, flat: bool = False) -> State:
@@ -275,7 +275,7 @@ class State(Mapping[str, jax.Array]):
             leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[
                 0
             ]
-            items = [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
+            items = [("/".join(_names.key_name(k) for k in path), leaf) for path, leaf in leaves]
         specs, values = {}, {}
         for name, leaf in items:
             _names.check_name(name)
@@ -322,13 +322,6 @@ class State(Mapping[str, jax.Array]):
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:
