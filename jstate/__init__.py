@@ -1,7 +1,6 @@
 """jstate: TensorFlow 1's variables, initialization, placement and Saver, for functional JAX."""
 
 from . import initializers as initializers
-from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_variables as list_variables
 from ._checkpoint import load_variable as load_variable
@@ -22,13 +21,17 @@ from ._flax import flax_model as flax_model
 from ._init import abstract as abstract
 from ._init import explain_placement as explain_placement
 from ._init import init as init
+from ._placement import Origin as Origin
+from ._placement import Placement as Placement
+from ._reader import Checkpoint as Checkpoint
 from ._saver import Saver as Saver
 from ._saver import save_safetensors as save_safetensors
 from ._scope import Scope as Scope
-from ._spec import Placement as Placement
 from ._spec import VariableSpec as VariableSpec
 from ._state import State as State
+from ._state import from_nnx as from_nnx
 from ._state import report_uninitialized as report_uninitialized
+from ._state import to_nnx as to_nnx
 from ._table import Table as Table
 
 __version__ = "0.1.0"

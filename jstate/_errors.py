@@ -87,3 +87,17 @@ def unknown_names(kind: str, names: Iterable[str], known: Iterable[str], hint: s
     return UnknownVariableError(
         f"{kind} {shorten(names)} {'is' if len(names) == 1 else 'are'} not declared.{closest(names[0], known)} {hint}"
     )
+
+
+def not_in_checkpoint(
+    where: str, names: Iterable[str], known: Iterable[str], kind: str = "variable"
+) -> CheckpointError:
+    """The one error for names a checkpoint does not hold, with the closest ones it does.
+
+    >>> print(not_in_checkpoint("Checkpoint ckpt/m-1", ["weight"], ["weights", "biases"]))
+    Checkpoint ckpt/m-1 holds no variable 'weight'. Did you mean 'weights'? `jstate.list_variables(path)` lists them.
+    """
+    names = sorted(names)
+    return CheckpointError(
+        f"{where} holds no {kind} {shorten(names)}.{closest(names[0], known)} `jstate.list_variables(path)` lists them."
+    )

@@ -8,77 +8,48 @@ mid-deletion never leaves a half-deleted checkpoint under a listed name.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from ._errors import CheckpointError, CorruptCheckpointError
-from ._integrity import checksum
-
-MANIFEST = "jstate.json"
-ARRAYS = "arrays"
-FORMAT = "jstate.checkpoint"
 _TMP = ".jstate-tmp"
 _DELETING = ".jstate-deleting"
 _REPLACED = ".jstate-replaced"
 
 
 def temporary(final: Path) -> Path:
+    """The hidden name `final` is written under before it is published."""
     return final.parent / f".{final.name}{_TMP}"
 
 
-# The manifest is one JSON object whose first member is the CRC32C of the bytes after it, so it
-# is checked without re-serializing it: {"checksum":"1a2b3c4d", ...rest}.
-_HEAD = b'{"checksum":"'
-_HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Write one file atomically: the block writes the path it is given; on success that file
+    is flushed and renamed to `path` (replacing it), and the rename is flushed too. A failure
+    or a kill leaves `path` as it was.
 
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest with a checksum of its own content, and flush it to disk."""
-    rest = json.dumps({k: v for k, v in manifest.items() if k != "checksum"}, separators=(",", ":"))
-    rest = rest[1:].encode()  # without its "{"
-    with open(directory / MANIFEST, "wb") as f:
-        f.write(_HEAD + b"%08x" % checksum(rest) + b'",' + rest)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of a jstate checkpoint, None if `directory` has none."""
-    path = directory / MANIFEST
+    >>> with atomic(Path("note.txt")) as tmp:
+    ...     _ = tmp.write_text("hello")
+    >>> Path("note.txt").read_text()
+    'hello'
+    """
+    path = Path(path)
+    tmp = temporary(path)
     try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise CorruptCheckpointError(f"Checkpoint {directory}: cannot read {path.name} ({e.strerror}).") from e
-    try:
-        if not text.startswith(_HEAD) or int(text[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(text[_HEAD_LEN:]):
-            raise ValueError("checksum mismatch")
-        manifest = json.loads(text)
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("variables"), dict):
-            raise ValueError("not a jstate manifest")
-    except (ValueError, AttributeError, TypeError) as e:
-        raise CorruptCheckpointError(
-            f"Checkpoint {directory}: its manifest {path} is damaged ({type(e).__name__}). "
-            "Restore an earlier checkpoint."
-        ) from e
-    return manifest
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_dir(path.parent)
 
 
 def sync_tree(directory: Path) -> None:
@@ -118,15 +89,6 @@ def commit(tmp: Path, final: Path) -> None:
     sync_dir(final.parent)
     if old is not None:
         _remove(old)
-
-
-def check_replaceable(final: Path) -> None:
-    """Refuse to save over anything at `final` but a jstate checkpoint (never delete user files)."""
-    if final.exists() and not (final / MANIFEST).is_file():
-        raise CheckpointError(
-            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. "
-            f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
-        )
 
 
 def delete(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Flax interop: a linen Module as a jstate model, and State <-> NNX state."""
+"""Flax interop: a linen Module as a jstate model. (NNX states convert in `_tree`.)"""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from ._scope import Scope
-from ._state import State
+from ._tree import flatten
 
 
 def flax_model(module: Any, *args: Any, method: str | None = None, **kwargs: Any) -> Callable[[Scope], None]:
@@ -34,31 +33,8 @@ def flax_model(module: Any, *args: Any, method: str | None = None, **kwargs: Any
         inputs = [jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args]
         init_kwargs = {"method": method} if method is not None else {}
         variables = module.init(s.make_rng("flax"), *inputs, **kwargs, **init_kwargs)
-        for name, value in traverse_util.flatten_dict(dict(variables), sep="/").items():
+        for name, value in flatten(dict(variables)).items():
             s.variable(name, value)
 
     model.__qualname__ = f"flax_model({type(module).__name__})"
     return model
-
-
-def to_nnx(state: State) -> Any:
-    """The State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
-
-    Path parts that are numbers (list indices, ``"layers/0/kernel"``) become ints, as NNX
-    expects.
-    """
-    from flax import nnx
-
-    flat = {tuple(int(p) if p.isdigit() else p for p in n.split("/")): v for n, v in state.items()}
-    return nnx.State(traverse_util.unflatten_dict(flat))
-
-
-def from_nnx(source: Any) -> State:
-    """A State from an NNX module or `nnx.State` (its arrays, named by their paths)."""
-    from flax import nnx
-
-    if isinstance(source, nnx.Module):
-        source = nnx.state(source)
-    pure = nnx.to_pure_dict(source)
-    flat = traverse_util.flatten_dict(pure)
-    return State.from_tree({"/".join(map(str, k)): v for k, v in flat.items()}, flat=True)

@@ -13,11 +13,12 @@ from jax.extend.core import ClosedJaxpr, Literal, Var
 from jax.sharding import Mesh
 
 from . import _placement
+from ._display import placement_table
 from ._errors import JStateError, ModelError, SpecMismatchError, unknown_names
 from ._scope import Record, Scope
 from ._spec import VariableSpec
 from ._state import State, _Layout
-from ._table import Table, human_bytes
+from ._table import Table
 
 Model = Callable[[Scope], Any]
 
@@ -150,19 +151,7 @@ def explain_placement(
 ) -> Table:
     """A table of where each variable would live: name, shape, sharding, bytes per device, and
     which declaration or rule placed it. Nothing is computed."""
-    specs = abstract(model, mesh=mesh, rules=rules).specs.values()
-    rows = [
-        (
-            s.name,
-            s.shape,
-            s.dtype.name,
-            _placement.describe(s.sharding),
-            human_bytes(_placement.device_bytes(s.nbytes, s.shape, s.sharding)),
-            s.placement.source,
-        )
-        for s in specs
-    ]
-    return Table(("name", "shape", "dtype", "sharding", "bytes/device", "source"), rows)
+    return placement_table(abstract(model, mesh=mesh, rules=rules).specs.values())
 
 
 def _check_same_model(state: State, declared: dict[str, VariableSpec]) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from ._checkpoint import checkpoints, load_variable, open_checkpoint
-from ._errors import CheckpointError, closest
+from ._checkpoint import checkpoints, open_checkpoint
 from ._table import Table, human_bytes
 
 
@@ -27,9 +27,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
     ckpt = open_checkpoint(path)
     entries = ckpt.entries
     if name is not None:
-        if name not in entries:
-            raise CheckpointError(f"Checkpoint {ckpt.path} holds no variable '{name}'.{closest(name, entries)}")
-        entries = {name: entries[name]}
+        entries = {name: ckpt.entry(name)}
     if not values:
         table = ckpt.table()
         table.rows = [r for r in table.rows if r[0] in entries]
@@ -37,4 +35,4 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
         return
     for n, e in sorted(entries.items()):
         print(f"tensor_name: {n}  shape: {e.shape}  dtype: {e.dtype.name}  size: {human_bytes(e.nbytes)}")
-        print(np.asarray(load_variable(ckpt.path, n)))
+        print(np.asarray(ckpt.read({n: jax.ShapeDtypeStruct(e.shape, e.dtype)})[n]))

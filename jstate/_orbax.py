@@ -1,24 +1,46 @@
-"""Everything jstate asks of Orbax: write a flat dict of arrays, read some of them back, and
-read the metadata of checkpoints that jstate did not write. The only module importing Orbax."""
+"""Everything jstate asks of Orbax, and the reader of plain Orbax checkpoints.
+
+The only module that imports Orbax, and only when a checkpoint is written or read: a program
+that just initializes a model never pays Orbax's import time. What jstate asks of it: write a
+flat dict of arrays, read some of them back onto given shardings, read a checkpoint's metadata,
+and a barrier between processes.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath  # Orbax's path type
 
-from ._names import key_name
+from ._errors import CorruptCheckpointError
 from ._placement import or_default
+from ._reader import Checkpoint
 from ._spec import Entry
+from ._tree import path_name
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
+
+
+@functools.cache
+def _ocp() -> ModuleType:
+    import orbax.checkpoint as ocp  # ~0.3 s: imported on first use, not with jstate
+
+    return ocp
+
+
+def _path(directory: Path) -> Any:
+    """Orbax's path type for `directory`; Orbax refuses relative paths."""
+    from etils import epath
+
+    return epath.Path(os.path.abspath(directory))
 
 
 class Writer:
@@ -29,13 +51,14 @@ class Writer:
     """
 
     def __init__(self, compression: bool, timeout: float):
+        ocp = _ocp()
         handler = ocp.PyTreeCheckpointHandler(use_compression=compression)
         self._checkpointer = ocp.AsyncCheckpointer(handler, timeout_secs=int(timeout))
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
         self._checkpointer.save(
-            epath.Path(directory),
-            args=ocp.args.PyTreeSave(dict(arrays), ocdbt_target_data_file_size=_TARGET_FILE_SIZE),
+            _path(directory),
+            args=_ocp().args.PyTreeSave(dict(arrays), ocdbt_target_data_file_size=_TARGET_FILE_SIZE),
         )
 
     def wait(self) -> None:
@@ -51,26 +74,38 @@ def barrier(name: str, timeout: float, stage: str) -> None:
     Orbax's barrier runs on JAX's distributed client, so it is safe in a background save.
     """
     if jax.process_count() > 1:
-        ocp.multihost.get_barrier_sync_fn()(key=f"{name}:{stage}", timeout_ms=int(timeout * 1000))
+        _ocp().multihost.get_barrier_sync_fn()(key=f"{name}:{stage}", timeout_ms=int(timeout * 1000))
+
+
+def is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell)."""
+    return (Path(directory) / METADATA_FILE).is_file()
+
+
+def is_data_file(rel: str) -> bool:
+    """Whether a file of an Orbax checkpoint (path relative to it) holds array data, as opposed
+    to metadata: OCDBT keeps data files in ``d/`` directories."""
+    return "d" in rel.split("/")[:-1]
 
 
 def entries(directory: Path) -> dict[str, Entry]:
     """The arrays of an Orbax PyTree checkpoint by name (tree paths joined by "/"), from its
     metadata only. Leaves that are not arrays (strings, Python objects) are left out."""
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
+    tree = _ocp().PyTreeCheckpointHandler().metadata(_path(directory)).tree
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
         if shape is None or dtype is None:
             continue
-        keypath = tuple(key_name(k) for k in path)
-        out["/".join(keypath)] = Entry(keypath, tuple(shape), np.dtype(dtype))
+        keypath = tuple(path_name((k,)) for k in path)
+        out[path_name(path)] = Entry(keypath, tuple(shape), np.dtype(dtype))
     return out
 
 
 def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
     """Read just the `wanted` arrays, each straight onto the sharding of its target struct
     (cast to the struct's dtype). Orbax's partial restore leaves the other arrays unread."""
+    ocp = _ocp()
     item: dict = {}
     args: dict = {}
     for entry, target in wanted.values():
@@ -80,7 +115,7 @@ def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct
             args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)
         )
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        epath.Path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+        _path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
     )
     return {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
 
@@ -95,3 +130,36 @@ def _get(tree: Any, keypath: tuple[str, ...]) -> Any:
     for k in keypath:
         tree = tree[k] if isinstance(tree, Mapping) else tree[int(k)]
     return tree
+
+
+# -- plain Orbax checkpoints ------------------------------------------------------------------
+class OrbaxCheckpoint(Checkpoint):
+    """A PyTree checkpoint that plain Orbax (or Flax) wrote: entries named by tree path."""
+
+    writer = "orbax"
+
+    def __init__(self, path: Path, arrays: Path):
+        try:
+            found = entries(arrays)
+        except Exception as e:  # Orbax raises bare Exceptions and KeyErrors for damaged metadata.
+            raise CorruptCheckpointError(
+                f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
+            ) from e
+        step = int(path.name) if path.name.isdigit() else None
+        super().__init__(path, found, step=step, created=(arrays / METADATA_FILE).stat().st_mtime)
+        self.arrays = arrays
+
+    def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
+        return read(self.arrays, {n: (self.entries[n], t) for n, t in wanted.items()})
+
+
+def load(path: Path) -> OrbaxCheckpoint | None:
+    """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a directory holding
+    exactly one (a CheckpointManager step with one item). None if it is neither."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return OrbaxCheckpoint(path, path)
+    if not path.is_dir():
+        return None
+    items = [p for p in path.iterdir() if is_checkpoint(p)]
+    return OrbaxCheckpoint(path, items[0]) if len(items) == 1 else None

@@ -15,6 +15,8 @@ Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import re
 from collections.abc import Sequence
@@ -24,11 +26,59 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ._errors import PlacementError
-from ._spec import DEFAULT, Placement
 
 _PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
 
 Rules = tuple[tuple[re.Pattern, Any], ...]
+
+
+class Origin(enum.Enum):
+    """What put a variable where it lives, in order of precedence."""
+
+    DEVICE = "device="  # the declaration's own ``device=``
+    SHARDING = "sharding="  # the declaration's own ``sharding=``
+    BLOCK = "placement block"  # the innermost ``with s.placement(...)``
+    RULE = "rule"  # the first matching ``rules=`` entry
+    DEFAULT = "default"  # nothing: JAX's default device
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a variable lives and which declaration or rule put it there.
+
+    Attributes:
+      sharding: the variable's `jax.sharding.Sharding`, or None for JAX's default device.
+      origin: what placed it (an `Origin`).
+      request: what was asked for (a device string, `jax.Device`, `Sharding` or
+        `PartitionSpec`), kept so the State can be re-placed on another mesh.
+      rule: for `Origin.RULE`, the rule's index and pattern.
+
+    >>> str(jstate.Placement())
+    'default (from default)'
+    """
+
+    sharding: Sharding | None = None
+    origin: Origin = Origin.DEFAULT
+    request: Any = None
+    rule: tuple[int, str] | None = None
+
+    @property
+    def source(self) -> str:
+        """`origin` as text, naming the rule: ``"device="``, ``"rule 0 ('.*/kernel$')"``."""
+        if self.origin is Origin.RULE and self.rule is not None:
+            return f"rule {self.rule[0]} ({self.rule[1]!r})"
+        return self.origin.value
+
+    @property
+    def declared(self) -> bool:
+        """Whether the model itself asked for it (not a rule or the default)."""
+        return self.origin in (Origin.DEVICE, Origin.SHARDING, Origin.BLOCK)
+
+    def __str__(self) -> str:
+        return f"{describe(self.sharding)} (from {self.source})"
+
+
+DEFAULT = Placement()
 
 
 def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
@@ -55,26 +105,48 @@ def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
 def choose(
     name: str,
     shape: tuple[int, ...],
-    own: tuple[str, Any] | None,
+    own: tuple[Origin, Any] | None,
     block: Any,
     rules: Rules,
     mesh: Mesh | None,
 ) -> Placement:
     """The placement of one variable: its own spec, then the innermost block, then the rules."""
+    rule = None
     if own is not None:
-        source, request = own
+        origin, request = own
     elif block is not None:
-        source, request = "placement block", block
+        origin, request = Origin.BLOCK, block
     else:
         for i, (pattern, target) in enumerate(rules):
             if pattern.search(name):
-                source, request = f"rule {i} ({pattern.pattern!r})", target
+                origin, request, rule = Origin.RULE, target, (i, pattern.pattern)
                 break
         else:
             return DEFAULT
-    if request is None:
-        return Placement(None, source, None)
-    return Placement(resolve(request, name, shape, mesh), source, request)
+    sharding = None if request is None else resolve(request, name, shape, mesh)
+    return Placement(sharding, origin, request, rule)
+
+
+def replace(
+    specs: dict[str, Any], values: dict[str, jax.Array], mesh: Mesh | None, rules: Any
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """`specs` re-placed for `mesh` and `rules`, and `values` moved to their new shardings.
+
+    Placements the model declared are kept, with PartitionSpecs re-bound to the new mesh; every
+    other variable follows the new rules.
+    """
+    compiled = compile_rules(rules)
+    new = {}
+    for n, spec in specs.items():
+        p = spec.placement
+        if p.declared:
+            p = Placement(resolve(p.request, n, spec.shape, mesh), p.origin, p.request)
+        else:
+            p = choose(n, spec.shape, None, None, compiled, mesh)
+        new[n] = dataclasses.replace(spec, placement=p)
+    names = list(values)
+    moved = jax.device_put([values[n] for n in names], [or_default(new[n].sharding) for n in names])
+    return new, dict(zip(names, moved))
 
 
 def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:

@@ -2,27 +2,27 @@
 
 A ``.safetensors`` file is a JSON header (name -> dtype, shape, byte range) followed by the raw
 arrays. It holds no checksums: a damaged array is only caught when its header no longer adds up.
+The `safetensors` package is an optional extra (``pip install jstate[safetensors]``), imported
+only when such a file is read or written.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import jax
 
 # safetensors' numpy reader makes bfloat16 arrays with ``np.dtype("bfloat16")``, a name numpy
 # only knows once ml_dtypes is imported.
 import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from . import _files
-from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
+from ._reader import Checkpoint, place
 from ._spec import Entry
-
-if TYPE_CHECKING:
-    from ._state import State
 
 SUFFIX = ".safetensors"
 
@@ -47,10 +47,29 @@ _DTYPES: dict[str, np.dtype] = {
 _SAVED = set(_DTYPES.values())
 
 
-def find(path: Path) -> Path | None:
-    """`path` if it is a ``.safetensors`` file, else None."""
+class SafetensorsCheckpoint(Checkpoint):
+    """A ``.safetensors`` file: entries named as in its header, no checksums."""
+
+    writer = "safetensors"
+    noun = "array"
+
+    def __init__(self, path: Path):
+        header = _header(path)
+        found = {
+            name: Entry((name,), shape, _DTYPES[dtype]) for name, (dtype, shape) in header.items() if dtype in _DTYPES
+        }
+        skipped = {name: _why(dtype) for name, (dtype, _) in header.items() if dtype not in _DTYPES}
+        super().__init__(path, found, created=path.stat().st_mtime, skipped=skipped)
+
+    def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
+        host = read(self.path, list(wanted))
+        return {name: place(host.pop(name), target) for name, target in wanted.items()}
+
+
+def load(path: Path) -> SafetensorsCheckpoint | None:
+    """`path` as a ``.safetensors`` file, None if it is not one."""
     path = Path(path)
-    return path if path.suffix == SUFFIX and path.is_file() else None
+    return SafetensorsCheckpoint(path) if path.suffix == SUFFIX and path.is_file() else None
 
 
 def entries(path: Path) -> dict[str, Entry]:
@@ -70,11 +89,11 @@ def entries(path: Path) -> dict[str, Entry]:
 
 def skipped(path: Path) -> dict[str, str]:
     """The arrays of the file that jstate cannot read, by name, each with the reason."""
-    return {
-        name: f"of dtype {dtype}, which the safetensors package cannot read into numpy"
-        for name, (dtype, _) in _header(Path(path)).items()
-        if dtype not in _DTYPES
-    }
+    return {name: _why(dtype) for name, (dtype, _) in _header(Path(path)).items() if dtype not in _DTYPES}
+
+
+def _why(dtype: str) -> str:
+    return f"of dtype {dtype}, which the safetensors package cannot read into numpy"
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -87,7 +106,19 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _package():
+    try:
+        import safetensors.numpy
+    except ImportError as e:
+        raise CheckpointError(
+            "Reading or writing .safetensors files needs the `safetensors` package: "
+            "`pip install 'jstate[safetensors]'`."
+        ) from e
+    return safetensors
+
+
 def _open(path: Path):
+    safetensors = _package()
     if not path.is_file():
         raise CheckpointNotFoundError(f"No safetensors file at {path}: it does not exist.")
     try:
@@ -112,10 +143,7 @@ def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     header = _header(path)
     missing = [n for n in names if n not in header]
     if missing:
-        raise CheckpointError(
-            f"Safetensors file {path} holds no array {shorten(missing)}.{closest(missing[0], header)} "
-            "`jstate.list_variables(path)` lists them."
-        )
+        raise not_in_checkpoint(f"Safetensors file {path}", missing, header, "array")
     for name in names:
         if header[name][0] not in _DTYPES:
             raise CheckpointError(
@@ -132,7 +160,7 @@ def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return {name: out[name] for name in names}
 
 
-def save(state: State, path: str | os.PathLike) -> Path:
+def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
     """Export the initialized variables of `state` to one ``.safetensors`` file at `path`.
 
     The file is written under a temporary name beside `path`, flushed to disk, and renamed into
@@ -163,18 +191,8 @@ def save(state: State, path: str | os.PathLike) -> Path:
                 f"files hold and jstate reads back ({', '.join(sorted(d.name for d in _SAVED))}). Cast it first."
             )
         arrays[name] = array
-    tmp = _files.temporary(path)
+    safetensors = _package()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with _files.atomic(path) as tmp:
         safetensors.numpy.save_file(arrays, tmp, metadata={"writer": "jstate"})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _files.sync_dir(path.parent)
     return path

@@ -1,38 +1,23 @@
-"""`Saver`: TensorFlow's ``tf.train.Saver`` on top of Orbax, with name mapping and retention."""
+"""`Saver`: TensorFlow's ``tf.train.Saver`` on top of Orbax, with name mapping and retention.
+
+The Saver chooses what to save under which names (`_mapping`) and what to delete
+(`_retention`); writing is `_writer`'s, reading `_restore`'s.
+"""
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
-import threading
-import time
-import weakref
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _files, _integrity, _orbax
-from ._errors import CheckpointError, SpecMismatchError, UninitializedError, closest, shorten
+from . import _checkpoint, _files, _restore, _retention, _safetensors
+from ._errors import CheckpointError, UninitializedError, shorten
 from ._mapping import VarList, compile_var_list
 from ._names import check_name
 from ._state import State
-
-_VERSION = 1
-
-# Savers with a `blocking=False` save in flight. The interpreter finishes them at exit, before
-# concurrent.futures stops taking work (Orbax needs it): threading's own exit hooks run first,
-# newest first, and this one is registered after concurrent.futures'.
-_unfinished: weakref.WeakSet = weakref.WeakSet()
-
-
-def _finish_at_exit() -> None:
-    for saver in list(_unfinished):
-        saver._join()
-
-
-getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
+from ._writer import Writer
 
 
 class Saver:
@@ -72,23 +57,10 @@ class Saver:
         compression: bool = False,
         timeout: float = 600.0,
     ):
-        for arg, value in (("max_to_keep", max_to_keep), ("keep_every_n_steps", keep_every_n_steps)):
-            if value is not None and value < 0 or (arg == "keep_every_n_steps" and value == 0):
-                raise ValueError(f"Saver: `{arg}` must be a positive number or None, got {value}.")
-        if keep_every_n_hours is not None and keep_every_n_hours <= 0:
-            raise ValueError(f"Saver: `keep_every_n_hours` must be positive or None, got {keep_every_n_hours}.")
         self._names = compile_var_list(var_list)
-        max_to_keep = max_to_keep or None  # TensorFlow's Saver: 0 or None keeps every checkpoint
-        self._max_to_keep = max_to_keep
-        self._keep_hours = keep_every_n_hours
-        self._keep_steps = keep_every_n_steps
+        self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
         self._compression = compression
-        self._timeout = timeout
-        self._saves = 0
-        self._writer: _orbax.Writer | None = None
-        self._pending: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._error_path: Path | None = None
+        self._writer = Writer(compression, timeout)
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, state: State, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
@@ -105,49 +77,15 @@ class Saver:
         """
         if step is not None and int(step) < 0:
             raise ValueError(f"Saver.save: `step` must be >= 0, got {step}.")
-        self.wait()
+        self._writer.wait()
         arrays = self._arrays(state)
         if not arrays:
             raise CheckpointError(
                 f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
             )
-        # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all of them.
-        stored = {n: a for n, a in arrays.items() if a.size}
         final = Path(f"{path}-{int(step)}" if step is not None else path)
-        _files.check_replaceable(final)
-        tmp = _files.temporary(final)
-        self._saves += 1
-        barrier = functools.partial(_orbax.barrier, f"jstate-save-{self._saves}-{final}", self._timeout)
-        # With several JAX processes, all call `save` on a shared directory: process 0 prepares
-        # and commits; every process writes its shards (through Orbax) and their checksums.
-        if jax.process_index() == 0:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _files.clean_stale(final.parent)
-            tmp.mkdir()
-        barrier("start")
-        # Checksums are taken now: the values saved are the values at call time.
-        digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
-        manifest = {
-            "format": _files.FORMAT,
-            "version": _VERSION,
-            "step": None if step is None else int(step),
-            "variables": {n: {"shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()},
-        }
-        if self._writer is None:
-            self._writer = _orbax.Writer(self._compression, self._timeout)
-        finish = functools.partial(self._finish, tmp, final, manifest, digests, Path(path), barrier)
-        try:
-            if stored:
-                self._writer.save(tmp / _files.ARRAYS, stored)
-            if blocking:
-                finish()
-        except Exception as e:
-            raise _save_failed(final, e) from e
-        if not blocking:
-            self._error_path = final
-            self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True)
-            self._pending.start()
-            _unfinished.add(self)
+        retire = lambda: self._retire(Path(path))  # noqa: E731
+        self._writer.save(arrays, final, None if step is None else int(step), blocking=blocking, committed=retire)
         return str(final)
 
     def _arrays(self, state: State) -> dict[str, jax.Array]:
@@ -173,61 +111,14 @@ class Saver:
             check_name(ckpt)  # "." would let two names share storage in Orbax's files
         return {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
 
-    def _finish(self, tmp: Path, final: Path, manifest: dict, digests: dict, prefix: Path, barrier) -> None:
-        self._writer.wait()
-        process = jax.process_index()
-        if jax.process_count() > 1:
-            _files.write_json(tmp / f"digests.{process}.json", digests)
-        barrier("written")
-        if process == 0:
-            for other in range(1, jax.process_count()):
-                part = tmp / f"digests.{other}.json"
-                for name, regions in _files.read_json(part).items():
-                    digests[name].update(regions)
-                part.unlink()
-            for name, regions in digests.items():
-                manifest["variables"][name]["digests"] = regions
-            manifest["created"] = time.time()
-            manifest["files"] = _integrity.file_records(tmp / _files.ARRAYS)
-            _files.write_manifest(tmp, manifest)
-            _files.commit(tmp, final)
-            self._retire(prefix)
-        barrier("committed")  # every process sees the new checkpoint once `save` returns
-
-    def _background(self, finish) -> None:
-        try:
-            finish()
-        except BaseException as e:  # re-raised by `wait`
-            self._error = e
-
     def wait(self) -> None:
         """Block until a ``blocking=False`` save is on disk; re-raise its error, if any."""
-        self._join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise _save_failed(self._error_path, error) from error
-
-    def _join(self) -> None:
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
-            _unfinished.discard(self)
+        self._writer.wait()
 
     def _retire(self, prefix: Path) -> None:
-        """Delete checkpoints of `prefix` beyond `max_to_keep`, sparing those kept for good."""
-        if self._max_to_keep is None:
-            return
-        steps = [c for c in _checkpoint.checkpoints(prefix) if c.step is not None]
-        old = steps[: max(len(steps) - self._max_to_keep, 0)]
-        last_kept_time = None
-        for ckpt in steps:
-            keep = self._keep_steps and ckpt.step % self._keep_steps == 0
-            if self._keep_hours is not None and (
-                last_kept_time is None or ckpt.created >= last_kept_time + self._keep_hours * 3600
-            ):
-                keep, last_kept_time = True, ckpt.created
-            if ckpt in old and not keep:
-                _files.delete(ckpt.path)
+        """Delete the checkpoints of `prefix` that the retention policy lets go."""
+        for ckpt in _retention.to_delete(self._policy, _checkpoint.checkpoints(prefix)):
+            _files.delete(ckpt.path)
 
     # -- restoring ---------------------------------------------------------------------------
     def restore(
@@ -258,59 +149,12 @@ class Saver:
           CheckpointError: for variables missing from the checkpoint (with the closest names).
           SpecMismatchError: for a shape (or, without `cast`, dtype) that differs.
         """
-        self._join()  # a failed background save is reported by `wait` or the next `save`, not here
-        names = self._names.resolve(target.specs, "the target State")
+        self._writer.join()  # a failed background save is reported by `wait` or the next `save`, not here
         ckpt = _checkpoint.open_checkpoint(path)
-        missing = {n: c for n, c in names.items() if c not in ckpt.entries}
-        unreadable = {c: ckpt.skipped[c] for c in missing.values() if c in ckpt.skipped}
-        if unreadable:
-            name, why = next(iter(unreadable.items()))
-            raise CheckpointError(
-                f"Checkpoint {ckpt.path}: jstate cannot read '{name}' ({why}). Leave it out of the Saver."
-            )
-        if missing:
-            first_state, first = next(iter(missing.items()))
-            shown = shorten(f"{c}" if c == n else f"{c} (for '{n}')" for n, c in missing.items())
-            raise CheckpointError(
-                f"Checkpoint {ckpt.path} lacks {len(missing)} variable(s) the Saver restores: {shown}."
-                f"{closest(first, ckpt.entries)} Restore a subset with `Saver([...])`, or map names with "
-                "`Saver({checkpoint_name: state_name})`."
-            )
-        if strict:
-            extra = sorted(set(ckpt.entries) - set(names.values()))
-            if extra:
-                raise CheckpointError(
-                    f"Checkpoint {ckpt.path} holds {len(extra)} variable(s) that the Saver does not restore: "
-                    f"{shorten(extra)}. Pass `strict=False` to ignore them."
-                )
-        wanted = {}
-        for n, c in names.items():
-            spec, entry = target.spec(n), ckpt.entries[c]
-            if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
-                raise SpecMismatchError(
-                    f"Checkpoint {ckpt.path}: variable '{c}' has shape {entry.shape} and dtype "
-                    f"{entry.dtype.name}, but '{n}' is declared with shape {spec.shape} and dtype "
-                    f"{spec.dtype.name}."
-                    + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
-                )
-            wanted[c] = (entry, spec.struct())
-        arrays = _checkpoint.read(ckpt, wanted, verify=verify)
-        return target._replace_values({n: arrays[c] for n, c in names.items()})
+        return _restore.restore(ckpt, self._names, target, cast=cast, strict=strict, verify=verify)
 
     def __repr__(self) -> str:
-        return f"Saver(max_to_keep={self._max_to_keep}, compression={self._compression})"
-
-
-def _save_failed(path: Path | None, error: BaseException) -> CheckpointError:
-    """One short error for a failed save; Orbax's own messages can hold whole arrays."""
-    if isinstance(error, CheckpointError):
-        return error
-    detail = str(error).splitlines()[0] if str(error) else ""
-    detail = detail if len(detail) <= 200 else detail[:200] + "..."
-    return CheckpointError(
-        f"Saving checkpoint {path} failed ({type(error).__name__}: {detail}). Earlier checkpoints are intact; "
-        "the partial one is hidden and removed by the next save."
-    )
+        return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"
 
 
 def save_safetensors(state: State, path: str | os.PathLike) -> str:
@@ -318,7 +162,8 @@ def save_safetensors(state: State, path: str | os.PathLike) -> str:
 
     Written atomically (temporary file, fsync, rename). Needs ``pip install jstate[safetensors]``.
     Read it back with ``Saver().restore(path, target)`` or `jstate.load_variable`.
-    """
-    from . import _safetensors
 
+    >>> jstate.save_safetensors(state, "model.safetensors")
+    'model.safetensors'
+    """
     return str(_safetensors.save(state, path))

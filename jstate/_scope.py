@@ -126,7 +126,11 @@ class Scope:
         if device is not None and sharding is not None:
             raise PlacementError(f"Variable '{full}': give `device=` or `sharding=`, not both.")
         record.declaring = full
-        own = ("device=", device) if device is not None else ("sharding=", sharding) if sharding is not None else None
+        own = None
+        if device is not None:
+            own = (_placement.Origin.DEVICE, device)
+        elif sharding is not None:
+            own = (_placement.Origin.SHARDING, sharding)
         block = record.blocks[-1] if record.blocks else None
 
         if callable(init):

@@ -9,29 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where a variable lives and which declaration or rule put it there.
-
-    Attributes:
-      sharding: the variable's `jax.sharding.Sharding`, or None for JAX's default device.
-      source: "device=", "sharding=", "placement block", "rule N", or "default".
-      request: what was asked for (a device string, `jax.Device`, `Sharding` or
-        `PartitionSpec`), kept so the State can be re-placed on another mesh.
-    """
-
-    sharding: jax.sharding.Sharding | None = None
-    source: str = "default"
-    request: Any = None
-
-    def __str__(self) -> str:
-        from ._placement import describe
-
-        return f"{describe(self.sharding)} (from {self.source})"
-
-
-DEFAULT = Placement()
+from ._placement import DEFAULT, Placement
 
 
 @dataclasses.dataclass(frozen=True)

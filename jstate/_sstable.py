@@ -1,8 +1,9 @@
-"""LevelDB's table format and protobuf's wire format, read by hand for TensorFlow's checkpoint index.
+"""LevelDB's table format, read by hand for TensorFlow's checkpoint index.
 
-Written by hand because the alternatives are TensorFlow itself or a generated protobuf schema
-for two tiny messages; the table format is LevelDB's (footer, index block, prefix-compressed
-data blocks with restart points), each block checked with TF's masked CRC32C.
+Written by hand because no dependency reads it (the alternative is TensorFlow itself). The
+format: a footer pointing to an index block, whose values point to the data blocks, each a run
+of prefix-compressed entries with restart points and checked with TF's masked CRC32C. The
+values themselves are protobufs, which `_tensorflow` parses with the protobuf package.
 """
 
 from __future__ import annotations
@@ -30,46 +31,8 @@ def mask(crc: int) -> int:
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + CRC_MASK_DELTA) & 0xFFFFFFFF
 
 
-def signed(value) -> int:
-    """A varint as the int32/int64 it encodes (negative numbers take ten bytes, two's complement)."""
-    if not isinstance(value, int):
-        raise Garbled("a number field holds bytes")
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def packed(data: bytes) -> list[int]:
-    out, pos = [], 0
-    while pos < len(data):
-        value, pos = varint(data, pos)
-        out.append(value)
-    return out
-
-
-def fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """A protobuf message's (field number, value): ints for varints and fixed, bytes otherwise."""
-    pos, end = 0, len(data)
-    while pos < end:
-        key, pos = varint(data, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = varint(data, pos)
-        elif wire == 1 or wire == 5:
-            size = 8 if wire == 1 else 4
-            if pos + size > end:
-                raise Garbled("a protobuf field runs past its message")
-            value = int.from_bytes(data[pos : pos + size], "little")
-            pos += size
-        elif wire == 2:
-            size, pos = varint(data, pos)
-            if pos + size > end:
-                raise Garbled("a protobuf field runs past its message")
-            value, pos = data[pos : pos + size], pos + size
-        else:
-            raise Garbled(f"protobuf wire type {wire}")
-        yield field, value
-
-
 def varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned varint at `pos` (block handles and entry lengths) and the position after it."""
     result = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -88,6 +51,10 @@ def table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     The footer points to an index block whose values point to the data blocks. A block is a
     run of prefix-compressed entries (shared key length, new key bytes, value) followed by its
     restart points, which a sequential reader does not need.
+
+    Raises:
+      Garbled: for a truncated or damaged table, or an index whose data blocks overlap.
+      Unsupported: for a compressed block.
     """
     if len(data) < FOOTER_SIZE:
         raise Garbled(f"{len(data)} bytes is shorter than a table footer")
@@ -97,13 +64,21 @@ def table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     _, pos = varint(footer, varint(footer, 0)[1])  # the metaindex handle: TF writes no meta blocks
     index_offset, pos = varint(footer, pos)
     index_size, _ = varint(footer, pos)
+    previous_end = 0
     for _, handle in block(data, index_offset, index_size):
         offset, pos = varint(handle, 0)
         size, _ = varint(handle, pos)
+        # TF writes the data blocks back to back, in key order. Holding the index to that bounds
+        # the work by the file's size: an index that lists one block (or blocks overlapping it)
+        # many times cannot have its bytes parsed and checksummed many times.
+        if offset < previous_end:
+            raise Garbled(f"the index lists blocks twice or out of order (bytes {offset}-{offset + size})")
+        previous_end = offset + size + TRAILER_SIZE
         yield from block(data, offset, size)
 
 
 def block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of the block at `offset`, after checking its checksum and compression."""
     end = offset + size
     if end + TRAILER_SIZE > len(data) - FOOTER_SIZE or size < 4:
         raise Garbled(f"a block at bytes {offset}-{end} runs past the table")

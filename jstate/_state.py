@@ -10,19 +10,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from jax.sharding import NamedSharding
 
-from . import _names, _placement
+from . import _display, _names, _placement, _tree
 from ._errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
-from ._spec import DEFAULT, Placement, VariableSpec
-from ._table import Table, human_bytes
+from ._placement import DEFAULT, Origin, Placement
+from ._spec import VariableSpec
+from ._table import Table
 
 _UNINITIALIZED = (
     "Variable '{name}' is declared but not initialized. Initialize it with "
     "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
 )
-_MAX_ROWS = 60
 
 
 class _Layout:
@@ -233,32 +232,20 @@ class State(Mapping[str, jax.Array]):
         Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
         PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
         """
-        compiled = _placement.compile_rules(rules)
-        specs = {}
-        for n, spec in self._layout.specs.items():
-            p = spec.placement
-            if p.source in ("device=", "sharding=", "placement block"):
-                p = Placement(_placement.resolve(p.request, n, spec.shape, mesh), p.source, p.request)
-            else:
-                p = _placement.choose(n, spec.shape, None, None, compiled, mesh)
-            specs[n] = dataclasses.replace(spec, placement=p)
-        names = list(self._values)
-        targets = [_placement.or_default(specs[n].sharding) for n in names]
-        moved = jax.device_put([self._values[n] for n in names], targets)
-        values = dict(zip(names, moved))
+        specs, values = _placement.replace(self._layout.specs, self._values, mesh, rules)
         return State._make(_Layout(specs, values), values)
 
+    # -- conversions (the work is in `_tree`, which knows nothing of States) -------------------
     def tree(self, like: Any = None) -> Any:
         """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
 
         With `like` (any pytree, e.g. an optax state), the result has its structure instead,
         each leaf taken from the variable its path names: the inverse of `State.from_tree`.
 
-        >>> opt_state = restored.subset(names).tree(like=opt.init(params))
+        >>> jstate.State({"a/b": jnp.ones(2)}).tree()
+        {'a': {'b': Array([1., 1.], dtype=float32)}}
         """
-        if like is None:
-            return traverse_util.unflatten_dict(self._values, sep=_names.SEP)
-        return jax.tree_util.tree_map_with_path(lambda path, _: self["/".join(map(_names.key_name, path))], like)
+        return _tree.unflatten(self, like)
 
     @classmethod
     def from_tree(cls, tree: Any, *, flat: bool = False) -> State:
@@ -268,19 +255,15 @@ class State(Mapping[str, jax.Array]):
         index, named tuples by field). A `jax.ShapeDtypeStruct` leaf declares an uninitialized
         variable (its sharding, if any, becomes the placement). With ``flat=True``, `tree` is
         ``{name: array}`` already.
+
+        >>> jstate.State.from_tree({"a": {"b": jnp.ones(2)}, "c": [jnp.zeros(())]}).specs.keys()
+        dict_keys(['a/b', 'c/0'])
         """
-        if flat:
-            items = dict(tree).items()
-        else:
-            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))[
-                0
-            ]
-            items = [("/".join(_names.key_name(k) for k in path), leaf) for path, leaf in leaves]
         specs, values = {}, {}
-        for name, leaf in items:
+        for name, leaf in (dict(tree) if flat else _tree.flatten(tree)).items():
             _names.check_name(name)
             if isinstance(leaf, jax.ShapeDtypeStruct):
-                placement = Placement(leaf.sharding, "sharding=", leaf.sharding) if leaf.sharding else DEFAULT
+                placement = Placement(leaf.sharding, Origin.SHARDING, leaf.sharding) if leaf.sharding else DEFAULT
                 specs[name] = VariableSpec(name, tuple(leaf.shape), np.dtype(leaf.dtype), placement)
                 continue
             if not isinstance(leaf, jax.Array):
@@ -291,31 +274,18 @@ class State(Mapping[str, jax.Array]):
         return State._make(_Layout(specs, values), values)
 
     def to_nnx(self) -> Any:
-        """The initialized variables as an `nnx.State` (``nnx.update(module, state.to_nnx())``)."""
-        from ._flax import to_nnx
-
-        return to_nnx(self)
+        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``."""
+        return _tree.to_nnx(self)
 
     @classmethod
     def from_nnx(cls, source: Any) -> State:
-        """A State from an NNX module or `nnx.State`, variables named by their paths."""
-        from ._flax import from_nnx
-
-        return from_nnx(source)
+        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``."""
+        return cls.from_tree(_tree.from_nnx(source), flat=True)
 
     # -- display ----------------------------------------------------------------------------
     def table(self) -> Table:
         """The State as a `Table` (name, shape, dtype, sharding, bytes, initialized)."""
-        rows = [
-            (n, s.shape, s.dtype.name, _placement.describe(s.sharding), human_bytes(s.nbytes), n in self._values)
-            for n, s in self._layout.specs.items()
-        ]
-        total = sum(s.nbytes for s in self._layout.specs.values())
-        title = f"State: {len(rows)} variables, {len(self._values)} initialized, {human_bytes(total)}"
-        if len(rows) > _MAX_ROWS:
-            title += f" (first {_MAX_ROWS} shown)"
-            rows = rows[:_MAX_ROWS]
-        return Table(("name", "shape", "dtype", "sharding", "bytes", "initialized"), rows, title)
+        return _display.state_table(self)
 
     def __repr__(self) -> str:
         return str(self.table())
@@ -379,5 +349,22 @@ jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _
 
 def report_uninitialized(state: State) -> list[str]:
     """Names of the State's declared variables that hold no value (TF's
-    ``report_uninitialized_variables``)."""
+    ``report_uninitialized_variables``).
+
+    >>> jstate.report_uninitialized(jstate.abstract(lambda s: s.variable("w", jnp.zeros(2))))
+    ['w']
+    """
     return state.uninitialized()
+
+
+def to_nnx(state: Mapping[str, jax.Array]) -> Any:
+    """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+    Path parts that are numbers (``"layers/0/kernel"``) become ints, as NNX expects.
+    """
+    return _tree.to_nnx(state)
+
+
+def from_nnx(source: Any) -> State:
+    """A State from an NNX module or `nnx.State`, its variables named by their paths."""
+    return State.from_nnx(source)

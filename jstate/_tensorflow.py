@@ -6,15 +6,16 @@ Both write a "tensor bundle" (TF's V2 checkpoint format) under a prefix such as 
                                     to a ``BundleEntryProto`` (dtype, shape, data file, offset,
                                     size, masked CRC32C); the key "" holds a ``BundleHeaderProto``
   model.ckpt.data-00000-of-00002    the tensors' raw little-endian bytes, back to back
-  checkpoint                        (beside it, optional) a text proto naming the latest prefix
+  checkpoint                        (beside it, optional) a text ``CheckpointState`` naming the
+                                    latest prefix
 
-The table and the two small protobufs are parsed here by hand, so TensorFlow and protobuf are
-not needed. TF1's older V1 format (one ``model.ckpt`` file, no ``.index``) is not read.
+The table is read by `_sstable`; its protobufs and the state file are parsed with the protobuf
+package, from TensorFlow's message definitions copied here (so TensorFlow is not needed). TF1's
+older V1 format (one ``model.ckpt`` file, no ``.index``) is not read.
 """
 
 from __future__ import annotations
 
-import codecs
 import math
 import os
 import re
@@ -22,11 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import crc32c
+import jax
 import ml_dtypes
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf.message import DecodeError, Message
 
 from . import _sstable
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
+from ._reader import Checkpoint, place
 from ._spec import Entry
 
 STATE_FILE = "checkpoint"
@@ -54,6 +59,76 @@ _DTYPES: dict[int, np.dtype] = {
 _UNREAD = {7: "DT_STRING", 11: "DT_QINT8", 12: "DT_QUINT8", 13: "DT_QINT32", 15: "DT_QINT16", 16: "DT_QUINT16"}
 _UNREAD |= {20: "DT_RESOURCE", 21: "DT_VARIANT", 24: "DT_FLOAT8_E5M2", 25: "DT_FLOAT8_E4M3FN", 29: "DT_INT4"}
 _UNREAD |= {30: "DT_UINT4"}
+_MAX_RANK = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's limit; TensorFlow's is 254
+
+# The messages TensorFlow writes, as its .proto files define them (same package, names, field
+# numbers and proto3 syntax), built in a private pool so that they cannot clash with TensorFlow's
+# own if it is imported too.
+_SCHEMA = """
+name: "jstate/tensorflow_checkpoint.proto"  package: "tensorflow"  syntax: "proto3"
+# tensorflow/core/framework/versions.proto
+message_type {
+  name: "VersionDef"
+  field { name: "producer" number: 1 type: TYPE_INT32 }
+  field { name: "min_consumer" number: 2 type: TYPE_INT32 }
+  field { name: "bad_consumers" number: 3 type: TYPE_INT32 label: LABEL_REPEATED }
+}
+# tensorflow/core/framework/tensor_shape.proto
+message_type {
+  name: "TensorShapeProto"
+  nested_type {
+    name: "Dim"
+    field { name: "size" number: 1 type: TYPE_INT64 }
+    field { name: "name" number: 2 type: TYPE_STRING }
+  }
+  field { name: "dim" number: 2 type: TYPE_MESSAGE type_name: "Dim" label: LABEL_REPEATED }
+  field { name: "unknown_rank" number: 3 type: TYPE_BOOL }
+}
+# tensorflow/core/framework/tensor_slice.proto
+message_type {
+  name: "TensorSliceProto"
+  nested_type {
+    name: "Extent"
+    field { name: "start" number: 1 type: TYPE_INT64 }
+    field { name: "length" number: 2 type: TYPE_INT64 oneof_index: 0 }
+    oneof_decl { name: "has_length" }
+  }
+  field { name: "extent" number: 1 type: TYPE_MESSAGE type_name: "Extent" label: LABEL_REPEATED }
+}
+# tensorflow/core/protobuf/tensor_bundle.proto
+message_type {
+  name: "BundleHeaderProto"
+  enum_type { name: "Endianness" value { name: "LITTLE" number: 0 } value { name: "BIG" number: 1 } }
+  field { name: "num_shards" number: 1 type: TYPE_INT32 }
+  field { name: "endianness" number: 2 type: TYPE_ENUM type_name: "Endianness" }
+  field { name: "version" number: 3 type: TYPE_MESSAGE type_name: "VersionDef" }
+}
+message_type {
+  name: "BundleEntryProto"
+  # TF's DataType enum, as the int32 it is on the wire: a dtype this copy does not name still parses
+  field { name: "dtype" number: 1 type: TYPE_INT32 }
+  field { name: "shape" number: 2 type: TYPE_MESSAGE type_name: "TensorShapeProto" }
+  field { name: "shard_id" number: 3 type: TYPE_INT32 }
+  field { name: "offset" number: 4 type: TYPE_INT64 }
+  field { name: "size" number: 5 type: TYPE_INT64 }
+  field { name: "crc32c" number: 6 type: TYPE_FIXED32 }
+  field { name: "slices" number: 7 type: TYPE_MESSAGE type_name: "TensorSliceProto" label: LABEL_REPEATED }
+}
+# tensorflow/python/training/checkpoint_state.proto
+message_type {
+  name: "CheckpointState"
+  field { name: "model_checkpoint_path" number: 1 type: TYPE_STRING }
+  field { name: "all_model_checkpoint_paths" number: 2 type: TYPE_STRING label: LABEL_REPEATED }
+  field { name: "all_model_checkpoint_timestamps" number: 3 type: TYPE_DOUBLE label: LABEL_REPEATED }
+  field { name: "last_preserved_timestamp" number: 4 type: TYPE_DOUBLE }
+}
+"""
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(text_format.Parse(_SCHEMA, descriptor_pb2.FileDescriptorProto()))
+_BundleHeaderProto, _BundleEntryProto, _CheckpointState = (
+    message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"tensorflow.{name}"))
+    for name in ("BundleHeaderProto", "BundleEntryProto", "CheckpointState")
+)
 
 
 @dataclass(frozen=True)
@@ -101,29 +176,37 @@ def find(path: Path) -> Path | None:
 def latest(directory: Path) -> Path | None:
     """The prefix that TensorFlow's ``checkpoint`` state file in `directory` names as the latest.
 
-    A relative ``model_checkpoint_path`` is taken relative to `directory` (as TF does). An
-    absolute one that no longer exists (the directory was moved or copied) falls back to its
-    last component inside `directory`. None if there is no state file, it names nothing, or the
-    named checkpoint's ``.index`` is missing.
+    A relative ``model_checkpoint_path`` is taken relative to `directory` (as TF does). A name
+    that leads outside `directory` (symlinks resolved) is never followed: an absolute path
+    elsewhere, as after the directory was moved or copied from another machine, or ``../``. Its
+    last component is looked for inside `directory` instead, so a moved directory still works
+    and a state file cannot point at checkpoints elsewhere.
 
     >>> _tensorflow.latest(Path("train"))
     PosixPath('train/model.ckpt-20')
+
+    Returns:
+      The prefix, as `directory` joined with the name (or its last component); None if there is
+      no state file, it does not parse, it names nothing, or the named checkpoint's ``.index``
+      is missing.
     """
     directory = Path(directory)
     try:
         text = (directory / STATE_FILE).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        # Unknown fields skipped: a newer TensorFlow may add some, and only the path matters here.
+        name = text_format.Parse(text, _CheckpointState(), allow_unknown_field=True).model_checkpoint_path
+    except (OSError, UnicodeDecodeError, text_format.ParseError):
         return None
-    m = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
-    if m is None:
+    if not name:
         return None
-    try:  # a text proto string: C escapes over UTF-8 bytes
-        name = codecs.escape_decode(m.group(1).encode("utf-8"))[0].decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
+    try:
+        root = directory.resolve()
+        for prefix in (directory / name, directory / Path(name).name):
+            # Strictly below: a name that resolves to `directory` itself would put its .index beside it.
+            if root in prefix.resolve().parents and _index_file(prefix).is_file():
+                return prefix
+    except (OSError, ValueError, RuntimeError):  # a NUL byte in the name, a symlink loop
         return None
-    for prefix in (directory / name, directory / Path(name).name):
-        if _index_file(prefix).is_file():
-            return prefix
     return None
 
 
@@ -168,6 +251,8 @@ def _reason(t: _BundleEntry) -> str | None:
         kind = _UNREAD.get(t.dtype, f"DataType {t.dtype}")
         what = "a string tensor" if kind == "DT_STRING" else "a tensor"
         return f"{what} of dtype {kind}, which has no JAX equivalent"
+    if len(t.shape) > _MAX_RANK:
+        return f"a tensor of rank {len(t.shape)}; numpy arrays have at most {_MAX_RANK} dimensions"
     if t.slices:
         return (
             f"a partitioned variable, saved as {t.slices} slices; jstate reads whole tensors only "
@@ -269,7 +354,7 @@ def _read_index(prefix: Path) -> _Bundle:
         return _parse_bundle(data)
     except _sstable.Unsupported as e:
         raise CheckpointError(f"TensorFlow checkpoint index {path}: {e}") from None
-    except (_sstable.Garbled, IndexError, TypeError, ValueError) as e:  # garbage where a message or number should be
+    except (_sstable.Garbled, UnicodeDecodeError) as e:  # UnicodeDecodeError: a tensor name that is not UTF-8
         raise CorruptCheckpointError(
             f"TensorFlow checkpoint index {path} is damaged ({e}). Restore an earlier checkpoint."
         ) from e
@@ -280,53 +365,96 @@ def _parse_bundle(data: bytes) -> _Bundle:
     tensors = {}
     for key, value in _sstable.table(data):
         if key == b"":
-            header = value
+            header = _parse(_BundleHeaderProto, value, "the header")
         elif key[0] != 0:  # keys starting with NUL hold the slices of partitioned variables
-            tensors[key.decode("utf-8")] = _parse_entry(value)
+            name = key.decode("utf-8")
+            tensors[name] = _entry(_parse(_BundleEntryProto, value, f"the entry of tensor '{name}'"))
     if header is None:
         raise _sstable.Garbled("no header entry")
-    num_shards, endianness, min_consumer, bad_consumers = 1, 0, 0, []
-    for field, value in _sstable.fields(header):
-        if field == 1:
-            num_shards = _sstable.signed(value)
-        elif field == 2:
-            endianness = _sstable.signed(value)
-        elif field == 3:  # VersionDef
-            for f, v in _sstable.fields(value):
-                if f == 2:
-                    min_consumer = _sstable.signed(v)
-                elif f == 3:  # repeated int32, packed by proto3 writers
-                    bad_consumers += _sstable.packed(v) if isinstance(v, bytes) else [v]
-    if endianness != 0:
+    if header.endianness != _BundleHeaderProto.LITTLE:
         raise _sstable.Unsupported(
             "it was written on a big-endian machine; jstate reads little-endian checkpoints only. "
             "Re-save it with TensorFlow on a little-endian (x86 or ARM) machine."
         )
-    if min_consumer > 1 or 1 in bad_consumers:
+    min_consumer = header.version.min_consumer
+    if min_consumer > 1 or 1 in header.version.bad_consumers:
         raise _sstable.Unsupported(
             f"it needs a tensor bundle reader of version {max(min_consumer, 2)} or newer; jstate reads "
             "version 1 (what TensorFlow 1.x and 2.x write)."
         )
     for name, t in tensors.items():
-        if not 0 <= t.shard < num_shards or t.offset < 0 or t.size < 0 or any(d < 0 for d in t.shape):
+        if not 0 <= t.shard < header.num_shards or t.offset < 0 or t.size < 0 or not _fits(t):
             raise _sstable.Garbled(
-                f"tensor '{name}' has shard {t.shard} of {num_shards}, offset {t.offset}, shape {t.shape}"
+                f"tensor '{name}' has shard {t.shard} of {header.num_shards}, offset {t.offset}, shape {t.shape}"
             )
-    return _Bundle(num_shards, tensors)
+    return _Bundle(header.num_shards, tensors)
 
 
-def _parse_entry(data: bytes) -> _BundleEntry:
-    values = {"dtype": 0, "shard": 0, "offset": 0, "size": 0, "crc32c": 0}
-    shape: list[int] = []
-    slices = 0
-    names = {1: "dtype", 3: "shard", 4: "offset", 5: "size", 6: "crc32c"}
-    for field, value in _sstable.fields(data):
-        if field == 2:  # TensorShapeProto: repeated Dim dim = 2 { int64 size = 1; }
-            for f, dim in _sstable.fields(value):
-                if f == 2:
-                    shape.append(next((_sstable.signed(v) for g, v in _sstable.fields(dim) if g == 1), 0))
-        elif field == 7:
-            slices += 1
-        elif field in names:
-            values[names[field]] = _sstable.signed(value) & 0xFFFFFFFF if field == 6 else _sstable.signed(value)
-    return _BundleEntry(shape=tuple(shape), slices=slices, **values)
+def _parse(message_class: type[Message], data: bytes, what: str) -> Message:
+    try:
+        return message_class.FromString(data)
+    except DecodeError:
+        raise _sstable.Garbled(f"{what} is not a valid {message_class.DESCRIPTOR.name}") from None
+
+
+def _entry(proto: Message) -> _BundleEntry:
+    return _BundleEntry(
+        dtype=proto.dtype,
+        shape=tuple(dim.size for dim in proto.shape.dim),
+        shard=proto.shard_id,
+        offset=proto.offset,
+        size=proto.size,
+        crc32c=proto.crc32c,
+        slices=len(proto.slices),
+    )
+
+
+def _fits(t: _BundleEntry) -> bool:
+    """Whether numpy can hold a tensor of `t`'s shape and dtype (which no sane writer exceeds).
+
+    numpy refuses a negative dimension, and a shape whose bytes, counting each empty dimension
+    as 1, overflow its index type: even an empty array, such as one of shape ``(0, 2**62)``.
+    """
+    total = _DTYPES[t.dtype].itemsize if t.dtype in _DTYPES else 1  # 1 for the skipped: only listed
+    for size in t.shape:
+        total *= max(size, 1)
+        if size < 0 or total > np.iinfo(np.intp).max:  # stops early: a long shape of huge sizes costs nothing
+            return False
+    return True
+
+
+# -- the reader -------------------------------------------------------------------------------
+class TensorFlowCheckpoint(Checkpoint):
+    """A TensorFlow tensor bundle: entries named as TensorFlow named them, each tensor verified
+    against the CRC32C its index records as it is read."""
+
+    writer = "tensorflow"
+    checksums = True
+    noun = "tensor"
+
+    def __init__(self, prefix: Path):
+        bundle = _read_index(prefix)
+        reasons = {name: _reason(t) for name, t in bundle.tensors.items()}
+        found = {n: Entry((n,), t.shape, _DTYPES[t.dtype]) for n, t in bundle.tensors.items() if reasons[n] is None}
+        step = re.search(r"-(\d+)$", prefix.name)
+        super().__init__(
+            prefix,
+            found,
+            step=int(step.group(1)) if step else None,
+            created=_index_file(prefix).stat().st_mtime,
+            skipped={n: why for n, why in reasons.items() if why is not None},
+        )
+
+    def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
+        host = read(self.path, list(wanted))  # each tensor's CRC is checked whatever `verify` says: it is free
+        return {name: place(host.pop(name), target) for name, target in wanted.items()}
+
+    @classmethod
+    def latest_in(cls, directory: Path) -> Path | None:
+        return latest(directory)
+
+
+def load(path: Path) -> TensorFlowCheckpoint | None:
+    """`path` as a TensorFlow checkpoint (its prefix or one of its files), None if it is not one."""
+    prefix = find(path)
+    return None if prefix is None else TensorFlowCheckpoint(prefix)

@@ -474,7 +474,7 @@ def test_restore_does_not_raise_an_earlier_background_save_error(state, tmp_path
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(saver, "_finish", broken)
+    monkeypatch.setattr(saver._writer, "_finish", broken)
     saver.save(state, tmp_path / "g", step=2, blocking=False)
     assert saver.restore(good, jstate.abstract(model)).uninitialized() == []
     with pytest.raises(jstate.CheckpointError, match="g-2 failed \\(OSError: disk full\\)"):

@@ -35,12 +35,12 @@ def file(tmp_path):
     return path
 
 
-def test_find_accepts_safetensors_files_only(file, tmp_path):
-    assert st.find(file) == file
-    assert st.find(tmp_path / "other.safetensors") is None
+def test_load_accepts_safetensors_files_only(file, tmp_path):
+    assert st.load(file).path == file
+    assert st.load(tmp_path / "other.safetensors") is None
     (tmp_path / "model.npz").write_bytes(b"")
-    assert st.find(tmp_path / "model.npz") is None
-    assert st.find(tmp_path) is None
+    assert st.load(tmp_path / "model.npz") is None
+    assert st.load(tmp_path) is None
 
 
 def test_entries_come_from_the_header(file):

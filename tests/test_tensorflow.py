@@ -5,7 +5,9 @@ The fixtures and the values TensorFlow saved in them come from tests/data/tensor
 
 import contextlib
 import json
+import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -142,6 +144,60 @@ def test_latest_is_none_when_the_named_checkpoint_is_gone(tmp_path):
     assert tf_ckpt.latest(tmp_path) is None
 
 
+def state_file_elsewhere(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A directory `train` beside checkpoints outside it, and names in a state file that lead to them."""
+    for outside in ("outside", "train-old"):  # train-old: a sibling whose path starts with train's
+        (tmp_path / outside).mkdir()
+        copy(tmp_path / outside, "train/model.ckpt-10")
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "link").symlink_to(tmp_path / "outside")
+    names = [
+        "../outside/model.ckpt-10",
+        "../train-old/model.ckpt-10",
+        str(tmp_path / "outside" / "model.ckpt-10"),
+        "link/model.ckpt-10",
+        "link/../../outside/model.ckpt-10",
+    ]
+    return train, names
+
+
+def test_state_file_naming_a_path_outside_its_directory_is_not_followed(tmp_path):
+    train, names = state_file_elsewhere(tmp_path)
+    for name in [*names, "..", "/", "."]:
+        (train / "checkpoint").write_text(f'model_checkpoint_path: "{name}"\n')
+        assert tf_ckpt.latest(train) is None, name
+
+
+def test_state_file_naming_a_path_outside_its_directory_falls_back_to_its_last_component_inside(tmp_path):
+    train, names = state_file_elsewhere(tmp_path)
+    copy(train, "train/model.ckpt-10")
+    for name in names:
+        (train / "checkpoint").write_text(f'model_checkpoint_path: "{name}"\n')
+        assert tf_ckpt.latest(train) == train / "model.ckpt-10", name
+
+
+def test_state_file_may_name_a_checkpoint_below_its_directory_or_reached_through_a_symlink(tmp_path):
+    train = tmp_path / "train"
+    (train / "sub").mkdir(parents=True)
+    copy(train / "sub", "train/model.ckpt-10")
+    (train / "checkpoint").write_text('model_checkpoint_path: "sub/model.ckpt-10"\n')
+    assert tf_ckpt.latest(train) == train / "sub/model.ckpt-10"
+    (train / "checkpoint").write_text(f'model_checkpoint_path: "{train}/sub/model.ckpt-10"\n')
+    assert tf_ckpt.latest(train) == train / "sub/model.ckpt-10"
+    (tmp_path / "alias").symlink_to(train)  # the directory itself a symlink: its names are still inside it
+    (train / "checkpoint").write_text('model_checkpoint_path: "sub/model.ckpt-10"\n')
+    assert tf_ckpt.latest(tmp_path / "alias") == tmp_path / "alias/sub/model.ckpt-10"
+
+
+def test_state_file_fields_a_newer_tensorflow_may_add_are_ignored(tmp_path):
+    copy(tmp_path, "train/model.ckpt-10")
+    (tmp_path / "checkpoint").write_text(
+        'model_checkpoint_path: "model.ckpt-10"\nsome_future_field: 3\nall_model_checkpoint_timestamps: 1.5\n'
+    )
+    assert tf_ckpt.latest(tmp_path) == tmp_path / "model.ckpt-10"
+
+
 # -- what cannot be read ----------------------------------------------------------------------
 def test_strings_and_partitioned_variables_are_skipped_with_reasons():
     prefix = DATA / "skipped/model.ckpt"
@@ -168,6 +224,46 @@ def test_reading_an_unknown_name_suggests_the_closest():
 
 
 # -- damage -----------------------------------------------------------------------------------
+def varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def table_block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A table block as TF writes it (uncompressed, one restart point), with its trailer."""
+    body = b"".join(varint_bytes(0) + varint_bytes(len(k)) + varint_bytes(len(v)) + k + v for k, v in entries)
+    body += (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    return body + b"\0" + _sstable.mask(crc32c.crc32c(body + b"\0")).to_bytes(4, "little")
+
+
+def sstable(entries: dict[bytes, bytes], listed: int = 1) -> bytes:
+    """An SSTable holding `entries` in one data block, which its index block lists `listed` times."""
+    data, meta = table_block(sorted(entries.items())), table_block([])
+    handle = varint_bytes(0) + varint_bytes(len(data) - _sstable.TRAILER_SIZE)
+    index = table_block([(b"%08d" % i, handle) for i in range(listed)])
+    handles = (len(data), len(meta) - _sstable.TRAILER_SIZE, len(data) + len(meta), len(index) - _sstable.TRAILER_SIZE)
+    footer = b"".join(map(varint_bytes, handles)).ljust(40, b"\0") + _sstable.TABLE_MAGIC.to_bytes(8, "little")
+    return data + meta + index + footer
+
+
+def rewrite_entry(prefix: Path, name: str, shape: tuple[int, ...] | None = None, **fields) -> None:
+    """Change tensor `name`'s BundleEntryProto in the index, checksums kept valid (as a buggy writer would)."""
+    index = prefix.with_name(prefix.name + ".index")
+    entries = dict(_sstable.table(index.read_bytes()))
+    entry = tf_ckpt._BundleEntryProto.FromString(entries[name.encode()])
+    if shape is not None:
+        del entry.shape.dim[:]
+        for size in shape:
+            entry.shape.dim.add(size=size)
+    for field, value in fields.items():
+        setattr(entry, field, value)
+    entries[name.encode()] = entry.SerializeToString()
+    index.write_bytes(sstable(entries))
+
+
 def flip_byte_of(prefix: Path, name: str) -> None:
     tensor = tf_ckpt._read_index(prefix).tensors[name]
     data_file = prefix.with_name(prefix.name + ".data-00000-of-00001")
@@ -262,6 +358,56 @@ def test_garbage_that_passes_the_block_checksums_is_refused_or_read(tmp_path):
         index.write_bytes(bytes(data))
         with contextlib.suppress(CheckpointError):
             tf_ckpt.read(prefix, list(tf_ckpt.entries(prefix)))
+
+
+@pytest.mark.parametrize("times", [2, 5000])
+def test_an_index_listing_one_block_many_times_is_corrupt_and_parses_it_once(tmp_path, monkeypatch, times):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    index = tmp_path / "model.ckpt.index"
+    entries = dict(_sstable.table(index.read_bytes()))
+    index.write_bytes(sstable(entries))
+    assert tf_ckpt.entries(prefix) == tf_ckpt.entries(DATA / "guide/model.ckpt")  # the table built here reads
+    index.write_bytes(sstable(entries, listed=times))
+    parsed = []
+    block = _sstable.block
+
+    def counted_block(data, offset, size):
+        parsed.append(offset)
+        return block(data, offset, size)
+
+    monkeypatch.setattr(_sstable, "block", counted_block)
+    with pytest.raises(CorruptCheckpointError, match=r"model\.ckpt\.index is damaged \(the index lists blocks twice"):
+        tf_ckpt.entries(prefix)
+    assert len(parsed) == 2  # the index block and the data block, once each, however often it is listed
+
+
+@pytest.mark.parametrize("shape", [(0, 2**62), (2**32, 2**32), (3, 0, 2**40, 2**40), (2**63 - 1,), (-1, 3), (3, -5)])
+def test_a_tensor_of_a_shape_no_array_can_have_is_corrupt(tmp_path, shape):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    # The size that shape would take, where an int64 holds it: only the shape is at fault.
+    rewrite_entry(prefix, "v1", shape, size=min(max(math.prod(shape), 0) * 4, 2**63 - 1))
+    damaged = rf"\.index is damaged \(tensor 'v1' has shard 0 of 1, offset \d+, shape {re.escape(str(shape))}"
+    with pytest.raises(CorruptCheckpointError, match=damaged):
+        tf_ckpt.entries(prefix)
+    with pytest.raises(CorruptCheckpointError, match=damaged):
+        tf_ckpt.read(prefix, ["v1"])
+
+
+def test_a_tensor_of_more_dimensions_than_numpy_allows_is_skipped_with_the_reason(tmp_path):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    rewrite_entry(prefix, "v1", (1,) * 65 + (3,))
+    assert "v1" not in tf_ckpt.entries(prefix)
+    assert "a tensor of rank 66; numpy arrays have at most" in tf_ckpt.skipped(prefix)["v1"]
+    with pytest.raises(CheckpointError, match=r"tensor 'v1' cannot be read: it is a tensor of rank 66"):
+        tf_ckpt.read(prefix, ["v1"])
+
+
+@pytest.mark.parametrize("change", [{"shape": (2**20, 2**20), "size": 2**42}, {"offset": 2**62}])
+def test_a_tensor_recorded_past_the_end_of_its_data_file_is_refused_before_allocating(tmp_path, change):
+    prefix = copy(tmp_path, "guide/model.ckpt")
+    rewrite_entry(prefix, "v1", **change)
+    with pytest.raises(CorruptCheckpointError, match=r"data-00000-of-00001 is truncated: tensor 'v1' needs bytes"):
+        tf_ckpt.read(prefix, ["v1"])
 
 
 def test_a_missing_index_is_not_found(tmp_path):

@@ -1,0 +1,154 @@
+"""The manifest of a jstate checkpoint, ``jstate.json``: written by the Saver, read by the
+jstate reader, and nowhere else.
+
+A jstate checkpoint is a directory holding ``arrays/`` (an Orbax PyTree checkpoint keyed by
+variable name) and this manifest: each variable's shape, dtype and the CRC32C of every saved
+region, and the size and CRC32C of every file under ``arrays/``. The manifest checksums itself:
+it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
+without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _files
+from ._errors import CorruptCheckpointError
+from ._integrity import checksum
+
+FILE = "jstate.json"
+ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
+FORMAT = "jstate.checkpoint"
+VERSION = 1
+
+_HEAD = b'{"checksum":"'
+_HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """One saved variable.
+
+    Attributes:
+      shape: its shape.
+      dtype: its dtype.
+      digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    digests: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a jstate checkpoint holds, and the checksums that prove it.
+
+    Attributes:
+      variables: every saved variable, by checkpoint name.
+      step: the step it was saved at, if any.
+      created: seconds since the epoch when it was committed.
+      files: ``{path under arrays/: (size, crc32c)}`` of every file Orbax wrote.
+
+    >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
+    >>> Manifest.decode(m.encode(), "ckpt") == m
+    True
+    """
+
+    variables: dict[str, Variable]
+    step: int | None = None
+    created: float = 0.0
+    files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The manifest as checksummed JSON bytes."""
+        return encode(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": self.step,
+                "variables": {
+                    n: {"shape": list(v.shape), "dtype": v.dtype.name, "digests": v.digests}
+                    for n, v in self.variables.items()
+                },
+                "created": self.created,
+                "files": {rel: list(record) for rel, record in self.files.items()},
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, where: str | Path) -> Manifest:
+        """Parse and validate manifest bytes of the checkpoint at `where`.
+
+        Raises:
+          CorruptCheckpointError: the bytes fail their checksum or are not a valid manifest.
+        """
+        try:
+            if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
+                raise ValueError("checksum mismatch")
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
+                raise ValueError("not a jstate manifest")
+            variables = {
+                str(n): Variable(
+                    _shape(v["shape"]), _dtype(v["dtype"]), {str(k): int(c) for k, c in v.get("digests", {}).items()}
+                )
+                for n, v in raw["variables"].items()
+            }
+            files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
+            step = raw.get("step")
+            return cls(variables, None if step is None else int(step), float(raw.get("created", 0.0)), files)
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}). "
+                "Restore an earlier checkpoint."
+            ) from e
+
+    def write(self, directory: Path) -> None:
+        """Write the manifest into `directory`, atomically and flushed to disk."""
+        with _files.atomic(Path(directory) / FILE) as tmp:
+            tmp.write_bytes(self.encode())
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest | None:
+        """The manifest in `directory`, None if there is none.
+
+        Raises:
+          CorruptCheckpointError: it cannot be read, or is damaged.
+        """
+        path = Path(directory) / FILE
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CorruptCheckpointError(f"Checkpoint {directory}: cannot read {FILE} ({e.strerror}).") from e
+        return cls.decode(data, directory)
+
+
+def encode(raw: dict[str, Any]) -> bytes:
+    """A JSON object as manifest bytes: its own CRC32C first, then the rest."""
+    rest = json.dumps({k: v for k, v in raw.items() if k != "checksum"}, separators=(",", ":"))[1:].encode()
+    return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in value)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return shape
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(jnp.dtype(name))  # knows bfloat16 and the other ml_dtypes

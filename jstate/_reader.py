@@ -1,0 +1,134 @@
+"""`Checkpoint`: the one interface every checkpoint format implements.
+
+A format is a module with ``load(path) -> Checkpoint | None`` (None: not this format) and a
+`Checkpoint` subclass that knows its entries from metadata alone and reads some of them:
+
+  _native.py        jstate's own checkpoints (a manifest over an Orbax checkpoint)
+  _orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax, CheckpointManager steps)
+  _tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
+  _safetensors.py   ``.safetensors`` files
+
+`_checkpoint.py` finds a checkpoint and asks each format in turn; nothing else knows a format.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ._display import checkpoint_table
+from ._errors import CheckpointError, CorruptCheckpointError, not_in_checkpoint
+from ._placement import or_default
+from ._spec import Entry
+from ._table import Table
+
+
+class Checkpoint(abc.ABC):
+    """One complete checkpoint, opened from its metadata: what it holds, and a way to read it.
+
+    `jstate.open_checkpoint` returns one; it prints as a table of its entries.
+
+    Attributes:
+      path: the checkpoint (a directory, a TensorFlow prefix, or a file).
+      writer: who wrote it: "jstate", "orbax" (plain Orbax or Flax), "tensorflow" or
+        "safetensors".
+      step: its step, when it was saved with one.
+      created: seconds since the epoch when it was committed (0 when unknown).
+      entries: every array it holds that jstate can read, by name.
+      skipped: entries jstate cannot read (strings, partitioned slices, ...), with the reason.
+      checksums: whether reads are verified against checksums the checkpoint stores.
+
+    >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model", step=1))
+    >>> ckpt.writer, ckpt.step, ckpt.entries["biases"].shape
+    ('jstate', 1, (200,))
+    """
+
+    writer: str = ""
+    checksums: bool = False
+    noun: str = "variable"  # what the format calls an entry, for messages
+
+    def __init__(
+        self,
+        path: Path,
+        entries: Mapping[str, Entry],
+        *,
+        step: int | None = None,
+        created: float = 0.0,
+        skipped: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self.entries = dict(entries)
+        self.step = step
+        self.created = created
+        self.skipped = dict(skipped or {})
+
+    def entry(self, name: str) -> Entry:
+        """The entry `name`.
+
+        Raises:
+          CheckpointError: the checkpoint holds no such entry (naming the closest ones), or
+            holds it in a form jstate cannot read (with the reason).
+        """
+        found = self.entries.get(name)
+        if found is not None:
+            return found
+        if name in self.skipped:
+            raise CheckpointError(f"Checkpoint {self.path}: jstate cannot read '{name}' ({self.skipped[name]}).")
+        raise not_in_checkpoint(f"Checkpoint {self.path}", [name], self.entries, self.noun)
+
+    def read(self, wanted: Mapping[str, jax.ShapeDtypeStruct], *, verify: bool = True) -> dict[str, jax.Array]:
+        """Read the entries `wanted`, each onto its struct's sharding and cast to its dtype.
+
+        Only these entries are read. With `verify`, formats that store checksums check them
+        (on the stored bytes, before any cast).
+
+        Raises:
+          CheckpointError: for an entry the checkpoint does not hold or jstate cannot read.
+          CorruptCheckpointError: the files fail a checksum, size or structure check; the
+            message names the checkpoint, the entry and, where known, the damaged file.
+        """
+        for name in wanted:
+            self.entry(name)
+        try:
+            return self._read(dict(wanted), verify)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            names = sorted(wanted)
+            which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
+            raise CorruptCheckpointError(
+                f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}){self._damage()}."
+            ) from e
+
+    @abc.abstractmethod
+    def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
+        """`read` without the checks: every name in `wanted` is one of `entries`."""
+
+    def _damage(self) -> str:
+        """A clause naming what is damaged, for a read that failed."""
+        return f"; its files under {self.path} are damaged or incomplete"
+
+    @classmethod
+    def latest_in(cls, directory: Path) -> Path | None:
+        """The checkpoint this format's own bookkeeping in `directory` names as the latest
+        (TensorFlow's ``checkpoint`` state file), or None to go by step and time."""
+        return None
+
+    def table(self) -> Table:
+        return checkpoint_table(self)
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array on its target's sharding and dtype. Every process holds the whole array, so
+    this works for shardings over several processes too."""
+    return jax.device_put(host.astype(target.dtype, copy=False), or_default(target.sharding))

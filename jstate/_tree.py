@@ -1,0 +1,69 @@
+"""Pytrees <-> flat ``{"a/b/c": leaf}`` dicts: how any training pytree (nested dicts, optax
+states, Flax variables, NNX states) becomes named variables, and back.
+
+These work on plain mappings, not on `State`, so `State` can build on them (and `jstate.to_nnx`
+can take a State, which is a mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import traverse_util
+
+from ._names import SEP
+
+
+def path_name(path: jax.tree_util.KeyPath) -> str:
+    """The variable name of a tree path: its keys joined by "/" (``{"a": [x]}`` -> ``"a/0"``)."""
+    return jax.tree_util.keystr(path, simple=True, separator=SEP)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """``{name: leaf}`` of any pytree, names from `path_name`; `jax.ShapeDtypeStruct` is a leaf.
+
+    >>> flatten({"a": {"b": 1}, "c": [2, 3]})
+    {'a/b': 1, 'c/0': 2, 'c/1': 3}
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return {path_name(path): leaf for path, leaf in leaves}
+
+
+def unflatten(flat: Mapping[str, Any], like: Any = None) -> Any:
+    """The inverse of `flatten`: nested dicts by default, or the structure of `like`.
+
+    Args:
+      flat: ``{name: leaf}``.
+      like: any pytree; each of its leaves is replaced by ``flat[its path name]``.
+
+    >>> unflatten({"a/b": 1, "c": 2})
+    {'a': {'b': 1}, 'c': 2}
+    >>> unflatten({"0": "x", "1": "y"}, like=(0, 0))
+    ('x', 'y')
+    """
+    if like is None:
+        return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+    return jax.tree_util.tree_map_with_path(lambda path, _: flat[path_name(path)], like)
+
+
+def from_nnx(source: Any) -> dict[str, Any]:
+    """``{name: array}`` of an NNX module or `nnx.State`, named by their paths."""
+    from flax import nnx  # NNX is imported only by code that uses it
+
+    if isinstance(source, nnx.Module):
+        source = nnx.state(source)
+    return flatten(nnx.to_pure_dict(source))
+
+
+def to_nnx(flat: Mapping[str, Any]) -> Any:
+    """An `nnx.State` of ``{name: array}`` (a State too), for ``nnx.update(module, ...)``.
+
+    Path parts that are numbers (list indices, ``"layers/0/kernel"``) become ints, as NNX
+    expects.
+    """
+    from flax import nnx
+
+    nested = {tuple(int(p) if p.isdigit() else p for p in n.split(SEP)): v for n, v in flat.items()}
+    return nnx.State(traverse_util.unflatten_dict(nested))
