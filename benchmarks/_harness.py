@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,11 @@ def malloc_setting() -> str:
     return " ".join(chosen) if chosen else "glibc defaults (no MALLOC_* set)"
 
 
+def command_line() -> str:
+    """How this script was run, as a shell command (the script's path relative to the working directory)."""
+    return shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
 def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 60 s)")
@@ -46,6 +52,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def print_header(title: str, quick: bool, jax_module) -> None:
     print(f"== {title} ==")
+    print(f"command: {command_line()}")
     print(
         f"jax {jax_module.__version__}, {len(jax_module.devices())} {jax_module.default_backend()} device(s), "
         f"{os.cpu_count()} cores, python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}"

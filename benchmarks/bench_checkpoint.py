@@ -506,6 +506,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="jstate-bench-checkpoint-", dir=args.workdir))
     same = os.stat(workdir).st_dev == os.stat("/tmp").st_dev
     print("== jstate checkpoint benchmarks ==")
+    print(f"command: {h.command_line()}")
     print(
         f"jax {jax.__version__}, orbax-checkpoint {ocp.__version__}, numpy {np.__version__}, "
         f"{len(jax.devices())} {jax.default_backend()} device(s), {os.cpu_count()} cores, "

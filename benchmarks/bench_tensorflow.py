@@ -40,7 +40,7 @@ import crc32c  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jstate import _tensorflow  # noqa: E402
+from jstate import _sstable, _tensorflow  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _block(items: list[tuple[bytes, bytes]]) -> bytes:
 def _write_block(f, contents: bytes) -> bytes:
     """Append a block and its trailer; its BlockHandle."""
     handle = _varint(f.tell()) + _varint(len(contents))
-    f.write(contents + b"\x00" + _tensorflow._mask(crc32c.crc32c(contents + b"\x00")).to_bytes(4, "little"))
+    f.write(contents + b"\x00" + _sstable.mask(crc32c.crc32c(contents + b"\x00")).to_bytes(4, "little"))
     return handle
 
 
@@ -121,7 +121,7 @@ def write_bundle(prefix: Path, arrays: dict[str, np.ndarray], shards: int) -> No
         with open(f"{prefix}.data-{shard:05d}-of-{shards:05d}", "wb") as f:
             for name in names[shard::shards]:
                 data = memoryview(np.ascontiguousarray(arrays[name], np.float32).reshape(-1).view(np.uint8))
-                crc = _tensorflow._mask(crc32c.crc32c(data))
+                crc = _sstable.mask(crc32c.crc32c(data))
                 entries[name] = _entry_proto(arrays[name].shape, shard, f.tell(), data.nbytes, crc)
                 f.write(data)
     header = _field(1, shards) + _field(3, _field(1, 1))  # num_shards, version {producer: 1}

@@ -5,17 +5,21 @@ this module only finds a checkpoint and asks each format whether it is one of it
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import numpy as np
 
-from . import _files, _native, _orbax, _safetensors, _tensorflow
+from . import _native, _orbax, _safetensors, _tensorflow
 from ._errors import CheckpointError, CheckpointNotFoundError, closest
 from ._reader import Checkpoint
 
 # Each format's ``load(path) -> Checkpoint | None``, asked in turn. jstate's own comes first:
 # its arrays are an Orbax checkpoint, which the plain Orbax reader would also claim.
+T = TypeVar("T")
 _FORMATS = (_native.load, _orbax.load, _tensorflow.load, _safetensors.load)
 
 
@@ -71,7 +75,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
-    """Complete checkpoints in directory `path`, or named ``<path>-<step>`` beside it, oldest first.
+    """Complete checkpoints in directory `path`, or named ``<path>-<step>`` beside it, in the
+    order they were committed (oldest first).
 
     >>> [c.step for c in checkpoints("ckpt")] == sorted(c.step for c in checkpoints("ckpt"))
     True
@@ -90,10 +95,20 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
         ckpt = _open_quietly(entry)
         if ckpt is None or ckpt.path in found:  # (a TensorFlow checkpoint is found by each of its files)
             continue
-        if prefix is not None and ckpt.path.name != prefix and _files.step_of(ckpt.path.name, prefix) is None:
+        if prefix is not None and ckpt.path.name != prefix and step_of(ckpt.path.name, prefix) is None:
             continue
         found[ckpt.path] = ckpt
-    return sorted(found.values(), key=lambda c: (c.step if c.step is not None else -1, c.created))
+    return sorted(found.values(), key=lambda c: c.created)
+
+
+def step_of(name: str, prefix: str) -> int | None:
+    """The step in a checkpoint name ``<prefix>-<step>``, or None.
+
+    >>> step_of("model-1000", "model"), step_of("model-2-7", "model")
+    (1000, None)
+    """
+    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -105,14 +120,37 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _latest(path: Path) -> Checkpoint | None:
-    found = checkpoints(path)
-    if not found:
-        return None
-    if path.is_dir():
-        named = type(found[-1]).latest_in(path)  # a format's own bookkeeping (TF's state file) decides
-        if named is not None:
-            return _open(named)
-    return found[-1]
+    """The most recently committed checkpoint. Writers beside us may delete the one we choose
+    (retention) right after committing a newer one: then we look again, so a reader never
+    comes back empty while a complete checkpoint existed at every moment."""
+    for _ in range(_RELIST):
+        found = checkpoints(path)
+        if not found:
+            return None
+        chosen = found[-1]
+        if path.is_dir():
+            named = type(chosen).latest_in(path)  # a format's own bookkeeping (TF's state file) decides
+            if named is not None:
+                chosen = _open_quietly(named) or chosen
+        if not chosen.changed():
+            return chosen
+    return chosen
+
+
+_RELIST = 10
+
+
+def reading(path: str | os.PathLike, read: Callable[[Checkpoint], T]) -> T:
+    """`read(open_checkpoint(path))`, again with the checkpoint `path` names now if the one
+    read was re-saved or deleted meanwhile (by retention, or another writer)."""
+    for attempt in range(_RELIST):
+        ckpt = open_checkpoint(path)
+        try:
+            return read(ckpt)
+        except CheckpointError:
+            if attempt == _RELIST - 1 or not ckpt.changed():
+                raise
+    raise AssertionError("unreachable")
 
 
 def latest_checkpoint(path: str | os.PathLike) -> str | None:
@@ -146,6 +184,9 @@ def load_variable(path: str | os.PathLike, name: str, *, verify: bool = True) ->
     >>> jstate.load_variable(jstate.Saver().save(state, "ckpt/model"), "biases").shape
     (200,)
     """
-    ckpt = open_checkpoint(path)
-    entry = ckpt.entry(name)
-    return ckpt.read({name: jax.ShapeDtypeStruct(entry.shape, entry.dtype)}, verify=verify)[name]
+
+    def read(ckpt: Checkpoint) -> jax.Array:
+        entry = ckpt.entry(name)
+        return ckpt.read({name: jax.ShapeDtypeStruct(entry.shape, entry.dtype)}, verify=verify)[name]
+
+    return reading(path, read)

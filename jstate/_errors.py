@@ -11,57 +11,140 @@ from collections.abc import Iterable
 
 
 class JStateError(Exception):
-    """Base class of every jstate error."""
+    """Base class of every jstate error.
+
+    >>> try:
+    ...     state["weight"]
+    ... except jstate.JStateError as e:  # also a KeyError here
+    ...     print(type(e).__name__, isinstance(e, KeyError))
+    UnknownVariableError True
+    """
 
 
 class InvalidNameError(JStateError, ValueError):
-    """A variable name is malformed or declared twice."""
+    """A variable name is malformed or declared twice.
+
+    >>> jstate.State({"a//b": jnp.ones(2)})
+    Traceback (most recent call last):
+    ...
+    jstate._errors.InvalidNameError: Variable 'a//b': invalid name 'a//b': it has an empty part ('//').
+    """
 
 
 class SpecMismatchError(JStateError, ValueError):
-    """A value's shape or dtype differs from its variable's declaration."""
+    """A value's shape or dtype differs from its variable's declaration.
+
+    >>> state.assign("biases", jnp.ones(3))
+    Traceback (most recent call last):
+    ...
+    jstate._errors.SpecMismatchError: Cannot assign variable 'biases': declared shape (200,) and dtype float32,
+    given shape (3,) and dtype float32...
+    """
 
 
 class UninitializedError(JStateError, KeyError):
-    """A variable is declared but holds no value yet."""
+    """A variable is declared but holds no value yet.
+
+    >>> jstate.abstract(model)["weights"]
+    Traceback (most recent call last):
+    ...
+    jstate._errors.UninitializedError: Variable 'weights' is declared but not initialized. Initialize it with
+    `jstate.init(model, key, state=state)` or restore it with `Saver.restore`.
+    """
 
     def __str__(self) -> str:  # KeyError would quote the whole message.
         return str(self.args[0])
 
 
 class UnknownVariableError(JStateError, KeyError):
-    """A name that no variable of the State or model declares."""
+    """A name that no variable of the State or model declares.
+
+    >>> state["weight"]
+    Traceback (most recent call last):
+    ...
+    jstate._errors.UnknownVariableError: Variable 'weight' is not declared. Did you mean 'weights'? ...
+    """
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
 class InitializerError(JStateError, ValueError):
-    """An initializer has the wrong signature or returns the wrong shape or dtype."""
+    """An initializer has the wrong signature or returns the wrong shape or dtype.
+
+    >>> jstate.abstract(lambda s: s.variable("w", jstate.initializers.zeros))
+    Traceback (most recent call last):
+    ...
+    jstate._errors.InitializerError: Variable 'w': a shape is required with an initializer, e.g. ...
+    """
 
 
 class ModelError(JStateError, RuntimeError):
-    """The model function raised while it was being traced."""
+    """The model function raised while it was being traced.
+
+    >>> def model(s):
+    ...     w = s.variable("w", jnp.zeros(2))
+    ...     s.variable("b", w @ jnp.zeros(3))
+    >>> jstate.abstract(model)
+    Traceback (most recent call last):
+    ...
+    jstate._errors.ModelError: Model `model` failed after declaring variable 'w' (the last one declared):
+    TypeError: dot_general requires contracting dimensions to have the same shape, got (2,) and (3,).
+    """
 
 
 class PlacementError(JStateError, ValueError):
-    """A device, sharding or placement rule cannot be applied."""
+    """A device, sharding or placement rule cannot be applied.
+
+    >>> jstate.abstract(lambda s: s.variable("w", jnp.zeros(2), device="cpu:99"))
+    Traceback (most recent call last):
+    ...
+    jstate._errors.PlacementError: Variable 'w': device spec 'cpu:99' matches no device. Devices: cpu:0 ...
+    """
 
 
 class MappingError(JStateError, ValueError):
-    """A Saver's name mapping is malformed, ambiguous, or names undeclared variables."""
+    """A Saver's name mapping is malformed, ambiguous, or names undeclared variables.
+
+    >>> jstate.Saver({"encoder/": "weights"})
+    Traceback (most recent call last):
+    ...
+    jstate._errors.MappingError: Saver entry 'encoder/': 'weights': a scope (ending in '/') must map to a scope.
+    """
 
 
 class CheckpointError(JStateError, ValueError):
-    """A checkpoint cannot be written or read; the message names the path and variable."""
+    """A checkpoint cannot be written or read; the message names the path and variable.
+
+    >>> jstate.load_variable(jstate.Saver().save(state, "ckpt/model"), "weight")
+    Traceback (most recent call last):
+    ...
+    jstate._errors.CheckpointError: Checkpoint ckpt/model holds no variable 'weight'. Did you mean 'weights'? ...
+    """
 
 
 class CheckpointNotFoundError(CheckpointError):
-    """No checkpoint at a path."""
+    """No checkpoint at a path.
+
+    >>> jstate.open_checkpoint("ckpt/model-1000")
+    Traceback (most recent call last):
+    ...
+    jstate._errors.CheckpointNotFoundError: No checkpoint at ckpt/model-1000: it does not exist.
+    """
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A checkpoint's files are truncated, altered, or incomplete."""
+    """A checkpoint's files are truncated, altered, or incomplete.
+
+    >>> path = jstate.save_safetensors(state, "model.safetensors")
+    >>> with open(path, "r+b") as f:
+    ...     _ = f.truncate(100)
+    >>> jstate.open_checkpoint(path)
+    Traceback (most recent call last):
+    ...
+    jstate._errors.CorruptCheckpointError: Safetensors file model.safetensors is damaged or truncated (...).
+    Restore or re-export it.
+    """
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

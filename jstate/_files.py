@@ -1,35 +1,90 @@
-"""Checkpoint directories on disk: the commit protocol, listing, and deletion.
+"""File operations that checkpoints need, each durable and atomic where the file system allows,
+and the tokens that tell a live writer's files from a dead one's.
 
-A checkpoint is written into a hidden temporary directory next to its final path, flushed to
-disk, and committed by one ``rename``: a directory at a checkpoint's final name is complete.
-Old checkpoints are renamed to a hidden name before they are deleted, so a process killed
-mid-deletion never leaves a half-deleted checkpoint under a listed name.
+Nothing here knows what a checkpoint looks like; that is `_commit`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import re
+import secrets
 import shutil
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_TMP = ".jstate-tmp"
-_DELETING = ".jstate-deleting"
-_REPLACED = ".jstate-replaced"
+# Other hosts' leftovers are removed only when they are this old: a live writer on another
+# host cannot be asked whether it is alive.
+STALE_AFTER = 24 * 3600.0
+_HOST = socket.gethostname().replace("_", "-").replace(".", "-")[:32] or "host"  # no "_" or "." in tokens
+# Tokens of this process's writes in flight: its other tokens are leftovers of its own
+# interrupted or failed saves.
+_active: set[str] = set()
+_active_lock = threading.Lock()
 
 
-def temporary(final: Path) -> Path:
-    """The hidden name `final` is written under before it is published."""
-    return final.parent / f".{final.name}{_TMP}"
+def token() -> str:
+    """A name no other write, in any process on any host, uses: ``<time>_<pid>_<random>_<host>``."""
+    return f"{int(time.time()):x}_{os.getpid()}_{secrets.token_hex(4)}_{_HOST}"
+
+
+def begin(name: str) -> None:
+    """Mark token `name` as a write in flight of this process, until `end`."""
+    with _active_lock:
+        _active.add(name)
+
+
+def end(name: str) -> None:
+    with _active_lock:
+        _active.discard(name)
+
+
+@contextlib.contextmanager
+def writing(name: str) -> Iterator[None]:
+    """Mark token `name` as a write in flight of this process while the block runs."""
+    begin(name)
+    try:
+        yield
+    finally:
+        end(name)
+
+
+def alive(name: str, now: float | None = None) -> bool:
+    """Whether the writer of token `name` may still be writing.
+
+    This process's tokens are alive while `writing`; another process on this host while it
+    runs; another host's until `STALE_AFTER` seconds after the token was made. A name that is
+    no token is alive: what jstate does not recognize, it never deletes.
+    """
+    try:
+        started, pid, _, host = name.split("_", 3)
+        started, pid = int(started, 16), int(pid)
+    except ValueError:
+        return True
+    if host != _HOST:
+        return (time.time() if now is None else now) - started < STALE_AFTER
+    if pid == os.getpid():
+        with _active_lock:
+            return name in _active
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process we may not signal is alive
+    return True
 
 
 @contextlib.contextmanager
 def atomic(path: Path) -> Iterator[Path]:
     """Write one file atomically: the block writes the path it is given; on success that file
     is flushed and renamed to `path` (replacing it), and the rename is flushed too. A failure
-    or a kill leaves `path` as it was.
+    or a kill leaves `path` as it was. Concurrent writers of one path each write their own
+    temporary file; the last rename wins.
 
     >>> with atomic(Path("note.txt")) as tmp:
     ...     _ = tmp.write_text("hello")
@@ -37,93 +92,100 @@ def atomic(path: Path) -> Iterator[Path]:
     'hello'
     """
     path = Path(path)
-    tmp = temporary(path)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
+    name = token()
+    tmp = path.parent / f".{path.name}.{name}.tmp"
+    with writing(name):
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            yield tmp
+            sync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     sync_dir(path.parent)
 
 
-def sync_tree(directory: Path) -> None:
-    """fsync every file and directory under `directory`, so a power loss keeps what was saved."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        sync_dir(Path(root))
+def temporary_token(name: str) -> str | None:
+    """The token in the name of an `atomic` temporary file, or None if `name` is not one."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    parts = name[:-4].rsplit(".", 1)
+    return parts[1] if len(parts) == 2 else None
 
 
-def sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def makedirs(directory: Path) -> None:
+    """Create `directory` and its missing parents, each flushed into its parent, so a power
+    loss cannot lose a directory a checkpoint was committed into."""
+    directory = Path(directory)
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        if directory.parent == directory:
+            break
+        directory = directory.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+        sync_dir(new.parent)
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """Publish `tmp` as `final`, replacing an older jstate checkpoint of that name.
-
-    Replacing takes two renames (old out of sight, new in place). A process killed between
-    them leaves the old checkpoint under a hidden ``.replaced`` name, which `clean_stale` (the
-    next save to that directory) puts back: no kill loses both.
-    """
-    sync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}{_REPLACED}"
-        _remove(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    sync_dir(final.parent)
-    if old is not None:
-        _remove(old)
+def sync_dir(directory: Path) -> None:
+    sync_file(directory)
 
 
-def delete(path: Path) -> None:
-    """Delete a checkpoint: first out of sight (one rename), then its files."""
-    hidden = path.parent / f".{path.name}{_DELETING}"
-    _remove(hidden)
-    os.rename(path, hidden)
-    sync_dir(path.parent)
-    _remove(hidden)
+def sync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory`, so a power loss keeps what was saved."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            sync_file(Path(root, name))
+        sync_dir(Path(root))
 
 
-def clean_stale(directory: Path) -> None:
-    """Remove what killed saves and deletions left behind in `directory`."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        if not entry.name.startswith("."):
-            continue
-        if entry.name.endswith(_REPLACED):
-            original = directory / entry.name[1 : -len(_REPLACED)]
-            if not original.exists():  # killed between the two renames of `commit`: put it back
-                os.rename(entry, original)
-                continue
-        if entry.name.endswith((_TMP, _DELETING, _REPLACED)):
-            _remove(entry)
-
-
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree; what is already gone is no error."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    else:
+        path.unlink(missing_ok=True)
 
 
-def step_of(name: str, prefix: str) -> int | None:
-    """The step in a checkpoint name ``<prefix>-<step>``, or None."""
-    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
-    return int(m.group(1)) if m else None
+def remove_empty_dir(directory: Path) -> None:
+    """Remove `directory` if it is empty: never what another writer has just put in it."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(directory)
+        sync_dir(Path(directory).parent)
+
+
+def check_name_lengths(path: Path, longest_extra: int = 0) -> None:
+    """Raise OSError(ENAMETOOLONG) before anything is written if a part of `path`, or its last
+    part with `longest_extra` more characters (a temporary name), is longer than the file
+    system allows."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for i, part in enumerate(path.parts):
+        extra = longest_extra if i == len(path.parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise OSError(
+                errno.ENAMETOOLONG,
+                f"{os.strerror(errno.ENAMETOOLONG)}: the name {part!r} has {len(os.fsencode(part))} bytes; "
+                f"with jstate's temporary names ({extra} more) the file system allows {limit}",
+                str(path),
+            )

@@ -24,9 +24,11 @@ def flax_model(module: Any, *args: Any, method: str | None = None, **kwargs: Any
     array values to jstate, not initializer calls), so a model too large for one device should
     be restored from a checkpoint rather than initialized this way.
 
+    >>> from flax import linen as nn
     >>> model = jstate.flax_model(nn.Dense(3), jnp.ones((1, 4)))
     >>> state = jstate.init(model, jax.random.key(0))
-    >>> y = nn.Dense(3).apply(state.tree(), x)
+    >>> list(state), nn.Dense(3).apply(state.tree(), jnp.ones((1, 4))).shape
+    (['params/bias', 'params/kernel'], (1, 3))
     """
 
     def model(s: Scope) -> None:

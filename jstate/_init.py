@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from jax.sharding import Mesh
 
 from . import _placement
 from ._display import placement_table
-from ._errors import JStateError, ModelError, SpecMismatchError, unknown_names
+from ._errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ._scope import Record, Scope
 from ._spec import VariableSpec
 from ._state import State, _Layout
@@ -31,28 +32,53 @@ class _Plan:
     steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
     jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
     layout: _Layout  # every variable declared, none initialized
+    unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
 
 
 # Traces are cached per model function, like `jax.jit`'s: the model's Python runs once per
-# model, mesh, rules and key type.
+# model, mesh, rules, soft placement and key type.
 _plans: weakref.WeakKeyDictionary[Callable, dict] = weakref.WeakKeyDictionary()
 
 
-def _plan(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: Any) -> _Plan:
+def _plan(
+    model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: Any, soft: bool, unused_rules: str
+) -> _Plan:
+    if unused_rules not in _UNUSED_RULES:
+        raise ValueError(f'`unused_rules=` is "error", "warn" or "ignore", got {unused_rules!r}.')
     compiled = _placement.compile_rules(rules)
-    cache_key = (key_type.shape, key_type.dtype, mesh, tuple((p.pattern, t) for p, t in compiled))
+    cache_key = (key_type.shape, key_type.dtype, mesh, tuple((p.pattern, t) for p, t in compiled), bool(soft))
     try:
         per_model = _plans.setdefault(model, {})
-        return per_model[cache_key]
+        plan = per_model[cache_key]
     except KeyError:
-        plan = per_model[cache_key] = _trace(model, key_type, mesh, compiled)
-        return plan
+        plan = per_model[cache_key] = _trace(model, key_type, mesh, compiled, bool(soft))
     except TypeError:  # a model that cannot be weakly referenced, or an unhashable rule target
-        return _trace(model, key_type, mesh, compiled)
+        plan = _trace(model, key_type, mesh, compiled, bool(soft))
+    if plan.unused and unused_rules != "ignore":
+        _unused_rules(model, plan, unused_rules)
+    return plan
 
 
-def _trace(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules) -> _Plan:
-    record = Record(mesh, rules)
+_UNUSED_RULES = ("error", "warn", "ignore")
+
+
+def _unused_rules(model: Model, plan: _Plan, unused_rules: str) -> None:
+    rules = " and ".join(f"{i} ({pattern!r})" for i, pattern in plan.unused)
+    several = len(plan.unused) > 1
+    message = (
+        f"Placement rule{'s' if several else ''} {rules} match{'' if several else 'es'} no variable of model "
+        f"`{getattr(model, '__qualname__', repr(model))}` (it declares {shorten(s.name for s in plan.specs)}). "
+        'Fix the regex, or pass `unused_rules="warn"` (or "ignore") for rules shared with other models.'
+    )
+    if unused_rules == "error":
+        raise PlacementError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _trace(
+    model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules, soft: bool
+) -> _Plan:
+    record = Record(mesh, rules, soft)
 
     def run(key):
         model(Scope(record, key))
@@ -72,7 +98,8 @@ def _trace(model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rule
         name = getattr(model, "__qualname__", repr(model))
         raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
     specs = tuple(record.specs.values())
-    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()))
+    unused = _placement.unused_rules(rules, [s.name for s in specs])
+    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()), unused)
 
 
 def init(
@@ -83,6 +110,8 @@ def init(
     state: State | None = None,
     mesh: Mesh | None = None,
     rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
 ) -> State:
     """Initialize a model's variables with compiled XLA code (TF's ``global_variables_initializer``).
 
@@ -98,14 +127,23 @@ def init(
         values are kept as they are (bit for bit).
       mesh: the `jax.sharding.Mesh` that PartitionSpecs refer to.
       rules: ``[(regex, spec), ...]``; a variable without its own placement takes the spec of
-        the first regex that matches (``re.search``) its name.
+        the first regex that matches (``re.search``) its name. A spec may be
+        `jstate.round_robin` (TF's ``replica_device_setter``).
+      soft_placement: a device string that matches no device of this machine (``"/gpu:0"``
+        on a CPU-only one) puts its variable on the default device, with a warning (when the
+        model is traced), instead of raising (TF's ``allow_soft_placement``).
+        `explain_placement` shows the fallback.
+      unused_rules: what a rule whose regex matches no declared variable is: ``"error"``
+        (the default: most often a typo), ``"warn"``, or ``"ignore"`` (rules shared by
+        several models).
 
     Returns:
       A new State. Each variable is created directly on its device or sharding.
 
     Raises:
       UnknownVariableError: `only` names an undeclared variable.
-      ModelError, InitializerError, InvalidNameError, PlacementError: for a faulty model.
+      PlacementError: a device or sharding cannot hold a variable, or a rule matches none.
+      ModelError, InitializerError, InvalidNameError: for a faulty model.
 
     >>> state = jstate.init(model, jax.random.key(0))
     >>> partial = jstate.init(model, jax.random.key(0), only=["w2"])
@@ -114,7 +152,7 @@ def init(
         raise TypeError(f"`only=` takes a list of names; got the string {only!r}. Write `only=[{only!r}]`.")
     if not hasattr(key, "dtype"):
         raise TypeError(f"`key` must be a PRNG key such as `jax.random.key(0)`, got {type(key).__name__} {key!r}.")
-    plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules)
+    plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules, soft_placement, unused_rules)
     declared = plan.layout.specs
     wanted = set(declared) if only is None else set(only)
     unknown = wanted - set(declared)
@@ -133,25 +171,50 @@ def init(
     return State._make(_Layout(specs, values), values)
 
 
-def abstract(model: Model, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None) -> State:
+def abstract(
+    model: Model,
+    *,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
+) -> State:
     """Every variable the model declares, none initialized, nothing computed.
 
-    The result is a restore target: its specs carry shapes, dtypes and shardings.
+    The result is a restore target: its specs carry shapes, dtypes and shardings. The
+    arguments are `init`'s.
 
     >>> abstract = jstate.abstract(model)
     >>> abstract.spec("weights").shape
     (784, 200)
     """
-    plan = _plan(model, jax.eval_shape(lambda: jax.random.key(0)), mesh, rules)
+    key_type = jax.eval_shape(lambda: jax.random.key(0))
+    plan = _plan(model, key_type, mesh, rules, soft_placement, unused_rules)
     return State._make(plan.layout, {})
 
 
 def explain_placement(
-    model: Model, *, mesh: Mesh | None = None, rules: Sequence[tuple[str, Any]] | None = None
+    model: Model,
+    *,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
 ) -> Table:
     """A table of where each variable would live: name, shape, sharding, bytes per device, and
-    which declaration or rule placed it. Nothing is computed."""
-    return placement_table(abstract(model, mesh=mesh, rules=rules).specs.values())
+    which declaration or rule placed it (with a round-robin or a soft-placement fallback, if
+    one did). Nothing is computed; the arguments are `init`'s.
+
+    >>> print(jstate.explain_placement(model, rules=[("kernel", "cpu:1")]))
+    name           shape       dtype    sharding  bytes/device  source
+    -------------  ----------  -------  --------  ------------  -----------------
+    biases         (200,)      float32  default   800 B         default
+    layer1/kernel  (200, 10)   float32  cpu:1     7.8 KiB       rule 0 ('kernel')
+    w2             (784, 200)  float32  default   612.5 KiB     default
+    weights        (784, 200)  float32  default   612.5 KiB     default
+    """
+    state = abstract(model, mesh=mesh, rules=rules, soft_placement=soft_placement, unused_rules=unused_rules)
+    return placement_table(state.specs.values())
 
 
 def _check_same_model(state: State, declared: dict[str, VariableSpec]) -> None:

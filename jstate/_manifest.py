@@ -1,9 +1,10 @@
 """The manifest of a jstate checkpoint, ``jstate.json``: written by the Saver, read by the
 jstate reader, and nowhere else.
 
-A jstate checkpoint is a directory holding ``arrays/`` (an Orbax PyTree checkpoint keyed by
-variable name) and this manifest: each variable's shape, dtype and the CRC32C of every saved
-region, and the size and CRC32C of every file under ``arrays/``. The manifest checksums itself:
+A jstate checkpoint is a directory holding an Orbax PyTree checkpoint keyed by variable name
+(``arrays-<token>/``, see `_commit`) and this manifest: each variable's shape, dtype and the
+CRC32C of every saved region, the size and CRC32C of every file of the arrays, and which
+directory holds them. Writing the manifest commits the checkpoint. The manifest checksums itself:
 it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
 without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
 """
@@ -20,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _files
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._integrity import checksum
 
 FILE = "jstate.json"
 ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
 FORMAT = "jstate.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``)
 
 _HEAD = b'{"checksum":"'
 _HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
@@ -59,7 +60,10 @@ class Manifest:
       variables: every saved variable, by checkpoint name.
       step: the step it was saved at, if any.
       created: seconds since the epoch when it was committed.
-      files: ``{path under arrays/: (size, crc32c)}`` of every file Orbax wrote.
+      files: ``{path under arrays: (size, crc32c)}`` of every file Orbax wrote.
+      arrays: the directory beside the manifest that holds the arrays.
+      prefix: the name the Saver was given, when it saved with a step (``model`` for
+        ``model-1000``): retention deletes only checkpoints of its own prefix.
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
     >>> Manifest.decode(m.encode(), "ckpt") == m
@@ -70,6 +74,8 @@ class Manifest:
     step: int | None = None
     created: float = 0.0
     files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    arrays: str = ARRAYS
+    prefix: str | None = None
 
     def encode(self) -> bytes:
         """The manifest as checksummed JSON bytes."""
@@ -84,6 +90,8 @@ class Manifest:
                 },
                 "created": self.created,
                 "files": {rel: list(record) for rel, record in self.files.items()},
+                "arrays": self.arrays,
+                "prefix": self.prefix,
             }
         )
 
@@ -107,8 +115,17 @@ class Manifest:
                 for n, v in raw["variables"].items()
             }
             files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
-            step = raw.get("step")
-            return cls(variables, None if step is None else int(step), float(raw.get("created", 0.0)), files)
+            step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
+            if "/" in arrays or arrays in ("", ".", ".."):
+                raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
+            return cls(
+                variables,
+                None if step is None else int(step),
+                float(raw.get("created", 0.0)),
+                files,
+                arrays,
+                None if prefix is None else str(prefix),
+            )
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise CorruptCheckpointError(
                 f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}). "
@@ -125,16 +142,21 @@ class Manifest:
         """The manifest in `directory`, None if there is none.
 
         Raises:
-          CorruptCheckpointError: it cannot be read, or is damaged.
+          CheckpointError: it cannot be read (naming the OS's reason).
+          CorruptCheckpointError: it is damaged.
         """
-        path = Path(directory) / FILE
+        return cls.read_file(Path(directory) / FILE, directory)
+
+    @classmethod
+    def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
+        """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = Path(path).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
-            raise CorruptCheckpointError(f"Checkpoint {directory}: cannot read {FILE} ({e.strerror}).") from e
-        return cls.decode(data, directory)
+            raise CheckpointError(f"Checkpoint {where}: cannot read its manifest {path} ({e}).") from e
+        return cls.decode(data, where)
 
 
 def encode(raw: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ._errors import MappingError, unknown_names
 from ._names import check_name
+from ._state import State
 
 VarList = None | Iterable[Any] | Mapping[str, str]
 
@@ -81,6 +82,8 @@ def compile_var_list(var_list: VarList) -> NameMap:
         return NameMap(None)
     if isinstance(var_list, str):
         raise MappingError(f"`var_list` is the string {var_list!r}; pass a list of names: [{var_list!r}].")
+    if isinstance(var_list, State):  # a Mapping too, of names to arrays
+        raise MappingError(_STATE_AS_VAR_LIST)
     if isinstance(var_list, Mapping):
         rules = [_pair(ckpt, state) for ckpt, state in var_list.items()]
         seen: dict[str, str] = {}
@@ -96,7 +99,19 @@ def compile_var_list(var_list: VarList) -> NameMap:
     return NameMap(tuple(rules))
 
 
+_STATE_AS_VAR_LIST = (
+    "`jstate.Saver(state)`: a Saver's `var_list` takes variable names, not a State. The State goes "
+    "to `saver.save(state, path)`; write `jstate.Saver()` for every variable, or "
+    '`jstate.Saver(["weights", "layer1/"])` for some.'
+)
+
+
 def _pair(ckpt: Any, state: Any) -> _Rule:
+    if hasattr(state, "shape") and hasattr(state, "dtype"):  # TF's Saver({"my_v2": v2}) took the variable
+        raise MappingError(
+            f"Saver entry {ckpt!r} maps to {_what(state)}; a Saver maps checkpoint names to variable "
+            "names: TF's `Saver({'my_v2': v2})` is `jstate.Saver({'my_v2': 'v2'})`."
+        )
     if not isinstance(ckpt, str) or not isinstance(state, str):
         raise MappingError(
             f"Saver dict entries map a checkpoint name to a State name (both str), got {ckpt!r}: {state!r}."
@@ -123,8 +138,15 @@ def _item(item: Any) -> _Rule:
         except (re.error, TypeError) as e:
             raise MappingError(f"Saver rule {item!r}: the pattern does not compile ({e}).") from None
     raise MappingError(
-        f"Saver `var_list` item {item!r} is not a name, a scope ending in '/', or a (regex, template) pair."
+        f"Saver `var_list` item {_what(item)} is not a name, a scope ending in '/', or a (regex, template) pair."
     )
+
+
+def _what(value: Any) -> str:
+    """`value` for a message: arrays by shape and dtype, never their contents."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
 
 
 def _check_one_to_one(mapping: Mapping[str, str]) -> None:

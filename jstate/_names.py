@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ._errors import InvalidNameError
+from ._errors import InvalidNameError, UnknownVariableError, closest, unknown_names
 
 SEP = "/"
 
@@ -42,6 +43,41 @@ def check_name(name: str) -> str:
     """Return `name` if it is a valid full variable name, else raise `InvalidNameError`."""
     check_part(name, f"Variable {name!r}")
     return name
+
+
+def select(requested: Iterable[str], declared: Mapping[str, object] | Iterable[str], what: str) -> list[str]:
+    """The `declared` names that `requested` lists: a name, or a scope ending in "/" for every
+    variable in it (as a Saver's ``var_list``), in the order given, each once.
+
+    Raises:
+      UnknownVariableError: a name is not declared, or a scope holds no variable.
+
+    >>> select(["layer1/", "w"], ["layer1/b", "layer1/k", "layer2/k", "w"], "`subset`")
+    ['layer1/b', 'layer1/k', 'w']
+    """
+    if isinstance(requested, str):
+        raise TypeError(f"{what} takes a list of names; got the string {requested!r}. Write [{requested!r}].")
+    declared = list(declared)
+    known = set(declared)
+    chosen: dict[str, None] = {}
+    missing = []
+    for name in requested:
+        if isinstance(name, str) and name.endswith(SEP):
+            inside = [n for n in declared if n.startswith(name)]
+            if not inside:
+                scopes = {n[: i + 1] for n in declared for i, c in enumerate(n) if c == SEP}
+                raise UnknownVariableError(
+                    f"{what}: scope '{name}' holds no variable.{closest(name, scopes)} A name ending in '/' "
+                    "selects every variable in that scope."
+                )
+            chosen.update(dict.fromkeys(inside))
+        elif name in known:
+            chosen[name] = None
+        else:
+            missing.append(name)
+    if missing:
+        raise unknown_names("Variable", missing, declared, f"{what} takes declared names and scopes ending in '/'.")
+    return list(chosen)
 
 
 def join(prefix: str, name: str) -> str:

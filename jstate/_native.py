@@ -9,8 +9,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import _integrity, _orbax
-from ._errors import CorruptCheckpointError
+from . import _commit, _integrity, _orbax
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._manifest import ARRAYS, FILE, Manifest
 from ._reader import Checkpoint, place
 from ._spec import Entry
@@ -35,7 +35,13 @@ class NativeCheckpoint(Checkpoint):
         entries = {n: Entry((n,), v.shape, v.dtype) for n, v in manifest.variables.items()}
         super().__init__(path, entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
-        self.arrays = path / ARRAYS
+        self.arrays = path / manifest.arrays
+
+    def changed(self) -> bool:
+        try:
+            return Manifest.read(self.path) != self.manifest
+        except CheckpointError:
+            return True
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         files = self.manifest.files
@@ -60,17 +66,18 @@ class NativeCheckpoint(Checkpoint):
                 bad = check.result()
                 if bad is not None:
                     name, region = bad
+                    damage = self._damage()
                     raise CorruptCheckpointError(
                         f"Checkpoint {self.path}: variable '{name}' (region [{region}]) does not match the "
-                        f"checksum recorded at save{self._damage()}."
+                        f"checksum recorded at save{'; ' + damage if damage else ''}."
                     )
         return {n: a if a.dtype == wanted[n].dtype else a.astype(wanted[n].dtype) for n, a in out.items()}
 
-    def _damage(self) -> str:
+    def _damage(self) -> str | None:
         bad = _integrity.damaged_files(self.arrays, self.manifest.files, self.path)
         if bad:
-            return f"; damaged file: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-        return f"; its files under {self.arrays} are damaged or incomplete"
+            return f"damaged file: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        return None
 
 
 def _batches(wanted: dict) -> list[dict]:
@@ -88,7 +95,11 @@ def _batches(wanted: dict) -> list[dict]:
 def load(path: Path) -> NativeCheckpoint | None:
     """`path` as a jstate checkpoint, None if it is not one.
 
+    A checkpoint re-saved while it is being opened is opened again: the result is the old
+    checkpoint or the new one, whole.
+
     Raises:
+      CheckpointNotFoundError: `path` is where a save has not committed (yet, or ever).
       CorruptCheckpointError: it is one, but incomplete or damaged (a missing or truncated file
         counts: sizes are checked on every open, which costs one `stat` per file).
     """
@@ -97,10 +108,31 @@ def load(path: Path) -> NativeCheckpoint | None:
         return None
     manifest = Manifest.read(path)
     if manifest is None:
-        if (path / ARRAYS).exists():  # jstate's layout without its manifest
+        if _commit.is_ours(path) and any(path.iterdir()):
+            raise CheckpointNotFoundError(
+                f"{path} holds no committed checkpoint: a save into it has not finished, or was interrupted."
+            )
+        if (path / ARRAYS).exists():  # jstate's layout before tokens, without its manifest
             raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: its manifest {path / FILE} is missing.")
         return None
-    arrays = path / ARRAYS
+    for _ in range(_REOPEN):
+        try:
+            return _checked(path, manifest)
+        except CorruptCheckpointError:
+            again = Manifest.read(path)
+            if again is None:
+                raise CheckpointNotFoundError(f"Checkpoint {path} was deleted while it was opened.") from None
+            if again == manifest:
+                raise
+            manifest = again  # re-saved (and the old arrays removed) while we looked
+    return _checked(path, manifest)
+
+
+_REOPEN = 5
+
+
+def _checked(path: Path, manifest: Manifest) -> NativeCheckpoint:
+    arrays = path / manifest.arrays
     if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
     _integrity.check_files(arrays, manifest.files, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -77,6 +77,19 @@ def barrier(name: str, timeout: float, stage: str) -> None:
         _ocp().multihost.get_barrier_sync_fn()(key=f"{name}:{stage}", timeout_ms=int(timeout * 1000))
 
 
+def share(key: str, make: Callable[[], str], timeout: float) -> str:
+    """`make()` on process 0, and the same string on every other JAX process (through JAX's
+    distributed key-value store, as Orbax does)."""
+    if jax.process_count() == 1:
+        return make()
+    client = _ocp().multihost.get_jax_distributed_client()
+    if jax.process_index() == 0:
+        value = make()
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, int(timeout * 1000))
+
+
 def is_checkpoint(directory: Path) -> bool:
     """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell)."""
     return (Path(directory) / METADATA_FILE).is_file()
@@ -88,10 +101,15 @@ def is_data_file(rel: str) -> bool:
     return "d" in rel.split("/")[:-1]
 
 
-def entries(directory: Path) -> dict[str, Entry]:
-    """The arrays of an Orbax PyTree checkpoint by name (tree paths joined by "/"), from its
-    metadata only. Leaves that are not arrays (strings, Python objects) are left out."""
-    tree = _ocp().PyTreeCheckpointHandler().metadata(_path(directory)).tree
+def metadata(directory: Path) -> Any:
+    """The tree of an Orbax PyTree checkpoint (nested dicts and lists, as saved), with array
+    metadata (shape, dtype) as leaves."""
+    return _ocp().PyTreeCheckpointHandler().metadata(_path(directory)).tree
+
+
+def entries(tree: Any) -> dict[str, Entry]:
+    """The arrays of a checkpoint's metadata `tree` by name (tree paths joined by "/"). Leaves
+    that are not arrays (strings, Python objects) are left out."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
@@ -102,21 +120,45 @@ def entries(directory: Path) -> dict[str, Entry]:
     return out
 
 
-def read(directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct]]) -> dict[str, jax.Array]:
+def read(
+    directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct]], tree: Any = None
+) -> dict[str, jax.Array]:
     """Read just the `wanted` arrays, each straight onto the sharding of its target struct
-    (cast to the struct's dtype). Orbax's partial restore leaves the other arrays unread."""
+    (cast to the struct's dtype); the others are left unread.
+
+    Args:
+      directory: the Orbax checkpoint.
+      wanted: ``{name: (entry, target struct)}``.
+      tree: the checkpoint's metadata tree, for trees with lists or tuples (optax states); without
+        it, the checkpoint must be a tree of dicts (what jstate writes).
+    """
     ocp = _ocp()
-    item: dict = {}
-    args: dict = {}
-    for entry, target in wanted.values():
+
+    def struct(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=or_default(target.sharding))
+
+    def restore_args(target: jax.ShapeDtypeStruct) -> Any:
         sharding = or_default(target.sharding)
-        _put(item, entry.keypath, jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=sharding))
-        _put(
-            args, entry.keypath, ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)
-        )
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        _path(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-    )
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)
+
+    if tree is None:  # a dict tree: partial restore of just these keys
+        item: dict = {}
+        args: dict = {}
+        for entry, target in wanted.values():
+            _put(item, entry.keypath, struct(target))
+            _put(args, entry.keypath, restore_args(target))
+        restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    else:  # any tree: every leaf not wanted is a placeholder, which Orbax skips
+        by_path = {entry.keypath: target for entry, target in wanted.values()}
+
+        def template(make):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: ocp.PLACEHOLDER if (t := by_path.get(tuple(path_name((k,)) for k in path))) is None else make(t),
+                tree,
+            )
+
+        restore = ocp.args.PyTreeRestore(item=template(struct), restore_args=template(restore_args))
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
     return {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
 
 
@@ -140,7 +182,8 @@ class OrbaxCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, arrays: Path):
         try:
-            found = entries(arrays)
+            self.tree = metadata(arrays)
+            found = entries(self.tree)
         except Exception as e:  # Orbax raises bare Exceptions and KeyErrors for damaged metadata.
             raise CorruptCheckpointError(
                 f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
@@ -150,7 +193,7 @@ class OrbaxCheckpoint(Checkpoint):
         self.arrays = arrays
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
-        return read(self.arrays, {n: (self.entries[n], t) for n, t in wanted.items()})
+        return read(self.arrays, {n: (self.entries[n], t) for n, t in wanted.items()}, self.tree)
 
 
 def load(path: Path) -> OrbaxCheckpoint | None:

@@ -10,7 +10,11 @@ Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` 
   jax.devices()[3]                  that device
   NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
   P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
+  jstate.round_robin(["cpu:0", ...]) each variable to the next device (TF's replica_device_setter)
   None                              JAX's default device
+
+A device string that matches no device is an error, or, with ``soft_placement=True`` (TF's
+``allow_soft_placement``), a warning and JAX's default device.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import dataclasses
 import enum
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from ._balance import Loads, RoundRobin
 from ._errors import PlacementError
 
 _PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
@@ -32,8 +38,16 @@ _PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
 Rules = tuple[tuple[re.Pattern, Any], ...]
 
 
+class NoDeviceError(PlacementError):
+    """A well-formed device spec that names no device of this machine (soft placement's case)."""
+
+
 class Origin(enum.Enum):
-    """What put a variable where it lives, in order of precedence."""
+    """What put a variable where it lives, in order of precedence.
+
+    >>> jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel").origin
+    <Origin.RULE: 'rule'>
+    """
 
     DEVICE = "device="  # the declaration's own ``device=``
     SHARDING = "sharding="  # the declaration's own ``sharding=``
@@ -49,9 +63,12 @@ class Placement:
     Attributes:
       sharding: the variable's `jax.sharding.Sharding`, or None for JAX's default device.
       origin: what placed it (an `Origin`).
-      request: what was asked for (a device string, `jax.Device`, `Sharding` or
-        `PartitionSpec`), kept so the State can be re-placed on another mesh.
+      request: what was asked for (a device string, `jax.Device`, `Sharding`,
+        `PartitionSpec` or `jstate.round_robin`), kept so the State can be re-placed on
+        another mesh.
       rule: for `Origin.RULE`, the rule's index and pattern.
+      fallback: with soft placement, the device spec that matched no device (the variable is
+        on JAX's default device instead); None otherwise.
 
     >>> str(jstate.Placement())
     'default (from default)'
@@ -61,13 +78,22 @@ class Placement:
     origin: Origin = Origin.DEFAULT
     request: Any = None
     rule: tuple[int, str] | None = None
+    fallback: Any = None
 
     @property
     def source(self) -> str:
-        """`origin` as text, naming the rule: ``"device="``, ``"rule 0 ('.*/kernel$')"``."""
+        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback:
+        ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin by size"``,
+        ``"device=, soft placement: '/gpu:0' matches no device"``."""
         if self.origin is Origin.RULE and self.rule is not None:
-            return f"rule {self.rule[0]} ({self.rule[1]!r})"
-        return self.origin.value
+            text = f"rule {self.rule[0]} ({self.rule[1]!r})"
+        else:
+            text = self.origin.value
+        if isinstance(self.request, RoundRobin):
+            text += f", {self.request}"
+        if self.fallback is not None:
+            text += f", soft placement: {self.fallback!r} matches no device"
+        return text
 
     @property
     def declared(self) -> bool:
@@ -109,8 +135,16 @@ def choose(
     block: Any,
     rules: Rules,
     mesh: Mesh | None,
+    *,
+    nbytes: int = 0,
+    loads: Loads | None = None,
+    soft: bool = False,
 ) -> Placement:
-    """The placement of one variable: its own spec, then the innermost block, then the rules."""
+    """The placement of one variable: its own spec, then the innermost block, then the rules.
+
+    `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
+    `soft`, a device string that matches no device falls back to the default device.
+    """
     rule = None
     if own is not None:
         origin, request = own
@@ -123,8 +157,43 @@ def choose(
                 break
         else:
             return DEFAULT
-    sharding = None if request is None else resolve(request, name, shape, mesh)
+    return _place(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
+
+
+def _place(
+    origin: Origin,
+    request: Any,
+    rule: tuple[int, str] | None,
+    name: str,
+    shape: tuple[int, ...],
+    mesh: Mesh | None,
+    nbytes: int,
+    loads: Loads,
+    soft: bool,
+) -> Placement:
+    target = loads.pick(request, nbytes) if isinstance(request, RoundRobin) else request
+    try:
+        sharding = None if target is None else resolve(target, name, shape, mesh)
+    except NoDeviceError as e:
+        if not soft:
+            raise PlacementError(f"{e} {_SOFT_HINT}") from None
+        warnings.warn(
+            f"Variable '{name}': device spec {target!r} matches no device; soft placement puts it on the "
+            f"default device ({describe(or_default(None))}).",
+            stacklevel=5,  # the model's `s.variable` line, when a model is traced
+        )
+        return Placement(None, origin, request, rule, fallback=target)
     return Placement(sharding, origin, request, rule)
+
+
+_SOFT_HINT = (
+    "Pass `soft_placement=True` to `jstate.init` (or `abstract`) to put such variables on the default device instead."
+)
+
+
+def unused_rules(rules: Rules, names: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """``(index, pattern)`` of each rule whose regex matches none of `names`."""
+    return tuple((i, p.pattern) for i, (p, _) in enumerate(rules) if not any(p.search(n) for n in names))
 
 
 def replace(
@@ -136,17 +205,41 @@ def replace(
     other variable follows the new rules.
     """
     compiled = compile_rules(rules)
+    loads = Loads()  # round-robins spread again, in name order
     new = {}
     for n, spec in specs.items():
         p = spec.placement
         if p.declared:
-            p = Placement(resolve(p.request, n, spec.shape, mesh), p.origin, p.request)
+            # A variable placed softly once stays soft: its model opted in.
+            p = _place(p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None)
         else:
-            p = choose(n, spec.shape, None, None, compiled, mesh)
+            p = choose(n, spec.shape, None, None, compiled, mesh, nbytes=spec.nbytes, loads=loads)
         new[n] = dataclasses.replace(spec, placement=p)
     names = list(values)
     moved = jax.device_put([values[n] for n in names], [or_default(new[n].sharding) for n in names])
     return new, dict(zip(names, moved))
+
+
+def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[int, ...]) -> Placement:
+    """`placement` re-derived for variable `name`, re-declared from shape `old` to `new`.
+
+    A declared or rule-given spec is resolved again for the new shape (a PartitionSpec over the
+    mesh it was bound to); a device already chosen (one device, a round-robin's pick, a soft
+    fallback) holds any shape and is kept.
+    """
+    sharding = placement.sharding
+    if sharding is None or isinstance(sharding, SingleDeviceSharding) or placement.fallback is not None:
+        return placement
+    request = placement.request if placement.request is not None else sharding
+    try:
+        resharded = resolve(request, name, new, getattr(sharding, "mesh", None))
+        resharded.shard_shape(new)  # any other `Sharding` checks the shape here
+    except ValueError as e:
+        raise PlacementError(
+            f"Cannot redeclare variable '{name}' from shape {old} to {new}: its placement {placement} "
+            f"cannot hold the new shape. {e}"
+        ) from None
+    return dataclasses.replace(placement, sharding=resharded)
 
 
 def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:
@@ -247,7 +340,7 @@ def parse_device(spec: str, name: str = "") -> jax.Device:
         return devices[0]
     if index is not None and 0 <= index < len(devices):
         return devices[index]
-    raise PlacementError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
+    raise NoDeviceError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
 
 
 def list_devices() -> str:

@@ -72,6 +72,10 @@ class Checkpoint(abc.ABC):
         Raises:
           CheckpointError: the checkpoint holds no such entry (naming the closest ones), or
             holds it in a form jstate cannot read (with the reason).
+
+        >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+        >>> ckpt.entry("layer1/kernel").shape, ckpt.entry("layer1/kernel").dtype
+        ((200, 10), dtype('float32'))
         """
         found = self.entries.get(name)
         if found is not None:
@@ -90,6 +94,10 @@ class Checkpoint(abc.ABC):
           CheckpointError: for an entry the checkpoint does not hold or jstate cannot read.
           CorruptCheckpointError: the files fail a checksum, size or structure check; the
             message names the checkpoint, the entry and, where known, the damaged file.
+
+        >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+        >>> ckpt.read({"biases": jax.ShapeDtypeStruct((200,), jnp.bfloat16)})["biases"].dtype
+        dtype(bfloat16)
         """
         for name in wanted:
             self.entry(name)
@@ -100,25 +108,52 @@ class Checkpoint(abc.ABC):
         except Exception as e:
             names = sorted(wanted)
             which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
-            raise CorruptCheckpointError(
-                f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}){self._damage()}."
-            ) from e
+            damage = self._damage()
+            if damage is not None:  # the files fail their checks: that, not the symptom, is the news
+                raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
+            detail = (str(e).splitlines() or [""])[0][:300]
+            raise CheckpointError(f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}: {detail}).") from e
 
     @abc.abstractmethod
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         """`read` without the checks: every name in `wanted` is one of `entries`."""
 
-    def _damage(self) -> str:
-        """A clause naming what is damaged, for a read that failed."""
-        return f"; its files under {self.path} are damaged or incomplete"
+    def _damage(self) -> str | None:
+        """For a read that failed: which file fails its checks ("damaged file: ..."), or None
+        when the files pass them (or the format keeps no checksums)."""
+        return None
+
+    def changed(self) -> bool:
+        """Whether the checkpoint was re-saved or deleted since it was opened (formats that are
+        never re-saved in place say False).
+
+        >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+        >>> _ = jstate.Saver().save(state, "ckpt/model")  # replaces it
+        >>> ckpt.changed()
+        True
+        """
+        return False
 
     @classmethod
     def latest_in(cls, directory: Path) -> Path | None:
         """The checkpoint this format's own bookkeeping in `directory` names as the latest
-        (TensorFlow's ``checkpoint`` state file), or None to go by step and time."""
+        (TensorFlow's ``checkpoint`` state file), or None to go by step and time.
+
+        >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+        >>> print(type(ckpt).latest_in(Path("ckpt")))  # jstate's own checkpoints keep no such file
+        None
+        """
         return None
 
     def table(self) -> Table:
+        """What the checkpoint holds, as a `Table` (name, shape, dtype, size; skipped entries last).
+
+        >>> print(jstate.open_checkpoint(jstate.Saver(["biases"]).save(state, "ckpt/model")).table())
+        Checkpoint ckpt/model (jstate): 1 variables, 800 B
+        name    shape   dtype    size
+        ------  ------  -------  -----
+        biases  (200,)  float32  800 B
+        """
         return checkpoint_table(self)
 
     def __repr__(self) -> str:

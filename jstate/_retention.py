@@ -22,7 +22,7 @@ class Policy:
     """TensorFlow Saver's retention arguments.
 
     Attributes:
-      max_to_keep: keep the newest N checkpoints (None keeps all).
+      max_to_keep: keep the N most recently saved checkpoints (None keeps all).
       keep_every_n_hours: also keep, for good, one checkpoint per N hours.
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
     """
@@ -42,27 +42,36 @@ class Policy:
             object.__setattr__(self, "max_to_keep", None)
 
 
-def to_delete(policy: Policy, saved: Sequence[S]) -> list[S]:
-    """The checkpoints of one prefix that `policy` deletes, given them oldest first.
+def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> list[S]:
+    """The checkpoints of one prefix that `policy` deletes.
 
-    Checkpoints without a step are never deleted. Beyond the newest `max_to_keep`, a checkpoint
-    survives if its step is a multiple of `keep_every_n_steps`, or if it is the first one at
-    least `keep_every_n_hours` after the last one kept that way.
+    Args:
+      policy: the retention policy.
+      saved: the prefix's checkpoints, in any order; they are ordered by `created`, so the
+        most recently saved are kept whatever their steps (as TensorFlow's Saver does).
+      newest: the checkpoint just written, newest whatever its `created`, never deleted.
+
+    Beyond the newest `max_to_keep`, a checkpoint survives if its step is a multiple of
+    `keep_every_n_steps`, or if it is the first one at least `keep_every_n_hours` after the
+    last one kept that way. Checkpoints without a step are never deleted.
 
     >>> from types import SimpleNamespace as C
+    >>> saved = [C(step=s, created=i * 3600.0) for i, s in enumerate((1000, 2000, 10, 20))]
+    >>> [c.step for c in to_delete(Policy(max_to_keep=2), saved)]  # by save order, not step
+    [1000, 2000]
     >>> saved = [C(step=s, created=s * 3600.0) for s in range(5)]
-    >>> [c.step for c in to_delete(Policy(max_to_keep=2), saved)]
-    [0, 1, 2]
     >>> [c.step for c in to_delete(Policy(max_to_keep=2, keep_every_n_hours=2), saved)]
     [1]
     """
     if policy.max_to_keep is None:
         return []
-    stepped = [c for c in saved if c.step is not None]
-    old = stepped[: max(len(stepped) - policy.max_to_keep, 0)]
+    ordered = sorted((c for c in saved if c.step is not None and c is not newest), key=lambda c: c.created)
+    if newest is not None:
+        ordered.append(newest)
+    old = ordered[: max(len(ordered) - policy.max_to_keep, 0)]
     kept_for_good: set[int] = set()
     last_kept_time = None
-    for i, ckpt in enumerate(stepped):
+    for i, ckpt in enumerate(ordered):
         if policy.keep_every_n_steps and ckpt.step % policy.keep_every_n_steps == 0:
             kept_for_good.add(i)
         if policy.keep_every_n_hours is not None and (

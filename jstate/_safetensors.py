@@ -178,7 +178,7 @@ def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
       CheckpointError: for a variable whose dtype safetensors cannot hold (or jstate cannot
         read back), naming it.
 
-    >>> _safetensors.save(state, "model.safetensors")
+    >>> save(state, "model.safetensors")
     PosixPath('model.safetensors')
     """
     path = Path(path)

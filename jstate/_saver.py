@@ -6,16 +6,19 @@ The Saver chooses what to save under which names (`_mapping`) and what to delete
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _files, _restore, _retention, _safetensors
+from . import _checkpoint, _commit, _restore, _retention, _safetensors
 from ._errors import CheckpointError, UninitializedError, shorten
+from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
 from ._names import check_name
+from ._native import NativeCheckpoint
 from ._state import State
 from ._writer import Writer
 
@@ -74,6 +77,10 @@ class Saver:
 
         Raises:
           CheckpointError: the save failed (or an earlier ``blocking=False`` one did).
+
+        >>> saver = jstate.Saver(["weights", "biases"], max_to_keep=5)
+        >>> saver.save(state, "ckpt/model", step=1000)
+        'ckpt/model-1000'
         """
         if step is not None and int(step) < 0:
             raise ValueError(f"Saver.save: `step` must be >= 0, got {step}.")
@@ -83,9 +90,11 @@ class Saver:
             raise CheckpointError(
                 f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
             )
-        final = Path(f"{path}-{int(step)}" if step is not None else path)
-        retire = lambda: self._retire(Path(path))  # noqa: E731
-        self._writer.save(arrays, final, None if step is None else int(step), blocking=blocking, committed=retire)
+        step = None if step is None else int(step)
+        final = Path(path if step is None else f"{os.fspath(path)}-{step}")
+        prefix = None if step is None else Path(path).name
+        retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
+        self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire)
         return str(final)
 
     def _arrays(self, state: State) -> dict[str, jax.Array]:
@@ -112,13 +121,30 @@ class Saver:
         return {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
 
     def wait(self) -> None:
-        """Block until a ``blocking=False`` save is on disk; re-raise its error, if any."""
+        """Block until a ``blocking=False`` save is on disk; re-raise its error, if any.
+
+        >>> saver = jstate.Saver()
+        >>> path = saver.save(state, "ckpt/model", step=1, blocking=False)  # returns before the write ends
+        >>> saver.wait()
+        >>> jstate.latest_checkpoint("ckpt")
+        'ckpt/model-1'
+        """
         self._writer.wait()
 
-    def _retire(self, prefix: Path) -> None:
-        """Delete the checkpoints of `prefix` that the retention policy lets go."""
-        for ckpt in _retention.to_delete(self._policy, _checkpoint.checkpoints(prefix)):
-            _files.delete(ckpt.path)
+    def _retire(self, final: Path, manifest: Manifest) -> None:
+        """Delete the checkpoints of the prefix just saved to that the retention policy lets go:
+        only those a Saver saved with this exact prefix, never the one just written."""
+        if self._policy.max_to_keep is None:
+            return
+        prefix = manifest.prefix
+        saved = [
+            c
+            for c in _checkpoint.checkpoints(final.parent / prefix)
+            if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix and c.path != final
+        ]
+        newest = NativeCheckpoint(final, manifest)
+        for ckpt in _retention.to_delete(self._policy, saved, newest):
+            _commit.delete(ckpt.path, expected=ckpt.manifest)
 
     # -- restoring ---------------------------------------------------------------------------
     def restore(
@@ -148,10 +174,16 @@ class Saver:
           CheckpointNotFoundError, CorruptCheckpointError: for a missing or damaged checkpoint.
           CheckpointError: for variables missing from the checkpoint (with the closest names).
           SpecMismatchError: for a shape (or, without `cast`, dtype) that differs.
+
+        >>> _ = jstate.Saver().save(state, "ckpt/model", step=1000)
+        >>> restored = jstate.Saver(["biases"]).restore("ckpt", jstate.abstract(model))  # the latest in ckpt/
+        >>> list(restored), restored.uninitialized()
+        (['biases'], ['layer1/kernel', 'w2', 'weights'])
         """
         self._writer.join()  # a failed background save is reported by `wait` or the next `save`, not here
-        ckpt = _checkpoint.open_checkpoint(path)
-        return _restore.restore(ckpt, self._names, target, cast=cast, strict=strict, verify=verify)
+        return _checkpoint.reading(
+            path, lambda ckpt: _restore.restore(ckpt, self._names, target, cast=cast, strict=strict, verify=verify)
+        )
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _names, _placement
+from ._balance import Loads
 from ._errors import InitializerError, InvalidNameError, PlacementError
 from ._programs import initializer_program
 from ._spec import VariableSpec
@@ -28,6 +30,8 @@ class Record:
 
     mesh: Mesh | None
     rules: _placement.Rules
+    soft: bool = False  # soft placement: a device that does not exist falls back to the default
+    loads: Loads = dataclasses.field(default_factory=Loads)  # what round-robins placed so far
     specs: dict[str, VariableSpec] = dataclasses.field(default_factory=dict)
     values: list[jax.Array] = dataclasses.field(default_factory=list)
     # Per variable: (program, name hash) for initializer variables, None for array values.
@@ -61,13 +65,25 @@ class Scope:
         return self._prefix
 
     def scope(self, name: str) -> Scope:
-        """A child scope: variables declared in it are named ``"<this scope>/<name>/..."``."""
+        """A child scope: variables declared in it are named ``"<this scope>/<name>/..."``.
+
+        >>> def model(s):
+        ...     s.scope("layer1").scope("dense").variable("kernel", jnp.zeros((2, 3)))
+        >>> list(jstate.abstract(model).specs)
+        ['layer1/dense/kernel']
+        """
         _names.check_part(name, f"Scope {name!r} under {self._prefix or 'the root'}")
         return Scope(self._record, self._key, _names.join(self._prefix, name))
 
     def make_rng(self, name: str) -> jax.Array:
         """A PRNG key for computing initial values by hand, derived from init's key and
-        ``"<this scope>/<name>"`` (like a variable's own key, it ignores declaration order)."""
+        ``"<this scope>/<name>"`` (like a variable's own key, it ignores declaration order).
+
+        >>> def model(s):
+        ...     s.variable("noise", 0.1 * jax.random.normal(s.make_rng("noise"), (3,)))
+        >>> jstate.init(model, jax.random.key(0))["noise"].shape
+        (3,)
+        """
         full = _names.join(self._prefix, name)
         words = _names.name_hash(full)
         key = jax.random.fold_in(jax.random.fold_in(self._key, words[0]), words[1])
@@ -77,8 +93,15 @@ class Scope:
     def placement(self, spec: Any) -> Iterator[None]:
         """Place every variable declared inside the block on `spec` (TF's ``with tf.device``).
 
-        `spec` is any device spec (see `jstate.explain_placement`); a variable's own ``device=``
-        or ``sharding=`` still wins, and the innermost block wins over outer ones.
+        `spec` is any device spec (see `jstate.explain_placement`), or `jstate.round_robin`
+        (TF's ``replica_device_setter``); a variable's own ``device=`` or ``sharding=`` still wins,
+        and the innermost block wins over outer ones.
+
+        >>> def model(s):
+        ...     with s.placement("cpu:1"):
+        ...         s.variable("w", jnp.zeros(2))
+        >>> str(jstate.abstract(model).placement("w"))
+        'cpu:1 (from placement block)'
         """
         self._record.blocks.append(spec)
         try:
@@ -95,6 +118,7 @@ class Scope:
         *,
         device: Any = None,
         sharding: Any = None,
+        trainable: bool = True,
         **options: Any,
     ) -> jax.Array:
         """Declare a variable and return its initial value.
@@ -108,6 +132,8 @@ class Scope:
           dtype: defaults to float32 with an initializer, to the value's dtype otherwise.
           device: pin the variable to one device (e.g. "cpu:0", "/gpu:1", a `jax.Device`).
           sharding: a `jax.sharding.Sharding`, or a `PartitionSpec` over init's ``mesh=``.
+          trainable: False leaves it out of `State.trainable` (TF's ``trainable=False``), e.g.
+            a step counter; `State.non_trainable` holds it.
           **options: extra metadata kept in the variable's `VariableSpec.options`.
 
         Returns:
@@ -117,6 +143,12 @@ class Scope:
           InvalidNameError: for a malformed or already declared name.
           InitializerError: for an initializer that fails or returns the wrong shape or dtype.
           PlacementError: for a device or sharding that cannot hold the variable.
+
+        >>> def model(s):
+        ...     w = s.variable("w", jstate.initializers.ones, (2, 3), jnp.bfloat16)
+        ...     s.variable("w_t", w.T)  # computed from w's initial value
+        >>> jstate.init(model, jax.random.key(0))["w_t"][:, 0]
+        Array([1, 1, 1], dtype=bfloat16)
         """
         record = self._record
         full = _names.join(self._prefix, name) if isinstance(name, str) else name
@@ -126,6 +158,8 @@ class Scope:
         if device is not None and sharding is not None:
             raise PlacementError(f"Variable '{full}': give `device=` or `sharding=`, not both.")
         record.declaring = full
+        if not isinstance(trainable, bool):
+            raise TypeError(f"Variable '{full}': `trainable` is True or False, got {trainable!r}.")
         own = None
         if device is not None:
             own = (_placement.Origin.DEVICE, device)
@@ -135,7 +169,7 @@ class Scope:
 
         if callable(init):
             shape, dtype = _check_shape(full, shape), np.dtype(dtype or jnp.float32)
-            placement = _placement.choose(full, shape, own, block, record.rules, record.mesh)
+            placement = self._place(full, shape, dtype, own, block)
             program = initializer_program(init, shape, dtype, placement.sharding)
             key_words = _names.name_hash(full)
             try:
@@ -151,15 +185,20 @@ class Scope:
         else:
             value = _as_value(full, init, shape, dtype)
             shape, dtype = value.shape, value.dtype
-            placement = _placement.choose(full, shape, own, block, record.rules, record.mesh)
+            placement = self._place(full, shape, dtype, own, block)
             step = None
 
         options = tuple(sorted(options.items()))
-        record.specs[full] = VariableSpec(full, shape, dtype, placement, options)
+        record.specs[full] = VariableSpec(full, shape, dtype, placement, options, trainable)
         record.values.append(value)
         record.steps.append(step)
         record.declaring, record.last = None, full
         return value
+
+    def _place(self, name: str, shape: tuple[int, ...], dtype: np.dtype, own: Any, block: Any) -> _placement.Placement:
+        r = self._record
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        return _placement.choose(name, shape, own, block, r.rules, r.mesh, nbytes=nbytes, loads=r.loads, soft=r.soft)
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:

@@ -22,6 +22,11 @@ class VariableSpec:
       dtype: the fixed dtype.
       placement: where it lives (see `Placement`).
       options: extra keyword options given at declaration, as sorted (key, value) pairs.
+      trainable: whether `State.trainable` holds it (``s.variable(..., trainable=False)``).
+
+    >>> spec = state.spec("layer1/kernel")
+    >>> spec.name, spec.shape, spec.dtype, spec.nbytes
+    ('layer1/kernel', (200, 10), dtype('float32'), 8000)
     """
 
     name: str
@@ -29,6 +34,7 @@ class VariableSpec:
     dtype: np.dtype
     placement: Placement = DEFAULT
     options: tuple[tuple[str, Any], ...] = ()
+    trainable: bool = True
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
@@ -43,7 +49,11 @@ class VariableSpec:
         return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
-        """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed)."""
+        """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed).
+
+        >>> state.spec("biases").struct()
+        ShapeDtypeStruct(shape=(200,), dtype=float32)
+        """
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
 
 

@@ -113,26 +113,47 @@ class State(Mapping[str, jax.Array]):
         return dict(self._layout.specs)
 
     def spec(self, name: str) -> VariableSpec:
-        """The declaration of variable `name` (shape, dtype, placement)."""
+        """The declaration of variable `name` (shape, dtype, placement).
+
+        >>> state.spec("layer1/kernel").shape
+        (200, 10)
+        """
         try:
             return self._layout.specs[name]
         except KeyError:
             raise self._missing(name) from None
 
     def placement(self, name: str) -> Placement:
-        """Where variable `name` lives and which declaration or rule put it there."""
+        """Where variable `name` lives and which declaration or rule put it there.
+
+        >>> str(jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel"))
+        "cpu:1 (from rule 0 ('kernel'))"
+        """
         return self.spec(name).placement
 
     def is_initialized(self, name: str) -> bool:
+        """Whether declared variable `name` holds a value (an undeclared name raises).
+
+        >>> state.is_initialized("weights"), jstate.abstract(model).is_initialized("weights")
+        (True, False)
+        """
         self.spec(name)  # undeclared names raise
         return name in self._values
 
     def uninitialized(self) -> list[str]:
-        """Names of declared variables that hold no value, sorted."""
+        """Names of declared variables that hold no value, sorted.
+
+        >>> jstate.init(model, jax.random.key(0), only=["biases"]).uninitialized()
+        ['layer1/kernel', 'w2', 'weights']
+        """
         return [n for n in self._layout.specs if n not in self._values]
 
     def structs(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """Every declared variable as a `jax.ShapeDtypeStruct` carrying its sharding."""
+        """Every declared variable as a `jax.ShapeDtypeStruct` carrying its sharding.
+
+        >>> jstate.abstract(model).structs()["weights"]
+        ShapeDtypeStruct(shape=(784, 200), dtype=float32)
+        """
         return {n: s.struct() for n, s in self._layout.specs.items()}
 
     # -- functional updates -----------------------------------------------------------------
@@ -147,15 +168,28 @@ class State(Mapping[str, jax.Array]):
         Raises:
           SpecMismatchError: for a wrong shape or dtype (names the variable, declared vs given).
           UnknownVariableError: for an undeclared name.
+
+        >>> new = state.assign("biases", jnp.ones(200))
+        >>> new["biases"][:3], state["biases"][:3]  # the original is unchanged
+        (Array([1., 1., 1.], dtype=float32), Array([0., 0., 0.], dtype=float32))
+        >>> new = state.assign({"biases": 0.5, "layer1/kernel": 0.0})  # scalars are broadcast
         """
         return self._update(name, value, None, "assign")
 
     def assign_add(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` added to variable `name` (see `assign`)."""
+        """A new State with `value` added to variable `name` (see `assign`).
+
+        >>> state.assign_add("biases", 2.0)["biases"][:3]
+        Array([2., 2., 2.], dtype=float32)
+        """
         return self._update(name, value, operator.add, "assign_add")
 
     def assign_sub(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` subtracted from variable `name` (see `assign`)."""
+        """A new State with `value` subtracted from variable `name` (see `assign`).
+
+        >>> state.assign_sub("biases", jnp.full(200, 0.5))["biases"][:3]
+        Array([-0.5, -0.5, -0.5], dtype=float32)
+        """
         return self._update(name, value, operator.sub, "assign_sub")
 
     def _update(self, name: Any, value: Any, op: Callable | None, verb: str) -> State:
@@ -186,17 +220,79 @@ class State(Mapping[str, jax.Array]):
 
     # -- whole-State operations -------------------------------------------------------------
     def subset(self, names: Iterable[str]) -> State:
-        """A State with only the variables `names` (declared ones; initialized or not)."""
-        names = list(names)
-        missing = [n for n in names if n not in self._layout.specs]
-        if missing:
-            raise unknown_names("Variable", missing, self._layout.specs, "`subset` takes declared names.")
+        """A State with only the variables `names` (declared ones; initialized or not). A name
+        ending in "/" selects every variable in that scope, as in a Saver's ``var_list``.
+
+        >>> list(state.subset(["weights", "biases"]))
+        ['biases', 'weights']
+        >>> list(state.subset(["layer1/"]))
+        ['layer1/kernel']
+        """
+        names = _names.select(names, self._layout.specs, "`subset`")
         specs = {n: self._layout.specs[n] for n in names}
         values = {n: self._values[n] for n in sorted(specs) if n in self._values}
         return State._make(_Layout(specs, values), values)
 
+    def trainable(self) -> State:
+        """The variables declared trainable (the default), as a State: what `jax.grad` takes.
+
+        `non_trainable` holds the others (``s.variable(..., trainable=False)``); `merge` joins
+        the two again, eagerly or under `jax.jit`.
+
+        >>> def counted(s):
+        ...     s.variable("w", jnp.ones(3))
+        ...     s.variable("step", jnp.zeros((), jnp.int32), trainable=False)
+        >>> st = jstate.init(counted, jax.random.key(0))
+        >>> list(st.trainable()), list(st.non_trainable())
+        (['w'], ['step'])
+        >>> grads = jax.grad(lambda p: (p["w"] ** 2).sum())(st.trainable())
+        >>> st = st.merge(jax.tree.map(lambda p, g: p - 0.1 * g, st.trainable(), grads)).assign_add("step", 1)
+        """
+        return self.subset([n for n, s in self._layout.specs.items() if s.trainable])
+
+    def non_trainable(self) -> State:
+        """The variables declared with ``trainable=False``, as a State (see `trainable`).
+
+        >>> list(jstate.State({"w": jnp.ones(2)}).non_trainable())
+        []
+        """
+        return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
+
+    def redeclare(self, name: str, value: Any) -> State:
+        """A new State in which variable `name` is declared anew with `value`'s shape and dtype,
+        and holds `value` (TF's reshaping of a ``validate_shape=False`` variable).
+
+        `assign` never changes a shape or dtype: this is the one explicit way. The placement is
+        derived again for the new shape: a PartitionSpec or sharding (declared, or from a rule)
+        is checked against it, and a single device is kept. It works eagerly and under
+        `jax.jit`. The original State is unchanged; use the return value.
+
+        Raises:
+          UnknownVariableError: `name` is not declared.
+          PlacementError: its placement cannot hold the new shape (names the old and new shape).
+
+        >>> wider = state.redeclare("biases", jnp.zeros(300))
+        >>> wider.spec("biases").shape, state.spec("biases").shape
+        ((300,), (200,))
+        """
+        spec = self.spec(name)
+        if not isinstance(value, jax.Array):  # numpy and Python values take JAX's dtypes
+            value = jnp.asarray(value)
+        if getattr(value, "weak_type", False):
+            value = jax.lax.convert_element_type(value, value.dtype)
+        shape = tuple(value.shape)
+        placement = _placement.reshape(spec.placement, name, spec.shape, shape)
+        new = dataclasses.replace(spec, shape=shape, dtype=np.dtype(value.dtype), placement=placement)
+        values = dict(sorted({**self._values, name: _place(value, placement.sharding)}.items()))
+        return State._make(_Layout({**self._layout.specs, name: new}, values), values)
+
     def merge(self, other: State) -> State:
-        """A State with the variables of both; where both hold a value, `other`'s wins."""
+        """A State with the variables of both; where both hold a value, `other`'s wins.
+
+        >>> merged = state.merge(jstate.State({"biases": jnp.ones(200), "step": jnp.zeros((), jnp.int32)}))
+        >>> list(merged), merged["biases"][:3]
+        (['biases', 'layer1/kernel', 'step', 'w2', 'weights'], Array([1., 1., 1.], dtype=float32))
+        """
         specs = dict(self._layout.specs)
         for n, spec in other._layout.specs.items():
             mine = specs.get(n)
@@ -211,7 +307,11 @@ class State(Mapping[str, jax.Array]):
         return State._make(_Layout(specs, values), values)
 
     def rename(self, mapping: Mapping[str, str]) -> State:
-        """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay."""
+        """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay.
+
+        >>> list(state.rename({"w2": "copy/weights"}))
+        ['biases', 'copy/weights', 'layer1/kernel', 'weights']
+        """
         missing = [n for n in mapping if n not in self._layout.specs]
         if missing:
             raise unknown_names("Cannot rename: variable", missing, self._layout.specs, "")
@@ -231,6 +331,11 @@ class State(Mapping[str, jax.Array]):
 
         Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
         PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> placed = state.replace_placement(mesh, rules=[("weights|w2", jax.sharding.PartitionSpec("x"))])
+        >>> placed.placement("weights").source, len(placed["weights"].sharding.device_set)
+        ("rule 0 ('weights|w2')", 8)
         """
         specs, values = _placement.replace(self._layout.specs, self._values, mesh, rules)
         return State._make(_Layout(specs, values), values)
@@ -274,17 +379,33 @@ class State(Mapping[str, jax.Array]):
         return State._make(_Layout(specs, values), values)
 
     def to_nnx(self) -> Any:
-        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``."""
+        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``.
+
+        >>> state.to_nnx()["layer1"]["kernel"].shape
+        (200, 10)
+        """
         return _tree.to_nnx(self)
 
     @classmethod
     def from_nnx(cls, source: Any) -> State:
-        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``."""
+        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``.
+
+        >>> from flax import nnx
+        >>> list(jstate.State.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+        ['bias', 'kernel']
+        """
         return cls.from_tree(_tree.from_nnx(source), flat=True)
 
     # -- display ----------------------------------------------------------------------------
     def table(self) -> Table:
-        """The State as a `Table` (name, shape, dtype, sharding, bytes, initialized)."""
+        """The State as a `Table` (name, shape, dtype, sharding, bytes, initialized).
+
+        >>> print(state.subset(["biases"]).table())
+        State: 1 variables, 1 initialized, 800 B
+        name    shape   dtype    sharding  bytes  initialized
+        ------  ------  -------  --------  -----  -----------
+        biases  (200,)  float32  default   800 B  yes
+        """
         return _display.state_table(self)
 
     def __repr__(self) -> str:
@@ -310,7 +431,8 @@ def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:
     if tuple(shape) != spec.shape or dtype != spec.dtype:
         raise SpecMismatchError(
             f"Cannot {verb} variable '{spec.name}': declared shape {spec.shape} and dtype "
-            f"{spec.dtype.name}, given shape {tuple(shape)} and dtype {np.dtype(dtype).name}."
+            f"{spec.dtype.name}, given shape {tuple(shape)} and dtype {np.dtype(dtype).name}. "
+            f"To declare it anew with another shape or dtype, use `state.redeclare({spec.name!r}, value)`."
         )
     if getattr(value, "weak_type", False):
         value = jax.lax.convert_element_type(value, spec.dtype)  # keep jit signatures stable
@@ -361,10 +483,21 @@ def to_nnx(state: Mapping[str, jax.Array]) -> Any:
     """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
 
     Path parts that are numbers (``"layers/0/kernel"``) become ints, as NNX expects.
+
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> nnx.update(layer, jstate.to_nnx(jstate.from_nnx(layer).assign("bias", 1.0)))
+    >>> layer.bias[...]
+    Array([1., 1., 1.], dtype=float32)
     """
     return _tree.to_nnx(state)
 
 
 def from_nnx(source: Any) -> State:
-    """A State from an NNX module or `nnx.State`, its variables named by their paths."""
+    """A State from an NNX module or `nnx.State`, its variables named by their paths.
+
+    >>> from flax import nnx
+    >>> jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))).spec("kernel").shape
+    (2, 3)
+    """
     return State.from_nnx(source)

@@ -20,6 +20,12 @@ class Table:
     Attributes:
       columns: the header.
       rows: one tuple of cells per row (the values themselves, not strings).
+
+    >>> print(jstate.Table(["name", "shape", "initialized"], [("w", (3,), True)], title="1 variable"))
+    1 variable
+    name  shape  initialized
+    ----  -----  -----------
+    w     (3,)   yes
     """
 
     def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[object]], title: str = ""):

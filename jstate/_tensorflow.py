@@ -182,13 +182,15 @@ def latest(directory: Path) -> Path | None:
     last component is looked for inside `directory` instead, so a moved directory still works
     and a state file cannot point at checkpoints elsewhere.
 
-    >>> _tensorflow.latest(Path("train"))
-    PosixPath('train/model.ckpt-20')
-
     Returns:
       The prefix, as `directory` joined with the name (or its last component); None if there is
       no state file, it does not parse, it names nothing, or the named checkpoint's ``.index``
       is missing.
+
+    >>> Path("train").mkdir(); Path("train/model.ckpt-20.index").touch()
+    >>> _ = Path("train/checkpoint").write_text('model_checkpoint_path: "model.ckpt-20"')
+    >>> latest(Path("train"))
+    PosixPath('train/model.ckpt-20')
     """
     directory = Path(directory)
     try:

@@ -1,5 +1,6 @@
-"""Writing one jstate checkpoint: a hidden temporary directory, the arrays through Orbax, their
-checksums, the manifest, and the commit; in the caller's thread or in the background.
+"""Writing one jstate checkpoint under the commit rule of `_commit`: the arrays through Orbax
+into a directory of the save's own, their checksums, then the manifest; in the caller's thread
+or in the background.
 
 With several JAX processes, every process calls `Writer.save` for the same checkpoint on a
 shared directory: process 0 prepares and commits; every process writes its shards (through
@@ -9,32 +10,59 @@ Orbax) and their checksums, and barriers keep them in step.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
+import logging
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 
-from . import _files, _integrity, _orbax
+from . import _commit, _files, _integrity, _orbax
 from ._errors import CheckpointError
-from ._manifest import ARRAYS, FILE, Manifest, Variable
+from ._manifest import Manifest, Variable
 
-# Writers with a background save in flight. The interpreter finishes them at exit, before
-# concurrent.futures stops taking work (Orbax needs it): threading's own exit hooks run first,
+log = logging.getLogger("jstate")
+
+# Writers with a background save in flight: the interpreter finishes them at exit, before
+# concurrent.futures stops taking work (Orbax needs it). threading's own exit hooks run first,
 # newest first, and this one is registered after concurrent.futures'.
 _unfinished: weakref.WeakSet = weakref.WeakSet()
 
 
 def _finish_at_exit() -> None:
     for writer in list(_unfinished):
-        writer.join()
+        writer.finish_at_exit()
 
 
 getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
+
+
+class _Background:
+    """One save finishing in a background thread. Completion is an Event, not `Thread.join`:
+    a join interrupted by Ctrl-C can return at once ever after (CPython gh-90882), which would
+    let the interpreter exit mid-save."""
+
+    def __init__(self, path: Path, finish: Callable[[], None], failed: Callable[[], None]):
+        self.path = path
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._finish, self._failed = finish, failed
+        threading.Thread(target=self._run, name=f"jstate save {path}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._finish()
+        except BaseException as e:  # reported by `Writer.wait`
+            self.error = e
+            self._failed()
+        finally:
+            self.done.set()
 
 
 class Writer:
@@ -50,18 +78,17 @@ class Writer:
         self._timeout = timeout
         self._orbax: _orbax.Writer | None = None
         self._saves = 0
-        self._pending: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._error_path: Path | None = None
+        self._pending: _Background | None = None
 
     def save(
         self,
         arrays: dict[str, jax.Array],
         final: Path,
         step: int | None,
+        prefix: str | None,
         *,
         blocking: bool,
-        committed: Callable[[], None] = lambda: None,
+        committed: Callable[[Manifest], None] = lambda manifest: None,
     ) -> None:
         """Write `arrays` as the checkpoint `final`; call `committed` (process 0) once it is.
 
@@ -69,96 +96,128 @@ class Writer:
         happens in a background thread, which `wait` (or the interpreter's exit) finishes.
 
         Raises:
-          CheckpointError: the save failed.
+          CheckpointError: the save failed; earlier checkpoints are intact.
         """
         self.wait()
-        check_replaceable(final)
-        # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all of them.
-        stored = {n: a for n, a in arrays.items() if a.size}
-        tmp = _files.temporary(final)
         self._saves += 1
-        barrier = functools.partial(_orbax.barrier, f"jstate-save-{self._saves}-{final}", self._timeout)
-        if jax.process_index() == 0:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            _files.clean_stale(final.parent)
-            tmp.mkdir()
-        barrier("start")
-        # Checksums are taken now: the values saved are the values at call time.
-        digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
-        shapes = {n: (tuple(a.shape), a.dtype) for n, a in arrays.items()}
-        if self._orbax is None:
-            self._orbax = _orbax.Writer(self._compression, self._timeout)
-        finish = functools.partial(self._finish, tmp, final, step, shapes, digests, barrier, committed)
+        name = f"jstate-save-{self._saves}-{final}"
+        barrier = functools.partial(_orbax.barrier, name, self._timeout)
+        token = None
         try:
+            if jax.process_index() == 0:
+                _commit.prepare(final)
+            token = _orbax.share(f"{name}:token", _files.token, self._timeout)
+            _files.begin(token)
+            barrier("start")
+            # Checksums are taken now: the values saved are the values at call time. Orbax cannot
+            # store zero-size arrays; their shape and dtype in the manifest are all of them.
+            stored = {n: a for n, a in arrays.items() if a.size}
+            digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
+            shapes = {n: (tuple(a.shape), a.dtype) for n, a in arrays.items()}
+            if self._orbax is None:
+                self._orbax = _orbax.Writer(self._compression, self._timeout)
+            data = _commit.data_dir(final, token)
             if stored:
-                self._orbax.save(tmp / ARRAYS, stored)
+                self._orbax.save(data, stored)
+            finish = functools.partial(
+                self._finish, final, data, token, step, prefix, shapes, digests, barrier, committed
+            )
             if blocking:
                 finish()
-        except Exception as e:
-            raise save_failed(final, e) from e
+        except BaseException as e:
+            self._failed(final, token)
+            if isinstance(e, Exception):
+                raise save_failed(final, e) from e
+            raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
         if not blocking:
-            self._error_path = final
-            self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True)
-            self._pending.start()
+            self._pending = _Background(final, finish, functools.partial(self._failed, final, token))
             _unfinished.add(self)
 
-    def _finish(self, tmp, final, step, shapes, digests, barrier, committed) -> None:
-        self._orbax.wait()
+    def _finish(self, final, data, token, step, prefix, shapes, digests, barrier, committed) -> None:
+        if self._orbax is not None:
+            self._orbax.wait()
         process = jax.process_index()
         if jax.process_count() > 1:
-            with _files.atomic(tmp / f"digests.{process}.json") as part:
+            with _files.atomic(final / f".digests-{process}.{token}.tmp") as part:
                 part.write_text(json.dumps(digests))
         barrier("written")
         if process == 0:
             for other in range(1, jax.process_count()):
-                part = tmp / f"digests.{other}.json"
-                for name, regions in json.loads(part.read_text()).items():
-                    digests[name].update(regions)
+                part = final / f".digests-{other}.{token}.tmp"
+                for n, regions in json.loads(part.read_text()).items():
+                    digests[n].update(regions)
                 part.unlink()
             variables = {n: Variable(shape, dtype, digests.get(n, {})) for n, (shape, dtype) in shapes.items()}
-            files = _integrity.file_records(tmp / ARRAYS)
-            Manifest(variables, step, time.time(), files).write(tmp)
-            _files.commit(tmp, final)
-            committed()
+            files = {}
+            if data.exists():
+                _files.sync_tree(data)
+                files = _integrity.file_records(data)
+            manifest = Manifest(variables, step, time.time(), files, data.name, prefix)
+            _commit.commit(final, manifest)
+            committed(manifest)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
+        _files.end(token)
 
-    def _background(self, finish: Callable[[], None]) -> None:
-        try:
-            finish()
-        except BaseException as e:  # re-raised by `wait`
-            self._error = e
+    def _failed(self, final: Path, token: str | None) -> None:
+        """After a failed or interrupted save: its files are a dead writer's (removed now, or
+        by the next save), and Orbax's writer, which keeps an async error, is replaced."""
+        if token is not None:
+            _files.end(token)
+        self._orbax = None
+        if jax.process_index() == 0:
+            with contextlib.suppress(Exception):
+                _commit.clean_checkpoint(final)
 
     def wait(self) -> None:
-        """Block until a background save is on disk; re-raise its error, if any."""
-        self.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise save_failed(self._error_path, error) from error
+        """Block until a background save is on disk; re-raise its error, if any.
+
+        Interrupted (Ctrl-C), the save goes on, and the interpreter finishes it at exit.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        pending.done.wait()
+        self._pending = None
+        _unfinished.discard(self)
+        if pending.error is not None:
+            if isinstance(pending.error, Exception):
+                raise save_failed(pending.path, pending.error) from pending.error
+            raise CheckpointError(f"Saving checkpoint {pending.path} was interrupted; earlier checkpoints are intact.")
 
     def join(self) -> None:
         """Block until a background save is done, keeping its error for `wait`."""
         if self._pending is not None:
-            self._pending.join()
-            self._pending = None
-            _unfinished.discard(self)
+            self._pending.done.wait()
+
+    def finish_at_exit(self) -> None:
+        """Finish a background save as the interpreter exits; a failure is one line on stderr."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.error("%s", e)
+            print(f"jstate: {e}", file=sys.stderr)
 
 
-def check_replaceable(final: Path) -> None:
-    """Refuse to save over anything at `final` but a jstate checkpoint (never delete user files)."""
-    if final.exists() and not (final / FILE).is_file():
-        raise CheckpointError(
-            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. "
-            f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
-        )
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
-    """One short error for a failed save; Orbax's own messages can hold whole arrays."""
+    """One short error for a failed save that keeps the OS's reason whole; Orbax's own messages
+    can hold whole arrays, so only their first line is kept."""
     if isinstance(error, CheckpointError):
         return error
-    detail = str(error).splitlines()[0] if str(error) else ""
-    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    os_error = next((e for e in _causes(error) if isinstance(e, OSError)), None)
+    if os_error is not None:
+        detail = f"{type(os_error).__name__}: {os_error}"
+    else:
+        detail = str(error).splitlines()[0] if str(error) else ""
+        detail = f"{type(error).__name__}: " + (detail if len(detail) <= 300 else detail[:300] + "...")
     return CheckpointError(
-        f"Saving checkpoint {path} failed ({type(error).__name__}: {detail}). Earlier checkpoints are intact; "
-        "the partial one is hidden and removed by the next save."
+        f"Saving checkpoint {path} failed ({detail}). Earlier checkpoints are intact, and nothing of this "
+        "save is listed."
     )

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_save_then_restore_without_initializing_first(state, tmp_path):
 
 def test_plain_orbax_restores_jstate_checkpoints_with_names_as_keys(state, tmp_path):
     path = jstate.Saver().save(state, tmp_path / "ckpt")
-    tree = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"))
+    tree = ocp.StandardCheckpointer().restore(jstate.open_checkpoint(path).arrays)  # arrays-<token>
     assert sorted(tree) == list(state)
     np.testing.assert_array_equal(tree["model/encoder/k"], state["model/encoder/k"])
 
@@ -264,16 +265,16 @@ def test_keep_every_n_hours_keeps_one_per_period(state, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m-0", "m-3", "m-5"]
 
 
-def test_latest_checkpoint(state, tmp_path):
+def test_latest_checkpoint_is_the_most_recently_committed(state, tmp_path):
     assert jstate.latest_checkpoint(tmp_path) is None
     saver = jstate.Saver()
     saver.save(state, tmp_path / "model", step=5)
     saver.save(state, tmp_path / "model", step=20)
-    saver.save(state, tmp_path / "model", step=10)
-    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-20")
-    (tmp_path / ".model-30.jstate-tmp").mkdir()  # a killed save
+    saver.save(state, tmp_path / "model", step=10)  # a resumed run: saved last, so latest
+    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-10")
+    (tmp_path / "model-30" / "arrays-1_999999999_0_otherhost").mkdir(parents=True)  # a killed save
     (tmp_path / "model-40").mkdir()  # not a checkpoint
-    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-20")
+    assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-10")
     restored = saver.restore(tmp_path, jstate.abstract(model))  # a directory: its latest
     assert_same(restored, state)
 
@@ -330,10 +331,11 @@ def test_inspect_reads_metadata_only(state, tmp_path, monkeypatch, capsys):
 
 def test_inspect_of_a_damaged_checkpoint_is_an_error(state, tmp_path):
     path = jstate.Saver().save(state, tmp_path / "m", step=3)
-    os.remove(os.path.join(path, "arrays", "_METADATA"))
+    arrays = jstate.open_checkpoint(path).arrays
+    os.remove(os.path.join(arrays, "_METADATA"))
     out = subprocess.run([sys.executable, "-m", "jstate", "inspect", path], capture_output=True, text=True)
     assert out.returncode == 1
-    assert f"Checkpoint {path} is incomplete: {path}/arrays/_METADATA is missing." in out.stderr
+    assert f"Checkpoint {path} is incomplete: {arrays}/_METADATA is missing." in out.stderr
 
 
 def test_inspect_values_and_directory_listing(state, tmp_path):
@@ -377,13 +379,13 @@ def test_damaged_manifest(state, tmp_path):
 def test_truncated_data_files(state, tmp_path):
     path = jstate.Saver().save(state, tmp_path / "m")
     target = jstate.abstract(model)
-    for root, _, files in os.walk(os.path.join(path, "arrays")):
+    for root, _, files in os.walk(jstate.open_checkpoint(path).arrays):
         for f in files:
             if root.endswith("/d"):
                 with open(os.path.join(root, f), "r+b") as fh:
                     fh.truncate(10)
     with pytest.raises(
-        jstate.CorruptCheckpointError, match=f"Checkpoint {path} is damaged: {path}/arrays/.*d/.* has 10 bytes"
+        jstate.CorruptCheckpointError, match=f"Checkpoint {path} is damaged: {path}/arrays-[^/]*/.*d/.* has 10 bytes"
     ):
         jstate.Saver().restore(path, target)
     assert target.uninitialized() == sorted(target.specs)
@@ -438,16 +440,15 @@ def test_saving_over_a_directory_that_is_not_a_checkpoint_is_refused(state, tmp_
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
 
 
-def test_a_kill_between_the_renames_of_a_replacing_save_loses_nothing(state, tmp_path):
-    from jstate import _files
-
+def test_a_replacing_save_killed_before_its_commit_loses_nothing(state, tmp_path):
     saver = jstate.Saver(["biases"])
     path = saver.save(state, tmp_path / "m")
-    os.rename(path, tmp_path / ".m.jstate-replaced")  # killed right after moving the old one away
-    saver.save(state.assign("biases", jnp.ones(32)), tmp_path / "other")  # the next save recovers it
+    dead = os.path.join(path, "arrays-1_999999999_0_otherhost")  # a dead writer's arrays
+    shutil.copytree(jstate.open_checkpoint(path).arrays, dead)
     assert (jstate.load_variable(tmp_path / "m", "biases") == 0).all()
-    _files.clean_stale(tmp_path)
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    saver.save(state.assign("biases", jnp.ones(32)), tmp_path / "m")  # the next save cleans up
+    assert (jstate.load_variable(tmp_path / "m", "biases") == 1).all()
+    assert sorted(os.listdir(path)) == sorted(["jstate.json", os.path.basename(jstate.open_checkpoint(path).arrays)])
 
 
 def test_max_to_keep_zero_keeps_everything_and_bad_values_are_refused(state, tmp_path):

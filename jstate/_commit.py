@@ -1,0 +1,140 @@
+"""The commit rule: a jstate checkpoint exists exactly when its manifest does.
+
+A checkpoint at ``ckpt/model-1000`` is a directory:
+
+  jstate.json             the manifest (`_manifest`), written last in one atomic step
+  arrays-<token>/         the arrays of one save (an Orbax checkpoint), under the save's token
+
+A save writes its arrays under a token no other save uses, then the manifest naming them: a
+reader sees the old checkpoint or the new one, never a mix, and a save killed at any moment
+leaves at most files that no manifest names. Re-saving a path replaces its manifest in one
+step, after which the replaced arrays are removed. Deleting a checkpoint removes its manifest
+first. Object stores keep this rule too: writing one object is atomic there, renaming a
+directory is not, and nothing here renames a directory.
+
+Leftovers (arrays no manifest names, temporary files, directories left empty) are removed by
+`clean` only once their writer is gone (`_files.alive`), and an arrays directory only after
+its writer is known to be done *and* the manifest, read after that, does not name it: a
+finished save's arrays can stop being named, never start, so that order is race-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from . import _files
+from ._errors import CheckpointError
+from ._manifest import ARRAYS, FILE, Manifest
+
+_DATA = ARRAYS + "-"
+_ORBAX_TMP = ".orbax-checkpoint-tmp-"  # Orbax's own temporary suffix (its atomic rename)
+# The longest name a save adds inside a checkpoint directory: a data directory during
+# Orbax's write, or the manifest's temporary file.
+_LONGEST = len(_DATA) + 80 + len(_ORBAX_TMP) + 20
+
+
+def data_dir(final: Path, token: str) -> Path:
+    """Where a save with `token` writes the arrays of checkpoint `final`."""
+    return final / f"{_DATA}{token}"
+
+
+def _token_of(name: str) -> str | None:
+    """The writer token in the name of a file a save puts in a checkpoint directory."""
+    if name.startswith(_DATA):
+        return name[len(_DATA) :].split(_ORBAX_TMP)[0]
+    return _files.temporary_token(name)
+
+
+def prepare(final: Path) -> None:
+    """Before a save to `final`: refuse to overwrite what is not a jstate checkpoint, check name
+    lengths, and create `final` durably.
+
+    Raises:
+      CheckpointError: `final` exists and is not a jstate checkpoint (committed or not).
+      OSError: a name is too long, or the file system refuses.
+    """
+    if final.exists() and not is_ours(final):
+        raise CheckpointError(
+            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. "
+            f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
+        )
+    _files.check_name_lengths(final)
+    _files.check_name_lengths(final / "x", _LONGEST)
+    _files.makedirs(final)
+
+
+def is_ours(path: Path) -> bool:
+    """Whether `path` is a directory holding only what jstate saves put there."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return all(e.name in (FILE, ARRAYS) or _token_of(e.name) is not None for e in path.iterdir())
+
+
+def commit(final: Path, manifest: Manifest) -> None:
+    """Publish `manifest` (naming this save's arrays) as checkpoint `final`: one atomic write.
+    The arrays it replaces, if any, are removed once it is published."""
+    manifest.write(final)
+    clean_checkpoint(final)
+
+
+def delete(path: Path, expected: Manifest | None = None) -> bool:
+    """Delete checkpoint `path`: its manifest first (it stops being listed), then its files.
+
+    With `expected`, only if its manifest is still that one: a checkpoint re-saved since it was
+    chosen for deletion is kept. Returns whether it was deleted.
+    """
+    manifest_path = path / FILE
+    taken = path / f".{FILE}.{_files.token()}.deleting.tmp"
+    try:
+        os.rename(manifest_path, taken)  # atomic: takes exactly one version of the manifest
+    except FileNotFoundError:
+        return False
+    if expected is not None and Manifest.read_file(taken, path) != expected:
+        # Re-saved in between: put it back, unless a newer one has arrived meanwhile.
+        with contextlib.suppress(FileExistsError):
+            os.link(taken, manifest_path)
+        taken.unlink(missing_ok=True)
+        _files.sync_dir(path)
+        return False
+    _files.sync_dir(path)
+    taken.unlink(missing_ok=True)
+    clean_checkpoint(path)
+    return True
+
+
+def clean_checkpoint(path: Path) -> None:
+    """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
+    manifest does not name, temporary files; and `path` itself if that leaves it empty."""
+    try:
+        entries = list(path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _files.alive(t)]
+    legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
+    if not done and not legacy:
+        return
+    try:  # read after the liveness checks: see the module docstring
+        named = Manifest.read(path)
+    except CheckpointError:
+        return  # a damaged manifest: leave everything for the user to look at
+    if legacy and named is not None and named.arrays != ARRAYS:  # re-saved since: replaced
+        done.append(path / ARRAYS)
+    for entry in done:
+        if named is None or entry.name != named.arrays:
+            _files.remove(entry)
+    if named is None:
+        _files.remove_empty_dir(path)
+
+
+def clean(directory: Path, prefix: str | None = None) -> None:
+    """`clean_checkpoint` every jstate checkpoint directory in `directory` (named
+    ``<prefix>...`` if given): leftovers of killed and failed saves and deletions."""
+    try:
+        children = [c for c in directory.iterdir() if prefix is None or c.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for child in children:
+        if child.is_dir() and not child.is_symlink() and is_ours(child):
+            clean_checkpoint(child)
