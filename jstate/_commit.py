@@ -15,7 +15,9 @@ directory is not, and nothing here renames a directory.
 Leftovers (arrays no manifest names, temporary files, directories left empty) are removed by
 `clean` only once their writer is gone (`_files.alive`), and an arrays directory only after
 its writer is known to be done *and* the manifest, read after that, does not name it: a
-finished save's arrays can stop being named, never start, so that order is race-free.
+finished save's arrays can stop being named, never start, so that order is race-free. (One
+exception: a deletion that took a manifest re-saved since it was chosen puts it back; while a
+deletion is in flight, a missing manifest is not taken as final.)
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ._errors import CheckpointError
 from ._manifest import ARRAYS, FILE, Manifest
 
 _DATA = ARRAYS + "-"
-_ORBAX_TMP = ".orbax-checkpoint-tmp-"  # Orbax's own temporary suffix (its atomic rename)
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes into "<arrays-token>.orbax-checkpoint-tmp", then renames
+_DELETING = f".{FILE}.deleting."  # a manifest taken by `delete`: ``.jstate.json.deleting.<token>.tmp``
 # The longest name a save adds inside a checkpoint directory: a data directory during
 # Orbax's write, or the manifest's temporary file.
 _LONGEST = len(_DATA) + 80 + len(_ORBAX_TMP) + 20
@@ -43,13 +46,15 @@ def data_dir(final: Path, token: str) -> Path:
 def _token_of(name: str) -> str | None:
     """The writer token in the name of a file a save puts in a checkpoint directory."""
     if name.startswith(_DATA):
-        return name[len(_DATA) :].split(_ORBAX_TMP)[0]
+        # Tokens hold no ".": whatever suffix Orbax adds while it writes is not part of one
+        # (read as part of the host, it made a killed save's files another host's, kept a day).
+        return name[len(_DATA) :].split(".", 1)[0]
     return _files.temporary_token(name)
 
 
 def prepare(final: Path) -> None:
     """Before a save to `final`: refuse to overwrite what is not a jstate checkpoint, check name
-    lengths, and create `final` durably.
+    lengths, create `final` durably, and remove what dead writers left in its directory.
 
     Raises:
       CheckpointError: `final` exists and is not a jstate checkpoint (committed or not).
@@ -63,6 +68,8 @@ def prepare(final: Path) -> None:
     _files.check_name_lengths(final)
     _files.check_name_lengths(final / "x", _LONGEST)
     _files.makedirs(final)
+    # Before writing, not after: a killed save's leftovers may be what fills the disk.
+    clean(final.parent)
 
 
 def is_ours(path: Path) -> bool:
@@ -86,20 +93,26 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     chosen for deletion is kept. Returns whether it was deleted.
     """
     manifest_path = path / FILE
-    taken = path / f".{FILE}.{_files.token()}.deleting.tmp"
-    try:
-        os.rename(manifest_path, taken)  # atomic: takes exactly one version of the manifest
-    except FileNotFoundError:
-        return False
-    if expected is not None and Manifest.read_file(taken, path) != expected:
-        # Re-saved in between: put it back, unless a newer one has arrived meanwhile.
-        with contextlib.suppress(FileExistsError):
-            os.link(taken, manifest_path)
-        taken.unlink(missing_ok=True)
+    if expected is not None and Manifest.read(path) != expected:
+        return False  # re-saved since it was chosen: kept, without ever being unlisted
+    name = _files.token()
+    # The token names the taken manifest (so a killed deletion's file is removed once it is
+    # dead) and is live while the manifest may be put back: `clean_checkpoint` waits for it.
+    taken = path / f"{_DELETING}{name}.tmp"
+    with _files.writing(name):
+        try:
+            os.rename(manifest_path, taken)  # atomic: takes exactly one version of the manifest
+        except FileNotFoundError:
+            return False
+        if expected is not None and Manifest.read_file(taken, path) != expected:
+            # Re-saved in between: put it back, unless a newer one has arrived meanwhile.
+            with contextlib.suppress(FileExistsError):
+                os.link(taken, manifest_path)
+            taken.unlink(missing_ok=True)
+            _files.sync_dir(path)
+            return False
         _files.sync_dir(path)
-        return False
-    _files.sync_dir(path)
-    taken.unlink(missing_ok=True)
+        taken.unlink(missing_ok=True)
     clean_checkpoint(path)
     return True
 
@@ -119,6 +132,8 @@ def clean_checkpoint(path: Path) -> None:
         named = Manifest.read(path)
     except CheckpointError:
         return  # a damaged manifest: leave everything for the user to look at
+    if named is None and _may_come_back(path):
+        return
     if legacy and named is not None and named.arrays != ARRAYS:  # re-saved since: replaced
         done.append(path / ARRAYS)
     for entry in done:
@@ -126,6 +141,19 @@ def clean_checkpoint(path: Path) -> None:
             _files.remove(entry)
     if named is None:
         _files.remove_empty_dir(path)
+
+
+def _may_come_back(path: Path) -> bool:
+    """Whether the manifest of `path`, found missing, may be back: a deletion in flight took it
+    and may put it back (a re-save it must keep, see `delete`), or has already. Listed before
+    the manifest is looked for again, so one of the two is seen."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if any(n.startswith(_DELETING) and _files.alive(_token_of(n) or "") for n in names):
+        return True
+    return (path / FILE).exists()
 
 
 def clean(directory: Path, prefix: str | None = None) -> None:

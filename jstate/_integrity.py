@@ -10,6 +10,7 @@ CRC32C is TensorFlow's checksum; the `crc32c` package computes it at several GB/
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from collections.abc import Iterable
@@ -55,34 +56,72 @@ def verify_arrays(arrays: dict[str, jax.Array], digests: dict[str, dict[str, int
     """Check restored arrays against the checksums recorded at save; the first mismatch as
     ``(name, region)``, or None.
 
-    A recorded region is checked where this process can see it whole: one of its shards, or
-    (single-process) any region. Device-to-host copies start at once and checksums run in a
-    thread pool (crc32c releases the GIL), so on accelerators the copies overlap the hashing.
+    A recorded region is checked where this process holds it whole: as one of its shards, or
+    assembled on the host from the pieces of several (a restore onto another mesh). The pieces
+    are copied with numpy, never sliced with JAX indexing, which explicit mesh axes refuse.
+    Device-to-host copies start at once and checksums run in a thread pool (crc32c releases the
+    GIL), so on accelerators the copies overlap the hashing.
     """
     jobs = []
     for name, array in arrays.items():
-        local = {_slice_key(s.index, array.shape): s for s in array.addressable_shards}
-        for key, expected in digests.get(name, {}).items():
-            shard = local.get(key)
-            if shard is not None:
-                data = shard.data
-            elif array.is_fully_addressable:
-                data = array[_parse_key(key)]
-            else:
-                continue  # that region spans other processes; they check their parts
-            jobs.append((name, key, expected, data))
-    check = lambda job: checksum(np.asarray(job[3])) == job[2]  # noqa: E731
-    if sum(job[3].nbytes for job in jobs) < _PARALLEL_BYTES:  # small: threads cost more than they save
-        matches = [check(job) for job in jobs]
-    else:
+        recorded = digests.get(name, {})
+        if not recorded:
+            continue
+        shards = {}  # one shard per distinct region: replicas hold the same bytes
+        for shard in array.addressable_shards:
+            shards.setdefault(_slice_key(shard.index, array.shape), shard)
+        for key, expected in recorded.items():
+            if key in shards:
+                jobs.append((name, key, expected, [shards[key]], None, array.shape))
+                continue
+            region = _bounds(_parse_key(key), array.shape)
+            pieces = [s for s in shards.values() if _overlap(region, _bounds(s.index, array.shape))]
+            covered = sum(_size(_overlap(region, _bounds(s.index, array.shape))) for s in pieces)
+            if covered == _size(region):
+                jobs.append((name, key, expected, pieces, region, array.shape))
+            # Otherwise the region spans other processes' devices: not checked here.
+    if sum(s.data.nbytes for job in jobs for s in job[3]) >= _PARALLEL_BYTES:
         for job in jobs:
-            job[3].copy_to_host_async()
+            for shard in job[3]:
+                shard.data.copy_to_host_async()
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            matches = list(pool.map(check, jobs))
-    for (name, key, _, _), ok in zip(jobs, matches):
+            matches = list(pool.map(_check, jobs))
+    else:  # small: threads cost more than they save
+        matches = [_check(job) for job in jobs]
+    for (name, key, *_), ok in zip(jobs, matches):
         if not ok:
             return name, key
     return None
+
+
+Bounds = tuple[tuple[int, int], ...]
+
+
+def _check(job) -> bool:
+    _, _, expected, pieces, region, shape = job
+    if region is None:
+        return checksum(np.asarray(pieces[0].data)) == expected
+    out = np.empty([stop - start for start, stop in region], pieces[0].data.dtype)
+    for shard in pieces:
+        bounds = _bounds(shard.index, shape)
+        common = _overlap(region, bounds)
+        out[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in zip(common, region))] = np.asarray(shard.data)[
+            tuple(slice(a - s0, b - s0) for (a, b), (s0, _) in zip(common, bounds))
+        ]
+    return checksum(out) == expected
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
+    return tuple((s.start or 0, dim if s.stop is None else s.stop) for s, dim in zip(index, shape))
+
+
+def _overlap(a: Bounds, b: Bounds) -> Bounds | None:
+    common = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b))
+    return common if all(lo < hi for lo, hi in common) or not common else None
+
+
+def _size(bounds: Bounds | None) -> int:
+    return 0 if bounds is None else math.prod(hi - lo for lo, hi in bounds)
 
 
 def file_checksum(path: Path) -> int:
@@ -107,7 +146,7 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
     their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
     contents = set(contents)
     for rel, (size, crc) in records.items():
-        path = safe_join(directory, rel, checkpoint, resolve=rel in contents)
+        path = safe_join(directory, rel, checkpoint)
         try:
             actual = path.stat().st_size
         except FileNotFoundError:
@@ -133,14 +172,14 @@ def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Pa
 def safe_join(directory: Path, rel: str, checkpoint: Path, resolve: bool = True) -> Path:
     """`directory / rel`, refusing paths that would leave `directory` (a crafted manifest).
 
-    The lexical check is enough to `stat` a file; before reading one, `resolve` also follows
-    symbolic links, which must stay inside too.
+    Symbolic links are followed only inside the checkpoint: `resolve` (the default) refuses a
+    path whose real location is outside.
     """
     path = directory / rel
     if (
         rel.startswith("/")
         or ".." in Path(rel).parts
-        or (resolve and not path.resolve().is_relative_to(directory.resolve()))
+        or (resolve and not path.resolve().is_relative_to(Path(checkpoint).resolve()))
     ):
         raise CorruptCheckpointError(
             f"Checkpoint {checkpoint}: its manifest names the file {rel!r}, outside the checkpoint. "

@@ -41,11 +41,14 @@ class Variable:
       shape: its shape.
       dtype: its dtype.
       digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
+      key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
+        dtype above are then those of its key data (`jax.random.key_data`).
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     digests: dict[str, int] = dataclasses.field(default_factory=dict)
+    key: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +89,7 @@ class Manifest:
                 "step": self.step,
                 "variables": {
                     n: {"shape": list(v.shape), "dtype": v.dtype.name, "digests": v.digests}
+                    | ({"key": v.key} if v.key else {})
                     for n, v in self.variables.items()
                 },
                 "created": self.created,
@@ -110,10 +114,16 @@ class Manifest:
                 raise ValueError("not a jstate manifest")
             variables = {
                 str(n): Variable(
-                    _shape(v["shape"]), _dtype(v["dtype"]), {str(k): int(c) for k, c in v.get("digests", {}).items()}
+                    _shape(v["shape"]),
+                    _dtype(v["dtype"]),
+                    {str(k): int(c) for k, c in v.get("digests", {}).items()},
+                    None if v.get("key") is None else str(v["key"]),
                 )
                 for n, v in raw["variables"].items()
             }
+            unchecked = [n for n, v in variables.items() if v.nbytes and not v.digests]
+            if unchecked:  # jstate checksums every array it stores
+                raise ValueError(f"variable {unchecked[0]!r} has no checksums")
             files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
             step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
             if "/" in arrays or arrays in ("", ".", ".."):
@@ -128,7 +138,7 @@ class Manifest:
             )
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise CorruptCheckpointError(
-                f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}). "
+                f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}: {e}). "
                 "Restore an earlier checkpoint."
             ) from e
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _commit, _integrity, _orbax
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ._manifest import ARRAYS, FILE, Manifest
+from ._manifest import ARRAYS, FILE, Manifest, Variable
 from ._reader import Checkpoint, place
 from ._spec import Entry
 
@@ -32,10 +32,11 @@ class NativeCheckpoint(Checkpoint):
     checksums = True
 
     def __init__(self, path: Path, manifest: Manifest):
-        entries = {n: Entry((n,), v.shape, v.dtype) for n, v in manifest.variables.items()}
+        entries = {n: _entry(n, v) for n, v in manifest.variables.items()}
         super().__init__(path, entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
         self.arrays = path / manifest.arrays
+        self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
 
     def changed(self) -> bool:
         try:
@@ -48,13 +49,45 @@ class NativeCheckpoint(Checkpoint):
         if verify and files:  # the small metadata files in full; data files through array digests
             metadata = [rel for rel in files if not _orbax.is_data_file(rel)]
             _integrity.check_files(self.arrays, files, self.path, contents=metadata)
-        # Zero-size arrays hold no data (Orbax cannot even store them): made, not read.
-        out = {n: place(np.zeros(t.shape, t.dtype), t) for n, t in wanted.items() if not self.entries[n].nbytes}
-        todo = {n: (self.entries[n], t) for n, t in wanted.items() if n not in out}
+        variables = self.manifest.variables
+        out, todo = {}, {}
+        for n, target in wanted.items():
+            v = variables[n]
+            # Read what is stored: in its own dtype when verifying (a cast never skips the
+            # checksums) or for a PRNG key (stored as its key data); else cast while reading.
+            dtype = v.dtype if verify or v.key else target.dtype
+            stored = jax.ShapeDtypeStruct(v.shape, dtype, sharding=target.sharding)
+            if v.nbytes:
+                todo[n] = (Entry((n,), v.shape, v.dtype), stored)
+            else:  # zero-size arrays hold no data (Orbax cannot even store them): made, not read
+                out[n] = place(np.zeros(v.shape, v.dtype), stored)
         if not verify:
-            return out | (_orbax.read(self.arrays, todo) if todo else {})
-        # Read in the stored dtype and check, then cast on the device: a cast never skips the checksums.
-        todo = {n: (e, jax.ShapeDtypeStruct(t.shape, e.dtype, sharding=t.sharding)) for n, (e, t) in todo.items()}
+            # Without checksums to catch it, a manifest that disagrees with Orbax's metadata
+            # would be a silent cast: compare them (Orbax's metadata costs ~0.5 ms per array).
+            self._check_against_orbax(todo)
+            out |= _orbax.read(self.arrays, todo) if todo else {}
+        else:
+            self._read_verified(todo, out)
+        return {n: _as_target(a, variables[n], wanted[n]) for n, a in out.items()}
+
+    def _check_against_orbax(self, todo: dict) -> None:
+        """The manifest and Orbax's own metadata must agree on what is read: a manifest that
+        names an array Orbax lacks, or gives it another shape or dtype, is damage, not a cast."""
+        if not todo:
+            return
+        if self._stored is None:
+            self._stored = _orbax.entries(_orbax.metadata(self.arrays))
+        for name, (entry, _) in todo.items():
+            stored = self._stored.get(name)
+            if stored is None or (stored.shape, stored.dtype) != (entry.shape, entry.dtype):
+                found = "does not hold it" if stored is None else f"holds shape {stored.shape} and dtype {stored.dtype}"
+                raise CorruptCheckpointError(
+                    f"Checkpoint {self.path} is damaged: its manifest lists variable '{name}' with shape "
+                    f"{entry.shape} and dtype {entry.dtype}, but the Orbax checkpoint {self.arrays} {found}."
+                )
+
+    def _read_verified(self, todo: dict, out: dict) -> None:
+        """Read `todo` into `out` in batches, each batch's checksums computed while the next is read."""
         digests = {n: v.digests for n, v in self.manifest.variables.items()}
         with ThreadPoolExecutor(max_workers=1) as verifier:
             checks = []
@@ -71,13 +104,27 @@ class NativeCheckpoint(Checkpoint):
                         f"Checkpoint {self.path}: variable '{name}' (region [{region}]) does not match the "
                         f"checksum recorded at save{'; ' + damage if damage else ''}."
                     )
-        return {n: a if a.dtype == wanted[n].dtype else a.astype(wanted[n].dtype) for n, a in out.items()}
 
     def _damage(self) -> str | None:
         bad = _integrity.damaged_files(self.arrays, self.manifest.files, self.path)
         if bad:
             return f"damaged file: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         return None
+
+
+def _entry(name: str, v: Variable) -> Entry:
+    """What a saved variable is to a restore: a PRNG key array, for one saved as key data."""
+    if v.key is None:
+        return Entry((name,), v.shape, v.dtype)
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=v.key))
+    data_dims = len(jax.eval_shape(jax.random.key_data, key).shape)
+    return Entry((name,), v.shape[: len(v.shape) - data_dims], key.dtype)
+
+
+def _as_target(array: jax.Array, v: Variable, target: jax.ShapeDtypeStruct) -> jax.Array:
+    if v.key is not None:
+        return jax.random.wrap_key_data(array, impl=v.key)
+    return array if array.dtype == target.dtype else array.astype(target.dtype)
 
 
 def _batches(wanted: dict) -> list[dict]:
@@ -132,7 +179,8 @@ _REOPEN = 5
 
 
 def _checked(path: Path, manifest: Manifest) -> NativeCheckpoint:
-    arrays = path / manifest.arrays
+    arrays = _integrity.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
+    _integrity.safe_join(path, FILE, path)
     if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
     _integrity.check_files(arrays, manifest.files, path)

@@ -159,7 +159,11 @@ def read(
 
         restore = ocp.args.PyTreeRestore(item=template(struct), restore_args=template(restore_args))
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
-    return {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
+    out = {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
+    for name, value in out.items():
+        if not isinstance(value, jax.Array):  # partial restore hands back the template of a key it lacks
+            raise CorruptCheckpointError(f"Orbax checkpoint {directory} does not hold '{name}'.")
+    return out
 
 
 def _put(tree: dict, keypath: tuple[str, ...], value: Any) -> None:

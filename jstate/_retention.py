@@ -49,7 +49,8 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
       policy: the retention policy.
       saved: the prefix's checkpoints, in any order; they are ordered by `created`, so the
         most recently saved are kept whatever their steps (as TensorFlow's Saver does).
-      newest: the checkpoint just written, newest whatever its `created`, never deleted.
+      newest: the checkpoint just written, never deleted. It is ordered by its `created` like
+        the others: a checkpoint another writer committed after it is more recent, and kept.
 
     Beyond the newest `max_to_keep`, a checkpoint survives if its step is a multiple of
     `keep_every_n_steps`, or if it is the first one at least `keep_every_n_hours` after the
@@ -65,9 +66,13 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
     """
     if policy.max_to_keep is None:
         return []
-    ordered = sorted((c for c in saved if c.step is not None and c is not newest), key=lambda c: c.created)
-    if newest is not None:
-        ordered.append(newest)
+    # With several writers of one prefix, another may commit after `newest`: placing `newest`
+    # last regardless would delete that more recent checkpoint, and both writers deleting each
+    # other's could leave the prefix with none. A stable sort puts `newest` last among equals.
+    ordered = sorted(
+        [c for c in saved if c.step is not None and c is not newest] + ([newest] if newest is not None else []),
+        key=lambda c: c.created,
+    )
     old = ordered[: max(len(ordered) - policy.max_to_keep, 0)]
     kept_for_good: set[int] = set()
     last_kept_time = None
@@ -79,4 +84,4 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
         ):
             kept_for_good.add(i)
             last_kept_time = ckpt.created
-    return [c for i, c in enumerate(old) if i not in kept_for_good]
+    return [c for i, c in enumerate(old) if i not in kept_for_good and c is not newest]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,13 @@ from . import _checkpoint, _commit, _restore, _retention, _safetensors
 from ._errors import CheckpointError, UninitializedError, shorten
 from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
-from ._names import check_name
+from ._names import check_name, join
 from ._native import NativeCheckpoint
 from ._state import State
+from ._tree import path_name
 from ._writer import Writer
+
+T = TypeVar("T")
 
 
 class Saver:
@@ -66,8 +70,14 @@ class Saver:
         self._writer = Writer(compression, timeout)
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, state: State, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
+    def save(self, state: Any, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
         """Write this Saver's variables of `state` to ``<path>-<step>`` (or `path`).
+
+        `state` is a State or any pytree a training loop holds: a dict of States, an optax
+        state, a Flax ``TrainState``, an NNX state, with jax or NumPy arrays, Python numbers and
+        PRNG keys as leaves. Leaves are named by their tree path joined with "/" (a State inside
+        contributes its own names under its key: ``{"model": state}`` saves ``"model/weights"``),
+        and the Saver's `var_list` applies to those names.
 
         Returns the checkpoint's path. With ``blocking=False`` it returns as soon as the values
         are copied off the device (donating `state` right after is safe); `wait` finishes it, and
@@ -85,7 +95,7 @@ class Saver:
         if step is not None and int(step) < 0:
             raise ValueError(f"Saver.save: `step` must be >= 0, got {step}.")
         self._writer.wait()
-        arrays = self._arrays(state)
+        arrays = self._arrays(as_state(state))
         if not arrays:
             raise CheckpointError(
                 f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
@@ -150,13 +160,17 @@ class Saver:
     def restore(
         self,
         path: str | os.PathLike,
-        target: State,
+        target: T,
         *,
         cast: bool = False,
         strict: bool = False,
         verify: bool = True,
-    ) -> State:
+    ) -> T:
         """A new State: `target` with this Saver's variables read from the checkpoint at `path`.
+
+        `target` may also be any pytree (as `save` takes): the result has its structure, each leaf
+        read onto the sharding of the target's leaf (an array's, a `jax.ShapeDtypeStruct`'s, or
+        an abstract State's variables'), so ``jax.eval_shape`` output is a target too.
 
         `target` may be abstract (`jstate.abstract(model)`): no initialization is needed first.
         Variables outside this Saver stay as they are in `target`, initialized or not. Only the
@@ -181,12 +195,48 @@ class Saver:
         (['biases'], ['layer1/kernel', 'w2', 'weights'])
         """
         self._writer.join()  # a failed background save is reported by `wait` or the next `save`, not here
-        return _checkpoint.reading(
-            path, lambda ckpt: _restore.restore(ckpt, self._names, target, cast=cast, strict=strict, verify=verify)
+        flat = as_state(target)
+        restored = _checkpoint.reading(
+            path, lambda ckpt: _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify)
         )
+        return restored if isinstance(target, State) else like(target, restored)
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, (State, jax.ShapeDtypeStruct))
+
+
+def as_state(tree: Any) -> State:
+    """Any pytree as one State: leaves named by tree path, a State's variables under its key.
+
+    >>> as_state({"model": state, "step": 3}).specs.keys()
+    dict_keys(['model/biases', 'model/layer1/kernel', 'model/w2', 'model/weights', 'step'])
+    """
+    if isinstance(tree, State):
+        return tree
+    parts, leaves = [], {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]:
+        prefix = path_name(path)
+        if isinstance(leaf, State):
+            parts.append(leaf.rename({n: join(prefix, n) for n in leaf.specs}))
+        else:
+            leaves[prefix] = leaf
+    return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
+
+
+def like(target: T, restored: State) -> T:
+    """`restored` in the structure of `target` (see `as_state`); leaves it lacks stay as they are."""
+
+    def leaf(path: jax.tree_util.KeyPath, x: Any) -> Any:
+        prefix = path_name(path)
+        if isinstance(x, State):
+            return x._replace_values({n: restored[join(prefix, n)] for n in x.specs if join(prefix, n) in restored})
+        return restored[prefix] if prefix in restored else x
+
+    return jax.tree_util.tree_map_with_path(leaf, target, is_leaf=_is_leaf)
 
 
 def save_safetensors(state: State, path: str | os.PathLike) -> str:

@@ -197,7 +197,7 @@ class Scope:
 
     def _place(self, name: str, shape: tuple[int, ...], dtype: np.dtype, own: Any, block: Any) -> _placement.Placement:
         r = self._record
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # (not np.dtype: PRNG key dtypes have an itemsize too)
         return _placement.choose(name, shape, own, block, r.rules, r.mesh, nbytes=nbytes, loads=r.loads, soft=r.soft)
 
 

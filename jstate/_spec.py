@@ -12,6 +12,17 @@ import numpy as np
 from ._placement import DEFAULT, Placement
 
 
+def dtype_of(value: Any) -> Any:
+    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys (``key<fry>``), which NumPy
+    cannot represent.
+
+    >>> dtype_of(jnp.zeros(2)), dtype_of(jax.random.key(0))
+    (dtype('float32'), key<fry>)
+    """
+    dtype = value.dtype
+    return dtype if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class VariableSpec:
     """A declared variable: everything about it but its value.

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from . import _display, _names, _placement, _tree
 from ._errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
 from ._placement import DEFAULT, Origin, Placement
-from ._spec import VariableSpec
+from ._spec import VariableSpec, dtype_of
 from ._table import Table
 
 _UNINITIALIZED = (
@@ -282,7 +282,7 @@ class State(Mapping[str, jax.Array]):
             value = jax.lax.convert_element_type(value, value.dtype)
         shape = tuple(value.shape)
         placement = _placement.reshape(spec.placement, name, spec.shape, shape)
-        new = dataclasses.replace(spec, shape=shape, dtype=np.dtype(value.dtype), placement=placement)
+        new = dataclasses.replace(spec, shape=shape, dtype=dtype_of(value), placement=placement)
         values = dict(sorted({**self._values, name: _place(value, placement.sharding)}.items()))
         return State._make(_Layout({**self._layout.specs, name: new}, values), values)
 
@@ -367,14 +367,14 @@ class State(Mapping[str, jax.Array]):
         specs, values = {}, {}
         for name, leaf in (dict(tree) if flat else _tree.flatten(tree)).items():
             _names.check_name(name)
-            if isinstance(leaf, jax.ShapeDtypeStruct):
-                placement = Placement(leaf.sharding, Origin.SHARDING, leaf.sharding) if leaf.sharding else DEFAULT
-                specs[name] = VariableSpec(name, tuple(leaf.shape), np.dtype(leaf.dtype), placement)
-                continue
-            if not isinstance(leaf, jax.Array):
+            if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
                 leaf = jnp.asarray(leaf)
-            specs[name] = VariableSpec(name, tuple(leaf.shape), np.dtype(leaf.dtype))
-            values[name] = leaf
+            # A sharding the leaf was placed on is its placement: uncommitted arrays have none.
+            sharding = leaf.sharding if isinstance(leaf, jax.ShapeDtypeStruct) or leaf.committed else None
+            placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
+            specs[name] = VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
+            if isinstance(leaf, jax.Array):
+                values[name] = leaf
         values = dict(sorted(values.items()))
         return State._make(_Layout(specs, values), values)
 

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-from flax import traverse_util
 
 from ._names import SEP
 
@@ -44,6 +43,8 @@ def unflatten(flat: Mapping[str, Any], like: Any = None) -> Any:
     ('x', 'y')
     """
     if like is None:
+        from flax import traverse_util  # (flax's package import costs ~0.15 s: not at `import jstate`)
+
         return traverse_util.unflatten_dict(dict(flat), sep=SEP)
     return jax.tree_util.tree_map_with_path(lambda path, _: flat[path_name(path)], like)
 
@@ -63,7 +64,7 @@ def to_nnx(flat: Mapping[str, Any]) -> Any:
     Path parts that are numbers (list indices, ``"layers/0/kernel"``) become ints, as NNX
     expects.
     """
-    from flax import nnx
+    from flax import nnx, traverse_util
 
     nested = {tuple(int(p) if p.isdigit() else p for p in n.split(SEP)): v for n, v in flat.items()}
     return nnx.State(traverse_util.unflatten_dict(nested))

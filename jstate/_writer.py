@@ -109,11 +109,14 @@ class Writer:
             token = _orbax.share(f"{name}:token", _files.token, self._timeout)
             _files.begin(token)
             barrier("start")
+            # PRNG keys are stored as their key data, with the implementation in the manifest.
+            keys = {n: str(jax.random.key_impl(a)) for n, a in arrays.items() if _is_key(a)}
+            arrays = {n: jax.random.key_data(a) if n in keys else a for n, a in arrays.items()}
             # Checksums are taken now: the values saved are the values at call time. Orbax cannot
             # store zero-size arrays; their shape and dtype in the manifest are all of them.
             stored = {n: a for n, a in arrays.items() if a.size}
             digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
-            shapes = {n: (tuple(a.shape), a.dtype) for n, a in arrays.items()}
+            shapes = {n: (tuple(a.shape), a.dtype, keys.get(n)) for n, a in arrays.items()}
             if self._orbax is None:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
             data = _commit.data_dir(final, token)
@@ -147,7 +150,7 @@ class Writer:
                 for n, regions in json.loads(part.read_text()).items():
                     digests[n].update(regions)
                 part.unlink()
-            variables = {n: Variable(shape, dtype, digests.get(n, {})) for n, (shape, dtype) in shapes.items()}
+            variables = {n: Variable(shape, dtype, digests.get(n, {}), key) for n, (shape, dtype, key) in shapes.items()}
             files = {}
             if data.exists():
                 _files.sync_tree(data)
@@ -161,6 +164,9 @@ class Writer:
     def _failed(self, final: Path, token: str | None) -> None:
         """After a failed or interrupted save: its files are a dead writer's (removed now, or
         by the next save), and Orbax's writer, which keeps an async error, is replaced."""
+        if self._orbax is not None:
+            with contextlib.suppress(BaseException):  # let Orbax's own thread stop writing first
+                self._orbax.wait()
         if token is not None:
             _files.end(token)
         self._orbax = None
@@ -196,6 +202,10 @@ class Writer:
         except CheckpointError as e:
             log.error("%s", e)
             print(f"jstate: {e}", file=sys.stderr)
+
+
+def _is_key(array: jax.Array) -> bool:
+    return jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key)
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

@@ -61,9 +61,9 @@ def test_only_the_orbax_module_imports_orbax():
     assert sorted(m for m, (_, other) in GRAPH.items() if "orbax" in other) == ["_orbax"]
 
 
-def test_import_jstate_loads_neither_orbax_nor_optional_packages():
-    code = "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors'}))"
-    code += "; print('flax.nnx' in sys.modules)"
+def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():
+    code = "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors', 'flax'}))"
+    code += "; print('tensorstore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]
 
