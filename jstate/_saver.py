@@ -234,7 +234,7 @@ def like(target: T, restored: State) -> T:
         prefix = path_name(path)
         if isinstance(x, State):
             return x._replace_values({n: restored[join(prefix, n)] for n in x.specs if join(prefix, n) in restored})
-        return restored[prefix] if prefix in restored else x
+        return restored.get(prefix, x)
 
     return jax.tree_util.tree_map_with_path(leaf, target, is_leaf=_is_leaf)
 
