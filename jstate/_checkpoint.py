@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import jax
 import numpy as np
 
 from . import _native, _orbax, _safetensors, _tensorflow
 from ._errors import CheckpointError, CheckpointNotFoundError, closest
+from ._files import user_path
 from ._reader import Checkpoint
 
 # Each format's ``load(path) -> Checkpoint | None``, asked in turn. jstate's own comes first:
@@ -58,7 +58,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     >>> jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model", step=5)).step
     5
     """
-    path = Path(path)
+    path = user_path(path)
     found = _open(path)
     if found is not None:
         return found
@@ -81,7 +81,7 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
     >>> [c.step for c in checkpoints("ckpt")] == sorted(c.step for c in checkpoints("ckpt"))
     True
     """
-    path = Path(path)
+    path = user_path(path)
     if path.is_dir() and not _is_checkpoint(path):
         parent, prefix = path, None
     else:
@@ -162,7 +162,7 @@ def latest_checkpoint(path: str | os.PathLike) -> str | None:
     >>> jstate.latest_checkpoint("ckpt")
     'ckpt/model-2000'
     """
-    found = _latest(Path(path))
+    found = _latest(user_path(path))
     return None if found is None else str(found.path)
 
 
@@ -176,8 +176,9 @@ def list_variables(path: str | os.PathLike) -> list[tuple[str, tuple[int, ...], 
     return [(n, e.shape, e.dtype) for n, e in sorted(ckpt.entries.items())]
 
 
-def load_variable(path: str | os.PathLike, name: str, *, verify: bool = True) -> jax.Array:
-    """One variable of a checkpoint, reading only that array (onto the default device).
+def load_variable(path: str | os.PathLike, name: str, *, verify: bool = True) -> np.ndarray:
+    """One variable of a checkpoint, reading only that array, as a NumPy array in the dtype it
+    was stored in (TensorFlow's ``tf.train.load_variable``; a PRNG key comes back as a JAX key).
 
     With `verify` (the default), it is checked against the checksum recorded at save.
 
@@ -185,8 +186,4 @@ def load_variable(path: str | os.PathLike, name: str, *, verify: bool = True) ->
     (200,)
     """
 
-    def read(ckpt: Checkpoint) -> jax.Array:
-        entry = ckpt.entry(name)
-        return ckpt.read({name: jax.ShapeDtypeStruct(entry.shape, entry.dtype)}, verify=verify)[name]
-
-    return reading(path, read)
+    return reading(path, lambda ckpt: ckpt.read_host([name], verify=verify)[name])

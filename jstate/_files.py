@@ -32,6 +32,11 @@ def token() -> str:
     return f"{int(time.time()):x}_{os.getpid()}_{secrets.token_hex(4)}_{_HOST}"
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as users write it: str or `os.PathLike`, relative or with ``~``."""
+    return Path(os.fspath(path)).expanduser()
+
+
 def begin(name: str) -> None:
     """Mark token `name` as a write in flight of this process, until `end`."""
     with _active_lock:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import jax
 import numpy as np
 
 from ._checkpoint import checkpoints, open_checkpoint
+from ._files import user_path
 from ._table import Table, human_bytes
 
 
@@ -18,7 +17,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
     For a directory of step checkpoints, print the steps instead. Reads metadata only, unless
     `values` is set.
     """
-    path = Path(path)
+    path = user_path(path)
     found = checkpoints(path) if path.is_dir() else []
     if found and all(c.path != path for c in found):
         rows = [(str(c.path), c.step, len(c.entries), c.writer) for c in found]
@@ -35,4 +34,4 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
         return
     for n, e in sorted(entries.items()):
         print(f"tensor_name: {n}  shape: {e.shape}  dtype: {e.dtype.name}  size: {human_bytes(e.nbytes)}")
-        print(np.asarray(ckpt.read({n: jax.ShapeDtypeStruct(e.shape, e.dtype)})[n]))
+        print(np.asarray(ckpt.read_host([n])[n]))

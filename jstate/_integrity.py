@@ -94,6 +94,15 @@ def verify_arrays(arrays: dict[str, jax.Array], digests: dict[str, dict[str, int
     return None
 
 
+def verify_host(arrays: dict[str, np.ndarray], digests: dict[str, dict[str, int]]) -> tuple[str, str] | None:
+    """`verify_arrays` for whole arrays in host memory: every recorded region is checked."""
+    for name, array in arrays.items():
+        for key, expected in digests.get(name, {}).items():
+            if checksum(array[_parse_key(key)]) != expected:
+                return name, key
+    return None
+
+
 Bounds = tuple[tuple[int, int], ...]
 
 

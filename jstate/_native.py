@@ -50,8 +50,14 @@ class NativeCheckpoint(Checkpoint):
             metadata = [rel for rel in files if not _orbax.is_data_file(rel)]
             _integrity.check_files(self.arrays, files, self.path, contents=metadata)
         variables = self.manifest.variables
-        out, todo = {}, {}
+        # 64-bit values in a process without x64: JAX would truncate them before the checksums,
+        # so they are read and checked on the host, then cast and placed.
+        narrowed = [n for n in wanted if jax.dtypes.canonicalize_dtype(variables[n].dtype) != variables[n].dtype]
+        out = {n: place(a, wanted[n]) for n, a in self._read_host(narrowed, verify).items()} if narrowed else {}
+        todo = {}
         for n, target in wanted.items():
+            if n in out:
+                continue
             v = variables[n]
             # Read what is stored: in its own dtype when verifying (a cast never skips the
             # checksums) or for a PRNG key (stored as its key data); else cast while reading.
@@ -69,6 +75,27 @@ class NativeCheckpoint(Checkpoint):
         else:
             self._read_verified(todo, out)
         return {n: _as_target(a, variables[n], wanted[n]) for n, a in out.items()}
+
+    def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
+        variables = self.manifest.variables
+        out = {n: np.zeros(variables[n].shape, variables[n].dtype) for n in names if not variables[n].nbytes}
+        todo = {n: Entry((n,), variables[n].shape, variables[n].dtype) for n in names if n not in out}
+        if todo:
+            if not verify:
+                self._check_against_orbax({n: (e, None) for n, e in todo.items()})
+            out |= _orbax.read_host(self.arrays, todo)
+        if verify:
+            bad = _integrity.verify_host(out, {n: variables[n].digests for n in todo})
+            if bad is not None:
+                self._mismatch(*bad)
+        return {n: jax.random.wrap_key_data(a, impl=variables[n].key) if variables[n].key else a for n, a in out.items()}
+
+    def _mismatch(self, name: str, region: str) -> None:
+        damage = self._damage()
+        raise CorruptCheckpointError(
+            f"Checkpoint {self.path}: variable '{name}' (region [{region}]) does not match the "
+            f"checksum recorded at save{'; ' + damage if damage else ''}."
+        )
 
     def _check_against_orbax(self, todo: dict) -> None:
         """The manifest and Orbax's own metadata must agree on what is read: a manifest that
@@ -98,12 +125,7 @@ class NativeCheckpoint(Checkpoint):
             for check in checks:
                 bad = check.result()
                 if bad is not None:
-                    name, region = bad
-                    damage = self._damage()
-                    raise CorruptCheckpointError(
-                        f"Checkpoint {self.path}: variable '{name}' (region [{region}]) does not match the "
-                        f"checksum recorded at save{'; ' + damage if damage else ''}."
-                    )
+                    self._mismatch(*bad)
 
     def _damage(self) -> str | None:
         bad = _integrity.damaged_files(self.arrays, self.manifest.files, self.path)

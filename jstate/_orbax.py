@@ -166,6 +166,35 @@ def read(
     return out
 
 
+def read_host(directory: Path, wanted: Mapping[str, Entry], tree: Any = None) -> dict[str, np.ndarray]:
+    """Read just the `wanted` arrays into host memory as NumPy arrays in their stored dtype
+    (64-bit values stay 64-bit whatever JAX's x64 setting). `tree` as in `read`."""
+    ocp = _ocp()
+    numpy_args = ocp.RestoreArgs(restore_type=np.ndarray)
+    if tree is None:
+        item: dict = {}
+        args: dict = {}
+        for entry in wanted.values():
+            _put(item, entry.keypath, np.empty(0))
+            _put(args, entry.keypath, numpy_args)
+        restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    else:
+        paths = {entry.keypath for entry in wanted.values()}
+
+        def template(value):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: value if tuple(path_name((k,)) for k in path) in paths else ocp.PLACEHOLDER, tree
+            )
+
+        restore = ocp.args.PyTreeRestore(item=template(np.empty(0)), restore_args=template(numpy_args))
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
+    out = {name: _get(restored, entry.keypath) for name, entry in wanted.items()}
+    for name, value in out.items():
+        if not isinstance(value, np.ndarray) or value.shape != wanted[name].shape:
+            raise CorruptCheckpointError(f"Orbax checkpoint {directory} does not hold '{name}' as its metadata says.")
+    return out
+
+
 def _put(tree: dict, keypath: tuple[str, ...], value: Any) -> None:
     for k in keypath[:-1]:
         tree = tree.setdefault(k, {})
@@ -198,6 +227,9 @@ class OrbaxCheckpoint(Checkpoint):
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         return read(self.arrays, {n: (self.entries[n], t) for n, t in wanted.items()}, self.tree)
+
+    def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
+        return read_host(self.arrays, {n: self.entries[n] for n in names}, self.tree)
 
 
 def load(path: Path) -> OrbaxCheckpoint | None:

@@ -14,8 +14,9 @@ A format is a module with ``load(path) -> Checkpoint | None`` (None: not this fo
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -25,6 +26,8 @@ from ._errors import CheckpointError, CorruptCheckpointError, not_in_checkpoint
 from ._placement import or_default
 from ._spec import Entry
 from ._table import Table
+
+T = TypeVar("T")
 
 
 class Checkpoint(abc.ABC):
@@ -101,18 +104,39 @@ class Checkpoint(abc.ABC):
         """
         for name in wanted:
             self.entry(name)
+        return self._guarded(list(wanted), lambda: self._read(dict(wanted), verify))
+
+    def _guarded(self, names: list[str], read: Callable[[], T]) -> T:
+        """`read()`, its failures made one CheckpointError naming the checkpoint and variable."""
         try:
-            return self._read(dict(wanted), verify)
+            return read()
         except CheckpointError:
             raise
         except Exception as e:
-            names = sorted(wanted)
+            names = sorted(names)
             which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
             damage = self._damage()
             if damage is not None:  # the files fail their checks: that, not the symptom, is the news
                 raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
             detail = (str(e).splitlines() or [""])[0][:300]
             raise CheckpointError(f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}: {detail}).") from e
+
+    def read_host(self, names: Sequence[str], *, verify: bool = True) -> dict[str, np.ndarray]:
+        """Read the entries `names` into host memory, as NumPy arrays in their stored dtype
+        (64-bit values stay 64-bit whatever JAX's x64 setting; PRNG keys come back as JAX key
+        arrays, which NumPy cannot hold). Errors as in `read`.
+
+        >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+        >>> type(ckpt.read_host(["biases"])["biases"]).__name__
+        'ndarray'
+        """
+        for name in names:
+            self.entry(name)
+        return self._guarded(names, lambda: self._read_host(list(names), verify))
+
+    @abc.abstractmethod
+    def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
+        """`read_host` without the checks: every name is one of `entries`."""
 
     @abc.abstractmethod
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:

@@ -61,6 +61,9 @@ class SafetensorsCheckpoint(Checkpoint):
         skipped = {name: _why(dtype) for name, (dtype, _) in header.items() if dtype not in _DTYPES}
         super().__init__(path, found, created=path.stat().st_mtime, skipped=skipped)
 
+    def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
+        return read(self.path, names)
+
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         host = read(self.path, list(wanted))
         return {name: place(host.pop(name), target) for name, target in wanted.items()}
@@ -181,7 +184,7 @@ def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
     >>> save(state, "model.safetensors")
     PosixPath('model.safetensors')
     """
-    path = Path(path)
+    path = _files.user_path(path)
     arrays = {}
     for name, value in state.items():
         array = np.asarray(value, order="C")  # (np.ascontiguousarray would make scalars 1-d)

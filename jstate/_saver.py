@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from . import _checkpoint, _commit, _restore, _retention, _safetensors
 from ._errors import CheckpointError, UninitializedError, shorten
+from ._files import user_path
 from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
 from ._names import check_name, join
@@ -101,8 +102,9 @@ class Saver:
                 f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
             )
         step = None if step is None else int(step)
-        final = Path(path if step is None else f"{os.fspath(path)}-{step}")
-        prefix = None if step is None else Path(path).name
+        path = user_path(path)
+        final = path if step is None else path.with_name(f"{path.name}-{step}")
+        prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
         self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire)
         return str(final)

@@ -1,6 +1,8 @@
 """The everyday paths of Flax, optax and Orbax users: optax states, lists and tuples, relative
 paths."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,9 +111,7 @@ def test_a_flax_and_optax_training_state_on_a_mesh_round_trips_through_eval_shap
         saver.save(train, "ckpt/train", step=i, blocking=False)
     saver.wait()
     # A fresh run resumes from abstract shapes with the shardings it will train with.
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), train
-    )
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), train)
     resumed = jstate.Saver().restore(jstate.latest_checkpoint("ckpt"), target)
     assert jax.tree.structure(resumed) == jax.tree.structure(train)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(train)):
@@ -156,3 +156,37 @@ def test_an_nnx_model_with_rngs_is_checkpointed(tmp_path):
     restored = jstate.Saver().restore(path, jstate.from_nnx(fresh))
     nnx.update(fresh, jstate.to_nnx(restored))
     np.testing.assert_array_equal(fresh.dense.kernel[...], model.dense.kernel[...])
+
+
+def test_a_64_bit_checkpoint_restores_with_cast_in_a_32_bit_process(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import jax; jax.config.update('jax_enable_x64', True)\n"
+        "import jax.numpy as jnp, jstate, sys\n"
+        "st = jstate.State({'d': jnp.arange(4, dtype=jnp.float64) / 3, 'i': jnp.arange(3, dtype=jnp.int64) + 2**40})\n"
+        "jstate.Saver().save(st, sys.argv[1])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "x64")], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
+    path = tmp_path / "x64"
+    d = jstate.load_variable(path, "d")  # NumPy, in the stored dtype, as TF's load_variable
+    assert isinstance(d, np.ndarray) and d.dtype == np.float64
+    np.testing.assert_array_equal(d, np.arange(4, dtype=np.float64) / 3)
+    assert jstate.load_variable(path, "i")[0] == 2**40
+    target = jstate.State.from_tree({"d": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    with pytest.raises(jstate.SpecMismatchError, match="Pass `cast=True`"):
+        jstate.Saver(["d"]).restore(path, target)
+    restored = jstate.Saver(["d"]).restore(path, target, cast=True)  # checksums on the stored 64-bit bytes
+    np.testing.assert_array_equal(restored["d"], (np.arange(4) / 3).astype(np.float32))
+
+
+def test_paths_with_a_tilde_and_pathlike_objects(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    state = jstate.State({"w": jnp.ones(2)})
+    path = jstate.Saver().save(state, "~/ckpt/model", step=3)
+    assert path == str(tmp_path / "ckpt" / "model-3")
+    assert jstate.latest_checkpoint("~/ckpt") == path
+    np.testing.assert_array_equal(jstate.load_variable("~/ckpt/model-3", "w"), np.ones(2))
