@@ -3,6 +3,7 @@
 from . import initializers as initializers
 from ._balance import round_robin as round_robin
 from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import list_variables as list_variables
 from ._checkpoint import load_variable as load_variable
 from ._checkpoint import open_checkpoint as open_checkpoint

@@ -13,9 +13,11 @@ from typing import TypeVar
 import numpy as np
 
 from . import _native, _orbax, _safetensors, _tensorflow
+from ._display import checkpoints_table
 from ._errors import CheckpointError, CheckpointNotFoundError, closest
 from ._files import user_path
 from ._reader import Checkpoint
+from ._table import Table
 
 # Each format's ``load(path) -> Checkpoint | None``, asked in turn. jstate's own comes first:
 # its arrays are an Orbax checkpoint, which the plain Orbax reader would also claim.
@@ -50,6 +52,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
       old/model.ckpt-20            a TensorFlow checkpoint prefix (or its .index file)
       model.safetensors            a safetensors file (needs `jstate[safetensors]`)
       ckpt/                        a directory of any of these: its latest complete one
+      ckpt/model                   a prefix: the latest of ckpt/model-<step>
 
     Raises:
       CheckpointNotFoundError: nothing readable at `path`.
@@ -58,6 +61,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     >>> jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model", step=5)).step
     5
     """
+    if path is None:
+        raise CheckpointNotFoundError(
+            "No checkpoint: the path is None (`jstate.latest_checkpoint` returns None for a directory "
+            "that holds no checkpoint yet). Check for None before restoring, e.g. to start from scratch."
+        )
     path = user_path(path)
     found = _open(path)
     if found is not None:
@@ -70,6 +78,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} is a directory but holds no complete checkpoint (of any format jstate reads: jstate, "
             "Orbax, TensorFlow or safetensors) in it or in its subdirectories."
         )
+    found = _latest(path)  # a prefix: `ckpt/model` for ckpt/model-1000, as latest_checkpoint takes it
+    if found is not None:
+        return found
     near = closest(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
     raise CheckpointNotFoundError(f"No checkpoint at {path}: it does not exist.{near}")
 
@@ -109,6 +120,19 @@ def step_of(name: str, prefix: str) -> int | None:
     """
     m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
     return int(m.group(1)) if m else None
+
+
+def list_checkpoints(path: str | os.PathLike) -> Table:
+    """The complete checkpoints in directory `path` (or saved with prefix `path`), oldest
+    first, as a table: path, step, commit time, data size, variables and writer (TF's
+    ``tf.train.get_checkpoint_state``). Its rows are tuples; ``[r[0] for r in table]`` are the paths.
+
+    >>> for step in (1, 2):
+    ...     _ = jstate.Saver().save(state, "ckpt/model", step=step)
+    >>> [(row[0], row[1]) for row in jstate.list_checkpoints("ckpt")]
+    [('ckpt/model-1', 1), ('ckpt/model-2', 2)]
+    """
+    return checkpoints_table(path, checkpoints(path))
 
 
 def _is_checkpoint(path: Path) -> bool:

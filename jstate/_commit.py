@@ -83,6 +83,9 @@ def commit(final: Path, manifest: Manifest) -> None:
     """Publish `manifest` (naming this save's arrays) as checkpoint `final`: one atomic write.
     The arrays it replaces, if any, are removed once it is published."""
     manifest.write(final)
+    # `final` may not be the directory `prepare` flushed: while it was empty, a failed save to
+    # the same path or a `clean` beside us may have removed it, and Orbax made it again.
+    _files.sync_dir(final.parent)
     clean_checkpoint(final)
 
 

@@ -63,3 +63,21 @@ def checkpoint_table(ckpt: Checkpoint) -> Table:
     step = f", step {ckpt.step}" if ckpt.step is not None else ""
     title = f"Checkpoint {ckpt.path}{step} ({ckpt.writer}): {len(entries)} variables, {human_bytes(total)}"
     return Table(("name", "shape", "dtype", "size"), rows, title)
+
+
+def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:
+    """Checkpoints, oldest first: path, step, when committed, data size, variables, writer."""
+    import datetime
+
+    rows = [
+        (
+            str(c.path),
+            "-" if c.step is None else c.step,
+            datetime.datetime.fromtimestamp(c.created).isoformat(sep=" ", timespec="seconds") if c.created else "-",
+            human_bytes(sum(e.nbytes for e in c.entries.values())),
+            len(c.entries),
+            c.writer,
+        )
+        for c in found
+    ]
+    return Table(("checkpoint", "step", "committed", "size", "variables", "written by"), rows, f"{directory}: {len(rows)} checkpoints")

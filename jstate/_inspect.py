@@ -6,24 +6,23 @@ import os
 
 import numpy as np
 
-from ._checkpoint import checkpoints, open_checkpoint
+from ._checkpoint import checkpoints, list_checkpoints, open_checkpoint
 from ._files import user_path
-from ._table import Table, human_bytes
+from ._table import human_bytes
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: str | None = None) -> None:
     """Print a checkpoint's variables (name, shape, dtype, size), and their values on request.
 
-    For a directory of step checkpoints, print the steps instead. Reads metadata only, unless
-    `values` is set.
+    For a directory of checkpoints, print the list of them instead (or, with `values` or
+    `name`, inspect its latest). Reads metadata only, unless `values` is set.
     """
     path = user_path(path)
     found = checkpoints(path) if path.is_dir() else []
-    if found and all(c.path != path for c in found):
-        rows = [(str(c.path), c.step, len(c.entries), c.writer) for c in found]
-        print(Table(("checkpoint", "step", "variables", "written by"), rows, f"{path}: {len(rows)} checkpoints"))
+    if found and all(c.path != path for c in found) and not values and name is None:
+        print(list_checkpoints(path))
         return
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path)  # a directory with `values` or `name`: its latest checkpoint
     entries = ckpt.entries
     if name is not None:
         entries = {name: ckpt.entry(name)}

@@ -49,6 +49,7 @@ class Saver:
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
       compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
       timeout: seconds that processes of a multi-process save wait for each other.
+      keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
 
     >>> saver = jstate.Saver(max_to_keep=3)
     >>> path = saver.save(state, "ckpt/model", step=1000)
@@ -64,8 +65,14 @@ class Saver:
         keep_every_n_steps: int | None = None,
         compression: bool = False,
         timeout: float = 600.0,
+        keep_checkpoint_every_n_hours: float | None = None,
     ):
+        if keep_checkpoint_every_n_hours is not None:  # TensorFlow's name for it
+            if keep_every_n_hours is not None:
+                raise TypeError("Saver: give `keep_every_n_hours` or TF's `keep_checkpoint_every_n_hours`, not both.")
+            keep_every_n_hours = keep_checkpoint_every_n_hours
         self._names = compile_var_list(var_list)
+        self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
         self._compression = compression
         self._writer = Writer(compression, timeout)
@@ -106,6 +113,8 @@ class Saver:
         final = path if step is None else path.with_name(f"{path.name}-{step}")
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
+        if step is not None:
+            self._prefixes[path] = None
         self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire)
         return str(final)
 
@@ -143,17 +152,28 @@ class Saver:
         """
         self._writer.wait()
 
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """This Saver's retained checkpoints, oldest first (TF's ``saver.last_checkpoints``):
+        those it saved with a step that retention has kept, found in their directories.
+
+        >>> saver = jstate.Saver(max_to_keep=2)
+        >>> for step in (10, 20, 30):
+        ...     _ = saver.save(state, "ckpt/model", step=step)
+        >>> saver.last_checkpoints
+        ['ckpt/model-20', 'ckpt/model-30']
+        """
+        found = []
+        for prefix in self._prefixes:
+            found += [c for c in _own(prefix) if c.path not in {f.path for f in found}]
+        return [str(c.path) for c in sorted(found, key=lambda c: c.created)]
+
     def _retire(self, final: Path, manifest: Manifest) -> None:
         """Delete the checkpoints of the prefix just saved to that the retention policy lets go:
         only those a Saver saved with this exact prefix, never the one just written."""
         if self._policy.max_to_keep is None:
             return
-        prefix = manifest.prefix
-        saved = [
-            c
-            for c in _checkpoint.checkpoints(final.parent / prefix)
-            if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix and c.path != final
-        ]
+        saved = [c for c in _own(final.parent / manifest.prefix) if c.path != final]
         newest = NativeCheckpoint(final, manifest)
         for ckpt in _retention.to_delete(self._policy, saved, newest):
             _commit.delete(ckpt.path, expected=ckpt.manifest)
@@ -205,6 +225,16 @@ class Saver:
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"
+
+
+def _own(prefix: Path) -> list[NativeCheckpoint]:
+    """The checkpoints a Saver saved with this exact prefix and a step (``model-2``, saved
+    with prefix ``model`` at step 2, is not one of prefix ``model-2``'s)."""
+    return [
+        c
+        for c in _checkpoint.checkpoints(prefix)
+        if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix.name and c.step is not None
+    ]
 
 
 def _is_leaf(x: Any) -> bool:

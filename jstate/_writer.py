@@ -103,6 +103,8 @@ class Writer:
         name = f"jstate-save-{self._saves}-{final}"
         barrier = functools.partial(_orbax.barrier, name, self._timeout)
         token = None
+        # Known before `prepare` makes it: an interrupt may land right after.
+        created = jax.process_index() == 0 and not final.exists()
         try:
             if jax.process_index() == 0:
                 _commit.prepare(final)
@@ -128,12 +130,12 @@ class Writer:
             if blocking:
                 finish()
         except BaseException as e:
-            self._failed(final, token)
+            self._failed(final, token, created)
             if isinstance(e, Exception):
                 raise save_failed(final, e) from e
             raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
         if not blocking:
-            self._pending = _Background(final, finish, functools.partial(self._failed, final, token))
+            self._pending = _Background(final, finish, functools.partial(self._failed, final, token, created))
             _unfinished.add(self)
 
     def _finish(self, final, data, token, step, prefix, shapes, digests, barrier, committed) -> None:
@@ -161,9 +163,10 @@ class Writer:
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _files.end(token)
 
-    def _failed(self, final: Path, token: str | None) -> None:
+    def _failed(self, final: Path, token: str | None, created: bool) -> None:
         """After a failed or interrupted save: its files are a dead writer's (removed now, or
-        by the next save), and Orbax's writer, which keeps an async error, is replaced."""
+        by the next save), `final` too if this save `created` it, and Orbax's writer, which
+        keeps an async error, is replaced."""
         if self._orbax is not None:
             with contextlib.suppress(BaseException):  # let Orbax's own thread stop writing first
                 self._orbax.wait()
@@ -173,6 +176,8 @@ class Writer:
         if jax.process_index() == 0:
             with contextlib.suppress(Exception):
                 _commit.clean_checkpoint(final)
+                if created:  # stopped before Orbax wrote into it: nothing else removes it
+                    _files.remove_empty_dir(final)
 
     def wait(self) -> None:
         """Block until a background save is on disk; re-raise its error, if any.
@@ -196,12 +201,33 @@ class Writer:
             self._pending.done.wait()
 
     def finish_at_exit(self) -> None:
-        """Finish a background save as the interpreter exits; a failure is one line on stderr."""
+        """Finish a background save as the interpreter exits; a failure is one line on stderr
+        (and a record of the `jstate` logger)."""
         try:
             self.wait()
         except CheckpointError as e:
             log.error("%s", e)
-            print(f"jstate: {e}", file=sys.stderr)
+            if not _logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
+                print(f"jstate: {e}", file=sys.stderr)
+
+
+def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` on `logger` reaches stderr: through a handler of it or of an
+    ancestor it propagates to (importing Orbax calls `logging.basicConfig`), or through
+    logging's last resort when there is no handler at all."""
+    if not logger.isEnabledFor(level):
+        return False
+    handlers = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers += node.handlers
+        node = node.parent if node.propagate else None
+    if not handlers:
+        return logging.lastResort is not None and level >= logging.lastResort.level
+    return any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__) and level >= h.level
+        for h in handlers
+    )
 
 
 def _is_key(array: jax.Array) -> bool:
@@ -226,7 +252,9 @@ def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
         detail = f"{type(os_error).__name__}: {os_error}"
     else:
         detail = str(error).splitlines()[0] if str(error) else ""
-        detail = f"{type(error).__name__}: " + (detail if len(detail) <= 300 else detail[:300] + "...")
+        if len(detail) > 300:  # TensorStore ends with the OS's reason: "... No space left on device [os_error_code='28']"
+            detail = detail[:200] + " ... " + detail[-100:]
+        detail = f"{type(error).__name__}: {detail}"
     return CheckpointError(
         f"Saving checkpoint {path} failed ({detail}). Earlier checkpoints are intact, and nothing of this "
         "save is listed."

@@ -190,3 +190,18 @@ def test_paths_with_a_tilde_and_pathlike_objects(tmp_path, monkeypatch):
     assert path == str(tmp_path / "ckpt" / "model-3")
     assert jstate.latest_checkpoint("~/ckpt") == path
     np.testing.assert_array_equal(jstate.load_variable("~/ckpt/model-3", "w"), np.ones(2))
+
+
+def test_tf_saver_habits_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = jstate.State({"w": jnp.ones(2)})
+    target = jstate.State.from_tree({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(jstate.CheckpointNotFoundError, match="the path is None"):
+        jstate.Saver().restore(jstate.latest_checkpoint("empty"), target)
+    saver = jstate.Saver(keep_checkpoint_every_n_hours=1.0, max_to_keep=1)
+    saver.save(state, "ckpt/my-model", step=1)
+    assert jstate.latest_checkpoint("ckpt/my-model") == "ckpt/my-model-1"
+    np.testing.assert_array_equal(saver.restore("ckpt/my-model", target)["w"], np.ones(2))  # a prefix
+    assert saver.last_checkpoints == ["ckpt/my-model-1"]
+    assert [row[0] for row in jstate.list_checkpoints("ckpt")] == ["ckpt/my-model-1"]

