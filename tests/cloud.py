@@ -7,12 +7,13 @@ server. What each client does with them is recorded in shared/CLOUD.md.
 
 Two ways to use it:
 
-* In pytest: import the fixtures into the test module (``from cloud import cloud_env, gcs, s3``).
-  ``gcs`` and ``s3`` are :class:`Emulator` objects started once per test session, or a skip that
-  says why the emulator could not start. ``cloud_env`` is the environment dict; it is set in this
-  process (``os.environ`` and fsspec's config) from the first request until the session ends, so
-  that every client created afterwards stays on loopback. Pass it to subprocesses with
-  :func:`subprocess_env`.
+* In pytest: bind the fixtures in the test module, ``cloud_session, cloud_env, gcs, s3 =
+  cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3`` (an assignment, not ``from cloud import
+  gcs``, which ruff reports as F811 where a test takes ``gcs``). ``gcs`` and ``s3`` are
+  :class:`Emulator` objects started once per test session, or a skip that says why the emulator
+  could not start. ``cloud_env`` is the environment dict; it is set in this process (``os.environ``
+  and fsspec's config) from the first request until the session ends, so that every client created
+  afterwards stays on loopback. Pass it to subprocesses with :func:`run_python` or :func:`subprocess_env`.
 * Elsewhere: the context managers :func:`fake_gcs_server` and :func:`moto_s3_server`, then
   :func:`loopback_env` for a subprocess's environment or :func:`use_loopback_env` for this process.
 
@@ -43,7 +44,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -211,7 +212,7 @@ class _Process:
     """A server process with its output in a temporary file; :meth:`stop` ends it (and only it)."""
 
     def __init__(self, argv: list[str], env: Mapping[str, str] | None = None):
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -295,9 +296,10 @@ def fake_gcs_server(bucket: str = BUCKET, timeout: float = 20.0) -> Iterator[Emu
     binary = fake_gcs_binary()
 
     def argv(port):
-        url = f"http://127.0.0.1:{port}"
-        return [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-                "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"]  # fmt: skip
+        address = f"127.0.0.1:{port}"
+        flags = {"scheme": "http", "backend": "memory", "host": "127.0.0.1", "port": str(port),
+                 "external-url": f"http://{address}", "public-host": address, "log-level": "warn"}  # fmt: skip
+        return [binary, *(part for name, value in flags.items() for part in (f"-{name}", value))]
 
     def create_bucket(endpoint):
         status = _http("POST", f"{endpoint}/storage/v1/b?project={PROJECT}", json.dumps({"name": bucket}).encode())
@@ -305,9 +307,12 @@ def fake_gcs_server(bucket: str = BUCKET, timeout: float = 20.0) -> Iterator[Emu
             raise EmulatorUnavailable(f"fake-gcs-server: creating bucket {bucket} answered HTTP {status}")
 
     process, endpoint, seconds = _serve(
-        argv, lambda e: _http("GET", f"{e}/storage/v1/b?project={PROJECT}") == 200, create_bucket,
-        "fake-gcs-server", timeout,
-    )  # fmt: skip
+        argv,
+        lambda e: _http("GET", f"{e}/storage/v1/b?project={PROJECT}") == 200,
+        create_bucket,
+        "fake-gcs-server",
+        timeout,
+    )
     try:
         yield Emulator("gs", endpoint, bucket, process.proc.pid, seconds)
     finally:
@@ -322,37 +327,119 @@ def moto_s3_server(bucket: str = BUCKET, timeout: float = 30.0) -> Iterator[Emul
     if executable is None:
         raise EmulatorUnavailable("moto_server not found: install moto[server]")
 
-    def create_bucket(endpoint):
+    try:
         import boto3
         import botocore.config
+    except ImportError as e:
+        raise EmulatorUnavailable(f"boto3 is not installed ({e})") from e
 
+    def create_bucket(endpoint):
         client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
+            "s3",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id="testing",
             aws_secret_access_key="testing",
             config=botocore.config.Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=10),
-        )  # fmt: skip
+        )
         client.create_bucket(Bucket=bucket)
 
     process, endpoint, seconds = _serve(
         lambda port: [executable, "-H", "127.0.0.1", "-p", str(port)],
-        lambda e: _http("GET", f"{e}/moto-api/") == 200, create_bucket, "moto_server", timeout,
-    )  # fmt: skip
+        lambda e: _http("GET", f"{e}/moto-api/") == 200,
+        create_bucket,
+        "moto_server",
+        timeout,
+    )
     try:
         yield Emulator("s3", endpoint, bucket, process.proc.pid, seconds)
     finally:
         process.stop()
 
 
-def run_python(code: str, env: Mapping[str, str], timeout: float = 120.0, argv: list[str] | None = None) -> str:
-    """Run ``code`` in a fresh Python with ``env`` added to this environment; its stdout, or an
-    AssertionError with its output."""
+def run_python(
+    code: str, env: Mapping[str, str], args: Sequence[str] = (), timeout: float = 120.0, cwd: str | None = None
+) -> str:
+    """Run ``code`` in a fresh Python (``sys.argv[1:]`` is ``args``) with ``env`` added to this process's
+    environment; returns its stdout, or raises AssertionError with its output."""
     completed = subprocess.run(
-        [*(argv or []), sys.executable, "-c", textwrap.dedent(code)],
-        env=subprocess_env(env), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=subprocess_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     if completed.returncode != 0:
-        raise AssertionError(f"exit {completed.returncode}\n--- stdout\n{completed.stdout}\n--- stderr\n{completed.stderr}")
+        raise AssertionError(
+            f"exit {completed.returncode}\n--- stdout\n{completed.stdout}\n--- stderr\n{completed.stderr[-6000:]}"
+        )
     return completed.stdout
+
+
+# --- checkpoints through the emulators ----------------------------------------------------------------
+
+
+def encode_arrays(tree: Mapping) -> dict:
+    """A nested dict of arrays as JSON-able ``{path: [dtype, shape, hex bytes]}``: compared bit for bit."""
+    import numpy as np
+
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}/")
+        else:
+            array = np.asarray(node)
+            out[prefix.rstrip("/")] = [array.dtype.name, list(array.shape), array.tobytes().hex()]
+
+    walk(tree, "")
+    return out
+
+
+# Restores each checkpoint path given on the command line in this fresh process and prints them encoded.
+RESTORE_CODE = f"""
+import json, sys
+import orbax.checkpoint as ocp
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from cloud import encode_arrays
+with ocp.StandardCheckpointer() as checkpointer:
+    print(json.dumps({{path: encode_arrays(checkpointer.restore(path)) for path in sys.argv[1:]}}))
+"""
+
+
+def sample_tree():
+    """A small pytree with several dtypes, a scalar, a nested dict and (with several devices) a sharded array."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    kernel = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+    devices = jax.devices()
+    if len(devices) > 1 and 8 % len(devices) == 0:
+        mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+        kernel = jax.device_put(kernel, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+    return {
+        "layer": {"kernel": kernel, "bias": jnp.array([1.5, -0.0, float("inf")], jnp.bfloat16)},
+        "step": jnp.int32(1234),
+        "ids": jnp.arange(-3, 5, dtype=jnp.int32),
+    }
+
+
+def orbax_save(path: str, tree, use_ocdbt: bool = True) -> None:
+    """Save with Orbax's StandardCheckpointer and wait for the background commit (where errors surface)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer(use_ocdbt=use_ocdbt) as checkpointer:
+        checkpointer.save(path, tree)
+        checkpointer.wait_until_finished()
+
+
+def restore_in_fresh_process(paths: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> dict:
+    """``{path: encode_arrays(restored)}`` from a new Python process: a save that only seemed to work fails here."""
+    return json.loads(run_python(RESTORE_CODE, env, args=list(paths), cwd=cwd).strip().splitlines()[-1])
 
 
 # --- pytest fixtures --------------------------------------------------------------------------------
@@ -405,3 +492,64 @@ def cloud_env(cloud_session: CloudSession) -> dict[str, str]:
     """The loopback environment (already set in this process): pass it to :func:`run_python` or
     :func:`subprocess_env` for a subprocess."""
     return dict(cloud_session.env)
+
+
+# --- python tests/cloud.py selfcheck ----------------------------------------------------------------
+
+
+def selfcheck() -> dict:
+    """Start both emulators, set the environment before any cloud client is imported, then: an Orbax
+    checkpoint on gs:// restored in a fresh process, an array through tensorstore's s3 driver, a file
+    through etils.epath on s3://. Returns timings; raises on any difference."""
+    import uuid
+
+    timings = {}
+    with fake_gcs_server() as gcs_server, moto_s3_server() as s3_server:
+        timings["gcs_start_s"], timings["s3_start_s"] = gcs_server.startup_s, s3_server.startup_s
+        env = loopback_env(gcs_server, s3_server)
+        for name in UNSET:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+        import numpy as np
+        import tensorstore as ts
+        from etils import epath
+
+        run = uuid.uuid4().hex[:8]
+        start = time.monotonic()
+        tree, path = sample_tree(), gcs_server.url(run, "ckpt")
+        orbax_save(path, tree)
+        timings["orbax_gcs_save_s"] = time.monotonic() - start
+        start = time.monotonic()
+        restored = restore_in_fresh_process([path], env)[path]
+        timings["orbax_gcs_restore_fresh_process_s"] = time.monotonic() - start
+        if restored != encode_arrays(tree):
+            raise AssertionError(f"restored checkpoint differs: {restored} != {encode_arrays(tree)}")
+
+        start = time.monotonic()
+        spec = {
+            "driver": "zarr3",
+            "kvstore": s3_server.kvstore(f"{run}/array/"),
+            "metadata": {"shape": [4, 3], "data_type": "float32"},
+        }
+        expected = np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5
+        ts.open(spec, create=True).result().write(expected).result()
+        got = ts.open({"driver": "zarr3", "kvstore": s3_server.kvstore(f"{run}/array/")}).result().read().result()
+        np.testing.assert_array_equal(got, expected)
+        timings["tensorstore_s3_s"] = time.monotonic() - start
+
+        start = time.monotonic()
+        file = epath.Path(s3_server.url(run, "note.txt"))
+        file.write_text("loopback")
+        assert file.read_text() == "loopback" and [p.name for p in file.parent.iterdir()] == ["array", "note.txt"]
+        file.parent.rmtree()
+        assert not file.exists()
+        timings["epath_s3_s"] = time.monotonic() - start
+    return timings
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["selfcheck"]:
+        sys.exit("usage: python tests/cloud.py selfcheck")
+    print(json.dumps({"ok": True, **{k: round(v, 3) for k, v in selfcheck().items()}}))
