@@ -29,6 +29,7 @@ from ._reader import Checkpoint as Checkpoint
 from ._saver import Saver as Saver
 from ._saver import save_safetensors as save_safetensors
 from ._scope import Scope as Scope
+from ._sharding import shardings as shardings
 from ._spec import VariableSpec as VariableSpec
 from ._state import State as State
 from ._state import from_nnx as from_nnx

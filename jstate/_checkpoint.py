@@ -147,10 +147,17 @@ def _latest(path: Path) -> Checkpoint | None:
     """The most recently committed checkpoint. Writers beside us may delete the one we choose
     (retention) right after committing a newer one: then we look again, so a reader never
     comes back empty while a complete checkpoint existed at every moment."""
+    chosen, empty = None, 0
     for _ in range(_RELIST):
         found = checkpoints(path)
         if not found:
-            return None
+            # A listing misses what is committed while it runs, and may find that what it did see
+            # was deleted meanwhile (a writer keeping one): two empty listings in a row mean none.
+            empty += 1
+            if empty == 2:
+                return None
+            continue
+        empty = 0
         chosen = found[-1]
         if path.is_dir():
             named = type(chosen).latest_in(path)  # a format's own bookkeeping (TF's state file) decides

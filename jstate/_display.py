@@ -80,4 +80,8 @@ def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:
         )
         for c in found
     ]
-    return Table(("checkpoint", "step", "committed", "size", "variables", "written by"), rows, f"{directory}: {len(rows)} checkpoints")
+    return Table(
+        ("checkpoint", "step", "committed", "size", "variables", "written by"),
+        rows,
+        f"{directory}: {len(rows)} checkpoints",
+    )

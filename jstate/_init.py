@@ -46,14 +46,18 @@ def _plan(
     if unused_rules not in _UNUSED_RULES:
         raise ValueError(f'`unused_rules=` is "error", "warn" or "ignore", got {unused_rules!r}.')
     compiled = _placement.compile_rules(rules)
-    cache_key = (key_type.shape, key_type.dtype, mesh, tuple((p.pattern, t) for p, t in compiled), bool(soft))
+    # A compiled regex's flags are part of it: `re.compile("w", re.I)` is not the rule "w".
+    patterns = tuple((p.pattern, p.flags, t) for p, t in compiled)
+    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft))
     try:
         per_model = _plans.setdefault(model, {})
-        plan = per_model[cache_key]
-    except KeyError:
-        plan = per_model[cache_key] = _trace(model, key_type, mesh, compiled, bool(soft))
+        plan = per_model.get(cache_key)
     except TypeError:  # a model that cannot be weakly referenced, or an unhashable rule target
+        per_model, plan = None, None
+    if plan is None:  # traced outside any `except`, so a model's error is not chained to a KeyError
         plan = _trace(model, key_type, mesh, compiled, bool(soft))
+        if per_model is not None:
+            per_model[cache_key] = plan
     if plan.unused and unused_rules != "ignore":
         _unused_rules(model, plan, unused_rules)
     return plan
@@ -247,7 +251,13 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
     if derived:
         outvars = plan.jaxpr.jaxpr.outvars
         known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
-        results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
+        try:
+            results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
+        except ValueError as e:
+            error = _mixed_devices(plan, derived, known)
+            if error is None:
+                raise
+            raise error from e
         seen = {id(v) for v in values.values()}
         for i, value in zip(derived, results):
             if not isinstance(value, jax.Array):  # a literal or constant of the jaxpr
@@ -258,6 +268,31 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
             sharding = plan.specs[i].sharding
             values[plan.specs[i].name] = value if sharding is None else jax.device_put(value, sharding)
     return values
+
+
+def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array]) -> PlacementError | None:
+    """The error for the first derived variable computed from variables committed to different
+    devices (JAX refuses to combine them), or None if no derived variable is."""
+    j = plan.jaxpr.jaxpr
+    names = {j.outvars[i]: s.name for i, s in enumerate(plan.specs)}
+    for i in derived:
+        needed, reads = {j.outvars[i]}, []
+        for eqn in reversed(j.eqns):
+            if any(v in needed for v in eqn.outvars):
+                for v in eqn.invars:
+                    if isinstance(v, Var) and v in known and v not in reads:
+                        reads.append(v)
+                    elif isinstance(v, Var):
+                        needed.add(v)
+        placed = {names[v]: known[v].sharding for v in reads if known[v].committed}
+        if len({frozenset(s.device_set) for s in placed.values()}) > 1:
+            shown = ", ".join(f"'{n}' on {_placement.describe(s)}" for n, s in sorted(placed.items()))
+            return PlacementError(
+                f"Cannot compute the initial value of variable '{plan.specs[i].name}': it is computed from "
+                f"variables on different devices ({shown}), which JAX cannot combine in one computation. "
+                "Place those variables on one device or mesh, or give it an initializer of its own."
+            )
+    return None
 
 
 def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dict[Var, Any]) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
 from ._checkpoint import checkpoints, list_checkpoints, open_checkpoint
@@ -33,4 +34,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
         return
     for n, e in sorted(entries.items()):
         print(f"tensor_name: {n}  shape: {e.shape}  dtype: {e.dtype.name}  size: {human_bytes(e.nbytes)}")
-        print(np.asarray(ckpt.read_host([n])[n]))
+        value = ckpt.read_host([n])[n]
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # NumPy cannot hold keys: show their data
+            print(f"key data ({jax.random.key_impl(value)}):")
+            value = jax.random.key_data(value)
+        print(np.asarray(value))

@@ -35,7 +35,7 @@ class NativeCheckpoint(Checkpoint):
         entries = {n: _entry(n, v) for n, v in manifest.variables.items()}
         super().__init__(path, entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
-        self.arrays = path / manifest.arrays
+        self.arrays = (path / manifest.arrays).absolute()  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
 
     def changed(self) -> bool:
@@ -88,7 +88,9 @@ class NativeCheckpoint(Checkpoint):
             bad = _integrity.verify_host(out, {n: variables[n].digests for n in todo})
             if bad is not None:
                 self._mismatch(*bad)
-        return {n: jax.random.wrap_key_data(a, impl=variables[n].key) if variables[n].key else a for n, a in out.items()}
+        return {
+            n: jax.random.wrap_key_data(a, impl=variables[n].key) if variables[n].key else a for n, a in out.items()
+        }
 
     def _mismatch(self, name: str, region: str) -> None:
         damage = self._damage()

@@ -53,7 +53,10 @@ class Writer:
     def __init__(self, compression: bool, timeout: float):
         ocp = _ocp()
         handler = ocp.PyTreeCheckpointHandler(use_compression=compression)
-        self._checkpointer = ocp.AsyncCheckpointer(handler, timeout_secs=int(timeout))
+        # Directories are created before `save` returns: created asynchronously, a failure leaves
+        # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
+        options = ocp.options.AsyncOptions(timeout_secs=int(timeout), create_directories_asynchronously=False)
+        self._checkpointer = ocp.AsyncCheckpointer(handler, async_options=options)
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
         self._checkpointer.save(
@@ -153,7 +156,9 @@ def read(
 
         def template(make):
             return jax.tree_util.tree_map_with_path(
-                lambda path, _: ocp.PLACEHOLDER if (t := by_path.get(tuple(path_name((k,)) for k in path))) is None else make(t),
+                lambda path, _: (
+                    ocp.PLACEHOLDER if (t := by_path.get(tuple(path_name((k,)) for k in path))) is None else make(t)
+                ),
                 tree,
             )
 

@@ -11,7 +11,8 @@ Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` 
   NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
   P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
   jstate.round_robin(["cpu:0", ...]) each variable to the next device (TF's replica_device_setter)
-  None                              JAX's default device
+  None                              JAX's default device (``s.placement(None)`` clears outer
+                                    blocks and overrides the rules, as TF's ``tf.device(None)``)
 
 A device string that matches no device is an error, or, with ``soft_placement=True`` (TF's
 ``allow_soft_placement``), a warning and JAX's default device.
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ._balance import Loads, RoundRobin
@@ -106,6 +108,9 @@ class Placement:
 
 DEFAULT = Placement()
 
+# `choose`'s `block` when no ``with s.placement(...)`` is open (None is a block: the default device).
+NO_BLOCK = object()
+
 
 def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
     """Check and compile ``[(regex, spec), ...]``; the first rule whose regex matches wins."""
@@ -142,13 +147,14 @@ def choose(
 ) -> Placement:
     """The placement of one variable: its own spec, then the innermost block, then the rules.
 
-    `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
+    `block` is the innermost ``s.placement(...)`` spec (None: JAX's default device), or
+    `NO_BLOCK`. `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
     `soft`, a device string that matches no device falls back to the default device.
     """
     rule = None
     if own is not None:
         origin, request = own
-    elif block is not None:
+    elif block is not NO_BLOCK:
         origin, request = Origin.BLOCK, block
     else:
         for i, (pattern, target) in enumerate(rules):
@@ -213,10 +219,12 @@ def replace(
             # A variable placed softly once stays soft: its model opted in.
             p = _place(p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None)
         else:
-            p = choose(n, spec.shape, None, None, compiled, mesh, nbytes=spec.nbytes, loads=loads)
+            p = choose(n, spec.shape, None, NO_BLOCK, compiled, mesh, nbytes=spec.nbytes, loads=loads)
         new[n] = dataclasses.replace(spec, placement=p)
     names = list(values)
     moved = jax.device_put([values[n] for n in names], [or_default(new[n].sharding) for n in names])
+    # A variable with no placement is left uncommitted, as `init` leaves it.
+    moved = [v if new[n].sharding is not None else uncommitted(v) for n, v in zip(names, moved)]
     return new, dict(zip(names, moved))
 
 
@@ -352,6 +360,36 @@ def list_devices() -> str:
 def or_default(sharding: Sharding | None) -> Sharding:
     """`sharding`, or this process's first device for a variable with no placement."""
     return sharding or SingleDeviceSharding(jax.local_devices()[0])
+
+
+def uncommitted(value: jax.Array) -> jax.Array:
+    """`value` as an uncommitted array: what `jstate.init` gives a variable with no placement.
+
+    `jax.jit` moves an uncommitted argument next to its other arguments (onto a mesh, say), where
+    a committed one on a single device would make it fail ("incompatible devices"). A value on
+    one device keeps its device and its buffer: nothing is copied, and the result shares the
+    buffer with `value` (donating one deletes both). A value on several devices is first copied
+    to this process's first device. PRNG keys stay keys; tracers and uncommitted values are
+    returned as they are.
+
+    >>> committed = jax.device_put(jnp.arange(3.0), jax.devices()[0])
+    >>> committed.committed, uncommitted(committed).committed
+    (True, False)
+    """
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array) or not value.committed:
+        return value
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = uncommitted(jax.random.key_data(value))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+    if len(value.sharding.device_set) > 1:
+        value = jax.device_put(value, or_default(None))
+    try:
+        # JAX has no public way to drop the commitment of an array that is already on a device:
+        # `device_put` keeps it, and going through host memory copies the bytes twice on an
+        # accelerator. The array's own constructor re-labels the same buffer.
+        return type(value)(value.aval, value.sharding, value._arrays, committed=False)
+    except (AttributeError, TypeError):  # a JAX whose arrays are built differently: copy instead
+        return jax.device_put(np.asarray(value))
 
 
 def describe(sharding: Sharding | None) -> str:

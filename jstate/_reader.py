@@ -119,7 +119,9 @@ class Checkpoint(abc.ABC):
             if damage is not None:  # the files fail their checks: that, not the symptom, is the news
                 raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
             detail = (str(e).splitlines() or [""])[0][:300]
-            raise CheckpointError(f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}: {detail}).") from e
+            raise CheckpointError(
+                f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}: {detail})."
+            ) from e
 
     def read_host(self, names: Sequence[str], *, verify: bool = True) -> dict[str, np.ndarray]:
         """Read the entries `names` into host memory, as NumPy arrays in their stored dtype

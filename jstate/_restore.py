@@ -7,6 +7,7 @@ import jax
 
 from ._errors import CheckpointError, SpecMismatchError, closest, shorten
 from ._mapping import NameMap
+from ._placement import uncommitted
 from ._reader import Checkpoint
 from ._state import State
 
@@ -60,4 +61,7 @@ def restore(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, s
     """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`)."""
     names = name_map.resolve(target.specs, "the target State")
     arrays = ckpt.read(plan(ckpt, names, target, cast=cast, strict=strict), verify=verify)
-    return target._replace_values({n: arrays[c] for n, c in names.items()})
+    values = {n: arrays[c] for n, c in names.items()}
+    # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).
+    values = {n: v if target.spec(n).sharding is not None else uncommitted(v) for n, v in values.items()}
+    return target._replace_values(values)

@@ -6,16 +6,19 @@ The Saver chooses what to save under which names (`_mapping`) and what to delete
 
 from __future__ import annotations
 
+import collections
 import functools
+import operator
 import os
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _commit, _restore, _retention, _safetensors
-from ._errors import CheckpointError, UninitializedError, shorten
+from . import _checkpoint, _commit, _restore, _retention, _safetensors, _tree
+from ._errors import CheckpointError, InvalidNameError, UninitializedError, shorten
 from ._files import user_path
 from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
@@ -39,8 +42,9 @@ class Saver:
       Saver({"encoder/": "model/encoder/"})   checkpoint scope -> State scope
       Saver([(r"^model/(.*)$", r"\\1")])        regex over State names -> checkpoint name
 
-    Checkpoints are Orbax PyTree checkpoints (arrays keyed by checkpoint name, in ``arrays/``)
-    plus a small ``jstate.json`` manifest; plain Orbax can restore them. Each save is atomic.
+    Checkpoints are Orbax PyTree checkpoints (arrays keyed by checkpoint name, in
+    ``arrays-<token>/``, `Checkpoint.arrays`) plus a small ``jstate.json`` manifest, whose
+    writing commits the save; plain Orbax can restore the arrays.
 
     Args:
       var_list: which variables, under which names.
@@ -100,15 +104,23 @@ class Saver:
         >>> saver.save(state, "ckpt/model", step=1000)
         'ckpt/model-1000'
         """
-        if step is not None and int(step) < 0:
-            raise ValueError(f"Saver.save: `step` must be >= 0, got {step}.")
+        if step is not None:
+            try:
+                if isinstance(step, bool):
+                    raise TypeError
+                step = operator.index(step)  # 3.5 would share `model-3` with step 3
+            except TypeError:
+                raise TypeError(f"Saver.save: `step` must be an integer, got {type(step).__name__} {step!r}.") from None
+            if step < 0:
+                raise ValueError(f"Saver.save: `step` must be an integer >= 0, got {step!r}.")
         self._writer.wait()
-        arrays = self._arrays(as_state(state))
+        state = as_state(state)
+        arrays = self._arrays(state)
         if not arrays:
             raise CheckpointError(
-                f"Nothing to save to {path}: the Saver's variables hold no values. Initialize or restore them first."
+                f"Nothing to save to {path}: the Saver selects no initialized variable of the State "
+                f"({len(state.specs)} declared, {len(state)} initialized). Check its `var_list`, or initialize or restore them first."
             )
-        step = None if step is None else int(step)
         path = user_path(path)
         final = path if step is None else path.with_name(f"{path.name}-{step}")
         prefix = None if step is None else path.name
@@ -238,7 +250,13 @@ def _own(prefix: Path) -> list[NativeCheckpoint]:
 
 
 def _is_leaf(x: Any) -> bool:
-    return isinstance(x, (State, jax.ShapeDtypeStruct))
+    return isinstance(x, (State, jax.ShapeDtypeStruct)) or _is_nnx(x)
+
+
+def _is_nnx(x: Any) -> bool:
+    """An NNX state or module (whose variables are named as `jstate.from_nnx` names them)."""
+    nnx = sys.modules.get("flax.nnx")  # not imported here: a program without NNX has none
+    return nnx is not None and isinstance(x, (nnx.State, nnx.Module))
 
 
 def as_state(tree: Any) -> State:
@@ -249,13 +267,25 @@ def as_state(tree: Any) -> State:
     """
     if isinstance(tree, State):
         return tree
-    parts, leaves = [], {}
+    if _is_nnx(tree):
+        return State.from_nnx(tree)
+    parts, leaves, names = [], {}, []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]:
         prefix = path_name(path)
+        if _is_nnx(leaf):
+            leaf = State.from_nnx(leaf)
         if isinstance(leaf, State):
             parts.append(leaf.rename({n: join(prefix, n) for n in leaf.specs}))
+            names += parts[-1].specs
         else:
             leaves[prefix] = leaf
+            names.append(prefix)
+    twice = [n for n, count in collections.Counter(names).items() if count > 1]
+    if twice:  # {"a/b": x, "a": {"b": y}}: one name for two leaves would lose one
+        raise InvalidNameError(
+            f"Two leaves of the tree are both named '{twice[0]}' (a key holding '/' and a nested path). "
+            "Rename one: every leaf needs a name of its own."
+        )
     return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
 
 
@@ -264,10 +294,19 @@ def like(target: T, restored: State) -> T:
 
     def leaf(path: jax.tree_util.KeyPath, x: Any) -> Any:
         prefix = path_name(path)
+        if _is_nnx(x):  # a new nnx.State with the restored values, its Variable types kept
+            from flax import nnx
+
+            state = jax.tree.map(lambda v: v, nnx.state(x) if isinstance(x, nnx.Module) else x)
+            mine = {n: restored[join(prefix, n)] for n in _tree.from_nnx(x) if join(prefix, n) in restored}
+            nnx.replace_by_pure_dict(state, _tree.to_nnx_pure(mine))
+            return state
         if isinstance(x, State):
             return x._replace_values({n: restored[join(prefix, n)] for n in x.specs if join(prefix, n) in restored})
         return restored.get(prefix, x)
 
+    if _is_nnx(target):
+        return leaf((), target)
     return jax.tree_util.tree_map_with_path(leaf, target, is_leaf=_is_leaf)
 
 

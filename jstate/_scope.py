@@ -95,13 +95,20 @@ class Scope:
 
         `spec` is any device spec (see `jstate.explain_placement`), or `jstate.round_robin`
         (TF's ``replica_device_setter``); a variable's own ``device=`` or ``sharding=`` still wins,
-        and the innermost block wins over outer ones.
+        and the innermost block wins over outer ones. ``s.placement(None)`` puts its variables on
+        JAX's default device, clearing outer blocks and overriding the rules (TF's
+        ``tf.device(None)``).
 
         >>> def model(s):
         ...     with s.placement("cpu:1"):
         ...         s.variable("w", jnp.zeros(2))
         >>> str(jstate.abstract(model).placement("w"))
         'cpu:1 (from placement block)'
+        >>> def model(s):
+        ...     with s.placement("cpu:1"), s.placement(None):
+        ...         s.variable("w", jnp.zeros(2))
+        >>> str(jstate.abstract(model, rules=[("w", "cpu:2")]).placement("w"))
+        'default (from placement block)'
         """
         self._record.blocks.append(spec)
         try:
@@ -165,7 +172,7 @@ class Scope:
             own = (_placement.Origin.DEVICE, device)
         elif sharding is not None:
             own = (_placement.Origin.SHARDING, sharding)
-        block = record.blocks[-1] if record.blocks else None
+        block = record.blocks[-1] if record.blocks else _placement.NO_BLOCK
 
         if callable(init):
             shape, dtype = _check_shape(full, shape), np.dtype(dtype or jnp.float32)

@@ -9,10 +9,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
 
-from . import _display, _names, _placement, _tree
+from . import _display, _names, _placement, _tree, _values
 from ._errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
 from ._placement import DEFAULT, Origin, Placement
 from ._spec import VariableSpec, dtype_of
@@ -64,7 +62,9 @@ class State(Mapping[str, jax.Array]):
     ``len``, iteration in name order, ``.items()``) cover the initialized variables.
 
     It passes through `jax.jit` (also donated), `jax.grad`, `jax.tree.map` and optax with its
-    structure unchanged.
+    structure unchanged. An initialized variable's spec has the dtype of the value it holds, so
+    after ``jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)`` the specs say bfloat16 and
+    `assign` takes bfloat16 values (a map that changes shapes needs `redeclare`).
 
     >>> state = jstate.init(model, jax.random.key(0))
     >>> state = state.assign("biases", jnp.ones(200))   # a new State
@@ -109,8 +109,10 @@ class State(Mapping[str, jax.Array]):
 
     @property
     def specs(self) -> Mapping[str, VariableSpec]:
-        """Every declared variable's `VariableSpec`, initialized or not, by name."""
-        return dict(self._layout.specs)
+        """Every declared variable's `VariableSpec`, initialized or not, by name (an initialized
+        one's dtype is its value's: see the class docstring)."""
+        values = self._values
+        return {n: _values.current(s, values.get(n)) for n, s in self._layout.specs.items()}
 
     def spec(self, name: str) -> VariableSpec:
         """The declaration of variable `name` (shape, dtype, placement).
@@ -119,7 +121,7 @@ class State(Mapping[str, jax.Array]):
         (200, 10)
         """
         try:
-            return self._layout.specs[name]
+            return _values.current(self._layout.specs[name], self._values.get(name))
         except KeyError:
             raise self._missing(name) from None
 
@@ -154,7 +156,50 @@ class State(Mapping[str, jax.Array]):
         >>> jstate.abstract(model).structs()["weights"]
         ShapeDtypeStruct(shape=(784, 200), dtype=float32)
         """
-        return {n: s.struct() for n, s in self._layout.specs.items()}
+        return {n: s.struct() for n, s in self.specs.items()}
+
+    def shardings(self, default: jax.sharding.Sharding | None = None) -> State:
+        """Each initialized variable's declared sharding, as a State of the same structure: the
+        ``in_shardings`` / ``out_shardings`` of a `jax.jit` function taking or returning this State.
+
+        A variable with no placement gets `default`. None, the default, is "unspecified" to
+        `jax.jit`: the argument is taken where it is and XLA places the result (on a mesh
+        computation, usually replicated over the mesh), so the second call compiles again for
+        results that the first placed. Give every variable a placement (a last rule
+        ``(".*", P())``), or pass ``default=NamedSharding(mesh, P())``, so that every step
+        after the first reuses the compiled one. `jstate.shardings` covers a whole training
+        pytree (optax states too).
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> P = jax.sharding.PartitionSpec
+        >>> placed = jstate.init(model, jax.random.key(0), mesh=mesh, rules=[("kernel", P("x")), (".*", P())])
+        >>> step = jax.jit(lambda st: st.assign_add("biases", 1.0), out_shardings=placed.shardings())
+        >>> step(placed)["layer1/kernel"].sharding == placed.spec("layer1/kernel").sharding
+        True
+        """
+        specs = self._layout.specs
+        shardings = {n: specs[n].sharding for n in self._values}
+        return State._make(self._layout, {n: default if s is None else s for n, s in shardings.items()})
+
+    def constrain(self) -> State:
+        """A State whose every variable is on its declared sharding, eagerly or under `jax.jit`.
+
+        Inside `jax.jit`, XLA chooses the sharding of every value the program computes: an
+        optax update can hand back parameters sharded differently from their declaration, and
+        the next call, given those, compiles again. ``state.constrain()`` before returning
+        (or ``out_shardings=state.shardings()``) keeps each variable where it was declared, as
+        `assign` does. Eagerly it moves values that are elsewhere. Variables with no placement
+        are left where they are. The original State is unchanged; use the return value.
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> P = jax.sharding.PartitionSpec
+        >>> placed = jstate.init(model, jax.random.key(0), mesh=mesh, rules=[("kernel", P("x")), (".*", P())])
+        >>> step = jax.jit(lambda st: jax.tree.map(lambda v: v * 2, st).constrain())
+        >>> step(placed)["layer1/kernel"].sharding == placed.spec("layer1/kernel").sharding
+        True
+        """
+        specs = self._layout.specs
+        return State._make(self._layout, {n: _values.place(v, specs[n].sharding) for n, v in self._values.items()})
 
     # -- functional updates -----------------------------------------------------------------
     def assign(self, name: str | Mapping[str, Any], value: Any = None) -> State:
@@ -204,10 +249,11 @@ class State(Mapping[str, jax.Array]):
             spec = specs.get(n)
             if spec is None:
                 raise unknown_names("Cannot assign: variable", [n], specs, "Declare it in the model first.")
-            v = _coerce(spec, v, broadcast=op is None, verb=verb)
+            spec = _values.current(spec, self._values.get(n))
+            v = _values.coerce(spec, v, broadcast=op is None, verb=verb)
             if op is not None:
                 v = op(self[n], v)
-            values[n] = _place(v, spec.sharding)
+            values[n] = _values.place(v, spec.sharding)
         if len(values) == len(self._values):
             return State._make(self._layout, values)
         return State._make(_Layout(specs, values), dict(sorted(values.items())))
@@ -283,27 +329,45 @@ class State(Mapping[str, jax.Array]):
         shape = tuple(value.shape)
         placement = _placement.reshape(spec.placement, name, spec.shape, shape)
         new = dataclasses.replace(spec, shape=shape, dtype=dtype_of(value), placement=placement)
-        values = dict(sorted({**self._values, name: _place(value, placement.sharding)}.items()))
+        values = dict(sorted({**self._values, name: _values.place(value, placement.sharding)}.items()))
         return State._make(_Layout({**self._layout.specs, name: new}, values), values)
 
     def merge(self, other: State) -> State:
         """A State with the variables of both; where both hold a value, `other`'s wins.
 
+        Where both declare a variable, this State's declaration is kept (its placement,
+        `trainable` flag and options) and `other`'s value is assigned to it, as `assign` would:
+        moved onto (or, under `jax.jit`, constrained to) the declared sharding. So
+        ``state.merge(jstate.State({"biases": b}))`` keeps ``"biases"`` where the model placed
+        it. Variables only `other` declares keep `other`'s declaration.
+
+        Raises:
+          SpecMismatchError: a variable both declare has another shape or dtype in each.
+
         >>> merged = state.merge(jstate.State({"biases": jnp.ones(200), "step": jnp.zeros((), jnp.int32)}))
         >>> list(merged), merged["biases"][:3]
         (['biases', 'layer1/kernel', 'step', 'w2', 'weights'], Array([1., 1., 1.], dtype=float32))
         """
-        specs = dict(self._layout.specs)
+        specs, values = dict(self._layout.specs), dict(self._values)
         for n, spec in other._layout.specs.items():
             mine = specs.get(n)
-            if mine is not None and (mine.shape, mine.dtype) != (spec.shape, spec.dtype):
+            if mine is None:
+                specs[n] = spec
+                if n in other._values:
+                    values[n] = other._values[n]
+                continue
+            mine, theirs = _values.current(mine, self._values.get(n)), _values.current(spec, other._values.get(n))
+            if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
                 raise SpecMismatchError(
                     f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
-                    f"{mine.dtype.name} here but shape {spec.shape} and dtype {spec.dtype.name} in the other State."
+                    f"{mine.dtype.name} here but shape {theirs.shape} and dtype {theirs.dtype.name} in the other State."
                 )
-            if mine is None or n in other._values:  # the spec travels with the value it describes
-                specs[n] = spec
-        values = dict(sorted({**self._values, **other._values}.items()))
+            value = other._values.get(n)
+            if isinstance(value, jax.Array):  # (a State of structs or shardings holds no arrays)
+                values[n] = _values.place(value, mine.sharding)
+            elif n in other._values:
+                values[n] = value
+        values = dict(sorted(values.items()))
         return State._make(_Layout(specs, values), values)
 
     def rename(self, mapping: Mapping[str, str]) -> State:
@@ -369,8 +433,11 @@ class State(Mapping[str, jax.Array]):
             _names.check_name(name)
             if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
                 leaf = jnp.asarray(leaf)
-            # A sharding the leaf was placed on is its placement: uncommitted arrays have none.
-            sharding = leaf.sharding if isinstance(leaf, jax.ShapeDtypeStruct) or leaf.committed else None
+            # A sharding the leaf was placed on is its placement: uncommitted (and traced) arrays have none.
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                sharding = leaf.sharding
+            else:
+                sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
             placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
             specs[name] = VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
             if isinstance(leaf, jax.Array):
@@ -413,45 +480,6 @@ class State(Mapping[str, jax.Array]):
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
-
-
-def _coerce(spec: VariableSpec, value: Any, broadcast: bool, verb: str) -> Any:
-    """Check `value` against `spec`; a Python scalar is allowed if it keeps the dtype."""
-    if isinstance(value, (bool, int, float, complex)):
-        if jnp.result_type(spec.dtype, value) != spec.dtype:
-            raise SpecMismatchError(
-                f"Cannot {verb} variable '{spec.name}': the Python {type(value).__name__} {value!r} "
-                f"would change its dtype {spec.dtype.name}."
-            )
-        return jnp.full(spec.shape, value, spec.dtype) if broadcast else value
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is None or dtype is None:
-        value = np.asarray(value)
-        shape, dtype = value.shape, value.dtype
-    if tuple(shape) != spec.shape or dtype != spec.dtype:
-        raise SpecMismatchError(
-            f"Cannot {verb} variable '{spec.name}': declared shape {spec.shape} and dtype "
-            f"{spec.dtype.name}, given shape {tuple(shape)} and dtype {np.dtype(dtype).name}. "
-            f"To declare it anew with another shape or dtype, use `state.redeclare({spec.name!r}, value)`."
-        )
-    if getattr(value, "weak_type", False):
-        value = jax.lax.convert_element_type(value, spec.dtype)  # keep jit signatures stable
-    return value
-
-
-def _place(value: Any, sharding: jax.sharding.Sharding | None) -> Any:
-    """Keep a variable where it lives: move eager values, constrain traced ones."""
-    if isinstance(value, jax.core.Tracer):
-        if sharding is None:
-            return value
-        if isinstance(sharding, NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
-            return jax.sharding.reshard(value, sharding)  # explicit axes: sharding is in the type
-        return jax.lax.with_sharding_constraint(value, sharding)
-    if sharding is None:
-        return value if isinstance(value, jax.Array) else jnp.asarray(value)
-    if isinstance(value, jax.Array) and value.sharding == sharding:
-        return value
-    return jax.device_put(value, sharding)
 
 
 def _flatten(state: State):

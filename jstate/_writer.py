@@ -33,6 +33,11 @@ log = logging.getLogger("jstate")
 # concurrent.futures stops taking work (Orbax needs it). threading's own exit hooks run first,
 # newest first, and this one is registered after concurrent.futures'.
 _unfinished: weakref.WeakSet = weakref.WeakSet()
+# Orbax numbers each async save with a process-wide operation id that its background threads
+# wait on: two saves started at once from different threads can take the same id, and one
+# then waits (5 minutes) for a signal that never comes. Starting saves one at a time keeps
+# their ids apart; the writing itself still overlaps.
+_orbax_start = threading.Lock()
 
 
 def _finish_at_exit() -> None:
@@ -46,16 +51,22 @@ getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
 class _Background:
     """One save finishing in a background thread. Completion is an Event, not `Thread.join`:
     a join interrupted by Ctrl-C can return at once ever after (CPython gh-90882), which would
-    let the interpreter exit mid-save."""
+    let the interpreter exit mid-save. The thread makes itself its writer's pending save: a
+    Ctrl-C landing in `Thread.start` (after the thread exists) cannot leave the save untracked,
+    neither waited for by `wait` nor finished at exit."""
 
-    def __init__(self, path: Path, finish: Callable[[], None], failed: Callable[[], None]):
+    def __init__(self, writer: Writer, path: Path, finish: Callable[[], None], failed: Callable[[], None]):
         self.path = path
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self._writer, self._tracked = writer, threading.Event()
         self._finish, self._failed = finish, failed
         threading.Thread(target=self._run, name=f"jstate save {path}", daemon=True).start()
+        self._tracked.wait()
 
     def _run(self) -> None:
+        self._writer._track(self)
+        self._tracked.set()
         try:
             self._finish()
         except BaseException as e:  # reported by `Writer.wait`
@@ -102,10 +113,10 @@ class Writer:
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
         barrier = functools.partial(_orbax.barrier, name, self._timeout)
-        token = None
-        # Known before `prepare` makes it: an interrupt may land right after.
-        created = jax.process_index() == 0 and not final.exists()
+        token, created = None, False
         try:
+            # Known before `prepare` makes it: an interrupt may land right after.
+            created = jax.process_index() == 0 and not final.exists()
             if jax.process_index() == 0:
                 _commit.prepare(final)
             token = _orbax.share(f"{name}:token", _files.token, self._timeout)
@@ -123,7 +134,8 @@ class Writer:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
             data = _commit.data_dir(final, token)
             if stored:
-                self._orbax.save(data, stored)
+                with _orbax_start:
+                    self._orbax.save(data, stored)
             finish = functools.partial(
                 self._finish, final, data, token, step, prefix, shapes, digests, barrier, committed
             )
@@ -135,8 +147,11 @@ class Writer:
                 raise save_failed(final, e) from e
             raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
         if not blocking:
-            self._pending = _Background(final, finish, functools.partial(self._failed, final, token, created))
-            _unfinished.add(self)
+            _Background(self, final, finish, functools.partial(self._failed, final, token, created))
+
+    def _track(self, background: _Background) -> None:
+        self._pending = background
+        _unfinished.add(self)
 
     def _finish(self, final, data, token, step, prefix, shapes, digests, barrier, committed) -> None:
         if self._orbax is not None:
@@ -152,7 +167,9 @@ class Writer:
                 for n, regions in json.loads(part.read_text()).items():
                     digests[n].update(regions)
                 part.unlink()
-            variables = {n: Variable(shape, dtype, digests.get(n, {}), key) for n, (shape, dtype, key) in shapes.items()}
+            variables = {
+                n: Variable(shape, dtype, digests.get(n, {}), key) for n, (shape, dtype, key) in shapes.items()
+            }
             files = {}
             if data.exists():
                 _files.sync_tree(data)
@@ -252,7 +269,9 @@ def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
         detail = f"{type(os_error).__name__}: {os_error}"
     else:
         detail = str(error).splitlines()[0] if str(error) else ""
-        if len(detail) > 300:  # TensorStore ends with the OS's reason: "... No space left on device [os_error_code='28']"
+        # Long ones are cut in the middle: TensorStore's end with the OS's reason, which must stay
+        # whole ("... No space left on device [os_error_code='28']").
+        if len(detail) > 300:
             detail = detail[:200] + " ... " + detail[-100:]
         detail = f"{type(error).__name__}: {detail}"
     return CheckpointError(

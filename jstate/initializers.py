@@ -106,6 +106,7 @@ def normal(stddev: float = 1.0, dtype: Any = None, *, mean: float = 0.0) -> Init
     >>> round(float(x.mean()), 1), round(float(x.std()), 2)
     (1.0, 0.35)
     """
+    _check_dtype("normal", dtype, "normal(stddev=..., mean=...)")
     if mean == 0.0:
         return _jax.normal(stddev, dtype)
 
@@ -130,6 +131,7 @@ def truncated_normal(
     >>> bool((x >= 2.0).all() and (x <= 4.0).all())
     True
     """
+    _check_dtype("truncated_normal", dtype, "truncated_normal(stddev=..., mean=...)")
     if mean == 0.0:
         return _jax.truncated_normal(stddev, dtype, lower, upper)
 
@@ -160,6 +162,7 @@ def uniform(
     >>> bool((x >= -1.0).all() and (x < 1.0).all() and (x < 0).any())
     True
     """
+    _check_dtype("uniform", dtype, "uniform(minval=..., maxval=...)")
     if scale is not None and maxval is not None:
         raise ValueError(f"`uniform` takes `scale` ({scale}) or `maxval` ({maxval}), the same bound, not both.")
     maxval = 1.0 if scale is None and maxval is None else (scale if maxval is None else maxval)
@@ -290,3 +293,14 @@ def delta_orthogonal(scale: float = 1.0, column_axis: int = -1, dtype: Any = Non
     True
     """
     return _jax.delta_orthogonal(scale, column_axis, dtype)
+
+
+def _check_dtype(name: str, dtype: Any, keywords: str) -> None:
+    """TF's initializers take (mean, stddev) and (minval, maxval) positionally; JAX's, which these
+    extend, take (stddev, dtype) and (scale, dtype). A number where the dtype goes is TF's order:
+    refuse it rather than compute other values."""
+    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool):
+        raise TypeError(
+            f"`{name}`'s second argument is a dtype (JAX's order), got the number {dtype!r}. For TensorFlow's "
+            f"arguments, name them: `jstate.initializers.{keywords}`."
+        )

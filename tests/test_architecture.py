@@ -62,7 +62,9 @@ def test_only_the_orbax_module_imports_orbax():
 
 
 def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():
-    code = "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors', 'flax'}))"
+    code = (
+        "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors', 'flax'}))"
+    )
     code += "; print('tensorstore' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]

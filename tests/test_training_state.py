@@ -205,3 +205,53 @@ def test_tf_saver_habits_work(tmp_path, monkeypatch):
     np.testing.assert_array_equal(saver.restore("ckpt/my-model", target)["w"], np.ones(2))  # a prefix
     assert saver.last_checkpoints == ["ckpt/my-model-1"]
     assert [row[0] for row in jstate.list_checkpoints("ckpt")] == ["ckpt/my-model-1"]
+
+
+def test_two_leaves_with_one_name_are_refused_not_merged(tmp_path):
+    tree = {"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+    with pytest.raises(jstate.InvalidNameError, match="both named 'a/b'"):
+        jstate.Saver().save(tree, tmp_path / "m", step=1)
+    assert not (tmp_path / "m-1").exists()
+
+
+def test_initializers_refuse_tensorflows_positional_order():
+    with pytest.raises(TypeError, match=r"normal\(stddev=..., mean=...\)"):
+        jstate.initializers.normal(0.5, 0.35)
+    with pytest.raises(TypeError, match=r"uniform\(minval=..., maxval=...\)"):
+        jstate.initializers.uniform(-1.0, 1.0)
+
+
+@pytest.mark.parametrize("step", [3.5, "7", True])
+def test_a_step_must_be_an_integer(tmp_path, step):
+    with pytest.raises((TypeError, ValueError), match="`step` must be an integer"):
+        jstate.Saver().save({"w": jnp.ones(2)}, tmp_path / "m", step=step)
+
+
+def test_inspect_values_shows_prng_key_data(tmp_path):
+    import subprocess
+    import sys
+
+    path = jstate.Saver().save({"key": jax.random.key(0)}, tmp_path / "m", step=1)
+    out = subprocess.run([sys.executable, "-m", "jstate", "inspect", path, "--values"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "key data (threefry2x32)" in out.stdout
+
+
+def test_plain_orbax_reads_the_arrays_of_a_relative_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = jstate.Saver().save({"w": jnp.arange(3.0)}, "readme/model", step=1)
+    tree = ocp.StandardCheckpointer().restore(jstate.open_checkpoint(path).arrays)
+    np.testing.assert_array_equal(tree["w"], np.arange(3.0))
+
+
+def test_nnx_states_save_and_restore_under_the_names_from_nnx_gives(tmp_path):
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    path = jstate.Saver().save(nnx.state(model), tmp_path / "raw", step=1)
+    assert [n for n, *_ in jstate.list_variables(path)] == ["bias", "kernel"]
+    restored = jstate.Saver().restore(path, nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(1))))
+    assert isinstance(restored, nnx.State)
+    np.testing.assert_array_equal(restored["kernel"][...], model.kernel[...])
+    into_state = jstate.Saver().restore(path, jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(1))))
+    np.testing.assert_array_equal(into_state["kernel"], model.kernel[...])
