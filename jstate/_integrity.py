@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,9 +53,15 @@ def array_digests(array: jax.Array) -> dict[str, int]:
     }
 
 
-def verify_arrays(arrays: dict[str, jax.Array], digests: dict[str, dict[str, int]]) -> tuple[str, str] | None:
+def verify_arrays(
+    arrays: dict[str, jax.Array], digests: dict[str, dict[str, int]], elsewhere: dict | None = None
+) -> tuple[str, str] | None:
     """Check restored arrays against the checksums recorded at save; the first mismatch as
     ``(name, region)``, or None.
+
+    A region that no process holds whole (a multi-process restore onto another mesh) is left to
+    one process, chosen by the region: if that is this one, it is added to `elsewhere`
+    (``{name: {region: crc}}``) for the caller to check on the host.
 
     A recorded region is checked where this process holds it whole: as one of its shards, or
     assembled on the host from the pieces of several (a restore onto another mesh). The pieces
@@ -79,7 +86,8 @@ def verify_arrays(arrays: dict[str, jax.Array], digests: dict[str, dict[str, int
             covered = sum(_size(_overlap(region, _bounds(s.index, array.shape))) for s in pieces)
             if covered == _size(region):
                 jobs.append((name, key, expected, pieces, region, array.shape))
-            # Otherwise the region spans other processes' devices: not checked here.
+            elif elsewhere is not None and _owner(name, key, region, array) == jax.process_index():
+                elsewhere.setdefault(name, {})[key] = expected
     if sum(s.data.nbytes for job in jobs for s in job[3]) >= _PARALLEL_BYTES:
         for job in jobs:
             for shard in job[3]:
@@ -92,6 +100,18 @@ def verify_arrays(arrays: dict[str, jax.Array], digests: dict[str, dict[str, int
         if not ok:
             return name, key
     return None
+
+
+def _owner(name: str, key: str, region: Bounds, array: jax.Array) -> int | None:
+    """The process that checks `region` on the host: None if some process holds it whole on its
+    devices (it checks it there), else one chosen by name and region, the same in every process."""
+    by_process: dict[int, set] = {}
+    for device, index in array.sharding.devices_indices_map(array.shape).items():
+        by_process.setdefault(device.process_index, set()).add(_bounds(index, array.shape))
+    for pieces in by_process.values():
+        if sum(_size(_overlap(region, b)) for b in pieces) == _size(region):
+            return None
+    return zlib.crc32(f"{name}:{key}".encode()) % jax.process_count()
 
 
 def verify_host(arrays: dict[str, np.ndarray], digests: dict[str, dict[str, int]]) -> tuple[str, str] | None:

@@ -60,6 +60,17 @@ def run_save():
     same = saver.restore(latest, jstate.abstract(model, mesh=mesh, rules=RULES))
     other_mesh = jax.make_mesh((4, 2), ("data", "model"))
     other = saver.restore(latest, jstate.abstract(model, mesh=other_mesh, rules=RULES))
+    # Rows split over (model, data): no process holds a saved region whole; one checks it on the host.
+    from jstate import _integrity
+
+    host_checked = []
+    real_verify_host = _integrity.verify_host
+    _integrity.verify_host = lambda arrays, digests: host_checked.append(sorted(digests)) or real_verify_host(
+        arrays, digests
+    )
+    crossed_rules = [(r"kernel$", P(("model", "data"), None)), (r"bias$", P("model")), (r".*", P())]
+    crossed = saver.restore(latest, jstate.abstract(model, mesh=mesh, rules=crossed_rules))
+    _integrity.verify_host = real_verify_host
     pinned = jstate.abstract(lambda s: s.variable("x", jstate.initializers.zeros, (2,), device="/job:worker/task:1"))
     return {
         **local,
@@ -69,6 +80,8 @@ def run_save():
         "same": sums(same),
         "other": sums(other),
         "other_spec": str(other["layer0/kernel"].sharding.spec),
+        "crossed": sums(crossed),
+        "host_checked": host_checked,
         "task1_process": next(iter(pinned.spec("x").sharding.device_set)).process_index,
     }
 

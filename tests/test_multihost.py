@@ -87,6 +87,14 @@ def test_restore_onto_same_and_other_mesh_shape(two_process_save):
         assert r["same"] == r["sums"]  # same layout, same reduction order: exact
         assert r["other"] == pytest.approx(r["sums"], rel=1e-5)  # sums reduce in another order
         assert r["other_spec"] == "P('data', 'model')"
+        assert r["crossed"] == pytest.approx(r["sums"], rel=1e-5)
+
+
+def test_regions_no_process_holds_whole_are_checked_by_one_of_them(two_process_save):
+    _, (r0, r1) = two_process_save
+    checked = [names for r in (r0, r1) for names in r["host_checked"]]
+    kernels = {n for names in checked for n in names}
+    assert kernels == {"layer0/kernel", "layer1/kernel", "layer2/kernel"}  # each by one process or both
 
 
 def test_restore_onto_one_process_with_8_devices(two_process_save):
