@@ -61,9 +61,13 @@ def prepare(final: Path) -> None:
       OSError: a name is too long, or the file system refuses.
     """
     if final.exists() and not is_ours(final):
-        raise CheckpointError(
-            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. "
+        instead = (
             f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
+            if final.is_dir()
+            else "Choose another path."
+        )
+        raise CheckpointError(
+            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. {instead}"
         )
     _files.check_name_lengths(final)
     _files.check_name_lengths(final / "x", _LONGEST)

@@ -161,7 +161,9 @@ def init(
     wanted = set(declared) if only is None else set(only)
     unknown = wanted - set(declared)
     if unknown:
-        raise unknown_names("`only=` names variable", unknown, declared, "List declared names.")
+        raise unknown_names(
+            "`only=` variable", unknown, declared, "`jstate.abstract(model).specs` lists the declared ones."
+        )
     kept: dict[str, jax.Array] = {}
     if state is not None:
         _check_same_model(state, declared)

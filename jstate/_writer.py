@@ -42,7 +42,14 @@ _orbax_start = threading.Lock()
 
 def _finish_at_exit() -> None:
     for writer in list(_unfinished):
-        writer.finish_at_exit()
+        pending = writer._pending
+        try:
+            if pending is not None and not pending.done.wait(1.0):  # a long one: say why the exit waits
+                print(f"jstate: finishing the background save of {pending.path} (Ctrl-C abandons it)", file=sys.stderr)
+            writer.finish_at_exit()
+        except KeyboardInterrupt:  # a second Ctrl-C: give up on it, say so, and let the exit go on
+            where = pending.path if pending is not None else "a checkpoint"
+            print(f"jstate: abandoned the background save of {where}; earlier checkpoints are intact.", file=sys.stderr)
 
 
 getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
