@@ -52,9 +52,11 @@ def _token_of(name: str) -> str | None:
     return _files.temporary_token(name)
 
 
-def prepare(final: Path) -> None:
+def prepare(final: Path, token: str) -> None:
     """Before a save to `final`: refuse to overwrite what is not a jstate checkpoint, check name
-    lengths, create `final` durably, and remove what dead writers left in its directory.
+    lengths, create `final` durably, marked as written by `token` (so that a save killed before
+    it wrote anything leaves a directory `clean` recognizes), and remove what dead writers left
+    in its directory.
 
     Raises:
       CheckpointError: `final` exists and is not a jstate checkpoint (committed or not).
@@ -72,8 +74,13 @@ def prepare(final: Path) -> None:
     _files.check_name_lengths(final)
     _files.check_name_lengths(final / "x", _LONGEST)
     _files.makedirs(final)
+    _marker(final, token).touch()
     # Before writing, not after: a killed save's leftovers may be what fills the disk.
     clean(final.parent)
+
+
+def _marker(final: Path, token: str) -> Path:
+    return final / f".saving.{token}.tmp"
 
 
 def is_ours(path: Path) -> bool:
@@ -83,10 +90,11 @@ def is_ours(path: Path) -> bool:
     return all(e.name in (FILE, ARRAYS) or _token_of(e.name) is not None for e in path.iterdir())
 
 
-def commit(final: Path, manifest: Manifest) -> None:
+def commit(final: Path, manifest: Manifest, token: str) -> None:
     """Publish `manifest` (naming this save's arrays) as checkpoint `final`: one atomic write.
     The arrays it replaces, if any, are removed once it is published."""
     manifest.write(final)
+    _marker(final, token).unlink(missing_ok=True)
     # `final` may not be the directory `prepare` flushed: while it was empty, a failed save to
     # the same path or a `clean` beside us may have removed it, and Orbax made it again.
     _files.sync_dir(final.parent)

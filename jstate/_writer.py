@@ -124,10 +124,10 @@ class Writer:
         try:
             # Known before `prepare` makes it: an interrupt may land right after.
             created = jax.process_index() == 0 and not final.exists()
-            if jax.process_index() == 0:
-                _commit.prepare(final)
             token = _orbax.share(f"{name}:token", _files.token, self._timeout)
             _files.begin(token)
+            if jax.process_index() == 0:
+                _commit.prepare(final, token)
             barrier("start")
             # PRNG keys are stored as their key data, with the implementation in the manifest.
             keys = {n: str(jax.random.key_impl(a)) for n, a in arrays.items() if _is_key(a)}
@@ -182,7 +182,7 @@ class Writer:
                 _files.sync_tree(data)
                 files = _integrity.file_records(data)
             manifest = Manifest(variables, step, time.time(), files, data.name, prefix)
-            _commit.commit(final, manifest)
+            _commit.commit(final, manifest, token)
             committed(manifest)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _files.end(token)

@@ -802,7 +802,7 @@ def test_a_pending_background_save_finishes_at_exit_after_an_interrupted_wait(tm
 
 FAILING_AT_EXIT = """
 real_commit = _commit.commit
-def commit(final, manifest):
+def commit(final, manifest, token):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final / FILE))
 _commit.commit = commit
 saver = jstate.Saver()
@@ -910,11 +910,8 @@ def test_a_save_killed_at_any_point_leaves_nothing_listed_and_the_next_save_clea
         assert found == expected, point
         assert jstate.latest_checkpoint(directory) == str(directory / max(expected, key=lambda n: int(n[6:])))
         jstate.Saver().save(make_state(9), directory / "other")  # a save into the directory
-        # Killed between creating its directory and writing into it, a save leaves that directory
-        # empty: nothing tells it from a live writer's just made, or a user's, so it stays.
-        empty = [str(directory / "model-3")] if point == "prepared" else []
-        assert leftovers(directory) == empty, point
-        assert not empty or not any((directory / "model-3").iterdir())
+        # Killed right after creating its directory, a save has marked it with its token: removed too.
+        assert leftovers(directory) == [], point
         assert listed(directory) == expected | {"other": 9}
 
 
