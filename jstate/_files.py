@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._errors import CheckpointError
+
 # Other hosts' leftovers are removed only when they are this old: a live writer on another
 # host cannot be asked whether it is alive.
 STALE_AFTER = 24 * 3600.0
@@ -33,8 +35,19 @@ def token() -> str:
 
 
 def user_path(path: str | os.PathLike) -> Path:
-    """A path as users write it: str or `os.PathLike`, relative or with ``~``."""
-    return Path(os.fspath(path)).expanduser()
+    """A path as users write it: str or `os.PathLike`, relative or with ``~``.
+
+    Raises:
+      CheckpointError: for a URL such as ``gs://bucket/ckpt``, which `pathlib` would turn into a
+        local directory named ``gs:``.
+    """
+    text = os.fspath(path)
+    if isinstance(text, str) and "://" in text:
+        raise CheckpointError(
+            f"{text}: object storage ({text.split('://')[0]}://) is not supported yet; jstate reads and "
+            "writes local (or network-mounted) paths. Nothing was written."
+        )
+    return Path(text).expanduser()
 
 
 def begin(name: str) -> None:

@@ -255,3 +255,13 @@ def test_nnx_states_save_and_restore_under_the_names_from_nnx_gives(tmp_path):
     np.testing.assert_array_equal(restored["kernel"][...], model.kernel[...])
     into_state = jstate.Saver().restore(path, jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(1))))
     np.testing.assert_array_equal(into_state["kernel"], model.kernel[...])
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/ckpt/model", "s3://bucket/ckpt/model"])
+def test_object_storage_urls_are_refused_not_written_locally(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(jstate.CheckpointError, match="not supported yet"):
+        jstate.Saver().save({"w": jnp.ones(2)}, url, step=1)
+    with pytest.raises(jstate.CheckpointError, match="not supported yet"):
+        jstate.latest_checkpoint(url)
+    assert list(tmp_path.iterdir()) == []
