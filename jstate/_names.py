@@ -92,11 +92,3 @@ def name_hash(name: str) -> np.ndarray:
     """
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return np.frombuffer(digest, dtype=np.uint32).copy()
-
-
-def key_name(key: object) -> str:
-    """One part of a name from a `jax.tree_util` path key (dict key, list index, field name)."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
