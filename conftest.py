@@ -29,7 +29,7 @@ def readme_model(s):
 @pytest.fixture(autouse=True)
 def _doctest_setup(request, doctest_namespace, tmp_path, monkeypatch):
     """Docstring examples run in an empty directory, with ``jstate``, ``jax``, ``jnp``, ``np``,
-    ``model`` (the README's) and ``state`` (it, initialized) defined."""
+    ``T`` (`jstate.transforms`), ``model`` (the README's) and ``state`` (it, initialized) defined."""
     if not isinstance(request.node, pytest.DoctestItem):
         return
     import jax
@@ -44,6 +44,7 @@ def _doctest_setup(request, doctest_namespace, tmp_path, monkeypatch):
         jax=jax,
         jnp=jnp,
         np=np,
+        T=jstate.transforms,
         model=readme_model,
         state=jstate.init(readme_model, jax.random.key(0)),
     )

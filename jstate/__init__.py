@@ -1,6 +1,7 @@
 """jstate: TensorFlow 1's variables, initialization, placement and Saver, for functional JAX."""
 
 from . import initializers as initializers
+from . import transforms as transforms
 from ._balance import round_robin as round_robin
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_checkpoints as list_checkpoints

@@ -9,6 +9,9 @@ Pure functions over flat "a/b/c" names; no Orbax here. Valid forms of ``var_list
   {"encoder/": "model/encoder/"}         State scope "model/encoder/" as checkpoint scope "encoder/"
   [(r"^model/(.*)$", r"enc/\\1")]         regex over State names -> checkpoint name template, first
                                          match wins (t5x-style); a None template skips the variable
+  [("layers/kernel", T.stack([...]))]     State name <- a transform of checkpoint entries
+  [(("q", "k", "v"), T.split("qkv", 3))]  State names <- the parts of a split or unstack
+                                         (`jstate.transforms`: stack, split, transpose, ...)
 
 Dicts go from checkpoint name to State name, like TensorFlow's ``Saver({"my_v2": v2})`` and
 ``assignment_map``; list items can mix names, scopes and regex rules.
@@ -16,6 +19,7 @@ Dicts go from checkpoint name to State name, like TensorFlow's ``Saver({"my_v2":
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
@@ -24,15 +28,16 @@ from typing import Any
 from ._errors import MappingError, unknown_names
 from ._names import check_name
 from ._state import State
+from .transforms import Transform, count
 
 VarList = None | Iterable[Any] | Mapping[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-    kind: str  # "name", "scope" or "regex"
+    kind: str  # "name", "scope", "regex" or "transform"
     state: Any  # State name, State scope prefix, or compiled regex over State names
-    checkpoint: str | None  # checkpoint name, scope prefix, or template (None: skip)
+    checkpoint: Any  # checkpoint name, scope prefix, template (None: skip), or a Transform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +47,8 @@ class NameMap:
     rules: tuple[_Rule, ...] | None  # None: every variable under its own name
 
     def resolve(self, names: Iterable[str], what: str = "the State") -> dict[str, str]:
-        """``{State name: checkpoint name}`` for the `names` this map handles.
+        """``{State name: checkpoint name}`` for the `names` this map handles by name (those it
+        handles through a transform are `transforms`').
 
         Raises:
           MappingError: a name or scope the map mentions is not among `names`, or two
@@ -53,21 +59,26 @@ class NameMap:
             return {n: n for n in names}
         declared = set(names)
         for rule in self.rules:
-            if rule.kind == "name" and rule.state not in declared:
+            if rule.kind in ("name", "transform") and rule.state not in declared:
                 raise unknown_names("The Saver names variable", [rule.state], declared, f"(looked in {what})")
             if rule.kind == "scope" and not any(n.startswith(rule.state) for n in names):
                 raise MappingError(f"The Saver's scope '{rule.state}' matches no variable of {what}.")
         out: dict[str, str] = {}
         for n in names:
             target = self._apply(n)
-            if target is not None:
+            if isinstance(target, str):
                 out[n] = target
         _check_one_to_one(out)
         return out
 
-    def _apply(self, name: str) -> str | None:
+    def transforms(self) -> dict[str, Transform]:
+        """``{State name: transform of checkpoint entries}`` for the variables the map fills
+        through a transform (`jstate.transforms`); `resolve` checks that they are declared."""
+        return {r.state: r.checkpoint for r in self.rules or () if r.kind == "transform"}
+
+    def _apply(self, name: str) -> str | Transform | None:
         for rule in self.rules:
-            if rule.kind == "name" and rule.state == name:
+            if rule.kind in ("name", "transform") and rule.state == name:
                 return rule.checkpoint
             if rule.kind == "scope" and name.startswith(rule.state):
                 return rule.checkpoint + name[len(rule.state) :]
@@ -95,7 +106,14 @@ def compile_var_list(var_list: VarList) -> NameMap:
                 )
             seen[rule.state] = rule.checkpoint
     else:
-        rules = [_item(item) for item in var_list]
+        rules = [rule for item in var_list for rule in _item(item)]
+        transformed = collections.Counter(r.state for r in rules if r.kind == "transform")
+        named = {r.state for r in rules if r.kind == "name"}
+        twice = [n for n, count in transformed.items() if count > 1 or n in named]
+        if twice:
+            raise MappingError(
+                f"The Saver's `var_list` names State variable '{twice[0]}' twice; give each variable one rule."
+            )
     return NameMap(tuple(rules))
 
 
@@ -128,18 +146,45 @@ def _pair(ckpt: Any, state: Any) -> _Rule:
     return _Rule("name", check_name(state), ckpt)
 
 
-def _item(item: Any) -> _Rule:
+def _item(item: Any) -> list[_Rule]:
     if isinstance(item, str):
-        return _pair(item, item)
+        return [_pair(item, item)]
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Transform):
+        return _transform(*item)
     if isinstance(item, tuple) and len(item) == 2:
         pattern, template = item
         try:
-            return _Rule("regex", re.compile(pattern), template)
+            return [_Rule("regex", re.compile(pattern), template)]
         except (re.error, TypeError) as e:
             raise MappingError(f"Saver rule {item!r}: the pattern does not compile ({e}).") from None
     raise MappingError(
-        f"Saver `var_list` item {_what(item)} is not a name, a scope ending in '/', or a (regex, template) pair."
+        f"Saver `var_list` item {_what(item)} is not a name, a scope ending in '/', a (regex, template) pair, or a (State name, transform) pair."
     )
+
+
+def _transform(state: Any, transform: Transform) -> list[_Rule]:
+    """Rules for ``(State name, transform)`` or ``((State names...), split or unstack)``."""
+    if isinstance(state, str):
+        if transform.multi:
+            raise MappingError(
+                f"Saver rule for '{state}': {transform!r} has several parts. Give a tuple of State names, "
+                f"one per part, or take one part: {transform!r}[0]."
+            )
+        return [_Rule("transform", check_name(state), transform)]
+    if isinstance(state, (tuple, list)) and state and all(isinstance(n, str) for n in state):
+        if not transform.multi:
+            raise MappingError(
+                f"Saver rule for {tuple(state)}: {transform!r} has one output; a tuple of State names takes "
+                "the parts of a split or unstack."
+            )
+        parts = count(transform)
+        if parts is not None and parts != len(state):
+            raise MappingError(
+                f"Saver rule for {tuple(state)}: {transform!r} has {parts} parts, and the rule names "
+                f"{len(state)} State variables; name one per part."
+            )
+        return [_Rule("transform", check_name(n), transform[i]) for i, n in enumerate(state)]
+    raise MappingError(f"Saver rule ({state!r}, {transform!r}): the first item is a State name or a tuple of them.")
 
 
 def _what(value: Any) -> str:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from . import _checkpoint, _commit, _restore, _retention, _safetensors, _tree
-from ._errors import CheckpointError, InvalidNameError, UninitializedError, shorten
+from . import transforms as transforms_
+from ._errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
 from ._files import user_path
 from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
@@ -149,9 +150,34 @@ class Saver:
                     "one process's devices only. Place it on a mesh over all processes' devices "
                     "(e.g. a rule `(name, P())`), or leave it out of the Saver."
                 )
-        for ckpt in names.values():
+        arrays = {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
+        arrays |= self._exported(state, set(arrays))
+        for ckpt in arrays:
             check_name(ckpt)  # "." would let two names share storage in Orbax's files
-        return {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
+        return arrays
+
+    def _exported(self, state: State, taken: set[str]) -> dict[str, jax.Array]:
+        """The checkpoint entries that restoring through this Saver's transforms turns into the
+        State's values: the inverse layout (`jstate.transforms`)."""
+        transforms = self._names.transforms()
+        if not transforms:
+            return {}
+        empty = [n for n in transforms if not state.is_initialized(n)]
+        if empty:
+            raise UninitializedError(
+                f"Cannot save: variable {shorten(empty)} (saved through a transform) is not initialized."
+            )
+        try:
+            arrays = transforms_.invert({t: jnp.asarray(state[n]) for n, t in transforms.items()})
+        except transforms_.NotInvertible as e:
+            raise MappingError(f"Cannot save through the Saver's transforms: {e}.") from None
+        twice = sorted(taken & set(arrays))
+        if twice:
+            raise MappingError(
+                f"Cannot save: checkpoint entry '{twice[0]}' would hold both a variable saved by name and one "
+                "saved through a transform. Give each checkpoint entry one source."
+            )
+        return arrays
 
     def wait(self) -> None:
         """Block until a ``blocking=False`` save is on disk; re-raise its error, if any.
@@ -234,6 +260,29 @@ class Saver:
             path, lambda ckpt: _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify)
         )
         return restored if isinstance(target, State) else like(target, restored)
+
+    def plan(self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False) -> _restore.Plan:
+        """What `restore` would do, from the checkpoint's metadata alone: a table of each variable
+        it fills, the entries it comes from, the transform and dtype conversion applied; then the
+        target's variables nothing fills, the checkpoint entries nothing uses, and every problem
+        that would make the restore fail (which it reports before reading anything).
+
+        >>> from jstate import transforms as T
+        >>> torch_layout = jstate.Saver(["biases", ("weights", T.transpose("linear/weight"))])
+        >>> path = torch_layout.save(state, "ckpt/torch")  # saving writes the inverse: weights.T
+        >>> jstate.list_variables(path)
+        [('biases', (200,), dtype('float32')), ('linear/weight', (200, 784), dtype('float32'))]
+        >>> print(torch_layout.plan(path, jstate.abstract(model)))
+        Restore from ckpt/torch (jstate): 2 variables
+        variable  from           transform                   shape       dtype
+        --------  -------------  --------------------------  ----------  -------
+        biases    biases                                     (200,)      float32
+        weights   linear/weight  transpose('linear/weight')  (784, 200)  float32
+        Left as in the target (nothing fills them): 'layer1/kernel', 'w2'
+        """
+        self._writer.join()
+        ckpt = _checkpoint.open_checkpoint(path)
+        return _restore.plan(ckpt, self._names, as_state(target), cast=cast, strict=strict)
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"

@@ -1,0 +1,352 @@
+"""Checkpoints in another layout than the model's: stack, split, transpose, reshape, cast.
+
+Real checkpoints rarely match a new model one to one: per-layer variables become one
+scan-stacked array, a fused QKV kernel is split, a PyTorch kernel is transposed. A `Saver`
+pairs a State name with a transform of checkpoint entries, in its `var_list` (State name first,
+as in its regex rules); a tuple of State names takes the parts of a `split` or `unstack`::
+
+  from jstate import transforms as T
+
+  saver = jstate.Saver([
+      "embed/",                                                         # as before: by name
+      ("layers/kernel", T.stack([f"layers_{i}/kernel" for i in range(4)])),  # per-layer -> stacked
+      (("attn/q", "attn/k", "attn/v"), T.split("attn/qkv", 3, axis=-1)),      # fused -> three
+      ("dense/kernel", T.transpose("linear/weight")),                        # PyTorch's layout
+      ("proj", T.cast(T.reshape("proj_flat", (64, 64)), "bfloat16")),        # composed
+  ])
+  state = saver.restore(path, jstate.abstract(model))
+  print(saver.plan(path, jstate.abstract(model)))                            # what it would do
+
+Strings are checkpoint names; every transform takes strings or other transforms. A restore
+checks every input, shape and dtype before it reads anything (`Saver.plan` shows the same
+checks as a table), then reads one target's entries at a time into host memory, applies the
+transform with NumPy and places the result onto the target's sharding, so host memory peaks at
+about one variable's inputs and result above the restored State.
+
+Saving with the same Saver writes the inverse layout (export): `stack` unstacks, `split`
+concatenates, `transpose` transposes back. `reshape` and `concat` need the saved shape or
+sizes for that (``saved_shape=``, ``sizes=``), and a `cast` saves the State's dtype unless given
+``saved_dtype=``.
+
+>>> from jstate import transforms as T
+>>> T.transpose(T.stack(["l0/w", "l1/w"]), (1, 0, 2))
+transpose(stack(['l0/w', 'l1/w'], axis=0), axes=(1, 0, 2))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Transform", "cast", "concat", "reshape", "split", "stack", "transpose", "unstack"]
+
+Input = Union[str, "Transform"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A value computed from checkpoint entries. Build one with this module's functions.
+
+    Equal transforms are one value: the parts of ``split("qkv", 3)`` in three rules are computed
+    from one read of ``qkv``.
+
+    Attributes:
+      op: ``"entry"`` (a checkpoint entry, by name), ``"reshape"``, ``"transpose"``, ``"cast"``,
+        ``"stack"``, ``"concat"``, ``"split"``, ``"unstack"`` or ``"part"`` (one output of a
+        split or unstack).
+      inputs: the transforms it is computed from.
+      args: the op's parameters.
+
+    >>> T.split("qkv", 3, axis=-1)[1]
+    split('qkv', 3, axis=-1)[1]
+    """
+
+    op: str
+    inputs: tuple[Transform, ...] = ()
+    args: tuple = ()
+
+    @property
+    def multi(self) -> bool:
+        """Whether it has several outputs (`split`, `unstack`): rules take its parts."""
+        return self.op in ("split", "unstack")
+
+    def __getitem__(self, index: int) -> Transform:
+        if not self.multi:
+            raise TypeError(f"{self!r} has one output; only split and unstack have parts to index.")
+        return Transform("part", (self,), (operator.index(index),))
+
+    def entries(self) -> list[str]:
+        """The checkpoint entries it reads, in order.
+
+        >>> T.concat(["a", T.transpose("b")], axis=0).entries()
+        ['a', 'b']
+        """
+        if self.op == "entry":
+            return [self.args[0]]
+        return list(dict.fromkeys(n for i in self.inputs for n in i.entries()))
+
+    def __repr__(self) -> str:
+        if self.op == "entry":
+            return repr(self.args[0])
+        if self.op == "part":
+            return f"{self.inputs[0]!r}[{self.args[0]}]"
+        if self.op in ("stack", "concat"):
+            inputs = "[" + ", ".join(map(repr, self.inputs)) + "]"
+        else:
+            inputs = repr(self.inputs[0])
+        shown = [inputs] + [f"{k}={v!r}" if k else repr(v) for k, v in _named_args(self)]
+        return f"{self.op}({', '.join(shown)})"
+
+
+def _named_args(t: Transform) -> list[tuple[str, Any]]:
+    """The op's parameters as they are written, None ones left out."""
+    names = _ARG_NAMES[t.op]
+    return [(k, v) for k, v in zip(names, t.args) if v is not None]
+
+
+_ARG_NAMES = {
+    "reshape": ("", "saved_shape"),
+    "transpose": ("axes",),
+    "cast": ("", "saved_dtype"),
+    "stack": ("axis",),
+    "concat": ("axis", "sizes"),
+    "split": ("", "axis"),
+    "unstack": ("axis",),
+}
+
+
+def _input(x: Input) -> Transform:
+    if isinstance(x, Transform):
+        if x.multi:
+            raise TypeError(f"{x!r} has several outputs: take one with [i], or give the rule a tuple of names.")
+        return x
+    if isinstance(x, str) and x:
+        return Transform("entry", (), (x,))
+    raise TypeError(f"A transform's input is a checkpoint name (str) or a transform, got {x!r}.")
+
+
+def _shape(shape: Iterable[int] | None) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def reshape(x: Input, shape: Sequence[int], *, saved_shape: Sequence[int] | None = None) -> Transform:
+    """`x` reshaped to `shape` (one dimension may be -1), as `numpy.reshape`.
+
+    `saved_shape` is the shape saving writes back (needed only to save through it).
+
+    >>> T.reshape("conv/kernel", (-1, 128))
+    reshape('conv/kernel', (-1, 128))
+    """
+    return Transform("reshape", (_input(x),), (_shape(shape), _shape(saved_shape)))
+
+
+def transpose(x: Input, axes: Sequence[int] | None = None) -> Transform:
+    """`x` with its axes permuted (reversed by default: a PyTorch ``Linear`` weight as a kernel).
+
+    >>> T.transpose("linear/weight")
+    transpose('linear/weight')
+    """
+    return Transform("transpose", (_input(x),), (_shape(axes),))
+
+
+def cast(x: Input, dtype: Any, *, saved_dtype: Any = None) -> Transform:
+    """`x` converted to `dtype` (a restore otherwise needs ``cast=True`` for another dtype).
+
+    Saving through it writes the State's dtype, or `saved_dtype` when given.
+
+    >>> T.cast("embed", "bfloat16")
+    cast('embed', 'bfloat16')
+    """
+    saved = None if saved_dtype is None else jnp.dtype(saved_dtype).name
+    return Transform("cast", (_input(x),), (jnp.dtype(dtype).name, saved))
+
+
+def stack(xs: Sequence[Input], axis: int = 0) -> Transform:
+    """The entries `xs` stacked along a new `axis`: per-layer variables as one scanned array.
+
+    >>> T.stack([f"layers_{i}/kernel" for i in range(2)])
+    stack(['layers_0/kernel', 'layers_1/kernel'], axis=0)
+    """
+    if isinstance(xs, (str, Transform)) or not xs:
+        raise TypeError(f"stack takes a non-empty list of inputs, got {xs!r}.")
+    return Transform("stack", tuple(map(_input, xs)), (int(axis),))
+
+
+def concat(xs: Sequence[Input], axis: int = 0, *, sizes: Sequence[int] | None = None) -> Transform:
+    """The entries `xs` joined along `axis`: separate Q, K, V kernels as one fused kernel.
+
+    `sizes` (each input's length along `axis`) is needed only to save through it.
+
+    >>> T.concat(["q", "k", "v"], axis=-1)
+    concat(['q', 'k', 'v'], axis=-1)
+    """
+    if isinstance(xs, (str, Transform)) or not xs:
+        raise TypeError(f"concat takes a non-empty list of inputs, got {xs!r}.")
+    return Transform("concat", tuple(map(_input, xs)), (int(axis), _shape(sizes)))
+
+
+def split(x: Input, sections: int | Sequence[int], axis: int = 0) -> Transform:
+    """`x` split along `axis` into `sections` equal parts (or at the given indices), as
+    `numpy.split`: a fused QKV kernel as three. Rules take its parts: a tuple of State names, or
+    ``split(...)[i]``.
+
+    >>> T.split("attn/qkv", 3, axis=-1)
+    split('attn/qkv', 3, axis=-1)
+    """
+    sections = int(sections) if isinstance(sections, int) else _shape(sections)
+    return Transform("split", (_input(x),), (sections, int(axis)))
+
+
+def unstack(x: Input, axis: int = 0) -> Transform:
+    """`x` cut along `axis` into its slices: a scanned array as per-layer variables. Rules take
+    its parts: a tuple of State names, or ``unstack(...)[i]``.
+
+    >>> T.unstack("layers/kernel")[0]
+    unstack('layers/kernel', axis=0)[0]
+    """
+    return Transform("unstack", (_input(x),), (int(axis),))
+
+
+# -- applying them: the same functions serve NumPy (restoring, on the host), jax.numpy (shapes,
+# through jax.eval_shape; saving, on the devices) ------------------------------------------------
+def apply(t: Transform, xp: Any, inputs: list[Any]) -> Any:
+    """The value (a tuple of them for split/unstack) of `t` given its inputs' values, with the
+    array module `xp` (numpy or jax.numpy)."""
+    (x, *_), args = inputs or [None], t.args
+    if t.op == "reshape":
+        return xp.reshape(x, args[0])
+    if t.op == "transpose":
+        return xp.transpose(x, args[0])
+    if t.op == "cast":
+        return x.astype(args[0])
+    if t.op == "stack":
+        return xp.stack(inputs, axis=args[0])
+    if t.op == "concat":
+        return xp.concatenate(inputs, axis=args[0])
+    if t.op == "split":
+        return tuple(xp.split(x, args[0], axis=args[1]))
+    if t.op == "unstack":
+        return tuple(xp.moveaxis(x, args[0], 0))
+    if t.op == "part":
+        return x[args[0]]
+    raise AssertionError(t.op)
+
+
+def evaluate(t: Transform, read: Callable[[str], Any], xp: Any, memo: dict) -> Any:
+    """`t`'s value, its entries from `read(name)`; `memo` keeps values shared between transforms."""
+    if t not in memo:
+        if t.op == "entry":
+            memo[t] = read(t.args[0])
+        else:
+            memo[t] = apply(t, xp, [evaluate(i, read, xp, memo) for i in t.inputs])
+    return memo[t]
+
+
+def struct(t: Transform, entries: dict[str, jax.ShapeDtypeStruct], memo: dict) -> Any:
+    """`t`'s shape and dtype (a tuple of them for split/unstack) from its entries', computed by
+    `jax.eval_shape` on the jax.numpy version; dtypes follow NumPy's rules (JAX would narrow
+    64-bit ones)."""
+    if t in memo:
+        return memo[t]
+    if t.op == "entry":
+        out = entries[t.args[0]]
+    elif t.op == "part":
+        parts, index = struct(t.inputs[0], entries, memo), t.args[0]
+        if not -len(parts) <= index < len(parts):
+            raise ValueError(f"{t.inputs[0]!r} has {len(parts)} parts, so no part [{index}]")
+        out = parts[index]
+    else:
+        ins = [struct(i, entries, memo) for i in t.inputs]
+        shapes = jax.eval_shape(
+            lambda *xs: apply(t, jnp, list(xs)), *(jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in ins)
+        )
+        dtype = _dtype(t, [s.dtype for s in ins])
+        if t.multi:
+            out = tuple(jax.ShapeDtypeStruct(s.shape, dtype) for s in shapes)
+        else:
+            out = jax.ShapeDtypeStruct(shapes.shape, dtype)
+    memo[t] = out
+    return out
+
+
+def _dtype(t: Transform, dtypes: list[np.dtype]) -> np.dtype:
+    if t.op == "cast":
+        return np.dtype(jnp.dtype(t.args[0]))
+    return np.result_type(*dtypes) if len(dtypes) > 1 else np.dtype(dtypes[0])
+
+
+# -- saving through them: the inverse -------------------------------------------------------------
+class NotInvertible(ValueError):
+    """Saving through a transform needs what the restore direction left out (a saved shape)."""
+
+
+def invert(targets: dict[Transform, Any]) -> dict[str, Any]:
+    """The checkpoint entries whose transforms give `targets` (``{transform: value}``), computed
+    with jax.numpy: what a save writes so that restoring through the transforms gives the values
+    back. The parts of a split or unstack are joined once every part is there.
+
+    Raises:
+      NotInvertible: a reshape or concat without its saved shape or sizes, parts of a split or
+        unstack missing, or two values for one entry.
+    """
+    out: dict[str, Any] = {}
+    parts: dict[Transform, dict[int, Any]] = {}
+    todo = list(targets.items())
+    while todo:
+        t, value = todo.pop()
+        if t.op == "entry":
+            name = t.args[0]
+            if name in out:
+                raise NotInvertible(f"two variables would both be saved as checkpoint entry '{name}'")
+            out[name] = value
+        elif t.op == "part":
+            parent, index = t.inputs[0], t.args[0]
+            parts.setdefault(parent, {})[index] = value
+        else:
+            todo += zip(t.inputs, _inverse(t, value))
+        if not todo:  # every single-output chain is done: join the parts that are complete
+            for parent, got in list(parts.items()):
+                if sorted(got) == list(range(count(parent) or len(got))):
+                    del parts[parent]
+                    joined = [got[i] for i in sorted(got)]
+                    axis = parent.args[1] if parent.op == "split" else parent.args[0]
+                    whole = jnp.concatenate(joined, axis) if parent.op == "split" else jnp.stack(joined, axis)
+                    todo.append((parent.inputs[0], whole))
+    for parent, got in parts.items():
+        raise NotInvertible(f"saving through {parent!r} needs all its parts, and got only parts {sorted(got)}")
+    return out
+
+
+def count(t: Transform) -> int | None:
+    """How many parts a split has (an unstack's count depends on its input's shape: None)."""
+    if t.op != "split":
+        return None
+    sections = t.args[0]
+    return sections if isinstance(sections, int) else len(sections) + 1
+
+
+def _inverse(t: Transform, value: Any) -> list[Any]:
+    """The inputs of single-output `t` that give `value`."""
+    args = t.args
+    if t.op == "reshape":
+        if args[1] is None:
+            raise NotInvertible(f"saving through {t!r} needs the saved shape: reshape(..., saved_shape=...)")
+        return [jnp.reshape(value, args[1])]
+    if t.op == "transpose":
+        axes = args[0] if args[0] is not None else tuple(reversed(range(value.ndim)))
+        return [jnp.transpose(value, np.argsort(axes))]
+    if t.op == "cast":
+        return [value if args[1] is None else value.astype(args[1])]
+    if t.op == "stack":
+        return [jnp.take(value, i, axis=args[0]) for i in range(len(t.inputs))]
+    if t.op == "concat":
+        if args[1] is None:
+            raise NotInvertible(f"saving through {t!r} needs each input's size: concat(..., sizes=[...])")
+        return jnp.split(value, np.cumsum(args[1])[:-1], axis=args[0])
+    raise AssertionError(t.op)

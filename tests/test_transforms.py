@@ -1,0 +1,257 @@
+"""Restore-time transforms (`jstate.transforms`) and `Saver.plan`: real checkpoints on disk,
+real shardings over the 8 CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jstate
+from jstate import transforms as T
+from jstate._native import NativeCheckpoint
+
+LAYERS, D = 4, 8
+
+
+def per_layer(s):
+    for i in range(LAYERS):
+        s.variable(f"layers_{i}/kernel", jstate.initializers.normal(), (D, 2 * D))
+    s.variable("attn/qkv", jstate.initializers.normal(), (D, 3 * D))
+    s.variable("linear/weight", jstate.initializers.normal(), (2 * D, D))  # PyTorch's (out, in)
+    s.variable("step", jnp.array(7, jnp.int32))
+
+
+def stacked(s):
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    s.variable(
+        "layers/kernel",
+        jstate.initializers.zeros,
+        (LAYERS, D, 2 * D),
+        sharding=NamedSharding(mesh, P(None, "data", "model")),
+    )
+    for name in ("q", "k", "v"):
+        s.variable(f"attn/{name}", jstate.initializers.zeros, (D, D))
+    s.variable("dense/kernel", jstate.initializers.zeros, (D, 2 * D), jnp.bfloat16)
+    s.variable("step", jnp.array(0, jnp.int32))
+
+
+RULES = [
+    ("layers/kernel", T.stack([f"layers_{i}/kernel" for i in range(LAYERS)])),
+    (("attn/q", "attn/k", "attn/v"), T.split("attn/qkv", 3, axis=-1)),
+    ("dense/kernel", T.cast(T.transpose("linear/weight"), "bfloat16")),
+    "step",
+]
+
+
+@pytest.fixture
+def old(tmp_path):
+    state = jstate.init(per_layer, jax.random.key(0))
+    return state, jstate.Saver().save(state, tmp_path / "old")
+
+
+def test_stack_split_transpose_and_cast_restore_onto_the_new_layout(old):
+    state, path = old
+    new = jstate.Saver(RULES).restore(path, jstate.abstract(stacked))
+    expected = np.stack([state[f"layers_{i}/kernel"] for i in range(LAYERS)])
+    np.testing.assert_array_equal(new["layers/kernel"], expected)
+    q, k, v = np.split(np.asarray(state["attn/qkv"]), 3, axis=-1)
+    for name, part in zip("qkv", (q, k, v)):
+        np.testing.assert_array_equal(new[f"attn/{name}"], part)
+    np.testing.assert_array_equal(new["dense/kernel"], np.asarray(state["linear/weight"]).T.astype(jnp.bfloat16))
+    assert new["dense/kernel"].dtype == jnp.bfloat16
+    assert int(new["step"]) == 7
+    # each result lands on its declared sharding, not where the host put it
+    assert new["layers/kernel"].sharding == new.spec("layers/kernel").sharding
+    assert len(new["layers/kernel"].addressable_shards) == 8
+
+
+def test_saving_through_the_same_rules_writes_the_old_layout_back(old, tmp_path):
+    state, path = old
+    saver = jstate.Saver(RULES)
+    new = saver.restore(path, jstate.abstract(stacked))
+    again = saver.save(new, tmp_path / "exported")
+    names = dict((n, s) for n, s, _ in jstate.list_variables(again))
+    assert names["layers_3/kernel"] == (D, 2 * D) and names["attn/qkv"] == (D, 3 * D)
+    assert names["linear/weight"] == (2 * D, D)
+    for i in range(LAYERS):
+        np.testing.assert_array_equal(jstate.load_variable(again, f"layers_{i}/kernel"), state[f"layers_{i}/kernel"])
+    np.testing.assert_array_equal(jstate.load_variable(again, "attn/qkv"), state["attn/qkv"])
+    # the cast saves the State's dtype (bfloat16): the round trip is exact in it
+    assert jstate.load_variable(again, "linear/weight").dtype == jnp.bfloat16
+    # and restoring the export through the same rules gives the same State
+    back = saver.restore(again, jstate.abstract(stacked))
+    for name in new:
+        np.testing.assert_array_equal(back[name], new[name])
+
+
+def test_unstack_and_concat_go_the_other_way(tmp_path):
+    def model(s):
+        s.variable("layers/kernel", jstate.initializers.normal(), (3, D, D))
+        s.variable("qkv", jstate.initializers.normal(), (D, 3 * D))
+
+    state = jstate.init(model, jax.random.key(1))
+    path = jstate.Saver().save(state, tmp_path / "scanned")
+
+    def unrolled(s):
+        for i in range(3):
+            s.variable(f"block{i}/kernel", jstate.initializers.zeros, (D, D))
+        s.variable("fused", jstate.initializers.zeros, (D, 3 * D))
+
+    saver = jstate.Saver(
+        [
+            ([f"block{i}/kernel" for i in range(3)], T.unstack("layers/kernel")),
+            ("fused", T.concat([T.split("qkv", 3, axis=1)[i] for i in (2, 1, 0)], axis=1, sizes=[D, D, D])),
+        ]
+    )
+    new = saver.restore(path, jstate.abstract(unrolled))
+    for i in range(3):
+        np.testing.assert_array_equal(new[f"block{i}/kernel"], state["layers/kernel"][i])
+    q, k, v = np.split(np.asarray(state["qkv"]), 3, axis=1)
+    np.testing.assert_array_equal(new["fused"], np.concatenate([v, k, q], axis=1))
+    # exported back, then read by name: the original layout
+    again = saver.save(new, tmp_path / "again")
+    np.testing.assert_array_equal(jstate.load_variable(again, "layers/kernel"), state["layers/kernel"])
+    np.testing.assert_array_equal(jstate.load_variable(again, "qkv"), state["qkv"])
+
+
+def test_reshape_and_a_pytree_target_from_eval_shape(tmp_path):
+    flat = {"conv": {"kernel": jnp.arange(3 * 3 * 4 * 8, dtype=jnp.float32).reshape(3, 3, 4, 8)}}
+    path = jstate.Saver().save(flat, tmp_path / "conv")
+    target = jax.eval_shape(lambda: {"dense": {"kernel": jnp.zeros((36, 8))}})
+    saver = jstate.Saver([("dense/kernel", T.reshape("conv/kernel", (-1, 8), saved_shape=(3, 3, 4, 8)))])
+    restored = saver.restore(path, target)
+    np.testing.assert_array_equal(restored["dense"]["kernel"], np.asarray(flat["conv"]["kernel"]).reshape(36, 8))
+    again = saver.save(restored, tmp_path / "back")
+    np.testing.assert_array_equal(jstate.load_variable(again, "conv/kernel"), flat["conv"]["kernel"])
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """Reading any array fails the test: for errors that must come before any read."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an array was read")
+
+    monkeypatch.setattr(NativeCheckpoint, "_read", fail)
+    monkeypatch.setattr(NativeCheckpoint, "_read_host", fail)
+
+
+def test_a_missing_transform_input_fails_before_reading_naming_it(old, no_reads):
+    _, path = old
+    saver = jstate.Saver([("layers/kernel", T.stack([f"layers_{i}/kernel" for i in range(LAYERS + 1)]))])
+    with pytest.raises(
+        jstate.CheckpointError, match=r"lacks 'layers_4/kernel', read by stack\(.*\) to fill 'layers/kernel'"
+    ):
+        saver.restore(path, jstate.abstract(stacked))
+
+
+def test_a_wrong_shape_or_dtype_fails_before_reading(old, no_reads):
+    _, path = old
+    target = jstate.abstract(stacked)
+    with pytest.raises(
+        jstate.SpecMismatchError, match=r"gives shape \(16, 8\) .* 'dense/kernel' is declared with shape \(8, 16\)"
+    ):
+        jstate.Saver([("dense/kernel", T.cast("linear/weight", "bfloat16"))]).restore(path, target)
+    with pytest.raises(
+        jstate.SpecMismatchError, match=r"dtype float32, but 'dense/kernel' .* dtype bfloat16. Pass `cast=True`"
+    ):
+        jstate.Saver([("dense/kernel", T.transpose("linear/weight"))]).restore(path, target)
+    with pytest.raises(
+        jstate.MappingError, match=r"Saver rule for 'dense/kernel': reshape\('linear/weight', \(5, 5\)\) does not apply"
+    ):
+        jstate.Saver([("dense/kernel", T.reshape("linear/weight", (5, 5)))]).restore(path, target)
+
+
+def test_cast_true_converts_a_transforms_result(old):
+    state, path = old
+    new = jstate.Saver([("dense/kernel", T.transpose("linear/weight"))]).restore(
+        path, jstate.abstract(stacked), cast=True
+    )
+    assert new["dense/kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(new["dense/kernel"], np.asarray(state["linear/weight"]).T.astype(jnp.bfloat16))
+
+
+def test_one_group_of_inputs_is_read_at_a_time(old, monkeypatch):
+    """Host memory stays about one variable above the State: each read_host call holds the
+    inputs of one target (or of the parts of one split), never everything at once."""
+    _, path = old
+    calls = []
+    real = NativeCheckpoint.read_host
+
+    def spy(self, names, **kwargs):
+        calls.append(sorted(names))
+        return real(self, names, **kwargs)
+
+    monkeypatch.setattr(NativeCheckpoint, "read_host", spy)
+    jstate.Saver(RULES).restore(path, jstate.abstract(stacked))
+    assert sorted(calls) == sorted([[f"layers_{i}/kernel" for i in range(LAYERS)], ["attn/qkv"], ["linear/weight"]])
+
+
+def test_plan_lists_sources_transforms_unfilled_and_unused(old):
+    _, path = old
+    saver = jstate.Saver(RULES[:2])
+    plan = saver.plan(path, jstate.abstract(stacked))
+    rows = {row[0]: row for row in plan.table()}
+    assert set(rows) == {"layers/kernel", "attn/q", "attn/k", "attn/v"}
+    assert rows["layers/kernel"][1] == ", ".join(f"layers_{i}/kernel" for i in range(LAYERS))
+    assert rows["attn/k"][2] == "split('attn/qkv', 3, axis=-1)[1]" and rows["attn/k"][3] == (D, D)
+    assert plan.kept == ["dense/kernel", "step"]
+    assert plan.unused == ["linear/weight", "step"]
+    assert plan.problems == []
+    text, page = str(plan), plan._repr_html_()
+    assert "Left as in the target (nothing fills them): 'dense/kernel', 'step'" in text
+    assert "<table>" in page and "Checkpoint entries nothing uses" in page
+
+
+def test_plan_reports_what_restore_would_raise(old):
+    _, path = old
+    saver = jstate.Saver(
+        [("layers/kernel", T.stack(["layers_0/kernel", "nope"])), ("dense/kernel", T.transpose("linear/weight"))]
+    )
+    plan = saver.plan(path, jstate.abstract(stacked), strict=True)
+    kinds = [type(p).__name__ for p in plan.problems]
+    assert kinds == ["CheckpointError", "CheckpointError", "SpecMismatchError"]
+    assert "lacks 'nope'" in str(plan.problems[0]) and "does not restore" in str(plan.problems[1])
+    assert "Problem: " in str(plan)
+    with pytest.raises(jstate.CheckpointError, match="lacks 'nope'"):
+        saver.restore(path, jstate.abstract(stacked))
+
+
+def test_mapping_errors_name_the_rule():
+    with pytest.raises(jstate.MappingError, match=r"has 3 parts, and the rule names 2 State variables"):
+        jstate.Saver([(("q", "k"), T.split("qkv", 3))])
+    with pytest.raises(jstate.MappingError, match=r"has several parts. Give a tuple of State names"):
+        jstate.Saver([("q", T.split("qkv", 3))])
+    with pytest.raises(jstate.MappingError, match=r"has one output"):
+        jstate.Saver([(("q", "k"), T.transpose("qkv"))])
+    with pytest.raises(jstate.MappingError, match=r"names State variable 'q' twice"):
+        jstate.Saver(["q", ("q", T.transpose("qkv"))])
+    with pytest.raises(TypeError, match="has several outputs"):
+        T.transpose(T.split("qkv", 3))
+    with pytest.raises(TypeError, match="non-empty list"):
+        T.stack("layers_0/kernel")
+
+
+def test_saving_through_a_transform_that_cannot_be_inverted_says_what_it_needs(old, tmp_path):
+    state, _ = old
+
+    def model(s):
+        s.variable("w", jnp.ones((4, 4)))
+        s.variable("q", jnp.ones((2, 2)))
+
+    new = jstate.init(model, jax.random.key(0))
+    with pytest.raises(jstate.MappingError, match=r"needs the saved shape: reshape\(..., saved_shape=...\)"):
+        jstate.Saver([("w", T.reshape("flat", (4, 4)))]).save(new, tmp_path / "x")
+    with pytest.raises(jstate.MappingError, match=r"needs all its parts, and got only parts \[0\]"):
+        jstate.Saver([("q", T.split("qkv", 3)[0])]).save(new, tmp_path / "x")
+    with pytest.raises(jstate.MappingError, match="would hold both a variable saved by name and one saved through"):
+        jstate.Saver([("w", T.transpose("q")), "q"]).save(new, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_prng_keys_are_not_transformed(tmp_path, no_reads):
+    path = jstate.Saver().save({"key": jax.random.key(0)}, tmp_path / "k")
+    with pytest.raises(jstate.MappingError, match="reads PRNG key 'key'"):
+        jstate.Saver([("k2", T.transpose("key"))]).restore(path, {"k2": jax.random.key(1)})
