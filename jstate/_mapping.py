@@ -63,10 +63,11 @@ class NameMap:
                 raise unknown_names("The Saver names variable", [rule.state], declared, f"(looked in {what})")
             if rule.kind == "scope" and not any(n.startswith(rule.state) for n in names):
                 raise MappingError(f"The Saver's scope '{rule.state}' matches no variable of {what}.")
+        transformed = self.transforms()
         out: dict[str, str] = {}
         for n in names:
-            target = self._apply(n)
-            if isinstance(target, str):
+            target = None if n in transformed else self._apply(n)  # a transform's target is its alone
+            if target is not None:
                 out[n] = target
         _check_one_to_one(out)
         return out
@@ -76,9 +77,9 @@ class NameMap:
         through a transform (`jstate.transforms`); `resolve` checks that they are declared."""
         return {r.state: r.checkpoint for r in self.rules or () if r.kind == "transform"}
 
-    def _apply(self, name: str) -> str | Transform | None:
+    def _apply(self, name: str) -> str | None:
         for rule in self.rules:
-            if rule.kind in ("name", "transform") and rule.state == name:
+            if rule.kind == "name" and rule.state == name:
                 return rule.checkpoint
             if rule.kind == "scope" and name.startswith(rule.state):
                 return rule.checkpoint + name[len(rule.state) :]

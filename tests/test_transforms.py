@@ -272,3 +272,11 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(
         jstate.load_variable("ckpt/exported", "attn/qkv"), jstate.load_variable("ckpt/old", "attn/qkv")
     )
+
+
+def test_a_transform_target_is_not_also_read_by_an_earlier_scope_or_regex_rule(old):
+    state, path = old
+    saver = jstate.Saver([(r"^attn/(.*)$", r"attn/\1"), ("attn/q", T.split("attn/qkv", 3, axis=-1)[0])])
+    plan = saver.plan(path, jstate.abstract(stacked))
+    assert "attn/q" not in plan.names and list(plan.transforms) == ["attn/q"]
+    assert [row[0] for row in plan.table()].count("attn/q") == 1
