@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, CheckpointNotFoundError
 
 # Other hosts' leftovers are removed only when they are this old: a live writer on another
 # host cannot be asked whether it is alive.
@@ -42,6 +42,8 @@ def user_path(path: str | os.PathLike) -> Path:
         local directory named ``gs:``.
     """
     text = os.fspath(path)
+    if not text:
+        raise CheckpointNotFoundError("No checkpoint at '': the path is empty. Give a checkpoint or a directory.")
     if isinstance(text, str) and "://" in text:
         raise CheckpointError(
             f"{text}: object storage ({text.split('://')[0]}://) is not supported yet; jstate reads and "

@@ -184,7 +184,7 @@ def _transform(state: Any, transform: Transform) -> list[_Rule]:
                 f"Saver rule for {tuple(state)}: {transform!r} has {parts} parts, and the rule names "
                 f"{len(state)} State variables; name one per part."
             )
-        return [_Rule("transform", check_name(n), transform[i]) for i, n in enumerate(state)]
+        return [_Rule("transform", check_name(n), transform._part(i, len(state))) for i, n in enumerate(state)]
     raise MappingError(f"Saver rule ({state!r}, {transform!r}): the first item is a State name or a tuple of them.")
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from . import transforms as T
-from ._errors import CheckpointError, JStateError, MappingError, SpecMismatchError, closest, shorten
+from ._errors import CheckpointError, JStateError, MappingError, PlacementError, SpecMismatchError, closest, shorten
 from ._mapping import NameMap
 from ._placement import uncommitted
 from ._reader import Checkpoint, place
@@ -82,7 +82,10 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
     Raises:
       MappingError: the map names variables `target` does not declare.
     """
-    names = name_map.resolve(target.specs, "the target State")
+    try:
+        names = name_map.resolve(target.specs, "the target State")
+    except JStateError as e:  # a rule naming what the target lacks: the plan shows it
+        return Plan(ckpt, {}, {}, sorted(target.specs), sorted(ckpt.entries), [e])
     transforms = name_map.transforms()
     used = set(names.values()) | {e for t in transforms.values() for e in t.entries()}
     kept = sorted(set(target.specs) - set(names) - set(transforms))
@@ -96,6 +99,8 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
                 f"{shorten(unused)}. Pass `strict=False` to ignore them."
             )
         )
+    for n in [*names, *transforms]:
+        out.problems += _placeable(n, target)
     for n, c in names.items():
         if c in ckpt.entries:
             spec, entry = target.spec(n), ckpt.entries[c]
@@ -153,6 +158,34 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
     return problems
 
 
+def _placeable(name: str, target: State) -> list[JStateError]:
+    """Problems with putting a value of `name`'s declared shape and dtype where it is declared:
+    a 64-bit dtype that JAX would narrow (64-bit mode off), a sharding that cannot divide it."""
+    spec = target.spec(name)
+    narrow = jax.dtypes.canonicalize_dtype(spec.dtype, allow_extended_dtype=True)
+    if narrow != spec.dtype:
+        return [
+            SpecMismatchError(
+                f"Variable '{name}' is declared {spec.dtype.name}, but JAX's 64-bit mode is off: its values would "
+                f"be truncated to {narrow.name}. Enable it (`jax.config.update('jax_enable_x64', True)`), or "
+                f"declare {narrow.name} and pass `cast=True`."
+            )
+        ]
+    if spec.sharding is not None and hasattr(spec.sharding, "shard_shape"):
+        try:
+            spec.sharding.shard_shape(spec.shape)
+        except Exception as e:  # JAX's IndivisibleError is no ValueError
+            reason = str(e).split("implies that ")[-1].split(" (full shape")[0].splitlines()[0][:200]
+            return [
+                PlacementError(
+                    f"Variable '{name}' of shape {spec.shape} cannot be placed on its target's sharding "
+                    f"{getattr(spec.sharding, 'spec', spec.sharding)}: {reason}. Give the target a sharding that "
+                    "divides its shape."
+                )
+            ]
+    return []
+
+
 def _check_transform(
     ckpt: Checkpoint, name: str, t: T.Transform, target: State, cast: bool, memo: dict, rows: list
 ) -> list[JStateError]:
@@ -163,14 +196,15 @@ def _check_transform(
             MappingError(f"Saver rule for '{name}': {t!r} reads PRNG key '{keys[0]}'; keys are restored by name only.")
         ]
     entries = {e: jax.ShapeDtypeStruct(ckpt.entries[e].shape, ckpt.entries[e].dtype) for e in t.entries()}
+    spec = target.spec(name)
     try:
         got = T.struct(t, entries, memo)
-    except (TypeError, ValueError, IndexError) as e:
+    except (TypeError, ValueError, IndexError, OverflowError) as e:
+        rows.append((name, ", ".join(entries), repr(t), "?", "?"))
         shapes = ", ".join(f"'{n}' {s.shape}" for n, s in entries.items())
         return [
             MappingError(f"Saver rule for '{name}': {t!r} does not apply to checkpoint {ckpt.path} ({shapes}): {e}")
         ]
-    spec = target.spec(name)
     rows.append((name, ", ".join(entries), repr(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
     if got.shape != spec.shape or (got.dtype != spec.dtype and not cast):
         hint = " Pass `cast=True`, or add a `transforms.cast`." if got.shape == spec.shape else ""

@@ -168,7 +168,7 @@ class Saver:
                 f"Cannot save: variable {shorten(empty)} (saved through a transform) is not initialized."
             )
         try:
-            arrays = transforms_.invert({t: jnp.asarray(state[n]) for n, t in transforms.items()})
+            arrays = transforms_.invert({n: (t, jnp.asarray(state[n])) for n, t in transforms.items()})
         except transforms_.NotInvertible as e:
             raise MappingError(f"Cannot save through the Saver's transforms: {e}.") from None
         twice = sorted(taken & set(arrays))

@@ -102,6 +102,8 @@ def find(path: Path) -> Path | None:
     A directory is not a checkpoint here: `latest` finds the one its state file names.
     """
     path = Path(path)
+    if not path.name:  # "." or "/": a directory, never a prefix
+        return None
     if path.name.endswith(".index") and path.is_file():
         return path.with_name(path.name[: -len(".index")])
     m = _DATA_FILE.fullmatch(path.name)

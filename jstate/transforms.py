@@ -77,9 +77,17 @@ class Transform:
         return self.op in ("split", "unstack")
 
     def __getitem__(self, index: int) -> Transform:
+        return self._part(index)
+
+    def _part(self, index: int, of: int | None = None) -> Transform:
+        """Part `index`; `of`: how many parts the rule taking it names (checked against the
+        checkpoint: an unstack's count depends on its input's shape)."""
         if not self.multi:
             raise TypeError(f"{self!r} has one output; only split and unstack have parts to index.")
-        return Transform("part", (self,), (operator.index(index),))
+        index, parts = operator.index(index), count(self)
+        if parts is not None and not -parts <= index < parts:
+            raise IndexError(f"{self!r} has {parts} parts, so no part [{index}].")
+        return Transform("part", (self,), (index % parts if parts is not None else index, of))
 
     def entries(self) -> list[str]:
         """The checkpoint entries it reads, in order.
@@ -131,8 +139,14 @@ def _input(x: Input) -> Transform:
     raise TypeError(f"A transform's input is a checkpoint name (str) or a transform, got {x!r}.")
 
 
-def _shape(shape: Iterable[int] | None) -> tuple[int, ...] | None:
-    return None if shape is None else tuple(int(d) for d in shape)
+def _shape(shape: int | Iterable[int] | None) -> tuple[int, ...] | None:
+    """A shape (or axes, sizes) as a tuple of ints; one int is a 1-D shape, as in NumPy."""
+    if shape is None:
+        return None
+    try:
+        return (operator.index(shape),)
+    except TypeError:
+        return tuple(operator.index(d) for d in shape)
 
 
 def reshape(x: Input, shape: Sequence[int], *, saved_shape: Sequence[int] | None = None) -> Transform:
@@ -192,15 +206,22 @@ def concat(xs: Sequence[Input], axis: int = 0, *, sizes: Sequence[int] | None = 
 
 
 def split(x: Input, sections: int | Sequence[int], axis: int = 0) -> Transform:
-    """`x` split along `axis` into `sections` equal parts (or at the given indices), as
-    `numpy.split`: a fused QKV kernel as three. Rules take its parts: a tuple of State names, or
-    ``split(...)[i]``.
+    """`x` split along `axis` into `sections` equal parts, or at the given increasing indices
+    (>= 0), as `numpy.split`: a fused QKV kernel as three. Rules take its parts: a tuple of
+    State names, or ``split(...)[i]``.
 
     >>> T.split("attn/qkv", 3, axis=-1)
     split('attn/qkv', 3, axis=-1)
     """
-    sections = int(sections) if isinstance(sections, int) else _shape(sections)
-    return Transform("split", (_input(x),), (sections, int(axis)))
+    try:
+        sections = operator.index(sections)
+        if sections < 1:
+            raise ValueError(f"split: `sections` must be >= 1, got {sections}.")
+    except TypeError:
+        sections = _shape(sections)
+        if any(i < 0 for i in sections) or list(sections) != sorted(sections):
+            raise ValueError(f"split: indices must be >= 0 and increasing, got {list(sections)}.") from None
+    return Transform("split", (_input(x),), (sections, operator.index(axis)))
 
 
 def unstack(x: Input, axis: int = 0) -> Transform:
@@ -257,7 +278,9 @@ def struct(t: Transform, entries: dict[str, jax.ShapeDtypeStruct], memo: dict) -
     if t.op == "entry":
         out = entries[t.args[0]]
     elif t.op == "part":
-        parts, index = struct(t.inputs[0], entries, memo), t.args[0]
+        parts, (index, named) = struct(t.inputs[0], entries, memo), t.args
+        if named is not None and named != len(parts):
+            raise ValueError(f"{t.inputs[0]!r} has {len(parts)} parts, and the rule names {named} State variables")
         if not -len(parts) <= index < len(parts):
             raise ValueError(f"{t.inputs[0]!r} has {len(parts)} parts, so no part [{index}]")
         out = parts[index]
@@ -286,41 +309,51 @@ class NotInvertible(ValueError):
     """Saving through a transform needs what the restore direction left out (a saved shape)."""
 
 
-def invert(targets: dict[Transform, Any]) -> dict[str, Any]:
-    """The checkpoint entries whose transforms give `targets` (``{transform: value}``), computed
-    with jax.numpy: what a save writes so that restoring through the transforms gives the values
-    back. The parts of a split or unstack are joined once every part is there.
+def invert(targets: dict[str, tuple[Transform, Any]]) -> dict[str, Any]:
+    """The checkpoint entries whose transforms give the values of `targets` (``{variable:
+    (transform, value)}``), computed with jax.numpy: what a save writes so that restoring
+    through the transforms gives the values back. The parts of a split or unstack are joined
+    once every part is there.
 
     Raises:
       NotInvertible: a reshape or concat without its saved shape or sizes, parts of a split or
-        unstack missing, or two values for one entry.
+        unstack missing, or two variables for one entry or part (naming them).
     """
-    out: dict[str, Any] = {}
-    parts: dict[Transform, dict[int, Any]] = {}
-    todo = list(targets.items())
+    out: dict[str, tuple[str, Any]] = {}  # entry: (the variable it comes from, value)
+    parts: dict[Transform, dict[int, tuple[str, Any]]] = {}
+    todo = [(t, value, name) for name, (t, value) in targets.items()]
     while todo:
-        t, value = todo.pop()
+        t, value, name = todo.pop()
         if t.op == "entry":
-            name = t.args[0]
-            if name in out:
-                raise NotInvertible(f"two variables would both be saved as checkpoint entry '{name}'")
-            out[name] = value
+            if t.args[0] in out:
+                raise NotInvertible(
+                    f"variables '{out[t.args[0]][0]}' and '{name}' would both be saved as checkpoint entry "
+                    f"'{t.args[0]}'; save one of them with another Saver"
+                )
+            out[t.args[0]] = (name, value)
         elif t.op == "part":
             parent, index = t.inputs[0], t.args[0]
-            parts.setdefault(parent, {})[index] = value
+            if index < 0:
+                raise NotInvertible(f"saving through {t!r} (for '{name}') needs a part index >= 0")
+            got = parts.setdefault(parent, {})
+            if index in got:
+                raise NotInvertible(
+                    f"variables '{got[index][0]}' and '{name}' are both {t!r}; only one of them can be saved there"
+                )
+            got[index] = (name, value)
         else:
-            todo += zip(t.inputs, _inverse(t, value))
+            todo += [(i, v, name) for i, v in zip(t.inputs, _inverse(t, value))]
         if not todo:  # every single-output chain is done: join the parts that are complete
             for parent, got in list(parts.items()):
                 if sorted(got) == list(range(count(parent) or len(got))):
                     del parts[parent]
-                    joined = [got[i] for i in sorted(got)]
+                    joined = [got[i][1] for i in sorted(got)]
                     axis = parent.args[1] if parent.op == "split" else parent.args[0]
                     whole = jnp.concatenate(joined, axis) if parent.op == "split" else jnp.stack(joined, axis)
-                    todo.append((parent.inputs[0], whole))
+                    todo.append((parent.inputs[0], whole, got[0][0]))
     for parent, got in parts.items():
         raise NotInvertible(f"saving through {parent!r} needs all its parts, and got only parts {sorted(got)}")
-    return out
+    return {entry: value for entry, (_, value) in out.items()}
 
 
 def count(t: Transform) -> int | None:
@@ -340,7 +373,7 @@ def _inverse(t: Transform, value: Any) -> list[Any]:
         return [jnp.reshape(value, args[1])]
     if t.op == "transpose":
         axes = args[0] if args[0] is not None else tuple(reversed(range(value.ndim)))
-        return [jnp.transpose(value, np.argsort(axes))]
+        return [jnp.transpose(value, np.argsort([a % value.ndim for a in axes]))]
     if t.op == "cast":
         return [value if args[1] is None else value.astype(args[1])]
     if t.op == "stack":

@@ -280,3 +280,17 @@ def test_a_transform_target_is_not_also_read_by_an_earlier_scope_or_regex_rule(o
     plan = saver.plan(path, jstate.abstract(stacked))
     assert "attn/q" not in plan.names and list(plan.transforms) == ["attn/q"]
     assert [row[0] for row in plan.table()].count("attn/q") == 1
+
+
+def test_plan_shows_a_rule_for_an_undeclared_variable_and_a_failing_transform(old):
+    _, path = old
+    plan = jstate.Saver([("zz", T.transpose("linear/weight"))]).plan(path, jstate.abstract(stacked))
+    assert len(plan.problems) == 1 and "'zz'" in str(plan.problems[0]) and len(plan.table()) == 0
+    plan = jstate.Saver([("dense/kernel", T.reshape("linear/weight", (5, 5)))]).plan(path, jstate.abstract(stacked))
+    assert [row[0] for row in plan.table()] == ["dense/kernel"] and plan.table().rows[0][3] == "?"
+
+
+def test_64_bit_targets_without_x64_are_refused_before_reading(old, no_reads):
+    _, path = old
+    with pytest.raises(jstate.SpecMismatchError, match="declared int64, but JAX's 64-bit mode is off"):
+        jstate.Saver(["step"]).restore(path, {"step": jax.ShapeDtypeStruct((), jnp.int64)})
