@@ -11,7 +11,8 @@ Two States, random float32 data, on the default (CPU) device:
 Three ways to checkpoint each, run side by side:
 
   jstate  ``jstate.Saver()`` with its defaults (blocking save; OCDBT, no compression, 256 MiB
-          data files), restored into an abstract State; ``Saver(subset)`` for the 10% restore;
+          data files; the "many" case's arrays are packed, see bench_pack.py), restored into an
+          abstract State; ``Saver(subset)`` for the 10% restore;
           ``jstate.list_variables`` to inspect.
   orbax   ``ocp.StandardCheckpointer()`` with its defaults (OCDBT, zstd, 2 GiB data files) saving
           the flat ``{name: array}`` dict (``save`` + ``wait_until_finished``), restoring with

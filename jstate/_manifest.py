@@ -4,7 +4,8 @@ jstate reader, and nowhere else.
 A jstate checkpoint is a directory holding an Orbax PyTree checkpoint keyed by variable name
 (``arrays-<token>/``, see `_commit`) and this manifest: each variable's shape, dtype and the
 CRC32C of every saved region, the size and CRC32C of every file of the arrays, and which
-directory holds them. Writing the manifest commits the checkpoint. The manifest checksums itself:
+directory holds them; small variables are packed together (`_pack`), and the manifest says where
+each one lives. Writing the manifest commits the checkpoint. The manifest checksums itself:
 it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
 without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
 """
@@ -23,11 +24,14 @@ import numpy as np
 from . import _files
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._integrity import checksum
+from ._pack import Slot
 
 FILE = "jstate.json"
 ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
 FORMAT = "jstate.checkpoint"
-VERSION = 2  # 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``)
+# 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``); 3: `packed` (versions 1 and
+# 2 are read as manifests without packed variables).
+VERSION = 3
 
 _HEAD = b'{"checksum":"'
 _HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
@@ -43,12 +47,14 @@ class Variable:
       digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
       key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
         dtype above are then those of its key data (`jax.random.key_data`).
+      packed: where it lives in a packed array (`_pack`), or None: stored under its own name.
     """
 
     shape: tuple[int, ...]
     dtype: np.dtype
     digests: dict[str, int] = dataclasses.field(default_factory=dict)
     key: str | None = None
+    packed: Slot | None = None
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +73,8 @@ class Manifest:
       arrays: the directory beside the manifest that holds the arrays.
       prefix: the name the Saver was given, when it saved with a step (``model`` for
         ``model-1000``): retention deletes only checkpoints of its own prefix.
+      packed: the packed arrays (``_pack.KEY/<name>``), each a 1-D `Variable` without digests
+        (its variables carry their own).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
     >>> Manifest.decode(m.encode(), "ckpt") == m
@@ -79,6 +87,7 @@ class Manifest:
     files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     arrays: str = ARRAYS
     prefix: str | None = None
+    packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
 
     def encode(self) -> bytes:
         """The manifest as checksummed JSON bytes."""
@@ -90,12 +99,14 @@ class Manifest:
                 "variables": {
                     n: {"shape": list(v.shape), "dtype": v.dtype.name, "digests": v.digests}
                     | ({"key": v.key} if v.key else {})
+                    | ({"packed": [v.packed.array, v.packed.offset]} if v.packed else {})
                     for n, v in self.variables.items()
                 },
                 "created": self.created,
                 "files": {rel: list(record) for rel, record in self.files.items()},
                 "arrays": self.arrays,
                 "prefix": self.prefix,
+                "packed": {a: {"shape": list(p.shape), "dtype": p.dtype.name} for a, p in self.packed.items()},
             }
         )
 
@@ -112,15 +123,21 @@ class Manifest:
             raw = json.loads(data)
             if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
                 raise ValueError("not a jstate manifest")
+            _check_version(raw.get("version", 1), where)
             variables = {
                 str(n): Variable(
                     _shape(v["shape"]),
                     _dtype(v["dtype"]),
                     {str(k): int(c) for k, c in v.get("digests", {}).items()},
                     None if v.get("key") is None else str(v["key"]),
+                    None if v.get("packed") is None else _slot(n, v["packed"]),
                 )
                 for n, v in raw["variables"].items()
             }
+            packed = {
+                str(a): Variable(_shape(p["shape"]), _dtype(p["dtype"])) for a, p in raw.get("packed", {}).items()
+            }
+            _check_slots(variables, packed)
             unchecked = [n for n, v in variables.items() if v.nbytes and not v.digests]
             if unchecked:  # jstate checksums every array it stores
                 raise ValueError(f"variable {unchecked[0]!r} has no checksums")
@@ -135,8 +152,11 @@ class Manifest:
                 files,
                 arrays,
                 None if prefix is None else str(prefix),
+                packed,
             )
-        except (ValueError, KeyError, AttributeError, TypeError) as e:
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, AttributeError, TypeError, IndexError, OverflowError) as e:
             raise CorruptCheckpointError(
                 f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}: {e}). "
                 "Restore an earlier checkpoint."
@@ -173,6 +193,42 @@ def encode(raw: dict[str, Any]) -> bytes:
     """A JSON object as manifest bytes: its own CRC32C first, then the rest."""
     rest = json.dumps({k: v for k, v in raw.items() if k != "checksum"}, separators=(",", ":"))[1:].encode()
     return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
+
+
+def _check_version(version: Any, where: str | Path) -> None:
+    """Refuse a manifest of a newer format: an older reader would misread it (jstate before
+    version 3 takes a packed checkpoint for a damaged one, and a user may delete it)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version {version!r} is not a version number")
+    if version > VERSION:
+        raise CheckpointError(
+            f"Checkpoint {where} was written by a newer jstate (manifest version {version}; this jstate reads "
+            f"versions up to {VERSION}). Upgrade jstate to read it; the checkpoint is not damaged."
+        )
+
+
+def _slot(name: str, value: Any) -> Slot:
+    """Variable `name`'s ``[array, offset]``."""
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str):
+        raise ValueError(f"variable {name!r} has the packed slot {value!r}, not [array name, offset]")
+    if not isinstance(value[1], int) or isinstance(value[1], bool):
+        raise ValueError(f"variable {name!r} has the packed slot {value!r}, without an integer offset")
+    return Slot(value[0], value[1])
+
+
+def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) -> None:
+    """Every packed variable lies inside a 1-D packed array of its own dtype: a crafted
+    manifest cannot make a read slice past an array, or reinterpret its bytes."""
+    for name, v in variables.items():
+        if v.packed is None:
+            continue
+        array = packed.get(v.packed.array)
+        if array is None or len(array.shape) != 1 or array.dtype != v.dtype:
+            raise ValueError(
+                f"variable {name!r} is packed into {v.packed.array!r}, which holds no {v.dtype.name} array"
+            )
+        if v.packed.offset < 0 or v.packed.offset + math.prod(v.shape) > array.shape[0] or not v.nbytes:
+            raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
 
 
 def _shape(value: Any) -> tuple[int, ...]:

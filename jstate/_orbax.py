@@ -195,8 +195,14 @@ def read_host(directory: Path, wanted: Mapping[str, Entry], tree: Any = None) ->
     restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
     out = {name: _get(restored, entry.keypath) for name, entry in wanted.items()}
     for name, value in out.items():
-        if not isinstance(value, np.ndarray) or value.shape != wanted[name].shape:
-            raise CorruptCheckpointError(f"Orbax checkpoint {directory} does not hold '{name}' as its metadata says.")
+        # Orbax checks neither against its metadata: a caller's dtype that Orbax does not hold
+        # would hand back other bytes than the name promises (a damaged jstate manifest).
+        if not isinstance(value, np.ndarray) or (value.shape, value.dtype) != (wanted[name].shape, wanted[name].dtype):
+            found = f"shape {value.shape} and dtype {value.dtype}" if isinstance(value, np.ndarray) else "nothing"
+            raise CorruptCheckpointError(
+                f"Orbax checkpoint {directory} does not hold '{name}' as expected: shape {wanted[name].shape} and "
+                f"dtype {wanted[name].dtype} were expected, {found} was read."
+            )
     return out
 
 

@@ -24,10 +24,12 @@ import numpy as np
 from ._display import checkpoint_table
 from ._errors import CheckpointError, CorruptCheckpointError, not_in_checkpoint
 from ._placement import or_default
+from ._progress import Progress
 from ._spec import Entry
 from ._table import Table
 
 T = TypeVar("T")
+_GROUP_BYTES = 512 * 1024 * 1024  # a progress bar advances once per this many bytes read
 
 
 class Checkpoint(abc.ABC):
@@ -87,11 +89,14 @@ class Checkpoint(abc.ABC):
             raise CheckpointError(f"Checkpoint {self.path}: jstate cannot read '{name}' ({self.skipped[name]}).")
         raise not_in_checkpoint(f"Checkpoint {self.path}", [name], self.entries, self.noun)
 
-    def read(self, wanted: Mapping[str, jax.ShapeDtypeStruct], *, verify: bool = True) -> dict[str, jax.Array]:
+    def read(
+        self, wanted: Mapping[str, jax.ShapeDtypeStruct], *, verify: bool = True, progress: bool = False
+    ) -> dict[str, jax.Array]:
         """Read the entries `wanted`, each onto its struct's sharding and cast to its dtype.
 
         Only these entries are read. With `verify`, formats that store checksums check them
-        (on the stored bytes, before any cast).
+        (on the stored bytes, before any cast). A read over 2 s is logged at INFO (logger
+        ``jstate``); `progress` shows a progress bar (tqdm), advanced every ~512 MiB.
 
         Raises:
           CheckpointError: for an entry the checkpoint does not hold or jstate cannot read.
@@ -104,7 +109,12 @@ class Checkpoint(abc.ABC):
         """
         for name in wanted:
             self.entry(name)
-        return self._guarded(list(wanted), lambda: self._read(dict(wanted), verify))
+        out: dict[str, jax.Array] = {}
+        with self._progress("Restored", list(wanted), progress) as tracker:
+            for group in self._groups(list(wanted), progress):
+                out |= self._guarded(group, lambda g=group: self._read({n: wanted[n] for n in g}, verify))
+                tracker.advance(sum(self.entries[n].nbytes for n in group))
+        return out
 
     def _guarded(self, names: list[str], read: Callable[[], T]) -> T:
         """`read()`, its failures made one CheckpointError naming the checkpoint and variable."""
@@ -134,7 +144,25 @@ class Checkpoint(abc.ABC):
         """
         for name in names:
             self.entry(name)
-        return self._guarded(names, lambda: self._read_host(list(names), verify))
+        with self._progress("Read", list(names), False):
+            return self._guarded(names, lambda: self._read_host(list(names), verify))
+
+    def _progress(self, what: str, names: list[str], bar: bool) -> Progress:
+        total = sum(self.entries[n].nbytes for n in names)
+        return Progress(what, self.path, total, len(names), bar=bar)
+
+    def _groups(self, names: list[str], bar: bool) -> list[list[str]]:
+        """`names` in one group, or, to advance a bar, in groups of about `_GROUP_BYTES` (each
+        read by its own call: a format's overlap of reading and checking spans one call)."""
+        if not bar:
+            return [names]
+        groups, size = [[]], 0
+        for name in names:
+            if size >= _GROUP_BYTES:
+                groups, size = [*groups, []], 0
+            groups[-1].append(name)
+            size += self.entries[name].nbytes
+        return groups
 
     @abc.abstractmethod
     def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:

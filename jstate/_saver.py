@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _commit, _restore, _retention, _safetensors, _tree
+from . import _checkpoint, _commit, _pack, _restore, _retention, _safetensors, _tree
 from . import transforms as transforms_
 from ._errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
 from ._files import user_path
@@ -53,6 +53,12 @@ class Saver:
       keep_every_n_hours: also keep, for good, one checkpoint per N hours.
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
       compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
+      pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
+        packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
+        16 MiB instead of per variable. False (or 0) stores every variable under its own name,
+        as plain Orbax would (see the README's "Packed small variables").
+      progress: show a progress bar (tqdm: ``pip install jstate[progress]``) for saves; `save`
+        takes it per call too. Saves over 2 s are logged at INFO (logger ``jstate``) either way.
       timeout: seconds that processes of a multi-process save wait for each other.
       keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
 
@@ -69,6 +75,8 @@ class Saver:
         keep_every_n_hours: float | None = None,
         keep_every_n_steps: int | None = None,
         compression: bool = False,
+        pack: bool | int = True,
+        progress: bool = False,
         timeout: float = 600.0,
         keep_checkpoint_every_n_hours: float | None = None,
     ):
@@ -80,10 +88,19 @@ class Saver:
         self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
         self._compression = compression
-        self._writer = Writer(compression, timeout)
+        self._writer = Writer(compression, timeout, _pack.threshold(pack))
+        self._progress = progress
 
     # -- saving ------------------------------------------------------------------------------
-    def save(self, state: Any, path: str | os.PathLike, step: int | None = None, *, blocking: bool = True) -> str:
+    def save(
+        self,
+        state: Any,
+        path: str | os.PathLike,
+        step: int | None = None,
+        *,
+        blocking: bool = True,
+        progress: bool | None = None,
+    ) -> str:
         """Write this Saver's variables of `state` to ``<path>-<step>`` (or `path`).
 
         `state` is a State or any pytree a training loop holds: a dict of States, an optax
@@ -97,6 +114,7 @@ class Saver:
         so does the interpreter's exit. A save killed at any moment leaves earlier checkpoints
         intact and is never listed. `path` may be an earlier checkpoint of this name (it is
         replaced), never another directory. A Saver is used from one thread at a time.
+        ``progress=True`` shows a progress bar (None: the Saver's `progress`).
 
         Raises:
           CheckpointError: the save failed (or an earlier ``blocking=False`` one did).
@@ -128,7 +146,8 @@ class Saver:
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
         if step is not None:
             self._prefixes[path] = None
-        self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire)
+        progress = self._progress if progress is None else progress  # a bar: the Saver's choice unless given
+        self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire, progress=progress)
         return str(final)
 
     def _arrays(self, state: State) -> dict[str, jax.Array]:
@@ -150,7 +169,8 @@ class Saver:
                     "one process's devices only. Place it on a mesh over all processes' devices "
                     "(e.g. a rule `(name, P())`), or leave it out of the Saver."
                 )
-        arrays = {ckpt: jnp.asarray(state[n]) for n, ckpt in names.items()}  # numpy values too
+        # numpy values too (`jnp.asarray` costs ~30 us even on a jax.Array: 30 ms per 1,000 arrays)
+        arrays = {ckpt: v if isinstance(v := state[n], jax.Array) else jnp.asarray(v) for n, ckpt in names.items()}
         arrays |= self._exported(state, set(arrays))
         for ckpt in arrays:
             check_name(ckpt)  # "." would let two names share storage in Orbax's files

@@ -14,16 +14,20 @@ import contextlib
 import functools
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
-from . import _commit, _files, _integrity, _orbax
+from . import _commit, _files, _integrity, _orbax, _pack, _progress
 from ._errors import CheckpointError
 from ._manifest import Manifest, Variable
 
@@ -89,11 +93,13 @@ class Writer:
     Args:
       compression: zstd-compress arrays.
       timeout: seconds that processes of a multi-process save wait for each other.
+      pack: variables of at most this many bytes are packed together (`_pack`); 0 packs none.
     """
 
-    def __init__(self, compression: bool, timeout: float):
+    def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD):
         self._compression = compression
         self._timeout = timeout
+        self._pack = pack
         self._orbax: _orbax.Writer | None = None
         self._saves = 0
         self._pending: _Background | None = None
@@ -107,11 +113,14 @@ class Writer:
         *,
         blocking: bool,
         committed: Callable[[Manifest], None] = lambda manifest: None,
+        progress: bool = False,
     ) -> None:
         """Write `arrays` as the checkpoint `final`; call `committed` (process 0) once it is.
 
         Returns once the values are copied off the device. With ``blocking=False`` the rest
         happens in a background thread, which `wait` (or the interpreter's exit) finishes.
+        A save that takes over 2 s is logged at INFO; `progress` shows a bar as its arrays are
+        packed and written.
 
         Raises:
           CheckpointError: the save failed; earlier checkpoints are intact.
@@ -121,6 +130,8 @@ class Writer:
         name = f"jstate-save-{self._saves}-{final}"
         barrier = functools.partial(_orbax.barrier, name, self._timeout)
         token, created = None, False
+        total = sum(a.nbytes for a in arrays.values())
+        tracker = _progress.Progress("Saved", final, total, len(arrays), bar=progress)
         try:
             # Known before `prepare` makes it: an interrupt may land right after.
             created = jax.process_index() == 0 and not final.exists()
@@ -132,23 +143,36 @@ class Writer:
             # PRNG keys are stored as their key data, with the implementation in the manifest.
             keys = {n: str(jax.random.key_impl(a)) for n, a in arrays.items() if _is_key(a)}
             arrays = {n: jax.random.key_data(a) if n in keys else a for n, a in arrays.items()}
-            # Checksums are taken now: the values saved are the values at call time. Orbax cannot
-            # store zero-size arrays; their shape and dtype in the manifest are all of them.
+            # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all
+            # of them. Small arrays are packed (`_pack`), the others stored under their names.
             stored = {n: a for n, a in arrays.items() if a.size}
-            digests = {n: _integrity.array_digests(a) for n, a in stored.items()}
+            small = {n: a for n, a in stored.items() if _pack.packable(a, self._pack)}
+            large = {n: a for n, a in stored.items() if n not in small}
             shapes = {n: (tuple(a.shape), a.dtype, keys.get(n)) for n, a in arrays.items()}
+            packed, slots = _pack.pack(small) if small else ({}, {})
+            digests = {  # each packed variable checksummed alone, as stored
+                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, shapes[n][0]))
+                for n, slot in slots.items()
+            }
+            tracker.advance(sum(a.nbytes for a in packed.values()))
+            tree = large | ({_pack.KEY: packed} if packed else {})
             if self._orbax is None:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
             data = _commit.data_dir(final, token)
-            if stored:
+            if tree:
                 with _orbax_start:
-                    self._orbax.save(data, stored)
+                    self._orbax.save(data, tree)
+            # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
+            # arrays themselves, which the caller holds until `save` returns: the values at call time.
+            digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
+            layout = _Layout(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
             finish = functools.partial(
-                self._finish, final, data, token, step, prefix, shapes, digests, barrier, committed
+                self._finish, final, data, token, step, prefix, layout, digests, barrier, committed, tracker
             )
             if blocking:
                 finish()
         except BaseException as e:
+            tracker.close(ok=False)
             self._failed(final, token, created)
             if isinstance(e, Exception):
                 raise save_failed(final, e) from e
@@ -160,9 +184,18 @@ class Writer:
         self._pending = background
         _unfinished.add(self)
 
-    def _finish(self, final, data, token, step, prefix, shapes, digests, barrier, committed) -> None:
+    def _finish(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker) -> None:
+        try:
+            self._write_and_commit(final, data, token, step, prefix, layout, digests, barrier, committed, tracker)
+        except BaseException:
+            tracker.close(ok=False)
+            raise
+        tracker.close()
+
+    def _write_and_commit(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker):
         if self._orbax is not None:
             self._orbax.wait()
+        tracker.advance(tracker.total - tracker.done)
         process = jax.process_index()
         if jax.process_count() > 1:
             with _files.atomic(final / f".digests-{process}.{token}.tmp") as part:
@@ -175,13 +208,18 @@ class Writer:
                     digests[n].update(regions)
                 part.unlink()
             variables = {
-                n: Variable(shape, dtype, digests.get(n, {}), key) for n, (shape, dtype, key) in shapes.items()
+                n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
+                for n, (shape, dtype, key) in layout.shapes.items()
             }
+            packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
             files = {}
             if data.exists():
-                _files.sync_tree(data)
-                files = _integrity.file_records(data)
-            manifest = Manifest(variables, step, time.time(), files, data.name, prefix)
+                # The flush waits on the disk, the file checksums on the CPU: both at once.
+                with ThreadPoolExecutor(max_workers=1) as flusher:
+                    synced = flusher.submit(_files.sync_tree, data)
+                    files = _integrity.file_records(data)
+                    synced.result()
+            manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
             _commit.commit(final, manifest, token)
             committed(manifest)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
@@ -235,6 +273,14 @@ class Writer:
                 print(f"jstate: {e}", file=sys.stderr)
 
 
+class _Layout(NamedTuple):
+    """What the manifest records of where a save put its variables."""
+
+    shapes: dict[str, tuple]  # name -> (shape, dtype, PRNG key implementation or None)
+    slots: dict[str, _pack.Slot]  # packed variables
+    packed: dict[str, tuple]  # packed array -> (shape, dtype)
+
+
 def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
     """Whether a record of `level` on `logger` reaches stderr: through a handler of it or of an
     ancestor it propagates to (importing Orbax calls `logging.basicConfig`), or through
@@ -277,9 +323,13 @@ def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
     else:
         detail = str(error).splitlines()[0] if str(error) else ""
         # Long ones are cut in the middle: TensorStore's end with the OS's reason, which must stay
-        # whole ("... No space left on device [os_error_code='28']").
+        # whole ("... No space left on device [os_error_code='28']"). Some put the array's whole
+        # spec between the two: then the reason is spelled out from the error code.
         if len(detail) > 300:
             detail = detail[:200] + " ... " + detail[-100:]
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code and os.strerror(int(code.group(1))) not in detail:
+            detail = f"{detail[:200]} ... {os.strerror(int(code.group(1)))} [os_error_code={code.group(1)}]"
         detail = f"{type(error).__name__}: {detail}"
     return CheckpointError(
         f"Saving checkpoint {path} failed ({detail}). Earlier checkpoints are intact, and nothing of this "

@@ -15,6 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -102,5 +103,36 @@ def run_kill():
     return {"unexpected": "save completed without its peer"}
 
 
-print(json.dumps({"save": run_save, "kill": run_kill}[scenario]()), flush=True)
+def run_pack():
+    """Small replicated variables are packed (biases, a step, a key); sharded ones are not."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    rules = [(r"kernel$", P("data", "model")), (r".*", P())]
+
+    replicated = jax.sharding.NamedSharding(mesh, P())
+
+    def everywhere(host):  # the same value in every process
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+    key_data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(1), 2)))
+    extra = {"step": everywhere(np.asarray(7, np.int32)), "rng": jax.random.wrap_key_data(everywhere(key_data))}
+    state = jstate.init(model, jax.random.key(0), mesh=mesh, rules=rules).merge(jstate.State(extra))
+    saver = jstate.Saver(timeout=30)
+    path = saver.save(state, f"{workdir}/packed")
+    manifest = jstate.open_checkpoint(path).manifest
+    # Restored onto other shardings: the biases split over "model" across both processes.
+    structs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for n, v in extra.items()}
+    target = jstate.abstract(model, mesh=mesh, rules=RULES).merge(jstate.State.from_tree(structs))
+    onto = saver.restore(path, target)
+    rng_same = bool((jax.random.key_data(onto["rng"]) == jax.random.key_data(state["rng"])).all())
+    plain = {n: v for n, v in state.items() if n != "rng"}
+    return {
+        "packed": sorted(n for n, v in manifest.variables.items() if v.packed is not None),
+        "sums": sums(plain),
+        "onto": sums({n: onto[n] for n in plain}),
+        "bias_spec": str(onto["layer0/bias"].sharding.spec),
+        "rng_same": rng_same,
+    }
+
+
+print(json.dumps({"save": run_save, "kill": run_kill, "pack": run_pack}[scenario]()), flush=True)
 jax.distributed.shutdown()

@@ -282,7 +282,9 @@ def test_flax_optax_per_layer_to_scanned_with_moments_and_export(tmp_path, monke
     assert kernel.shape == (L, D, D) and kernel.sharding == NamedSharding(mesh, P(None, "data", "model"))
     assert int(new["step"]) == 20 and int(new["opt"][0].count) == 20
     np.testing.assert_allclose(
-        Old().apply(jax.device_get(ts["params"].tree()), x), New().apply(jax.device_get(new["params"].tree()), x), atol=1e-5
+        Old().apply(jax.device_get(ts["params"].tree()), x),
+        New().apply(jax.device_get(new["params"].tree()), x),
+        atol=1e-5,
     )
     old_next, new_next = ts, new
     for _ in range(3):
@@ -456,7 +458,9 @@ def test_int_bool_zero_size_and_narrow_float_dtypes(tmp_path, mesh):
     assert got["z1"].shape == (0, 2) and got["z1"].sharding == zero.sharding
     assert got["f8"].dtype == jnp.float8_e4m3fn and got["f8"].astype(jnp.float32).tolist() == [0, 1, 2, 3, 4, 5]
     assert got["i4"].dtype == jnp.int4
-    with pytest.raises(jstate.SpecMismatchError, match=r"gives shape \(4, 3\) and dtype int32.*float32. Pass `cast=True`"):
+    with pytest.raises(
+        jstate.SpecMismatchError, match=r"gives shape \(4, 3\) and dtype int32.*float32. Pass `cast=True`"
+    ):
         jstate.Saver([("t", T.transpose("i"))]).restore(path, {"t": S((4, 3), jnp.float32)})
 
 
@@ -476,7 +480,12 @@ def test_restoring_a_shared_entry_by_name_and_through_transforms(tmp_path):
     qkv = np.arange(12, dtype=np.float32).reshape(2, 6)
     path = jstate.Saver().save({"qkv": qkv, "w": np.ones(3, np.float32)}, tmp_path / "m")
     saver = jstate.Saver(
-        ["qkv", ("a", T.transpose("qkv")), ("b", T.cast("qkv", "bfloat16")), (("q", "k", "v"), T.split("qkv", 3, axis=1))]
+        [
+            "qkv",
+            ("a", T.transpose("qkv")),
+            ("b", T.cast("qkv", "bfloat16")),
+            (("q", "k", "v"), T.split("qkv", 3, axis=1)),
+        ]
     )
     target = {
         "qkv": S((2, 6), jnp.float32),

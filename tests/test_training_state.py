@@ -58,7 +58,7 @@ def test_restoring_onto_another_mesh_verifies_every_region(tmp_path, axis_type):
     restored_on = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
     spec = jax.sharding.PartitionSpec("data", "model")
     value = jax.device_put(jnp.arange(64.0 * 32).reshape(64, 32), jax.sharding.NamedSharding(saved_on, spec))
-    path = jstate.Saver().save(jstate.State({"w": value}), tmp_path / "m")
+    path = jstate.Saver(pack=False).save(jstate.State({"w": value}), tmp_path / "m")  # stored by shard, not packed
     target = jstate.State.from_tree(
         {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=jax.sharding.NamedSharding(restored_on, spec))}
     )
@@ -239,7 +239,7 @@ def test_inspect_values_shows_prng_key_data(tmp_path):
 
 def test_plain_orbax_reads_the_arrays_of_a_relative_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = jstate.Saver().save({"w": jnp.arange(3.0)}, "readme/model", step=1)
+    path = jstate.Saver(pack=False).save({"w": jnp.arange(3.0)}, "readme/model", step=1)  # a plain tree of names
     tree = ocp.StandardCheckpointer().restore(jstate.open_checkpoint(path).arrays)
     np.testing.assert_array_equal(tree["w"], np.arange(3.0))
 

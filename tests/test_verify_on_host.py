@@ -1,0 +1,89 @@
+"""Verified restores onto accelerators check each batch in host memory before it goes to the
+devices (`_native._read_verified_on_host`). The machines here have no accelerator: the path is
+forced on the 8 CPU devices, which exercises everything but the speed."""
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jstate
+from jstate import _native, _orbax
+from jstate._manifest import Manifest
+
+
+def values():
+    rng = np.random.default_rng(1)
+    return {f"w{i}": jnp.asarray(rng.normal(size=(64, 512)), jnp.float32) for i in range(6)} | {
+        "rng": jax.random.split(jax.random.key(0), 2**17)  # 1 MiB of key data: stored by name
+    }
+
+
+def target(vals, sharding):
+    return jstate.State.from_tree(
+        {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for n, v in vals.items()}, flat=True
+    )
+
+
+@pytest.fixture
+def on_host(monkeypatch):
+    monkeypatch.setattr(_native, "_verify_on_host", lambda todo: True)
+    monkeypatch.setattr(_native, "_BATCH_BYTES", 300_000)  # several batches, pipelined
+    reads = []
+    real = _orbax.read_host
+    monkeypatch.setattr(
+        _orbax, "read_host", lambda d, wanted, tree=None: reads.append(sorted(wanted)) or real(d, wanted)
+    )
+    monkeypatch.setattr(_orbax, "read", lambda *a, **k: pytest.fail("the device path must not be taken"))
+    return reads
+
+
+def test_cpu_targets_are_checked_on_the_devices():
+    sharding = NamedSharding(jax.make_mesh((8,), ("x",)), P("x"))
+    todo = {"w": (None, jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding))}
+    assert not _native._verify_on_host(todo)
+
+
+def test_a_verified_restore_through_the_host_in_batches(tmp_path, on_host):
+    vals = values()
+    path = jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "m")
+    sharding = NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("a", "b"))
+    weights = {n: v for n, v in vals.items() if n != "rng"}
+    restored = jstate.Saver(list(weights)).restore(path, target(weights, sharding))
+    assert on_host == [["w0", "w1", "w2"], ["w3", "w4", "w5"]]  # batches of ~300 KB, each read once
+    for i in range(6):
+        assert restored[f"w{i}"].sharding == sharding
+        np.testing.assert_array_equal(restored[f"w{i}"], vals[f"w{i}"])
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    key = jstate.Saver(["rng"]).restore(path, target({"rng": vals["rng"]}, single))["rng"]
+    assert jax.random.key_impl(key) == jax.random.key_impl(vals["rng"])
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(vals["rng"]))
+    half = jstate.State.from_tree({"w0": jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=sharding)})
+    cast = jstate.Saver(["w0"]).restore(path, half, cast=True)["w0"]
+    assert cast.dtype == jnp.bfloat16 and cast.sharding == sharding
+
+
+def test_a_flipped_byte_is_found_on_the_host_and_names_the_variable(tmp_path, on_host):
+    vals = values()
+    path = Path(jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "m"))
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    arrays = copy / Manifest.read(copy).arrays
+    needle = np.asarray(vals["w4"]).tobytes()[4096:4160]
+    damaged = []
+    for data in (f for f in arrays.rglob("*") if f.is_file() and "d" in f.relative_to(arrays).parts[:-1]):
+        blob = bytearray(data.read_bytes())
+        at = blob.find(needle)
+        if at >= 0:
+            blob[at + 9] ^= 0x01
+            data.write_bytes(bytes(blob))
+            damaged.append(str(data))
+    assert damaged
+    with pytest.raises(jstate.CorruptCheckpointError, match="variable 'w4'.*damaged file") as info:
+        jstate.Saver().restore(copy, target(vals, None))
+    assert any(d in str(info.value) for d in damaged)
