@@ -221,11 +221,20 @@ def _dtypes(stored: np.dtype, declared: np.dtype) -> str:
     return declared.name if stored == declared else f"{stored.name} -> {declared.name}"
 
 
-def restore(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, strict: bool, verify: bool) -> State:
+def restore(
+    ckpt: Checkpoint,
+    name_map: NameMap,
+    target: State,
+    *,
+    cast: bool,
+    strict: bool,
+    verify: bool,
+    progress: bool = False,
+) -> State:
     """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`)."""
     found = plan(ckpt, name_map, target, cast=cast, strict=strict)
     found.check()
-    arrays = ckpt.read(found._wanted, verify=verify) if found._wanted else {}
+    arrays = ckpt.read(found._wanted, verify=verify, progress=progress) if found._wanted else {}
     values = {n: arrays[c] for n, c in found.names.items()}
     values |= _transformed(ckpt, found.transforms, target, verify)
     # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).

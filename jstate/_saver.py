@@ -25,6 +25,7 @@ from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
 from ._names import check_name, join
 from ._native import NativeCheckpoint
+from ._reader import Checkpoint
 from ._state import State
 from ._tree import path_name
 from ._writer import Writer
@@ -57,8 +58,9 @@ class Saver:
         packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
         16 MiB instead of per variable. False (or 0) stores every variable under its own name,
         as plain Orbax would (see the README's "Packed small variables").
-      progress: show a progress bar (tqdm: ``pip install jstate[progress]``) for saves; `save`
-        takes it per call too. Saves over 2 s are logged at INFO (logger ``jstate``) either way.
+      progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
+        and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
+        either way.
       timeout: seconds that processes of a multi-process save wait for each other.
       keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
 
@@ -245,6 +247,7 @@ class Saver:
         cast: bool = False,
         strict: bool = False,
         verify: bool = True,
+        progress: bool | None = None,
     ) -> T:
         """A new State: `target` with this Saver's variables read from the checkpoint at `path`.
 
@@ -263,6 +266,8 @@ class Saver:
           cast: allow a checkpoint dtype that differs from the declaration (converted).
           strict: fail if the checkpoint holds variables this Saver does not restore.
           verify: check each array against the checksums recorded when it was saved.
+          progress: show a progress bar (None: the Saver's `progress`). Restores over 2 s are
+            logged at INFO either way.
 
         Raises:
           CheckpointNotFoundError, CorruptCheckpointError: for a missing or damaged checkpoint.
@@ -276,9 +281,12 @@ class Saver:
         """
         self._writer.join()  # a failed background save is reported by `wait` or the next `save`, not here
         flat = as_state(target)
-        restored = _checkpoint.reading(
-            path, lambda ckpt: _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify)
-        )
+        bar = self._progress if progress is None else progress
+
+        def read(ckpt: Checkpoint) -> State:
+            return _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar)
+
+        restored = _checkpoint.reading(path, read)
         return restored if isinstance(target, State) else like(target, restored)
 
     def plan(self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False) -> _restore.Plan:

@@ -96,3 +96,18 @@ def test_imports_of_other_formats_log_too(tmp_path, caplog, monkeypatch):
     path = jstate.save_safetensors(state, tmp_path / "m.safetensors")
     jstate.Saver().restore(path, target(state))
     assert [m for m in records(caplog) if m.startswith(f"Restored {path}: 1.0 MiB in 5 arrays")]
+
+
+def test_saver_restore_shows_a_bar_when_asked(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    state = make_state()
+    path = jstate.Saver().save(state, tmp_path / "m")
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), dict(state))
+    jstate.Saver().restore(path, target)
+    assert capsys.readouterr().err == ""
+    restored = jstate.Saver(progress=True).restore(path, target)
+    assert f"Restoring {path}" in capsys.readouterr().err
+    jstate.Saver(progress=True).restore(path, target, progress=False)  # the call overrides the Saver
+    assert capsys.readouterr().err == ""
+    for name in state:
+        np.testing.assert_array_equal(restored[name], state[name])
