@@ -12,10 +12,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from . import _native, _orbax, _safetensors, _tensorflow
+from . import _native, _orbax, _safetensors, _storage, _tensorflow
 from ._display import checkpoints_table
 from ._errors import CheckpointError, CheckpointNotFoundError, closest
-from ._files import user_path
 from ._reader import Checkpoint
 from ._table import Table
 
@@ -66,11 +65,11 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             "No checkpoint: the path is None (`jstate.latest_checkpoint` returns None for a directory "
             "that holds no checkpoint yet). Check for None before restoring, e.g. to start from scratch."
         )
-    path = user_path(path)
+    path = _storage.as_path(path)
     found = _open(path)
     if found is not None:
         return found
-    if path.is_dir():
+    if _storage.is_dir(path):
         found = _latest(path)
         if found is not None:
             return found
@@ -81,7 +80,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     found = _latest(path)  # a prefix: `ckpt/model` for ckpt/model-1000, as latest_checkpoint takes it
     if found is not None:
         return found
-    near = closest(path.name, os.listdir(path.parent)) if path.parent.is_dir() else ""
+    near = closest(path.name, _storage.listdir(path.parent))
     raise CheckpointNotFoundError(f"No checkpoint at {path}: it does not exist.{near}")
 
 
@@ -92,15 +91,13 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
     >>> [c.step for c in checkpoints("ckpt")] == sorted(c.step for c in checkpoints("ckpt"))
     True
     """
-    path = user_path(path)
-    if path.is_dir() and not _is_checkpoint(path):
+    path = _storage.as_path(path)
+    if _storage.is_dir(path) and not _is_checkpoint(path):
         parent, prefix = path, None
     else:
         parent, prefix = path.parent, path.name
-    if not parent.is_dir():
-        return []
     found: dict[Path, Checkpoint] = {}
-    for entry in parent.iterdir():
+    for entry in _storage.iterdir(parent):
         if entry.name.startswith(".") or (prefix is not None and not entry.name.startswith(prefix)):
             continue
         ckpt = _open_quietly(entry)
@@ -159,7 +156,7 @@ def _latest(path: Path) -> Checkpoint | None:
             continue
         empty = 0
         chosen = found[-1]
-        if path.is_dir():
+        if _storage.is_dir(path):
             named = type(chosen).latest_in(path)  # a format's own bookkeeping (TF's state file) decides
             if named is not None:
                 chosen = _open_quietly(named) or chosen
@@ -193,7 +190,7 @@ def latest_checkpoint(path: str | os.PathLike) -> str | None:
     >>> jstate.latest_checkpoint("ckpt")
     'ckpt/model-2000'
     """
-    found = _latest(user_path(path))
+    found = _latest(_storage.as_path(path))
     return None if found is None else str(found.path)
 
 

@@ -9,8 +9,8 @@ A save writes its arrays under a token no other save uses, then the manifest nam
 reader sees the old checkpoint or the new one, never a mix, and a save killed at any moment
 leaves at most files that no manifest names. Re-saving a path replaces its manifest in one
 step, after which the replaced arrays are removed. Deleting a checkpoint removes its manifest
-first. Object stores keep this rule too: writing one object is atomic there, renaming a
-directory is not, and nothing here renames a directory.
+first. Object stores (gs://, s3://) keep this same rule: writing one object is atomic there,
+renaming a directory is not, and nothing here renames a directory. All I/O is `_storage`'s.
 
 Leftovers (arrays no manifest names, temporary files, directories left empty) are removed by
 `clean` only once their writer is gone (`_files.alive`), and an arrays directory only after
@@ -26,7 +26,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from . import _files
+from . import _files, _storage
 from ._errors import CheckpointError
 from ._manifest import ARRAYS, FILE, Manifest
 
@@ -62,19 +62,19 @@ def prepare(final: Path, token: str) -> None:
       CheckpointError: `final` exists and is not a jstate checkpoint (committed or not).
       OSError: a name is too long, or the file system refuses.
     """
-    if final.exists() and not is_ours(final):
+    if _storage.exists(final) and not is_ours(final):
         instead = (
             f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
-            if final.is_dir()
+            if _storage.is_dir(final)
             else "Choose another path."
         )
         raise CheckpointError(
             f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. {instead}"
         )
-    _files.check_name_lengths(final)
-    _files.check_name_lengths(final / "x", _LONGEST)
-    _files.makedirs(final)
-    _marker(final, token).touch()
+    _storage.check_name_lengths(final)
+    _storage.check_name_lengths(final / "x", _LONGEST)
+    _storage.makedirs(final)
+    _storage.touch(_marker(final, token))
     # Before writing, not after: a killed save's leftovers may be what fills the disk.
     clean(final.parent)
 
@@ -85,19 +85,19 @@ def _marker(final: Path, token: str) -> Path:
 
 def is_ours(path: Path) -> bool:
     """Whether `path` is a directory holding only what jstate saves put there."""
-    if not path.is_dir() or path.is_symlink():
+    if not _storage.is_dir(path) or _storage.is_symlink(path):
         return False
-    return all(e.name in (FILE, ARRAYS) or _token_of(e.name) is not None for e in path.iterdir())
+    return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in _storage.listdir(path))
 
 
 def commit(final: Path, manifest: Manifest, token: str) -> None:
     """Publish `manifest` (naming this save's arrays) as checkpoint `final`: one atomic write.
     The arrays it replaces, if any, are removed once it is published."""
     manifest.write(final)
-    _marker(final, token).unlink(missing_ok=True)
+    _storage.unlink(_marker(final, token))
     # `final` may not be the directory `prepare` flushed: while it was empty, a failed save to
     # the same path or a `clean` beside us may have removed it, and Orbax made it again.
-    _files.sync_dir(final.parent)
+    _storage.sync_dir(final.parent)
     clean_checkpoint(final)
 
 
@@ -110,6 +110,18 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     manifest_path = path / FILE
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
+    if _storage.is_remote(path):
+        # No rename takes exactly one version of an object: the manifest just compared is
+        # deleted. (A re-save of this very path landing between the two requests is lost: see
+        # the README's section on object storage.) The arrays it named are a finished save's,
+        # so they go at once; other writers' leftovers wait for `clean` and their age.
+        current = expected if expected is not None else Manifest.read(path)
+        if current is None:
+            return False
+        _storage.unlink(manifest_path)
+        _storage.remove(path / current.arrays)
+        clean_checkpoint(path)
+        return True
     name = _files.token()
     # The token names the taken manifest (so a killed deletion's file is removed once it is
     # dead) and is live while the manifest may be put back: `clean_checkpoint` waits for it.
@@ -135,11 +147,9 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
 def clean_checkpoint(path: Path) -> None:
     """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
     manifest does not name, temporary files; and `path` itself if that leaves it empty."""
-    try:
-        entries = list(path.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _files.alive(t)]
+    entries = _storage.iterdir(path)
+    shared = _storage.is_remote(path)
+    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _files.alive(t, shared=shared)]
     legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
     if not done and not legacy:
         return
@@ -153,9 +163,9 @@ def clean_checkpoint(path: Path) -> None:
         done.append(path / ARRAYS)
     for entry in done:
         if named is None or entry.name != named.arrays:
-            _files.remove(entry)
+            _storage.remove(entry)
     if named is None:
-        _files.remove_empty_dir(path)
+        _storage.remove_empty_dir(path)
 
 
 def _may_come_back(path: Path) -> bool:
@@ -163,21 +173,19 @@ def _may_come_back(path: Path) -> bool:
     and may put it back (a re-save it must keep, see `delete`), or has already. Listed before
     the manifest is looked for again, so one of the two is seen."""
     try:
-        names = os.listdir(path)
+        names = _storage.listdir(path)
     except OSError:
         return False
-    if any(n.startswith(_DELETING) and _files.alive(_token_of(n) or "") for n in names):
+    shared = _storage.is_remote(path)
+    if any(n.startswith(_DELETING) and _files.alive(_token_of(n) or "", shared=shared) for n in names):
         return True
-    return (path / FILE).exists()
+    return _storage.exists(path / FILE)
 
 
 def clean(directory: Path, prefix: str | None = None) -> None:
     """`clean_checkpoint` every jstate checkpoint directory in `directory` (named
     ``<prefix>...`` if given): leftovers of killed and failed saves and deletions."""
-    try:
-        children = [c for c in directory.iterdir() if prefix is None or c.name.startswith(prefix)]
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    children = [c for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)]
     for child in children:
-        if child.is_dir() and not child.is_symlink() and is_ours(child):
+        if is_ours(child):
             clean_checkpoint(child)

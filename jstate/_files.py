@@ -1,5 +1,5 @@
-"""File operations that checkpoints need, each durable and atomic where the file system allows,
-and the tokens that tell a live writer's files from a dead one's.
+"""Durable, atomic operations on the local file system (`_storage`'s local half), and the
+tokens that tell a live writer's files from a dead one's.
 
 Nothing here knows what a checkpoint looks like; that is `_commit`'s.
 """
@@ -10,14 +10,11 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-from ._errors import CheckpointError, CheckpointNotFoundError
 
 # Other hosts' leftovers are removed only when they are this old: a live writer on another
 # host cannot be asked whether it is alive.
@@ -32,24 +29,6 @@ _active_lock = threading.Lock()
 def token() -> str:
     """A name no other write, in any process on any host, uses: ``<time>_<pid>_<random>_<host>``."""
     return f"{int(time.time()):x}_{os.getpid()}_{secrets.token_hex(4)}_{_HOST}"
-
-
-def user_path(path: str | os.PathLike) -> Path:
-    """A path as users write it: str or `os.PathLike`, relative or with ``~``.
-
-    Raises:
-      CheckpointError: for a URL such as ``gs://bucket/ckpt``, which `pathlib` would turn into a
-        local directory named ``gs:``.
-    """
-    text = os.fspath(path)
-    if not text:
-        raise CheckpointNotFoundError("No checkpoint at '': the path is empty. Give a checkpoint or a directory.")
-    if isinstance(text, str) and "://" in text:
-        raise CheckpointError(
-            f"{text}: object storage ({text.split('://')[0]}://) is not supported yet; jstate reads and "
-            "writes local (or network-mounted) paths. Nothing was written."
-        )
-    return Path(text).expanduser()
 
 
 def begin(name: str) -> None:
@@ -73,19 +52,27 @@ def writing(name: str) -> Iterator[None]:
         end(name)
 
 
-def alive(name: str, now: float | None = None) -> bool:
+def alive(name: str, now: float | None = None, *, shared: bool = False) -> bool:
     """Whether the writer of token `name` may still be writing.
 
     This process's tokens are alive while `writing`; another process on this host while it
     runs; another host's until `STALE_AFTER` seconds after the token was made. A name that is
     no token is alive: what jstate does not recognize, it never deletes.
+
+    With `shared` (files on an object store, which processes of many machines write), only
+    this process's own tokens are judged by its bookkeeping; every other writer's by age
+    alone: a pid names a process on one machine, and host names can repeat across machines
+    (containers), so a pid looked up here could be anyone's.
     """
     try:
         started, pid, _, host = name.split("_", 3)
         started, pid = int(started, 16), int(pid)
     except ValueError:
         return True
-    if host != _HOST:
+    if shared and pid == os.getpid() and host == _HOST:
+        with _active_lock:
+            return name in _active
+    if shared or host != _HOST:
         return (time.time() if now is None else now) - started < STALE_AFTER
     if pid == os.getpid():
         with _active_lock:
@@ -170,22 +157,6 @@ def sync_tree(directory: Path) -> None:
         for name in files:
             sync_file(Path(root, name))
         sync_dir(Path(root))
-
-
-def remove(path: Path) -> None:
-    """Delete a file or a directory tree; what is already gone is no error."""
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_empty_dir(directory: Path) -> None:
-    """Remove `directory` if it is empty: never what another writer has just put in it."""
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(directory)
-        sync_dir(Path(directory).parent)
 
 
 def check_name_lengths(path: Path, longest_extra: int = 0) -> None:

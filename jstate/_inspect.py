@@ -7,8 +7,8 @@ import os
 import jax
 import numpy as np
 
+from . import _storage
 from ._checkpoint import checkpoints, list_checkpoints, open_checkpoint
-from ._files import user_path
 from ._table import human_bytes
 
 
@@ -18,8 +18,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
     For a directory of checkpoints, print the list of them instead (or, with `values` or
     `name`, inspect its latest). Reads metadata only, unless `values` is set.
     """
-    path = user_path(path)
-    found = checkpoints(path) if path.is_dir() else []
+    path = _storage.as_path(path)
+    found = checkpoints(path) if _storage.is_dir(path) else []
     if found and all(c.path != path for c in found) and not values and name is None:
         print(list_checkpoints(path))
         return

@@ -4,7 +4,9 @@ Orbax stores no checksum of array data (a flipped byte restores silently wrong),
 records, in its manifest:
   - a CRC32C of every saved shard of every array, verified after each restore;
   - the size and CRC32C of every file Orbax wrote; sizes are checked whenever a checkpoint is
-    opened, and contents when an array digest fails, to name the damaged file.
+    opened, and contents when an array digest fails, to name the damaged file. On an object
+    store the data files' CRC32C is not taken (it would download every byte just written, and
+    the array digests already cover them): their record holds `UNRECORDED`.
 CRC32C is TensorFlow's checksum; the `crc32c` package computes it at several GB/s.
 """
 
@@ -14,7 +16,7 @@ import math
 import mmap
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +24,11 @@ import crc32c
 import jax
 import numpy as np
 
+from . import _storage
 from ._errors import CorruptCheckpointError
 
 _PARALLEL_BYTES = 64 * 1024 * 1024
+UNRECORDED = -1  # a file's CRC32C that was not taken
 
 
 def checksum(data: np.ndarray | bytes | mmap.mmap) -> int:
@@ -164,6 +168,8 @@ def _size(bounds: Bounds | None) -> int:
 
 def file_checksum(path: Path) -> int:
     """CRC32C of a file, through mmap: no copy into fresh memory (slow on these machines)."""
+    if _storage.is_remote(path):
+        return checksum(_storage.read_bytes(path))
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return checksum(b"")
@@ -171,38 +177,46 @@ def file_checksum(path: Path) -> int:
             return checksum(view)
 
 
-def file_records(directory: Path) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel)."""
-    paths = [Path(root, name) for root, _, files in os.walk(directory) for name in files]
+def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: True) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel);
+    the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others)."""
+    found = _storage.sizes(directory)
+    wanted = [rel for rel in found if contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        crcs = list(pool.map(file_checksum, paths))
-    return {p.relative_to(directory).as_posix(): [p.stat().st_size, crc] for p, crc in zip(paths, crcs)}
+        crcs = dict(zip(wanted, pool.map(lambda rel: file_checksum(directory / rel), wanted)))
+    return {rel: [size, crcs.get(rel, UNRECORDED)] for rel, size in found.items()}
 
 
 def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path, contents: Iterable[str] = ()) -> None:
     """Every recorded file exists with its recorded size; those named in `contents` also with
     their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
     contents = set(contents)
+    listed = _storage.sizes(directory) if _storage.is_remote(directory) else None  # one request, not one per file
     for rel, (size, crc) in records.items():
         path = safe_join(directory, rel, checkpoint)
         try:
-            actual = path.stat().st_size
-        except FileNotFoundError:
+            actual = _storage.size(path) if listed is None else listed[rel]
+        except (FileNotFoundError, KeyError):
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {path} is missing.") from None
         if actual != size:
             raise CorruptCheckpointError(
                 f"Checkpoint {checkpoint} is damaged: {path} has {actual} bytes, {size} were written."
             )
-        if rel in contents and file_checksum(path) != crc:
+        if rel in contents and crc != UNRECORDED and file_checksum(path) != crc:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")
 
 
 def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Path) -> list[str]:
     """The recorded files whose contents no longer match (slow: reads them all)."""
     bad = []
-    for rel, (_, crc) in records.items():
+    for rel, (size, crc) in records.items():
         path = safe_join(directory, rel, checkpoint)
-        if not path.is_file() or file_checksum(path) != crc:
+        if not _storage.is_file(path):
+            bad.append(str(path))
+        elif crc == UNRECORDED:
+            if _storage.size(path) != size:
+                bad.append(str(path))
+        elif file_checksum(path) != crc:
             bad.append(str(path))
     return bad
 
@@ -211,12 +225,13 @@ def safe_join(directory: Path, rel: str, checkpoint: Path, resolve: bool = True)
     """`directory / rel`, refusing paths that would leave `directory` (a crafted manifest).
 
     Symbolic links are followed only inside the checkpoint: `resolve` (the default) refuses a
-    path whose real location is outside.
+    path whose real location is outside. (Object stores have no links.)
     """
     path = directory / rel
+    resolve = resolve and not _storage.is_remote(path)
     if (
         rel.startswith("/")
-        or ".." in Path(rel).parts
+        or ".." in rel.split("/")
         or (resolve and not path.resolve().is_relative_to(Path(checkpoint).resolve()))
     ):
         raise CorruptCheckpointError(

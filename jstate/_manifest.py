@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from . import _files
+from . import _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._integrity import checksum
 from ._pack import Slot
@@ -158,14 +158,13 @@ class Manifest:
             raise
         except (ValueError, KeyError, AttributeError, TypeError, IndexError, OverflowError) as e:
             raise CorruptCheckpointError(
-                f"Checkpoint {where}: its manifest {Path(where) / FILE} is damaged ({type(e).__name__}: {e}). "
+                f"Checkpoint {where}: its manifest {where}/{FILE} is damaged ({type(e).__name__}: {e}). "
                 "Restore an earlier checkpoint."
             ) from e
 
     def write(self, directory: Path) -> None:
         """Write the manifest into `directory`, atomically and flushed to disk."""
-        with _files.atomic(Path(directory) / FILE) as tmp:
-            tmp.write_bytes(self.encode())
+        _storage.write_bytes(directory / FILE, self.encode())
 
     @classmethod
     def read(cls, directory: Path) -> Manifest | None:
@@ -175,13 +174,13 @@ class Manifest:
           CheckpointError: it cannot be read (naming the OS's reason).
           CorruptCheckpointError: it is damaged.
         """
-        return cls.read_file(Path(directory) / FILE, directory)
+        return cls.read_file(directory / FILE, directory)
 
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
         """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
         try:
-            data = Path(path).read_bytes()
+            data = _storage.read_bytes(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import _commit, _integrity, _orbax, _pack
+from . import _commit, _integrity, _orbax, _pack, _storage
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._manifest import ARRAYS, FILE, Manifest, Variable
 from ._placement import or_default
@@ -41,7 +41,9 @@ class NativeCheckpoint(Checkpoint):
         entries = {n: _entry(n, v) for n, v in manifest.variables.items()}
         super().__init__(path, entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
-        self.arrays = (path / manifest.arrays).absolute()  # as Orbax takes it
+        self.arrays = path / manifest.arrays
+        if not _storage.is_remote(path):
+            self.arrays = self.arrays.absolute()  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
 
     def changed(self) -> bool:
@@ -259,16 +261,15 @@ def load(path: Path) -> NativeCheckpoint | None:
       CorruptCheckpointError: it is one, but incomplete or damaged (a missing or truncated file
         counts: sizes are checked on every open, which costs one `stat` per file).
     """
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    manifest = Manifest.read(path)
+    manifest = Manifest.read(path)  # first: on an object store, one request answers most calls
     if manifest is None:
-        if _commit.is_ours(path) and any(path.iterdir()):
+        if not _storage.is_dir(path):
+            return None
+        if _commit.is_ours(path) and _storage.listdir(path):
             raise CheckpointNotFoundError(
                 f"{path} holds no committed checkpoint: a save into it has not finished, or was interrupted."
             )
-        if (path / ARRAYS).exists():  # jstate's layout before tokens, without its manifest
+        if _storage.exists(path / ARRAYS):  # jstate's layout before tokens, without its manifest
             raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: its manifest {path / FILE} is missing.")
         return None
     for _ in range(_REOPEN):

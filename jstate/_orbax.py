@@ -4,6 +4,9 @@ The only module that imports Orbax, and only when a checkpoint is written or rea
 that just initializes a model never pays Orbax's import time. What jstate asks of it: write a
 flat dict of arrays, read some of them back onto given shardings, read a checkpoint's metadata,
 and a barrier between processes.
+
+Orbax writes ``gs://`` itself. For ``s3://``, Orbax 0.12.8 needs help, given by `_s3_shim`
+(see there): jstate never lets it fall back to writing a local directory named ``s3:``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import CorruptCheckpointError
+from . import _storage
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._placement import or_default
 from ._reader import Checkpoint
 from ._spec import Entry
@@ -40,7 +44,89 @@ def _path(directory: Path) -> Any:
     """Orbax's path type for `directory`; Orbax refuses relative paths."""
     from etils import epath
 
+    if _storage.scheme(directory) == "s3":
+        _s3_shim()
+    if _storage.is_remote(directory):
+        return epath.Path(str(directory))
     return epath.Path(os.path.abspath(directory))
+
+
+# -- s3:// -----------------------------------------------------------------------------------
+# Orbax 0.12.8 treats only gs:// as remote. Given s3://, `_normalize_path` makes it "s3:/..."
+# (os.path.normpath), `_use_gcs_driver` says no, so tensorstore gets a `file` kvstore: with
+# OCDBT the save fails late ("Checkpoint path should be absolute"), without it the arrays go
+# to a local directory named "s3:" while the metadata goes to S3. Three functions decide the
+# kvstore; the shim wraps them to give tensorstore its own `s3` driver, with the endpoint and
+# region from the environment (tensorstore's s3 driver ignores AWS_ENDPOINT_URL), and leaves
+# every other path to the originals. Orbax's own rename-based commit cannot work on S3
+# either: the Writer commits with a commit file there (`_atomicity`). Each wrapped function is
+# checked to exist before anything is patched; a newer Orbax that lacks one gets a clear
+# error instead of a silent local write, and tests/test_cloud_checkpoints.py checks the shim
+# against the Orbax installed.
+_S3_SHIM_TESTED = "0.12.8"
+
+
+@functools.cache
+def _s3_shim() -> None:
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    targets = (
+        (tensorstore_utils, "_normalize_path"),
+        (tensorstore_utils, "_use_gcs_driver"),
+        (gcs_utils, "get_kvstore_for_gcs"),
+    )
+    missing = [f"{m.__name__}.{name}" for m, name in targets if not callable(getattr(m, name, None))]
+    if missing:
+        raise CheckpointError(
+            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED} (jstate adapts its S3 paths), "
+            f"but the installed {_ocp().__version__} lacks {', '.join(missing)}. Install "
+            f"`orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local path. Nothing was written."
+        )
+    normalize, use_gcs, kvstore = (getattr(m, name) for m, name in targets)
+
+    def _normalize_path(path: str) -> str:
+        return "s3://" + os.path.normpath(path[len("s3://") :]) if str(path).startswith("s3://") else normalize(path)
+
+    def _use_gcs_driver(directory: str) -> bool:
+        return str(directory).startswith("s3://") or use_gcs(directory)
+
+    def get_kvstore_for_gcs(path: str) -> dict[str, Any]:
+        return s3_kvstore(path) if str(path).startswith("s3://") else kvstore(path)
+
+    tensorstore_utils._normalize_path = _normalize_path
+    tensorstore_utils._use_gcs_driver = _use_gcs_driver
+    gcs_utils.get_kvstore_for_gcs = get_kvstore_for_gcs
+
+
+def s3_kvstore(path: str) -> dict[str, Any]:
+    """tensorstore's kvstore spec for ``s3://bucket/key``: endpoint and region from the
+    environment as boto3 reads them (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``, ``AWS_DEFAULT_REGION``); without an endpoint, tensorstore's default (AWS).
+
+    >>> s3_kvstore("s3://bucket/ckpt/a")["path"]
+    'ckpt/a'
+    """
+    bucket, _, key = str(path)[len("s3://") :].partition("/")
+    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        spec["aws_region"] = region
+    return spec
+
+
+def _atomicity(directory: Path) -> Any:
+    """How Orbax commits its own directory. Locally: into a temporary directory it renames.
+    On object stores, where renaming a directory is a copy, a commit file written last (what
+    Orbax chooses for gs:// by itself). jstate's manifest is the commit that counts either way.
+    """
+    ocp = _ocp()
+    if _storage.is_remote(directory):
+        return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+    return None
 
 
 class Writer:
@@ -51,24 +137,35 @@ class Writer:
     """
 
     def __init__(self, compression: bool, timeout: float):
-        ocp = _ocp()
-        handler = ocp.PyTreeCheckpointHandler(use_compression=compression)
-        # Directories are created before `save` returns: created asynchronously, a failure leaves
-        # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
-        options = ocp.options.AsyncOptions(timeout_secs=int(timeout), create_directories_asynchronously=False)
-        self._checkpointer = ocp.AsyncCheckpointer(handler, async_options=options)
+        self._compression, self._timeout = compression, timeout
+        self._checkpointers: dict[bool, Any] = {}  # by whether the directory is remote
+
+    def _checkpointer(self, directory: Path) -> Any:
+        remote = _storage.is_remote(directory)
+        if remote not in self._checkpointers:
+            ocp = _ocp()
+            handler = ocp.PyTreeCheckpointHandler(use_compression=self._compression)
+            # Directories are created before `save` returns: created asynchronously, a failure leaves
+            # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
+            options = ocp.options.AsyncOptions(timeout_secs=int(self._timeout), create_directories_asynchronously=False)
+            self._checkpointers[remote] = ocp.AsyncCheckpointer(
+                handler, async_options=options, atomicity_options=_atomicity(directory)
+            )
+        return self._checkpointers[remote]
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
-        self._checkpointer.save(
-            _path(directory),
-            args=_ocp().args.PyTreeSave(dict(arrays), ocdbt_target_data_file_size=_TARGET_FILE_SIZE),
+        path = _path(directory)
+        self._checkpointer(directory).save(
+            path, args=_ocp().args.PyTreeSave(dict(arrays), ocdbt_target_data_file_size=_TARGET_FILE_SIZE)
         )
 
     def wait(self) -> None:
-        self._checkpointer.wait_until_finished()
+        for checkpointer in self._checkpointers.values():
+            checkpointer.wait_until_finished()
 
     def close(self) -> None:
-        self._checkpointer.close()
+        for checkpointer in self._checkpointers.values():
+            checkpointer.close()
 
 
 def barrier(name: str, timeout: float, stage: str) -> None:
@@ -95,7 +192,7 @@ def share(key: str, make: Callable[[], str], timeout: float) -> str:
 
 def is_checkpoint(directory: Path) -> bool:
     """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell)."""
-    return (Path(directory) / METADATA_FILE).is_file()
+    return _storage.is_file(directory / METADATA_FILE)
 
 
 def is_data_file(rel: str) -> bool:
@@ -233,7 +330,7 @@ class OrbaxCheckpoint(Checkpoint):
                 f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
             ) from e
         step = int(path.name) if path.name.isdigit() else None
-        super().__init__(path, found, step=step, created=(arrays / METADATA_FILE).stat().st_mtime)
+        super().__init__(path, found, step=step, created=_storage.mtime(arrays / METADATA_FILE))
         self.arrays = arrays
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
@@ -246,10 +343,9 @@ class OrbaxCheckpoint(Checkpoint):
 def load(path: Path) -> OrbaxCheckpoint | None:
     """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a directory holding
     exactly one (a CheckpointManager step with one item). None if it is neither."""
-    path = Path(path)
     if is_checkpoint(path):
         return OrbaxCheckpoint(path, path)
-    if not path.is_dir():
+    if not _storage.is_dir(path):
         return None
-    items = [p for p in path.iterdir() if is_checkpoint(p)]
+    items = [p for p in _storage.iterdir(path) if is_checkpoint(p)]
     return OrbaxCheckpoint(path, items[0]) if len(items) == 1 else None

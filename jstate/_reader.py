@@ -21,6 +21,7 @@ from typing import TypeVar
 import jax
 import numpy as np
 
+from . import _storage
 from ._display import checkpoint_table
 from ._errors import CheckpointError, CorruptCheckpointError, not_in_checkpoint
 from ._placement import or_default
@@ -65,7 +66,7 @@ class Checkpoint(abc.ABC):
         created: float = 0.0,
         skipped: Mapping[str, str] | None = None,
     ):
-        self.path = Path(path)
+        self.path = _storage.as_path(path)
         self.entries = dict(entries)
         self.step = step
         self.created = created

@@ -8,8 +8,9 @@ only when such a file is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from . import _files
+from . import _storage
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
 from ._reader import Checkpoint, place
 from ._spec import Entry
@@ -59,7 +60,7 @@ class SafetensorsCheckpoint(Checkpoint):
             name: Entry((name,), shape, _DTYPES[dtype]) for name, (dtype, shape) in header.items() if dtype in _DTYPES
         }
         skipped = {name: _why(dtype) for name, (dtype, _) in header.items() if dtype not in _DTYPES}
-        super().__init__(path, found, created=path.stat().st_mtime, skipped=skipped)
+        super().__init__(path, found, created=_storage.mtime(path), skipped=skipped)
 
     def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
         return read(self.path, names)
@@ -71,8 +72,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
 def load(path: Path) -> SafetensorsCheckpoint | None:
     """`path` as a ``.safetensors`` file, None if it is not one."""
-    path = Path(path)
-    return SafetensorsCheckpoint(path) if path.suffix == SUFFIX and path.is_file() else None
+    return SafetensorsCheckpoint(path) if path.suffix == SUFFIX and _storage.is_file(path) else None
 
 
 def entries(path: Path) -> dict[str, Entry]:
@@ -85,14 +85,14 @@ def entries(path: Path) -> dict[str, Entry]:
     """
     return {
         name: Entry((name,), shape, _DTYPES[dtype])
-        for name, (dtype, shape) in _header(Path(path)).items()
+        for name, (dtype, shape) in _header(_storage.as_path(path)).items()
         if dtype in _DTYPES
     }
 
 
 def skipped(path: Path) -> dict[str, str]:
     """The arrays of the file that jstate cannot read, by name, each with the reason."""
-    return {name: _why(dtype) for name, (dtype, _) in _header(Path(path)).items() if dtype not in _DTYPES}
+    return {name: _why(dtype) for name, (dtype, _) in _header(_storage.as_path(path)).items() if dtype not in _DTYPES}
 
 
 def _why(dtype: str) -> str:
@@ -120,16 +120,22 @@ def _package():
     return safetensors
 
 
-def _open(path: Path):
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator:
+    """The file open for reading. safetensors reads local files only: one on an object store
+    is downloaded to a temporary file first."""
     safetensors = _package()
-    if not path.is_file():
+    if not _storage.is_file(path):
         raise CheckpointNotFoundError(f"No safetensors file at {path}: it does not exist.")
-    try:
-        return safetensors.safe_open(path, framework="numpy")
-    except Exception as e:  # SafetensorError subclasses Exception only; its messages say what is wrong
-        raise CorruptCheckpointError(
-            f"Safetensors file {path} is damaged or truncated ({e}). Restore or re-export it."
-        ) from e
+    with _storage.local_copy(path) as local:
+        try:
+            handle = safetensors.safe_open(local, framework="numpy")
+        except Exception as e:  # SafetensorError subclasses Exception only; its messages say what is wrong
+            raise CorruptCheckpointError(
+                f"Safetensors file {path} is damaged or truncated ({e}). Restore or re-export it."
+            ) from e
+        with handle as f:
+            yield f
 
 
 def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -142,7 +148,7 @@ def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
       CheckpointError: for a name the file lacks or holds in a dtype jstate cannot read.
       CorruptCheckpointError: for a damaged or truncated file.
     """
-    path = Path(path)
+    path = _storage.as_path(path)
     header = _header(path)
     missing = [n for n in names if n not in header]
     if missing:
@@ -184,7 +190,7 @@ def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
     >>> save(state, "model.safetensors")
     PosixPath('model.safetensors')
     """
-    path = _files.user_path(path)
+    path = _storage.as_path(path)
     arrays = {}
     for name, value in state.items():
         array = np.asarray(value, order="C")  # (np.ascontiguousarray would make scalars 1-d)
@@ -195,7 +201,7 @@ def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
             )
         arrays[name] = array
     safetensors = _package()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _files.atomic(path) as tmp:
+    _storage.makedirs(path.parent)
+    with _storage.atomic(path) as tmp:
         safetensors.numpy.save_file(arrays, tmp, metadata={"writer": "jstate"})
     return path

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 from . import _checkpoint, _commit, _pack, _restore, _retention, _safetensors, _tree
 from . import transforms as transforms_
 from ._errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
-from ._files import user_path
 from ._manifest import Manifest
 from ._mapping import VarList, compile_var_list
 from ._names import check_name, join
 from ._native import NativeCheckpoint
 from ._reader import Checkpoint
 from ._state import State
+from ._storage import as_path
 from ._tree import path_name
 from ._writer import Writer
 
@@ -142,7 +142,7 @@ class Saver:
                 f"Nothing to save to {path}: the Saver selects no initialized variable of the State "
                 f"({len(state.specs)} declared, {len(state)} initialized). Check its `var_list`, or initialize or restore them first."
             )
-        path = user_path(path)
+        path = as_path(path)
         final = path if step is None else path.with_name(f"{path.name}-{step}")
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)

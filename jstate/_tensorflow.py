@@ -29,7 +29,7 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
-from . import _sstable, _tfproto
+from . import _sstable, _storage, _tfproto
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
 from ._reader import Checkpoint, place
 from ._spec import Entry
@@ -399,6 +399,9 @@ class TensorFlowCheckpoint(Checkpoint):
 
 
 def load(path: Path) -> TensorFlowCheckpoint | None:
-    """`path` as a TensorFlow checkpoint (its prefix or one of its files), None if it is not one."""
+    """`path` as a TensorFlow checkpoint (its prefix or one of its files), None if it is not one.
+    Local files only: TensorFlow checkpoints on gs:// or s3:// are not read (copy them first)."""
+    if _storage.is_remote(path):
+        return None
     prefix = find(path)
     return None if prefix is None else TensorFlowCheckpoint(prefix)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import jax
 
-from . import _commit, _files, _integrity, _orbax, _pack, _progress
+from . import _commit, _files, _integrity, _orbax, _pack, _progress, _storage
 from ._errors import CheckpointError
 from ._manifest import Manifest, Variable
 
@@ -134,7 +134,7 @@ class Writer:
         tracker = _progress.Progress("Saved", final, total, len(arrays), bar=progress)
         try:
             # Known before `prepare` makes it: an interrupt may land right after.
-            created = jax.process_index() == 0 and not final.exists()
+            created = jax.process_index() == 0 and not _storage.exists(final)
             token = _orbax.share(f"{name}:token", _files.token, self._timeout)
             _files.begin(token)
             if jax.process_index() == 0:
@@ -198,26 +198,25 @@ class Writer:
         tracker.advance(tracker.total - tracker.done)
         process = jax.process_index()
         if jax.process_count() > 1:
-            with _files.atomic(final / f".digests-{process}.{token}.tmp") as part:
-                part.write_text(json.dumps(digests))
+            _storage.write_bytes(final / f".digests-{process}.{token}.tmp", json.dumps(digests).encode())
         barrier("written")
         if process == 0:
             for other in range(1, jax.process_count()):
                 part = final / f".digests-{other}.{token}.tmp"
-                for n, regions in json.loads(part.read_text()).items():
+                for n, regions in json.loads(_storage.read_bytes(part)).items():
                     digests[n].update(regions)
-                part.unlink()
+                _storage.unlink(part)
             variables = {
                 n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
                 for n, (shape, dtype, key) in layout.shapes.items()
             }
             packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
             files = {}
-            if data.exists():
+            if _storage.exists(data):
                 # The flush waits on the disk, the file checksums on the CPU: both at once.
                 with ThreadPoolExecutor(max_workers=1) as flusher:
-                    synced = flusher.submit(_files.sync_tree, data)
-                    files = _integrity.file_records(data)
+                    synced = flusher.submit(_storage.sync_tree, data)
+                    files = _integrity.file_records(data, _checksummed(data))
                     synced.result()
             manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
             _commit.commit(final, manifest, token)
@@ -239,7 +238,7 @@ class Writer:
             with contextlib.suppress(Exception):
                 _commit.clean_checkpoint(final)
                 if created:  # stopped before Orbax wrote into it: nothing else removes it
-                    _files.remove_empty_dir(final)
+                    _storage.remove_empty_dir(final)
 
     def wait(self) -> None:
         """Block until a background save is on disk; re-raise its error, if any.
@@ -298,6 +297,15 @@ def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
         isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__) and level >= h.level
         for h in handlers
     )
+
+
+def _checksummed(data: Path) -> Callable[[str], bool]:
+    """Which files of a save's arrays get a CRC32C in the manifest: all of them locally; on an
+    object store only the metadata, since hashing the data would download it all again (the
+    array digests already cover every byte of it)."""
+    if _storage.is_remote(data):
+        return lambda rel: not _orbax.is_data_file(rel)
+    return lambda rel: True
 
 
 def _is_key(array: jax.Array) -> bool:

@@ -290,10 +290,10 @@ def test_a_resave_while_retention_deletes_that_path_is_kept(tmp_path, monkeypatc
         events.append("resaved")
         resaver.save(make_state(11), tmp_path / "model", step=1)
 
-    def records(directory):
+    def records(directory, *args):
         if "failing" in events:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(directory))
-        return real_records(directory)
+        return real_records(directory, *args)
 
     def read_file(path, where):  # inside `delete`, after it took the manifest
         if ".deleting" in Path(path).name and "failing" not in events:

@@ -1,0 +1,312 @@
+"""Where checkpoints live: local paths, and ``gs://`` and ``s3://`` object stores, behind one
+small interface. Every file operation of jstate above this module goes through it.
+
+A path is a `pathlib.Path` (local) or, for a URL, an `etils.epath.Path`, used only as a pure
+path (``/``, ``name``, ``parent``, ``with_name``, ``str``): its own I/O methods go through
+fsspec clients that cache directory listings, and a listing cached before another process
+committed a checkpoint would hide it. The I/O here uses clients without that cache.
+
+What the two kinds of storage offer, and all the commit rule (`_commit`) relies on:
+
+  operation              local file system                 object store (gs://, s3://)
+  atomic write (`atomic`) temporary file, fsync, rename     one PUT: the object appears whole
+  directories            created and fsynced (`makedirs`)  none: a prefix exists while an object does
+  durability             fsync of files and directories     an object is durable once written
+  listing, size, delete  os                                fsspec (gcsfs, s3fs), no listing cache
+
+Nothing spanning several objects is atomic on an object store, and a rename is a copy and a
+delete: the commit rule renames no directory, and writes the manifest last, as one object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePath
+from typing import Any
+
+from . import _files
+from ._errors import CheckpointError
+
+SCHEMES = ("gs", "s3")  # object stores jstate reads and writes
+_ENV = (  # what a client reads when it is made: a change (tests, emulators) makes a new one
+    "STORAGE_EMULATOR_HOST",
+    "FSSPEC_GS_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "FSSPEC_S3_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+)
+
+UNSUPPORTED = (
+    "{path}: jstate reads and writes local paths, gs://bucket/... (Google Cloud Storage) and "
+    "s3://bucket/... (Amazon S3 and compatible stores), not {scheme}://. Mount it, or copy the "
+    "checkpoint to one of those. Nothing was read or written."
+)
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    """A path as users write it: str or `os.PathLike`, relative or with ``~``, or a URL
+    ``gs://bucket/prefix`` or ``s3://bucket/prefix``.
+
+    Raises:
+      CheckpointError: for a URL of another scheme, or without a bucket; `pathlib` would turn
+        ``hdfs://host/ckpt`` into a local directory named ``hdfs:``.
+
+    >>> as_path("ckpt/model"), str(as_path("gs://bucket/ckpt/"))
+    (PosixPath('ckpt/model'), 'gs://bucket/ckpt')
+    >>> as_path("hdfs://cluster/ckpt")
+    Traceback (most recent call last):
+    jstate._errors.CheckpointError: hdfs://cluster/ckpt: jstate reads and writes local paths, ...
+    """
+    if is_remote(path):
+        return path  # type: ignore[return-value]
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if "://" not in text:
+        return Path(text).expanduser()
+    scheme, _, rest = text.partition("://")
+    if scheme not in SCHEMES:
+        raise CheckpointError(UNSUPPORTED.format(path=text, scheme=scheme))
+    if not rest.split("/", 1)[0]:
+        raise CheckpointError(f"{text}: a {scheme}:// path names a bucket first: {scheme}://BUCKET/PREFIX.")
+    from etils import epath  # imported only for a URL: importing jstate stays cheap
+
+    return epath.Path(f"{scheme}://{rest.rstrip('/')}")
+
+
+def is_remote(path: Any) -> bool:
+    """Whether `path` (as `as_path` makes it) is on an object store."""
+    return isinstance(path, PurePath) and not isinstance(path, Path) and str(path).split("://")[0] in SCHEMES
+
+
+def scheme(path: Path) -> str:
+    """``"gs"``, ``"s3"``, or ``"file"``."""
+    return str(path).split("://")[0] if is_remote(path) else "file"
+
+
+# -- object-store clients ------------------------------------------------------------------------
+def _fs(path: Path) -> tuple[Any, str]:
+    """The fsspec filesystem for a remote `path`, and the path's key there (``bucket/a/b``)."""
+    name, _, key = str(path).partition("://")
+    return _client(name, tuple(os.environ.get(v) for v in _ENV)), key
+
+
+@functools.lru_cache(maxsize=8)
+def _client(name: str, env: tuple) -> Any:
+    import fsspec
+
+    # No listing cache: a listing cached before another process committed would hide its checkpoint.
+    return fsspec.filesystem(name, use_listings_cache=False, skip_instance_cache=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+def exists(path: Path) -> bool:
+    if not is_remote(path):
+        return path.exists()
+    fs, key = _fs(path)
+    return fs.exists(key)
+
+
+def is_dir(path: Path) -> bool:
+    """A local directory (following links), or a prefix some object lies under."""
+    if not is_remote(path):
+        return path.is_dir()
+    fs, key = _fs(path)
+    return fs.isdir(key)
+
+
+def is_file(path: Path) -> bool:
+    if not is_remote(path):
+        return path.is_file()
+    fs, key = _fs(path)
+    return fs.isfile(key)
+
+
+def is_symlink(path: Path) -> bool:
+    return not is_remote(path) and path.is_symlink()
+
+
+def listdir(path: Path) -> list[str]:
+    """The names in directory `path`; [] where there is none."""
+    if not is_remote(path):
+        try:
+            return os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    fs, key = _fs(path)
+    try:
+        found = fs.ls(key, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found if p.rstrip("/") != key}
+    return sorted(n for n in names if n)
+
+
+def iterdir(path: Path) -> list[Path]:
+    return [path / name for name in listdir(path)]
+
+
+def read_bytes(path: Path) -> bytes:
+    """The contents of file `path`. Raises FileNotFoundError (or another OSError)."""
+    if not is_remote(path):
+        return path.read_bytes()
+    fs, key = _fs(path)
+    return fs.cat_file(key)
+
+
+def size(path: Path) -> int:
+    """The size of file `path` in bytes. Raises FileNotFoundError."""
+    if not is_remote(path):
+        return path.stat().st_size
+    fs, key = _fs(path)
+    return int(fs.info(key)["size"])
+
+
+def mtime(path: Path) -> float:
+    """When file `path` was last written (seconds since the epoch; 0 where the store does not say)."""
+    if not is_remote(path):
+        return path.stat().st_mtime
+    fs, key = _fs(path)
+    try:
+        return fs.modified(key).timestamp()
+    except (NotImplementedError, AttributeError, KeyError, ValueError):
+        return 0.0
+
+
+def sizes(directory: Path) -> dict[str, int]:
+    """``{path relative to directory: size}`` of every file under `directory`, in one listing
+    on an object store (a `size` per file would cost a request each)."""
+    if not is_remote(directory):
+        out = {}
+        for root, _, files in os.walk(directory):
+            for name in files:
+                file = Path(root, name)
+                out[file.relative_to(directory).as_posix()] = file.stat().st_size
+        return out
+    fs, key = _fs(directory)
+    try:
+        found = fs.find(key, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {name[len(key) + 1 :]: int(info["size"]) for name, info in found.items() if name.startswith(key + "/")}
+
+
+@contextlib.contextmanager
+def local_copy(path: Path) -> Iterator[Path]:
+    """`path` as a local file for a library that reads only those: itself, or a temporary download."""
+    if not is_remote(path):
+        yield path
+        return
+    fs, key = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
+        local = Path(tmp, path.name)
+        fs.get_file(key, str(local))
+        yield local
+
+
+# -- writing -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Write file `path` atomically: the block writes the local file it is given; on success it
+    becomes `path` whole (replacing it), and a failure or a kill leaves `path` as it was.
+
+    Locally: a temporary file beside `path`, flushed and renamed (`_files.atomic`). On an object
+    store: a local temporary file, then one upload, which the store makes visible whole or not at all.
+    """
+    if not is_remote(path):
+        with _files.atomic(path) as tmp:
+            yield tmp
+        return
+    fs, key = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
+        local = Path(tmp, path.name)
+        yield local
+        fs.put_file(str(local), key)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write file `path` atomically (see `atomic`)."""
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def touch(path: Path) -> None:
+    """Create an empty file (a marker); not flushed."""
+    if not is_remote(path):
+        path.touch()
+        return
+    fs, key = _fs(path)
+    fs.pipe_file(key, b"")
+
+
+def makedirs(directory: Path) -> None:
+    """Create `directory` and its parents durably; on an object store there is nothing to create."""
+    if not is_remote(directory):
+        _files.makedirs(directory)
+
+
+def sync_dir(directory: Path) -> None:
+    """Flush a directory's entries to disk (local only: objects are durable once written)."""
+    if not is_remote(directory):
+        _files.sync_dir(directory)
+
+
+def sync_tree(directory: Path) -> None:
+    """Flush every file and directory under `directory` (local only)."""
+    if not is_remote(directory):
+        _files.sync_tree(directory)
+
+
+def check_name_lengths(path: Path, longest_extra: int = 0) -> None:
+    """Raise OSError(ENAMETOOLONG) before anything is written if a name is too long for the local
+    file system (object keys are limited only as a whole, to 1,024 bytes)."""
+    if not is_remote(path):
+        _files.check_name_lengths(path, longest_extra)
+
+
+def unlink(path: Path) -> None:
+    """Delete file `path`; one already gone is no error."""
+    if not is_remote(path):
+        path.unlink(missing_ok=True)
+        return
+    fs, key = _fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(key)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree; what is already gone is no error."""
+    if not is_remote(path):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, key = _fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        if fs.isfile(key):
+            fs.rm_file(key)
+            return
+    with contextlib.suppress(FileNotFoundError):
+        keys = list(fs.find(key))
+        # Listed under `key + "/"` only: ``ckpt/model-1`` must not take ``ckpt/model-10`` with it.
+        doomed = [k for k in keys if k.startswith(key + "/")]
+        if doomed:
+            fs.rm(doomed)
+
+
+def remove_empty_dir(directory: Path) -> None:
+    """Remove `directory` if it is empty: never what another writer has just put in it. (An
+    empty prefix of an object store does not exist: nothing to do there.)"""
+    if is_remote(directory):
+        return
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(directory)
+        _files.sync_dir(directory.parent)
