@@ -180,45 +180,53 @@ def file_checksum(path: Path) -> int:
 def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: True) -> dict[str, list[int]]:
     """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel);
     the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others)."""
-    found = _storage.sizes(directory)
-    wanted = [rel for rel in found if contents(rel)]
+    found = _storage.files(directory)  # on GCS with the store's own CRC32C: nothing to read back
+    wanted = [rel for rel, (_, crc) in found.items() if crc is None and contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         crcs = dict(zip(wanted, pool.map(lambda rel: file_checksum(directory / rel), wanted)))
-    return {rel: [size, crcs.get(rel, UNRECORDED)] for rel, size in found.items()}
+    return {rel: [size, crc if crc is not None else crcs.get(rel, UNRECORDED)] for rel, (size, crc) in found.items()}
 
 
 def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path, contents: Iterable[str] = ()) -> None:
     """Every recorded file exists with its recorded size; those named in `contents` also with
     their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
     contents = set(contents)
-    listed = _storage.sizes(directory) if _storage.is_remote(directory) else None  # one request, not one per file
+    listed = _storage.files(directory) if _storage.is_remote(directory) else None  # one request, not one per file
     for rel, (size, crc) in records.items():
         path = safe_join(directory, rel, checkpoint)
         try:
-            actual = _storage.size(path) if listed is None else listed[rel]
+            actual = _storage.size(path) if listed is None else listed[rel][0]
         except (FileNotFoundError, KeyError):
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {path} is missing.") from None
         if actual != size:
             raise CorruptCheckpointError(
                 f"Checkpoint {checkpoint} is damaged: {path} has {actual} bytes, {size} were written."
             )
-        if rel in contents and crc != UNRECORDED and file_checksum(path) != crc:
+        if rel in contents and crc != UNRECORDED and _crc(path, rel, listed) != crc:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")
 
 
 def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Path) -> list[str]:
     """The recorded files whose contents no longer match (slow: reads them all)."""
     bad = []
+    listed = _storage.files(directory) if _storage.is_remote(directory) else None
     for rel, (size, crc) in records.items():
         path = safe_join(directory, rel, checkpoint)
-        if not _storage.is_file(path):
+        if (rel not in listed) if listed is not None else not _storage.is_file(path):
             bad.append(str(path))
         elif crc == UNRECORDED:
             if _storage.size(path) != size:
                 bad.append(str(path))
-        elif file_checksum(path) != crc:
+        elif _crc(path, rel, listed) != crc:
             bad.append(str(path))
     return bad
+
+
+def _crc(path: Path, rel: str, listed: dict | None) -> int:
+    """The CRC32C of file `path` (`rel` in its checkpoint): the store's, from `listed`
+    (`_storage.files` of the directory), where it keeps one; else computed from the bytes."""
+    crc = listed[rel][1] if listed is not None and rel in listed else None
+    return file_checksum(path) if crc is None else crc
 
 
 def safe_join(directory: Path, rel: str, checkpoint: Path, resolve: bool = True) -> Path:

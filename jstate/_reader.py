@@ -129,7 +129,14 @@ class Checkpoint(abc.ABC):
             damage = self._damage()
             if damage is not None:  # the files fail their checks: that, not the symptom, is the news
                 raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
-            detail = (str(e).splitlines() or [""])[0][:300]
+            detail = (str(e).splitlines() or [""])[0]
+            corrupt = "DATA_LOSS" in detail or "corruption detected" in detail.lower()  # failed tensorstore's checks
+            if len(detail) > 300:
+                detail = detail[:300] + " ..."
+            if corrupt:
+                raise CorruptCheckpointError(
+                    f"Checkpoint {self.path} is damaged: reading {which} failed ({type(e).__name__}: {detail})."
+                ) from e
             raise CheckpointError(
                 f"Checkpoint {self.path}: reading {which} failed ({type(e).__name__}: {detail})."
             ) from e

@@ -20,6 +20,7 @@ delete: the commit rule renames no directory, and writes the manifest last, as o
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
@@ -180,22 +181,33 @@ def mtime(path: Path) -> float:
         return 0.0
 
 
-def sizes(directory: Path) -> dict[str, int]:
-    """``{path relative to directory: size}`` of every file under `directory`, in one listing
-    on an object store (a `size` per file would cost a request each)."""
+def files(directory: Path) -> dict[str, tuple[int, int | None]]:
+    """``{path relative to directory: (size, crc32c)}`` of every file under `directory`, in one
+    listing on an object store (a `size` per file would cost a request each). The CRC32C is the
+    store's own where it keeps one (GCS does, for every object), else None: reading a file to
+    hash it is the caller's choice."""
     if not is_remote(directory):
         out = {}
-        for root, _, files in os.walk(directory):
-            for name in files:
+        for root, _, names in os.walk(directory):
+            for name in names:
                 file = Path(root, name)
-                out[file.relative_to(directory).as_posix()] = file.stat().st_size
+                out[file.relative_to(directory).as_posix()] = (file.stat().st_size, None)
         return out
     fs, key = _fs(directory)
     try:
         found = fs.find(key, detail=True)
     except FileNotFoundError:
         return {}
-    return {name[len(key) + 1 :]: int(info["size"]) for name, info in found.items() if name.startswith(key + "/")}
+    return {
+        name[len(key) + 1 :]: (int(info["size"]), _crc32c(info.get("crc32c")))
+        for name, info in found.items()
+        if name.startswith(key + "/")
+    }
+
+
+def _crc32c(encoded: str | None) -> int | None:
+    """GCS's ``crc32c`` of an object: base64 of the big-endian CRC32C."""
+    return None if not encoded else int.from_bytes(base64.b64decode(encoded), "big")
 
 
 @contextlib.contextmanager

@@ -22,9 +22,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_processes(scenario, workdir, timeout=120):
+def run_processes(scenario, workdir, timeout=120, env=None, cwd=None):
+    """Two workers running `scenario` on checkpoint directory `workdir` (a local path or a URL)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(port), str(i), "2", scenario, str(workdir)],
@@ -32,6 +33,7 @@ def run_processes(scenario, workdir, timeout=120):
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=cwd,
         )
         for i in range(2)
     ]
