@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _commit, _pack, _restore, _retention, _safetensors, _tree
+from . import _checkpoint, _commit, _pack, _restore, _retention, _safetensors, _storage, _tree
 from . import transforms as transforms_
 from ._errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
 from ._manifest import Manifest
@@ -89,7 +89,7 @@ class Saver:
         self._names = compile_var_list(var_list)
         self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
-        self._compression = compression
+        self._compression, self._timeout = compression, timeout
         self._writer = Writer(compression, timeout, _pack.threshold(pack))
         self._progress = progress
 
@@ -286,7 +286,8 @@ class Saver:
         def read(ckpt: Checkpoint) -> State:
             return _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar)
 
-        restored = _checkpoint.reading(path, read)
+        with _storage.timeout(self._timeout):  # no request to an object store waits longer
+            restored = _checkpoint.reading(path, read)
         return restored if isinstance(target, State) else like(target, restored)
 
     def plan(self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False) -> _restore.Plan:

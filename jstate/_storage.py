@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
+import contextvars
+import errno
 import os
 import shutil
 import tempfile
@@ -34,15 +35,6 @@ from . import _files
 from ._errors import CheckpointError
 
 SCHEMES = ("gs", "s3")  # object stores jstate reads and writes
-_ENV = (  # what a client reads when it is made: a change (tests, emulators) makes a new one
-    "STORAGE_EMULATOR_HOST",
-    "FSSPEC_GS_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "FSSPEC_S3_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-)
 
 UNSUPPORTED = (
     "{path}: jstate reads and writes local paths, gs://bucket/... (Google Cloud Storage) and "
@@ -93,18 +85,45 @@ def scheme(path: Path) -> str:
 
 
 # -- object-store clients ------------------------------------------------------------------------
+# Seconds one request to an object store may take, retries included, within `timeout` (the
+# Saver's `timeout` during a save). The clients retry a store that is down for a minute or more
+# (gcsfs: 6 tries, backing off to 32 s): without this bound a save would hang that long.
+_request_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("jstate_request_timeout", default=None)
+
+
+@contextlib.contextmanager
+def timeout(seconds: float | None) -> Iterator[None]:
+    """Within the block (in this thread), each object-store request fails with `TimeoutError`
+    after `seconds` (None: the client's own retry policy decides)."""
+    token = _request_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _request_timeout.reset(token)
+
+
+def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``method(key, *args, **kwargs)`` of an fsspec client, bounded by `timeout`."""
+    seconds = _request_timeout.get()
+    if seconds is None:
+        return method(key, *args, **kwargs)
+    import fsspec.exceptions
+
+    try:
+        return method(key, *args, timeout=seconds, **kwargs)
+    except fsspec.exceptions.FSTimeoutError:
+        message = f"{os.strerror(errno.ETIMEDOUT)}: the store did not answer within {seconds:g} s"
+        raise TimeoutError(errno.ETIMEDOUT, message, str(key)) from None
+
+
 def _fs(path: Path) -> tuple[Any, str]:
     """The fsspec filesystem for a remote `path`, and the path's key there (``bucket/a/b``)."""
-    name, _, key = str(path).partition("://")
-    return _client(name, tuple(os.environ.get(v) for v in _ENV)), key
-
-
-@functools.lru_cache(maxsize=8)
-def _client(name: str, env: tuple) -> Any:
     import fsspec
 
-    # No listing cache: a listing cached before another process committed would hide its checkpoint.
-    return fsspec.filesystem(name, use_listings_cache=False, skip_instance_cache=True)
+    name, _, key = str(path).partition("://")
+    # No listing cache: a listing cached before another process committed would hide its
+    # checkpoint. (fsspec keeps one client per set of arguments: this is not Orbax's.)
+    return fsspec.filesystem(name, use_listings_cache=False), key
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -112,7 +131,7 @@ def exists(path: Path) -> bool:
     if not is_remote(path):
         return path.exists()
     fs, key = _fs(path)
-    return fs.exists(key)
+    return _call(fs.exists, key)
 
 
 def is_dir(path: Path) -> bool:
@@ -120,14 +139,14 @@ def is_dir(path: Path) -> bool:
     if not is_remote(path):
         return path.is_dir()
     fs, key = _fs(path)
-    return fs.isdir(key)
+    return _call(fs.isdir, key)
 
 
 def is_file(path: Path) -> bool:
     if not is_remote(path):
         return path.is_file()
     fs, key = _fs(path)
-    return fs.isfile(key)
+    return _call(fs.isfile, key)
 
 
 def is_symlink(path: Path) -> bool:
@@ -143,7 +162,7 @@ def listdir(path: Path) -> list[str]:
             return []
     fs, key = _fs(path)
     try:
-        found = fs.ls(key, detail=False)
+        found = _call(fs.ls, key, detail=False)
     except FileNotFoundError:
         return []
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found if p.rstrip("/") != key}
@@ -159,7 +178,7 @@ def read_bytes(path: Path) -> bytes:
     if not is_remote(path):
         return path.read_bytes()
     fs, key = _fs(path)
-    return fs.cat_file(key)
+    return _call(fs.cat_file, key)
 
 
 def size(path: Path) -> int:
@@ -167,7 +186,7 @@ def size(path: Path) -> int:
     if not is_remote(path):
         return path.stat().st_size
     fs, key = _fs(path)
-    return int(fs.info(key)["size"])
+    return int(_call(fs.info, key)["size"])
 
 
 def mtime(path: Path) -> float:
@@ -175,10 +194,9 @@ def mtime(path: Path) -> float:
     if not is_remote(path):
         return path.stat().st_mtime
     fs, key = _fs(path)
-    try:
-        return fs.modified(key).timestamp()
-    except (NotImplementedError, AttributeError, KeyError, ValueError):
-        return 0.0
+    info = _call(fs.info, key)
+    stamp = info.get("mtime") or info.get("LastModified")  # gcsfs's, s3fs's
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0
 
 
 def files(directory: Path) -> dict[str, tuple[int, int | None]]:
@@ -195,7 +213,7 @@ def files(directory: Path) -> dict[str, tuple[int, int | None]]:
         return out
     fs, key = _fs(directory)
     try:
-        found = fs.find(key, detail=True)
+        found = _call(fs.find, key, detail=True)
     except FileNotFoundError:
         return {}
     return {
@@ -219,7 +237,7 @@ def local_copy(path: Path) -> Iterator[Path]:
     fs, key = _fs(path)
     with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
         local = Path(tmp, path.name)
-        fs.get_file(key, str(local))
+        _call(fs.get_file, key, str(local))
         yield local
 
 
@@ -240,7 +258,7 @@ def atomic(path: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
         local = Path(tmp, path.name)
         yield local
-        fs.put_file(str(local), key)
+        _call(fs.put_file, str(local), key)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -255,7 +273,7 @@ def touch(path: Path) -> None:
         path.touch()
         return
     fs, key = _fs(path)
-    fs.pipe_file(key, b"")
+    _call(fs.pipe_file, key, b"")
 
 
 def makedirs(directory: Path) -> None:
@@ -290,7 +308,7 @@ def unlink(path: Path) -> None:
         return
     fs, key = _fs(path)
     with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(key)
+        _call(fs.rm_file, key)
 
 
 def remove(path: Path) -> None:
@@ -303,15 +321,15 @@ def remove(path: Path) -> None:
         return
     fs, key = _fs(path)
     with contextlib.suppress(FileNotFoundError):
-        if fs.isfile(key):
-            fs.rm_file(key)
+        if _call(fs.isfile, key):
+            _call(fs.rm_file, key)
             return
     with contextlib.suppress(FileNotFoundError):
-        keys = list(fs.find(key))
+        keys = list(_call(fs.find, key))
         # Listed under `key + "/"` only: ``ckpt/model-1`` must not take ``ckpt/model-10`` with it.
         doomed = [k for k in keys if k.startswith(key + "/")]
         if doomed:
-            fs.rm(doomed)
+            _call(fs.rm, doomed)
 
 
 def remove_empty_dir(directory: Path) -> None:

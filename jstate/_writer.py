@@ -125,6 +125,10 @@ class Writer:
         Raises:
           CheckpointError: the save failed; earlier checkpoints are intact.
         """
+        with _storage.timeout(self._timeout):  # no request to an object store waits longer
+            self._save(arrays, final, step, prefix, blocking, committed)
+
+    def _save(self, arrays, final, step, prefix, blocking, committed) -> None:
         self.wait()
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
@@ -177,8 +181,13 @@ class Writer:
             if isinstance(e, Exception):
                 raise save_failed(final, e) from e
             raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
-        if not blocking:
-            _Background(self, final, finish, functools.partial(self._failed, final, token, created))
+        if not blocking:  # in a thread of its own, which the request timeout does not reach by itself
+            failed = functools.partial(self._failed, final, token, created)
+            _Background(self, final, functools.partial(self._bounded, finish), functools.partial(self._bounded, failed))
+
+    def _bounded(self, work: Callable[[], None]) -> None:
+        with _storage.timeout(self._timeout):
+            work()
 
     def _track(self, background: _Background) -> None:
         self._pending = background

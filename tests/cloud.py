@@ -24,8 +24,9 @@ and etils.epath, fsspec and tensorstore keep their clients for the life of the p
 uses for ``gs://``, the cached clients); a fresh subprocess with :func:`subprocess_env` needs none of it.
 
 ``python tests/cloud.py selfcheck`` starts both emulators, saves an Orbax checkpoint to ``gs://``,
-restores it in a fresh process and round-trips an array through tensorstore's ``s3`` driver; the
-tests run it inside a network namespace that has only loopback.
+restores it in a fresh process, round-trips an array through tensorstore's ``s3`` driver, and saves,
+lists and reads jstate checkpoints on both; the tests run it inside a network namespace that has
+only loopback.
 """
 
 from __future__ import annotations
@@ -289,6 +290,48 @@ def fake_gcs_binary() -> str:
         raise EmulatorUnavailable(str(e)) from e
 
 
+def _fake_gcs_argv(binary: str, port: int, filesystem_root: str | None = None) -> list[str]:
+    address = f"127.0.0.1:{port}"
+    backend = (
+        {"backend": "memory"}
+        if filesystem_root is None
+        else {"backend": "filesystem", "filesystem-root": filesystem_root}
+    )
+    flags = {"scheme": "http", **backend, "host": "127.0.0.1", "port": str(port),
+             "external-url": f"http://{address}", "public-host": address, "log-level": "warn"}  # fmt: skip
+    return [binary, *(part for name, value in flags.items() for part in (f"-{name}", value))]
+
+
+class RestartableGCS:
+    """fake-gcs-server keeping its objects under a local directory, so that it can be stopped and
+    started again on the same port with every object intact (a store that restarts mid-save).
+    Not started by the constructor: `start`, `stop`, `start` again."""
+
+    def __init__(self, filesystem_root: str, bucket: str = BUCKET):
+        self.root, self.bucket, self.port = filesystem_root, bucket, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: _Process | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.process = _Process(
+            _fake_gcs_argv(fake_gcs_binary(), self.port, self.root), env=subprocess_env(loopback_env())
+        )
+        self.process.wait_ready(
+            lambda: _http("GET", f"{self.endpoint}/storage/v1/b?project={PROJECT}") == 200, timeout, "fake-gcs-server"
+        )
+        body = json.dumps({"name": self.bucket}).encode()
+        if _http("POST", f"{self.endpoint}/storage/v1/b?project={PROJECT}", body) not in (200, 409):
+            raise EmulatorUnavailable(f"fake-gcs-server: cannot create bucket {self.bucket}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def emulator(self) -> Emulator:
+        return Emulator("gs", self.endpoint, self.bucket, self.process.proc.pid if self.process else 0, 0.0)
+
+
 @contextlib.contextmanager
 def fake_gcs_server(bucket: str = BUCKET, timeout: float = 20.0) -> Iterator[Emulator]:
     """fake-gcs-server (in memory, plain HTTP) on 127.0.0.1 with ``bucket``; stopped on exit.
@@ -296,10 +339,7 @@ def fake_gcs_server(bucket: str = BUCKET, timeout: float = 20.0) -> Iterator[Emu
     binary = fake_gcs_binary()
 
     def argv(port):
-        address = f"127.0.0.1:{port}"
-        flags = {"scheme": "http", "backend": "memory", "host": "127.0.0.1", "port": str(port),
-                 "external-url": f"http://{address}", "public-host": address, "log-level": "warn"}  # fmt: skip
-        return [binary, *(part for name, value in flags.items() for part in (f"-{name}", value))]
+        return _fake_gcs_argv(binary, port)
 
     def create_bucket(endpoint):
         status = _http("POST", f"{endpoint}/storage/v1/b?project={PROJECT}", json.dumps({"name": bucket}).encode())
@@ -540,9 +580,27 @@ def selfcheck() -> dict:
         timings["tensorstore_s3_s"] = time.monotonic() - start
 
         start = time.monotonic()
+        import jstate
+
+        for server in (gcs_server, s3_server):  # jstate's own route: fsspec, tensorstore, Orbax (s3 shim)
+            saver = jstate.Saver(max_to_keep=1)
+            state = jstate.State.from_tree({"w": np.arange(6, dtype=np.float32)})
+            for step in (1, 2):
+                saver.save(state, server.url(run, "jstate", "model"), step=step)
+            latest = jstate.latest_checkpoint(server.url(run, "jstate"))
+            if latest != server.url(run, "jstate", "model-2"):
+                raise AssertionError(f"jstate latest_checkpoint on {server.scheme}: {latest}")
+            np.testing.assert_array_equal(jstate.load_variable(latest, "w"), np.arange(6, dtype=np.float32))
+        timings["jstate_gcs_and_s3_s"] = time.monotonic() - start
+
+        start = time.monotonic()
         file = epath.Path(s3_server.url(run, "note.txt"))
         file.write_text("loopback")
-        assert file.read_text() == "loopback" and [p.name for p in file.parent.iterdir()] == ["array", "note.txt"]
+        assert file.read_text() == "loopback" and [p.name for p in file.parent.iterdir()] == [
+            "array",
+            "jstate",
+            "note.txt",
+        ]
         file.parent.rmtree()
         assert not file.exists()
         timings["epath_s3_s"] = time.monotonic() - start

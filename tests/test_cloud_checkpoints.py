@@ -287,3 +287,63 @@ def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_
     )
     cloud.run_python(code, cloud_env, args=[s3.url(f"plain-{uuid.uuid4().hex[:8]}")], cwd=str(tmp_path))
     assert os.path.isdir(tmp_path / "s3:"), "plain Orbax no longer writes s3:// locally: review the shim"
+
+
+# A save paused after its arrays are written, before its manifest, while the store goes away:
+# restarted at once (with its objects: the emulator keeps them on disk), or only after the save
+# has given up. Its own emulator, so that the session's is not disturbed.
+STORE_GOES_AWAY = """
+import json, os, sys, tempfile, time
+sys.path.insert(0, sys.argv[2])
+import cloud
+server = cloud.RestartableGCS(tempfile.mkdtemp())
+server.start()
+os.environ.update(cloud.loopback_env(server.emulator(), None))
+import jax.numpy as jnp
+import jstate
+from jstate import _integrity
+
+root, restart = "gs://jstate-test/run", sys.argv[1] == "restart"
+jstate.Saver().save(jstate.State.from_tree({"x": jnp.zeros(4)}), root + "/model", step=1)
+real = _integrity.file_records
+
+def store_goes_away(*args, **kwargs):
+    server.stop()
+    if restart:
+        server.start()
+    return real(*args, **kwargs)
+
+_integrity.file_records = store_goes_away
+try:
+    jstate.Saver(timeout=3).save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model", step=2)
+    outcome = "saved"
+except jstate.CheckpointError as e:
+    outcome = str(e)
+_integrity.file_records = real
+if not restart:
+    server.start()
+latest = jstate.latest_checkpoint(root)
+print(json.dumps({"outcome": outcome, "latest": latest, "x": jstate.load_variable(latest, "x").tolist(),
+                  "listed": [row[0] for row in jstate.list_checkpoints(root)]}))
+server.stop()
+"""
+
+
+@pytest.mark.parametrize("restart", ["restart", "stay down"])
+def test_store_going_away_mid_save(gcs, cloud_env, tmp_path, restart):
+    """Restarted mid-save (objects kept), the save completes and is latest. Down for good, the save
+    fails with a CheckpointError once a request has waited the Saver's timeout (3 s here; the GCS
+    client alone would retry for over a minute), and model-1 stays the latest, intact."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = cloud.run_python(STORE_GOES_AWAY, cloud_env, args=[restart, here], cwd=str(tmp_path), timeout=100)
+    result = json.loads(out.strip().splitlines()[-1])
+    if restart == "restart":
+        assert result["outcome"] == "saved"
+        assert result["latest"] == "gs://jstate-test/run/model-2" and result["x"] == [1.0] * 4
+        assert result["listed"] == ["gs://jstate-test/run/model-1", "gs://jstate-test/run/model-2"]
+    else:
+        assert "Saving checkpoint gs://jstate-test/run/model-2 failed" in result["outcome"]
+        assert "did not answer within 3 s" in result["outcome"] or "Cannot connect" in result["outcome"]
+        assert result["latest"] == "gs://jstate-test/run/model-1" and result["x"] == [0.0] * 4
+        assert result["listed"] == ["gs://jstate-test/run/model-1"]
+    assert os.listdir(tmp_path) == []
