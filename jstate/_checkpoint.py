@@ -52,6 +52,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
       model.safetensors            a safetensors file (needs `jstate[safetensors]`)
       ckpt/                        a directory of any of these: its latest complete one
       ckpt/model                   a prefix: the latest of ckpt/model-<step>
+      gs://bucket/ckpt/model-1000  any of these on Google Cloud Storage, or s3://bucket/... on S3
 
     Raises:
       CheckpointNotFoundError: nothing readable at `path`.

@@ -61,7 +61,8 @@ class Saver:
       progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
         and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
         either way.
-      timeout: seconds that processes of a multi-process save wait for each other.
+      timeout: seconds that processes of a multi-process save wait for each other, and that
+        one request to an object store (gs://, s3://) may take before the save fails.
       keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
 
     >>> saver = jstate.Saver(max_to_keep=3)
@@ -115,7 +116,8 @@ class Saver:
         are copied off the device (donating `state` right after is safe); `wait` finishes it, and
         so does the interpreter's exit. A save killed at any moment leaves earlier checkpoints
         intact and is never listed. `path` may be an earlier checkpoint of this name (it is
-        replaced), never another directory. A Saver is used from one thread at a time.
+        replaced), never another directory; it may be local or ``gs://bucket/...`` or
+        ``s3://bucket/...`` (see the README). A Saver is used from one thread at a time.
         ``progress=True`` shows a progress bar (None: the Saver's `progress`).
 
         Raises:

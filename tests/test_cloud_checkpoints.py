@@ -290,10 +290,11 @@ def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_
 
 
 # A save paused after its arrays are written, before its manifest, while the store goes away:
-# restarted at once (with its objects: the emulator keeps them on disk), or only after the save
-# has given up. Its own emulator, so that the session's is not disturbed.
+# restarted at once (with its objects: the emulator keeps them on disk), down until the save has
+# given up, frozen (SIGSTOP: connections are accepted, nothing answers) for good, or frozen for a
+# second (a slow store). Its own emulator, so that the session's is not disturbed.
 STORE_GOES_AWAY = """
-import json, os, sys, tempfile, time
+import json, os, signal, sys, tempfile, threading, time
 sys.path.insert(0, sys.argv[2])
 import cloud
 server = cloud.RestartableGCS(tempfile.mkdtemp())
@@ -303,14 +304,20 @@ import jax.numpy as jnp
 import jstate
 from jstate import _integrity
 
-root, restart = "gs://jstate-test/run", sys.argv[1] == "restart"
+root, mode = "gs://jstate-test/run", sys.argv[1]
 jstate.Saver().save(jstate.State.from_tree({"x": jnp.zeros(4)}), root + "/model", step=1)
 real = _integrity.file_records
 
 def store_goes_away(*args, **kwargs):
-    server.stop()
-    if restart:
+    pid = server.process.proc.pid
+    if mode in ("restart", "stay down"):
+        server.stop()
+    if mode == "restart":
         server.start()
+    if mode in ("stall", "slow"):
+        os.kill(pid, signal.SIGSTOP)
+    if mode == "slow":
+        threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
     return real(*args, **kwargs)
 
 _integrity.file_records = store_goes_away
@@ -320,8 +327,10 @@ try:
 except jstate.CheckpointError as e:
     outcome = str(e)
 _integrity.file_records = real
-if not restart:
+if mode == "stay down":
     server.start()
+if mode == "stall":
+    os.kill(server.process.proc.pid, signal.SIGCONT)
 latest = jstate.latest_checkpoint(root)
 print(json.dumps({"outcome": outcome, "latest": latest, "x": jstate.load_variable(latest, "x").tolist(),
                   "listed": [row[0] for row in jstate.list_checkpoints(root)]}))
@@ -329,15 +338,16 @@ server.stop()
 """
 
 
-@pytest.mark.parametrize("restart", ["restart", "stay down"])
-def test_store_going_away_mid_save(gcs, cloud_env, tmp_path, restart):
-    """Restarted mid-save (objects kept), the save completes and is latest. Down for good, the save
-    fails with a CheckpointError once a request has waited the Saver's timeout (3 s here; the GCS
-    client alone would retry for over a minute), and model-1 stays the latest, intact."""
+@pytest.mark.parametrize("mode", ["restart", "slow", "stay down", "stall"])
+def test_store_going_away_mid_save(gcs, cloud_env, tmp_path, mode):
+    """Restarted mid-save (objects kept) or slow for a second, the save completes and is latest.
+    Down or frozen for good, the save fails with a CheckpointError once a request has waited the
+    Saver's timeout (3 s here; the GCS client alone retries for over a minute, and waits on a
+    frozen store for ever), and model-1 stays the latest, intact."""
     here = os.path.dirname(os.path.abspath(__file__))
-    out = cloud.run_python(STORE_GOES_AWAY, cloud_env, args=[restart, here], cwd=str(tmp_path), timeout=100)
+    out = cloud.run_python(STORE_GOES_AWAY, cloud_env, args=[mode, here], cwd=str(tmp_path), timeout=100)
     result = json.loads(out.strip().splitlines()[-1])
-    if restart == "restart":
+    if mode in ("restart", "slow"):
         assert result["outcome"] == "saved"
         assert result["latest"] == "gs://jstate-test/run/model-2" and result["x"] == [1.0] * 4
         assert result["listed"] == ["gs://jstate-test/run/model-1", "gs://jstate-test/run/model-2"]
