@@ -26,6 +26,40 @@ import _harness  # noqa: E402
 import cloud  # noqa: E402  (the tests' emulator harness)
 
 
+def measure(run: str, tree: dict, abstract: dict, rounds: int) -> tuple[dict, dict]:
+    """Seconds per save and per restore of `tree` under URL `run`: jstate's and Orbax's, interleaved."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    import jstate
+
+    state = jstate.State.from_tree(tree, flat=True)
+    # Orbax's own rename-based commit fails on S3 (rename is copy + delete): a commit file, as jstate uses.
+    commit_file = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+    saver, checkpointer = jstate.Saver(), ocp.StandardCheckpointer(atomicity_options=commit_file)
+    counter = iter(range(10**6))
+    paths: dict[str, str] = {}
+
+    def jstate_save():
+        paths["jstate"] = saver.save(state, f"{run}/jstate-{next(counter)}")
+
+    def orbax_save():
+        paths["orbax"] = f"{run}/orbax-{next(counter)}"
+        checkpointer.save(paths["orbax"], tree)
+        checkpointer.wait_until_finished()
+
+    def jstate_restore():
+        jax.block_until_ready(saver.restore(paths["jstate"], abstract))
+
+    def orbax_restore():
+        jax.block_until_ready(checkpointer.restore(paths["orbax"], abstract))
+
+    saves = _harness.interleave({"jstate": jstate_save, "orbax": orbax_save}, rounds)
+    restores = _harness.interleave({"jstate": jstate_restore, "orbax": orbax_restore}, rounds)
+    checkpointer.close()
+    return saves, restores
+
+
 def main() -> None:
     args = _harness.parse_args(__doc__.splitlines()[0])
     _harness.use_cpu_devices(8)
@@ -38,9 +72,7 @@ def main() -> None:
         os.environ.update(cloud.loopback_env(gcs, s3))  # before any client is made
         import jax
         import numpy as np
-        import orbax.checkpoint as ocp
 
-        import jstate
         from jstate import _orbax
 
         _orbax._s3_shim()  # plain Orbax on s3:// needs it too
@@ -52,37 +84,13 @@ def main() -> None:
             tree = {f"v{i:04d}": jax.numpy.asarray(rng.standard_normal(size, dtype=np.float32)) for i in range(count)}
             nbytes = sum(a.nbytes for a in tree.values())
             case = f"{count} arrays, {nbytes / 2**20:.3g} MiB"
-            state = jstate.State.from_tree(tree, flat=True)
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
             for emulator in (gcs, s3):
-                run = emulator.url(f"bench-{uuid.uuid4().hex[:6]}")
-                # Orbax's own rename-based commit fails on S3 (rename is copy + delete): a commit file, as jstate uses.
-                commit_file = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-                saver, checkpointer = jstate.Saver(), ocp.StandardCheckpointer(atomicity_options=commit_file)
-                counter = iter(range(10**6))
-                paths: dict[str, str] = {}
-
-                def jstate_save():
-                    paths["jstate"] = saver.save(state, f"{run}/jstate-{next(counter)}")
-
-                def orbax_save():
-                    paths["orbax"] = f"{run}/orbax-{next(counter)}"
-                    checkpointer.save(paths["orbax"], tree)
-                    checkpointer.wait_until_finished()
-
-                def jstate_restore():
-                    jax.block_until_ready(saver.restore(paths["jstate"], abstract))
-
-                def orbax_restore():
-                    jax.block_until_ready(checkpointer.restore(paths["orbax"], abstract))
-
-                saves = _harness.interleave({"jstate": jstate_save, "orbax": orbax_save}, rounds)
-                restores = _harness.interleave({"jstate": jstate_restore, "orbax": orbax_restore}, rounds)
+                saves, restores = measure(emulator.url(f"bench-{uuid.uuid4().hex[:6]}"), tree, abstract, rounds)
                 for what, times in (("save", saves), ("restore", restores)):
                     ratio = _harness.median_ratio(times["jstate"], times["orbax"])
                     rows.append((emulator.scheme, case, what, _harness.median(times["jstate"]),
                                  _harness.median(times["orbax"]), ratio, nbytes))  # fmt: skip
-                checkpointer.close()
         print(f"\n{'store':5} {'case':22} {'op':8} {'jstate s':>9} {'orbax s':>9} {'ratio':>6} {'jstate MiB/s':>12}")
         for scheme, case, what, mine, theirs, ratio, nbytes in rows:
             print(

@@ -192,7 +192,7 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
     their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
     contents = set(contents)
     listed = _storage.files(directory) if _storage.is_remote(directory) else None  # one request, not one per file
-    for rel, (size, crc) in records.items():
+    for rel, (size, _) in records.items():
         path = safe_join(directory, rel, checkpoint)
         try:
             actual = _storage.size(path) if listed is None else listed[rel][0]
