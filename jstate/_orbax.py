@@ -103,6 +103,7 @@ def s3_kvstore(path: str) -> dict[str, Any]:
     """tensorstore's kvstore spec for ``s3://bucket/key``: endpoint and region from the
     environment as boto3 reads them (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
     ``AWS_REGION``, ``AWS_DEFAULT_REGION``); without an endpoint, tensorstore's default (AWS).
+    Credentials: from ``AWS_ACCESS_KEY_ID`` and its siblings where set, else AWS's default chain.
 
     >>> s3_kvstore("s3://bucket/ckpt/a")["path"]
     'ckpt/a'
@@ -115,6 +116,8 @@ def s3_kvstore(path: str) -> dict[str, Any]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         spec["aws_region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID"):  # straight to them: the default chain logs each provider it tries
+        spec["aws_credentials"] = {"type": "environment"}
     return spec
 
 

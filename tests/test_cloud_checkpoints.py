@@ -242,7 +242,7 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
     _orbax._s3_shim()
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x", use_ocdbt=False)
     assert spec == {"driver": "s3", "bucket": "bucket", "path": "ckpt/arrays-x", "endpoint": s3.endpoint,
-                    "aws_region": cloud.REGION}  # fmt: skip
+                    "aws_region": cloud.REGION, "aws_credentials": {"type": "environment"}}  # fmt: skip
     ocdbt = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x/", use_ocdbt=True)
     assert ocdbt["driver"] == "ocdbt" and "s3" in json.dumps(ocdbt) and "file" not in json.dumps(ocdbt)
     assert tensorstore_utils.build_kvstore_tspec("gs://b/c", use_ocdbt=False)["driver"] == "gcs"
@@ -289,13 +289,14 @@ def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_
     assert os.path.isdir(tmp_path / "s3:"), "plain Orbax no longer writes s3:// locally: review the shim"
 
 
-# A save paused after its arrays are written, before its manifest, while the store goes away:
+# Saves paused after their arrays are written, before their manifests, while the store goes away:
 # restarted at once (with its objects: the emulator keeps them on disk), down until the save has
 # given up, frozen (SIGSTOP: connections are accepted, nothing answers) for good, or frozen for a
-# second (a slow store). Its own emulator, so that the session's is not disturbed.
+# second (a slow store). One process, its own emulator (the session's is not disturbed), a
+# directory per mode; one line of JSON per mode.
 STORE_GOES_AWAY = """
-import json, os, signal, sys, tempfile, threading, time
-sys.path.insert(0, sys.argv[2])
+import json, os, signal, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
 import cloud
 server = cloud.RestartableGCS(tempfile.mkdtemp())
 server.start()
@@ -304,56 +305,69 @@ import jax.numpy as jnp
 import jstate
 from jstate import _integrity
 
-root, mode = "gs://jstate-test/run", sys.argv[1]
-jstate.Saver().save(jstate.State.from_tree({"x": jnp.zeros(4)}), root + "/model", step=1)
 real = _integrity.file_records
+for mode in sys.argv[2:]:
+    root = "gs://jstate-test/" + mode.replace(" ", "-")
+    jstate.Saver().save(jstate.State.from_tree({"x": jnp.zeros(4)}), root + "/model", step=1)
 
-def store_goes_away(*args, **kwargs):
-    pid = server.process.proc.pid
-    if mode in ("restart", "stay down"):
-        server.stop()
-    if mode == "restart":
+    def store_goes_away(*args, **kwargs):
+        pid = server.process.proc.pid
+        if mode in ("restart", "stay down"):
+            server.stop()
+        if mode == "restart":
+            server.start()
+        if mode in ("stall", "slow"):
+            os.kill(pid, signal.SIGSTOP)
+        if mode == "slow":
+            threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
+        return real(*args, **kwargs)
+
+    _integrity.file_records = store_goes_away
+    try:
+        jstate.Saver(timeout=3).save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model", step=2)
+        outcome = "saved"
+    except jstate.CheckpointError as e:
+        outcome = str(e)
+    _integrity.file_records = real
+    if mode == "stay down":
         server.start()
-    if mode in ("stall", "slow"):
-        os.kill(pid, signal.SIGSTOP)
-    if mode == "slow":
-        threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
-    return real(*args, **kwargs)
-
-_integrity.file_records = store_goes_away
-try:
-    jstate.Saver(timeout=3).save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model", step=2)
-    outcome = "saved"
-except jstate.CheckpointError as e:
-    outcome = str(e)
-_integrity.file_records = real
-if mode == "stay down":
-    server.start()
-if mode == "stall":
-    os.kill(server.process.proc.pid, signal.SIGCONT)
-latest = jstate.latest_checkpoint(root)
-print(json.dumps({"outcome": outcome, "latest": latest, "x": jstate.load_variable(latest, "x").tolist(),
-                  "listed": [row[0] for row in jstate.list_checkpoints(root)]}))
+    if mode == "stall":
+        os.kill(server.process.proc.pid, signal.SIGCONT)
+    latest = jstate.latest_checkpoint(root)
+    print(json.dumps({"mode": mode, "root": root, "outcome": outcome, "latest": latest,
+                      "x": jstate.load_variable(latest, "x").tolist(),
+                      "listed": [row[0] for row in jstate.list_checkpoints(root)]}), flush=True)
 server.stop()
 """
+MODES = ["restart", "slow", "stay down", "stall"]
 
 
-@pytest.mark.parametrize("mode", ["restart", "slow", "stay down", "stall"])
-def test_store_going_away_mid_save(gcs, cloud_env, tmp_path, mode):
+@pytest.fixture(scope="module")
+def store_went_away(cloud_session, tmp_path_factory) -> dict:
+    if cloud_session.gcs is None:
+        pytest.skip(f"GCS emulator unavailable: {cloud_session.gcs_error}")
+    cwd = tmp_path_factory.mktemp("store-went-away")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = cloud.run_python(STORE_GOES_AWAY, cloud_session.env, args=[here, *MODES], cwd=str(cwd), timeout=150)
+    assert os.listdir(cwd) == []
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {r["mode"]: r for r in results}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_store_going_away_mid_save(store_went_away, mode):
     """Restarted mid-save (objects kept) or slow for a second, the save completes and is latest.
     Down or frozen for good, the save fails with a CheckpointError once a request has waited the
     Saver's timeout (3 s here; the GCS client alone retries for over a minute, and waits on a
     frozen store for ever), and model-1 stays the latest, intact."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = cloud.run_python(STORE_GOES_AWAY, cloud_env, args=[mode, here], cwd=str(tmp_path), timeout=100)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = store_went_away[mode]
+    root = result["root"]
     if mode in ("restart", "slow"):
         assert result["outcome"] == "saved"
-        assert result["latest"] == "gs://jstate-test/run/model-2" and result["x"] == [1.0] * 4
-        assert result["listed"] == ["gs://jstate-test/run/model-1", "gs://jstate-test/run/model-2"]
+        assert result["latest"] == f"{root}/model-2" and result["x"] == [1.0] * 4
+        assert result["listed"] == [f"{root}/model-1", f"{root}/model-2"]
     else:
-        assert "Saving checkpoint gs://jstate-test/run/model-2 failed" in result["outcome"]
+        assert f"Saving checkpoint {root}/model-2 failed" in result["outcome"]
         assert "did not answer within 3 s" in result["outcome"] or "Cannot connect" in result["outcome"]
-        assert result["latest"] == "gs://jstate-test/run/model-1" and result["x"] == [0.0] * 4
-        assert result["listed"] == ["gs://jstate-test/run/model-1"]
-    assert os.listdir(tmp_path) == []
+        assert result["latest"] == f"{root}/model-1" and result["x"] == [0.0] * 4
+        assert result["listed"] == [f"{root}/model-1"]
