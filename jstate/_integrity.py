@@ -183,7 +183,7 @@ def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: 
     found = _storage.files(directory)  # on GCS with the store's own CRC32C: nothing to read back
     wanted = [rel for rel, (_, crc) in found.items() if crc is None and contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        crcs = dict(zip(wanted, pool.map(lambda rel: file_checksum(directory / rel), wanted)))
+        crcs = dict(zip(wanted, pool.map(_storage.bounded(lambda rel: file_checksum(directory / rel)), wanted)))
     return {rel: [size, crc if crc is not None else crcs.get(rel, UNRECORDED)] for rel, (size, crc) in found.items()}
 
 
@@ -205,7 +205,7 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
     hashed = [(rel, directory / rel) for rel in records if rel in contents and records[rel][1] != UNRECORDED]
     # In parallel: on an object store each is a request, and their latency adds up.
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(hashed)))) as pool:
-        crcs = list(pool.map(lambda item: _crc(item[1], item[0], listed), hashed))
+        crcs = list(pool.map(_storage.bounded(lambda item: _crc(item[1], item[0], listed)), hashed))
     for (rel, path), crc in zip(hashed, crcs):
         if crc != records[rel][1]:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")

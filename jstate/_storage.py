@@ -27,13 +27,14 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _files
 from ._errors import CheckpointError
 
+T = TypeVar("T")
 SCHEMES = ("gs", "s3")  # object stores jstate reads and writes
 
 UNSUPPORTED = (
@@ -100,6 +101,17 @@ def timeout(seconds: float | None) -> Iterator[None]:
         yield
     finally:
         _request_timeout.reset(token)
+
+
+def bounded(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, to run in a worker thread under this thread's `timeout` (threads do not inherit it)."""
+    seconds = _request_timeout.get()
+
+    def run(*args: Any) -> T:
+        with timeout(seconds):
+            return fn(*args)
+
+    return run
 
 
 def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
