@@ -32,7 +32,7 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from . import _files
-from ._errors import CheckpointError
+from ._errors import CheckpointError, CheckpointNotFoundError
 
 T = TypeVar("T")
 SCHEMES = ("gs", "s3")  # object stores jstate reads and writes
@@ -51,6 +51,7 @@ def as_path(path: str | os.PathLike) -> Path:
     Raises:
       CheckpointError: for a URL of another scheme, or without a bucket; `pathlib` would turn
         ``hdfs://host/ckpt`` into a local directory named ``hdfs:``.
+      CheckpointNotFoundError: for an empty path.
 
     >>> as_path("ckpt/model"), str(as_path("gs://bucket/ckpt/"))
     (PosixPath('ckpt/model'), 'gs://bucket/ckpt')
@@ -63,6 +64,8 @@ def as_path(path: str | os.PathLike) -> Path:
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
+    if not text:
+        raise CheckpointNotFoundError("No checkpoint at '': the path is empty. Give a checkpoint or a directory.")
     if "://" not in text:
         return Path(text).expanduser()
     scheme, _, rest = text.partition("://")
