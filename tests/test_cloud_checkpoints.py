@@ -270,6 +270,20 @@ def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs, cloud_env, tmp_path):
+    """tests/test_multihost.py's kill scenario on GCS: process 1 dies mid-save; process 0's save fails
+    instead of hanging, and model-1 stays the latest, restorable."""
+    import test_multihost
+
+    root = gcs.url(f"multihost-kill-{uuid.uuid4().hex[:8]}")
+    results = test_multihost.run_processes("kill", root, timeout=90, env=cloud.subprocess_env(cloud_env), cwd=tmp_path)
+    assert results[1][0] == 9, results[1][2][-3000:]
+    assert test_multihost.last_json(results[0][1]) != {"unexpected": "save completed without its peer"}
+    assert jstate.latest_checkpoint(root) == f"{root}/model-1"
+    assert jstate.Saver().restore(root, jstate.abstract(test_multihost.model)).uninitialized() == []
+    assert os.listdir(tmp_path) == []
+
+
 def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:``. (If a future Orbax stops doing
