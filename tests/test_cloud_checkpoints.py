@@ -270,20 +270,6 @@ def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs, cloud_env, tmp_path):
-    """tests/test_multihost.py's kill scenario on GCS: process 1 dies mid-save; process 0's save fails
-    instead of hanging, and model-1 stays the latest, restorable."""
-    import test_multihost
-
-    root = gcs.url(f"multihost-kill-{uuid.uuid4().hex[:8]}")
-    results = test_multihost.run_processes("kill", root, timeout=90, env=cloud.subprocess_env(cloud_env), cwd=tmp_path)
-    assert results[1][0] == 9, results[1][2][-3000:]
-    assert test_multihost.last_json(results[0][1]) != {"unexpected": "save completed without its peer"}
-    assert jstate.latest_checkpoint(root) == f"{root}/model-1"
-    assert jstate.Saver().restore(root, jstate.abstract(test_multihost.model)).uninitialized() == []
-    assert os.listdir(tmp_path) == []
-
-
 def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:``. (If a future Orbax stops doing
@@ -338,7 +324,8 @@ for mode in sys.argv[2:]:
 
     _integrity.file_records = store_goes_away
     try:
-        jstate.Saver(timeout=3).save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model", step=2)
+        timeout = 3 if mode in ("restart", "slow") else 1  # what it completes within; what it must give up after
+        jstate.Saver(timeout=timeout).save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model", step=2)
         outcome = "saved"
     except jstate.CheckpointError as e:
         outcome = str(e)
@@ -372,7 +359,7 @@ def store_went_away(cloud_session, tmp_path_factory) -> dict:
 def test_store_going_away_mid_save(store_went_away, mode):
     """Restarted mid-save (objects kept) or slow for a second, the save completes and is latest.
     Down or frozen for good, the save fails with a CheckpointError once a request has waited the
-    Saver's timeout (3 s here; the GCS client alone retries for over a minute, and waits on a
+    Saver's timeout (1 s here; the GCS client alone retries for over a minute, and waits on a
     frozen store for ever), and model-1 stays the latest, intact."""
     result = store_went_away[mode]
     root = result["root"]
@@ -382,6 +369,6 @@ def test_store_going_away_mid_save(store_went_away, mode):
         assert result["listed"] == [f"{root}/model-1", f"{root}/model-2"]
     else:
         assert f"Saving checkpoint {root}/model-2 failed" in result["outcome"]
-        assert "did not answer within 3 s" in result["outcome"] or "Cannot connect" in result["outcome"]
+        assert "did not answer within 1 s" in result["outcome"] or "Cannot connect" in result["outcome"]
         assert result["latest"] == f"{root}/model-1" and result["x"] == [0.0] * 4
         assert result["listed"] == [f"{root}/model-1"]
