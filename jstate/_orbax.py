@@ -12,6 +12,7 @@ Orbax writes ``gs://`` itself. For ``s3://``, Orbax 0.12.8 needs help, given by 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,12 +41,18 @@ def _ocp() -> ModuleType:
     return ocp
 
 
+def check_store(directory: Path) -> None:
+    """Raise CheckpointError if Orbax cannot write `directory`'s store (s3:// on an Orbax the shim
+    does not know): called before a save writes anything."""
+    if _storage.scheme(directory) == "s3":
+        _s3_shim()
+
+
 def _path(directory: Path) -> Any:
     """Orbax's path type for `directory`; Orbax refuses relative paths."""
     from etils import epath
 
-    if _storage.scheme(directory) == "s3":
-        _s3_shim()
+    check_store(directory)
     if _storage.is_remote(directory):
         return epath.Path(str(directory))
     return epath.Path(os.path.abspath(directory))
@@ -97,6 +104,19 @@ def _s3_shim() -> None:
     tensorstore_utils._normalize_path = _normalize_path
     tensorstore_utils._use_gcs_driver = _use_gcs_driver
     gcs_utils.get_kvstore_for_gcs = get_kvstore_for_gcs
+    # Proof that Orbax builds its kvstores through these functions still: else a local write.
+    try:
+        specs = [tensorstore_utils.build_kvstore_tspec("s3://bucket/x", use_ocdbt=o) for o in (False, True)]
+        took = "file" not in json.dumps(specs) and '"s3"' in json.dumps(specs)
+    except Exception:  # an Orbax whose internals moved: it cannot be trusted with s3:// either
+        took = False
+    if not took:
+        raise CheckpointError(
+            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED}: the installed {_ocp().__version__} "
+            "builds its tensorstore paths elsewhere, so jstate cannot point it at S3 (it would write a local "
+            f"directory named 's3:'). Install `orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local "
+            "path. Nothing was written."
+        )
 
 
 def s3_kvstore(path: str) -> dict[str, Any]:

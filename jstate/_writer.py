@@ -133,6 +133,7 @@ class Writer:
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
         barrier = functools.partial(_orbax.barrier, name, self._timeout)
+        _orbax.check_store(final)  # before anything is written
         token, created = None, False
         total = sum(a.nbytes for a in arrays.values())
         tracker = _progress.Progress("Saved", final, total, len(arrays), bar=progress)

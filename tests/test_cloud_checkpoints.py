@@ -270,23 +270,38 @@ def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_orbax_unpatched_would_write_s3_locally_so_the_shim_is_needed(s3, cloud_env, tmp_path):
+def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot_patch(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
-    OCDBT, writes its arrays under a local directory named ``s3:``. (If a future Orbax stops doing
-    that, this test fails, and the shim in jstate/_orbax.py can go.)"""
+    OCDBT, writes its arrays under a local directory named ``s3:`` (if a future Orbax stops, this
+    fails, and the shim in jstate/_orbax.py can go). And an Orbax whose internals the shim does not
+    find gets jstate's error, with nothing written anywhere."""
     code = textwrap.dedent(
         """
-        import sys, jax.numpy as jnp, orbax.checkpoint as ocp
+        import json, os, sys, jax.numpy as jnp, orbax.checkpoint as ocp
         with ocp.StandardCheckpointer(use_ocdbt=False) as c:
             try:
-                c.save(sys.argv[1], {"x": jnp.arange(4)})
+                c.save(sys.argv[1] + "/plain", {"x": jnp.arange(4)})
                 c.wait_until_finished()
             except Exception as e:
                 print("failed:", type(e).__name__)
+        os.chdir(sys.argv[2])
+        import jstate
+        from orbax.checkpoint._src.serialization import tensorstore_utils
+        del tensorstore_utils._use_gcs_driver  # as if a newer Orbax had renamed it
+        try:
+            jstate.Saver().save(jstate.State.from_tree({"x": jnp.arange(4)}), sys.argv[1] + "/model", step=1)
+            print(json.dumps("saved"))
+        except jstate.CheckpointError as e:
+            print(json.dumps(str(e)))
         """
     )
-    cloud.run_python(code, cloud_env, args=[s3.url(f"plain-{uuid.uuid4().hex[:8]}")], cwd=str(tmp_path))
+    url, elsewhere = s3.url(f"unpatched-{uuid.uuid4().hex[:8]}"), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = cloud.run_python(code, cloud_env, args=[url, str(elsewhere)], cwd=str(tmp_path))
     assert os.path.isdir(tmp_path / "s3:"), "plain Orbax no longer writes s3:// locally: review the shim"
+    message = json.loads(out.strip().splitlines()[-1])
+    assert "s3:// checkpoints need orbax-checkpoint 0.12.8" in message and "Nothing was written" in message
+    assert os.listdir(elsewhere) == [] and not any(n.startswith("model") for n in objects(url))
 
 
 # Saves paused after their arrays are written, before their manifests, while the store goes away:
