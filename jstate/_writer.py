@@ -126,9 +126,9 @@ class Writer:
           CheckpointError: the save failed; earlier checkpoints are intact.
         """
         with _storage.timeout(self._timeout):  # no request to an object store waits longer
-            self._save(arrays, final, step, prefix, blocking, committed)
+            self._save(arrays, final, step, prefix, blocking, committed, progress)
 
-    def _save(self, arrays, final, step, prefix, blocking, committed) -> None:
+    def _save(self, arrays, final, step, prefix, blocking, committed, progress) -> None:
         self.wait()
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
