@@ -164,7 +164,7 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         """Write the manifest into `directory`, atomically and flushed to disk."""
-        _storage.write_bytes(directory / FILE, self.encode())
+        _storage.write_bytes(_storage.as_path(directory) / FILE, self.encode())
 
     @classmethod
     def read(cls, directory: Path) -> Manifest | None:
@@ -174,13 +174,14 @@ class Manifest:
           CheckpointError: it cannot be read (naming the OS's reason).
           CorruptCheckpointError: it is damaged.
         """
+        directory = _storage.as_path(directory)
         return cls.read_file(directory / FILE, directory)
 
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
         """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
         try:
-            data = _storage.read_bytes(path)
+            data = _storage.read_bytes(_storage.as_path(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
