@@ -23,6 +23,7 @@ _HOST = socket.gethostname().replace("_", "-").replace(".", "-")[:32] or "host" 
 # Tokens of this process's writes in flight: its other tokens are leftovers of its own
 # interrupted or failed saves.
 _active: set[str] = set()
+_mine: set[str] = set()  # every token this process began, in flight or not
 _active_lock = threading.Lock()
 
 
@@ -35,6 +36,7 @@ def begin(name: str) -> None:
     """Mark token `name` as a write in flight of this process, until `end`."""
     with _active_lock:
         _active.add(name)
+        _mine.add(name)
 
 
 def end(name: str) -> None:
@@ -69,7 +71,7 @@ def alive(name: str, now: float | None = None, *, shared: bool = False) -> bool:
         started, pid = int(started, 16), int(pid)
     except ValueError:
         return True
-    if shared and pid == os.getpid() and host == _HOST:
+    if shared and name in _mine:  # (another machine's writer may have our pid and host name)
         with _active_lock:
             return name in _active
     if shared or host != _HOST:

@@ -30,6 +30,7 @@ from ._spec import Entry
 from ._tree import path_name
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
 
@@ -364,11 +365,13 @@ class OrbaxCheckpoint(Checkpoint):
 
 
 def load(path: Path) -> OrbaxCheckpoint | None:
-    """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a directory holding
-    exactly one (a CheckpointManager step with one item). None if it is neither."""
+    """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a CheckpointManager
+    step holding exactly one (its ``_CHECKPOINT_METADATA``, or a numeric name, says it is a step:
+    any other directory holding one Orbax checkpoint, beside jstate's, is a directory of
+    checkpoints). None if it is neither."""
     if is_checkpoint(path):
         return OrbaxCheckpoint(path, path)
-    if not _storage.is_dir(path):
+    if not (path.name.isdigit() or _storage.is_file(path / _STEP_METADATA)):
         return None
     items = [p for p in _storage.iterdir(path) if is_checkpoint(p)]
     return OrbaxCheckpoint(path, items[0]) if len(items) == 1 else None

@@ -145,6 +145,11 @@ class Saver:
                 f"({len(state.specs)} declared, {len(state)} initialized). Check its `var_list`, or initialize or restore them first."
             )
         path = as_path(path)
+        if _storage.is_bucket(path):  # `with_name` would make gs://bucket-1: another bucket
+            raise CheckpointError(
+                f"{path}: a bucket alone is not a checkpoint path; name one inside it, e.g. {path}/model. "
+                "Nothing was written."
+            )
         final = path if step is None else path.with_name(f"{path.name}-{step}")
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)

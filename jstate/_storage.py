@@ -67,15 +67,34 @@ def as_path(path: str | os.PathLike) -> Path:
     if not text:
         raise CheckpointNotFoundError("No checkpoint at '': the path is empty. Give a checkpoint or a directory.")
     if "://" not in text:
-        return Path(text).expanduser()
+        local = Path(text).expanduser()
+        if local.parts and local.parts[0] in ("gs:", "s3:"):  # a URL that went through pathlib
+            raise CheckpointError(
+                f"{text}: this looks like a {local.parts[0]}// URL that lost a '/' (pathlib.Path turns "
+                f"'{local.parts[0]}//bucket/x' into '{local.parts[0]}/bucket/x'). Pass the URL as a str. "
+                "Nothing was read or written."
+            )
+        return local
     scheme, _, rest = text.partition("://")
     if scheme not in SCHEMES:
         raise CheckpointError(UNSUPPORTED.format(path=text, scheme=scheme))
     if not rest.split("/", 1)[0]:
         raise CheckpointError(f"{text}: a {scheme}:// path names a bucket first: {scheme}://BUCKET/PREFIX.")
+    if any(part in (".", "..") for part in rest.rstrip("/").split("/")):
+        # Object keys are literal: Orbax would normalize them and jstate would not, splitting
+        # one checkpoint between two prefixes.
+        raise CheckpointError(
+            f"{text}: '.' and '..' are not directories on an object store; write the prefix without them. "
+            "Nothing was read or written."
+        )
     from etils import epath  # imported only for a URL: importing jstate stays cheap
 
     return epath.Path(f"{scheme}://{rest.rstrip('/')}")
+
+
+def is_bucket(path: Path) -> bool:
+    """Whether `path` is a whole bucket (``gs://bucket``), with no prefix in it."""
+    return is_remote(path) and "/" not in str(path).split("://", 1)[1]
 
 
 def is_remote(path: Any) -> bool:
@@ -120,15 +139,31 @@ def bounded(fn: Callable[..., T]) -> Callable[..., T]:
 def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """``method(key, *args, **kwargs)`` of an fsspec client, bounded by `timeout`."""
     seconds = _request_timeout.get()
-    if seconds is None:
-        return method(key, *args, **kwargs)
     import fsspec.exceptions
 
     try:
+        if seconds is None:
+            return method(key, *args, **kwargs)
         return method(key, *args, timeout=seconds, **kwargs)
     except fsspec.exceptions.FSTimeoutError:
         message = f"{os.strerror(errno.ETIMEDOUT)}: the store did not answer within {seconds:g} s"
         raise TimeoutError(errno.ETIMEDOUT, message, str(key)) from None
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        raise CheckpointError(
+            f"{key}: cannot reach the object store ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network and the credentials."
+        ) from e
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether a client's exception says the store cannot be reached (gcsfs's aiohttp and s3fs's
+    botocore raise their own types, not `ConnectionError`)."""
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, ConnectionError) or (
+        module in ("aiohttp", "botocore", "aiobotocore") and "Connect" in type(error).__name__
+    )
 
 
 def _fs(path: Path) -> tuple[Any, str]:
