@@ -53,7 +53,8 @@ class Plan:
 
     def table(self) -> Table:
         """The variables filled, one row each: variable, from, transform, shape, dtype."""
-        title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {len(self._rows)} variables"
+        n = len(self._rows)
+        title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {n} variable{'s' * (n != 1)}"
         return Table(("variable", "from", "transform", "shape", "dtype"), self._rows, title)
 
     def _notes(self) -> list[tuple[str, str]]:
