@@ -73,10 +73,31 @@ def prepare(final: Path, token: str) -> None:
         )
     _storage.check_name_lengths(final)
     _storage.check_name_lengths(final / "x", _LONGEST)
-    _storage.makedirs(final)
-    _storage.touch(_marker(final, token))
+    if _storage.is_remote(final):
+        _storage.touch(_marker(final, token))  # the marker creates the prefix: one object
+    else:
+        _storage.makedirs(final.parent)
+        _make_marked(final, token)
     # Before writing, not after: a killed save's leftovers may be what fills the disk.
     clean(final.parent)
+
+
+def _make_marked(final: Path, token: str) -> None:
+    """Create local directory `final` already holding its marker: a save killed at any moment
+    leaves nothing or a marked directory, never an empty one that nothing would remove. The new
+    directory is made beside `final` and renamed into place (an empty directory being created:
+    no checkpoint is ever renamed); an existing `final` just gets the marker."""
+    marker = _marker(final, token)
+    if not final.is_dir():
+        staging = final.parent / marker.name  # a dead writer's is removed by `clean`, as any marker
+        staging.mkdir()
+        (staging / marker.name).touch()
+        try:
+            os.rename(staging, final)
+        except OSError:  # another writer made `final` meanwhile (with entries: no replace)
+            _storage.remove(staging)
+        _files.sync_dir(final.parent)
+    marker.touch()
 
 
 def _marker(final: Path, token: str) -> Path:
@@ -186,6 +207,10 @@ def clean(directory: Path, prefix: str | None = None) -> None:
     """`clean_checkpoint` every jstate checkpoint directory in `directory` (named
     ``<prefix>...`` if given): leftovers of killed and failed saves and deletions."""
     children = [c for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)]
+    shared = _storage.is_remote(directory)
     for child in children:
-        if is_ours(child):
+        token = _files.temporary_token(child.name)
+        if token is not None and not _files.alive(token, shared=shared):
+            _storage.remove(child)  # a dead save's temporary file, or its directory being made
+        elif is_ours(child):
             clean_checkpoint(child)

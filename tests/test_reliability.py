@@ -865,7 +865,8 @@ def test_real_signals_at_random_moments_of_a_save_loop(tmp_path, seed):
     for s in saved:  # a reported save is listed, or retired by max_to_keep=3: three newer ones are
         assert s in steps or len([t for t in steps if t > s]) >= 3, (s, sorted(steps), lines)
     jstate.Saver().save(make_state(0), tmp_path / "other")  # the next save into the directory cleans
-    assert leftovers(tmp_path) == []
+    left = leftovers(tmp_path)
+    assert left == [], {p: sorted(os.listdir(p)) if os.path.isdir(p) else "file" for p in left}
 
 
 # -- SIGKILL at chosen points: nothing half-written is listed, and the next save cleans up -------
@@ -1092,3 +1093,30 @@ def test_two_processes_resaving_one_path_readers_see_one_save_or_the_other(tmp_p
     assert restored_value(path) in (107, 207)
     jstate.Saver().save(make_state(5), tmp_path / "ckpt" / "other")
     assert leftovers(tmp_path / "ckpt") == []
+
+
+@pytest.mark.parametrize("moment", ["staging made", "marker made"])
+def test_a_save_stopped_while_making_its_directory_leaves_nothing_behind(tmp_path, monkeypatch, moment):
+    """The checkpoint directory appears already holding its marker (made beside it, then renamed
+    into place): stopped at any moment, a save leaves nothing or a marked directory, which the
+    next save removes; never an empty directory that nothing would remove (CI saw one)."""
+    from jstate import _commit, _files
+
+    real_mkdir, real_touch = Path.mkdir, Path.touch
+
+    def stop_after(real, wanted):
+        def hooked(self, *args, **kwargs):
+            real(self, *args, **kwargs)
+            if moment == wanted:
+                raise KeyboardInterrupt  # as a signal landing right here
+
+        return hooked
+
+    monkeypatch.setattr(Path, "mkdir", stop_after(real_mkdir, "staging made"))
+    monkeypatch.setattr(Path, "touch", stop_after(real_touch, "marker made"))
+    with pytest.raises(KeyboardInterrupt):
+        _commit.prepare(tmp_path / "model-1", _files.token())  # a token of no save in flight: dead
+    monkeypatch.undo()
+    assert not (tmp_path / "model-1").exists() or os.listdir(tmp_path / "model-1")
+    jstate.Saver().save(make_state(0), tmp_path / "other")  # the next save into the directory cleans
+    assert sorted(os.listdir(tmp_path)) == ["other"]
