@@ -10,7 +10,9 @@ reader sees the old checkpoint or the new one, never a mix, and a save killed at
 leaves at most files that no manifest names. Re-saving a path replaces its manifest in one
 step, after which the replaced arrays are removed. Deleting a checkpoint removes its manifest
 first. Object stores (gs://, s3://) keep this same rule: writing one object is atomic there,
-renaming a directory is not, and nothing here renames a directory. All I/O is `_storage`'s.
+renaming a directory is not, and nothing here renames a checkpoint or its arrays (on a local
+disk only a new, still empty checkpoint directory is renamed into place, holding its save's
+marker). All I/O is `_storage`'s.
 
 Leftovers (arrays no manifest names, temporary files, directories left empty) are removed by
 `clean` only once their writer is gone (`_files.alive`), and an arrays directory only after
