@@ -45,6 +45,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
@@ -525,6 +526,21 @@ def s3(cloud_session: CloudSession) -> Emulator:
     if cloud_session.s3 is None:
         pytest.skip(f"S3 emulator unavailable: {cloud_session.s3_error}")
     return cloud_session.s3
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def store(request) -> Emulator:
+    """Each emulator in turn (a test using it runs once per store)."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def root(store: Emulator, tmp_path, monkeypatch) -> Iterator[str]:
+    """A fresh prefix in the store's bucket; the working directory is an empty temporary one, which
+    must stay empty (a local ``gs:`` or ``s3:`` directory would appear there)."""
+    monkeypatch.chdir(tmp_path)
+    yield store.url(f"t-{uuid.uuid4().hex[:8]}")
+    assert os.listdir(tmp_path) == [], "a save wrote locally"
 
 
 @pytest.fixture

@@ -18,27 +18,13 @@ import cloud
 import jax
 import numpy as np
 import pytest
-from cloud import Emulator
 
 import jstate
 from jstate import _files, _orbax, _storage
 from jstate._inspect import inspect_checkpoint
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
-
-
-@pytest.fixture(params=["gcs", "s3"])
-def store(request) -> Emulator:
-    return request.getfixturevalue(request.param)
-
-
-@pytest.fixture
-def root(store, tmp_path, monkeypatch) -> str:
-    """A fresh prefix in the store's bucket; the working directory is an empty temporary one, which
-    must stay empty (a local ``gs:`` or ``s3:`` directory would appear there)."""
-    monkeypatch.chdir(tmp_path)
-    yield store.url(f"t-{uuid.uuid4().hex[:8]}")
-    assert os.listdir(tmp_path) == [], "a save wrote locally"
+store, root = cloud.store, cloud.root
 
 
 def model(s):

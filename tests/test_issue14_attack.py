@@ -30,19 +30,7 @@ import jstate
 from jstate import _storage
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
-
-
-@pytest.fixture(params=["gcs", "s3"])
-def store(request) -> Emulator:
-    return request.getfixturevalue(request.param)
-
-
-@pytest.fixture
-def root(store, tmp_path, monkeypatch) -> str:
-    """A fresh prefix; the working directory must stay empty (no local ``gs:`` or ``s3:``)."""
-    monkeypatch.chdir(tmp_path)
-    yield store.url(f"attack-{uuid.uuid4().hex[:8]}")
-    assert os.listdir(tmp_path) == [], "something was written locally"
+store, root = cloud.store, cloud.root
 
 
 def small(value: float = 1.0) -> jstate.State:
