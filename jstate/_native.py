@@ -8,13 +8,14 @@ sharding from there: they are small, so a host copy costs little, and it works f
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from . import _commit, _integrity, _orbax, _pack, _storage
+from . import _commit, _integrity, _ocdbt, _orbax, _pack, _storage
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._manifest import ARRAYS, FILE, Manifest, Variable
 from ._placement import or_default
@@ -24,6 +25,7 @@ from ._spec import Entry
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
 # next batch is read.
 _BATCH_BYTES = 512 * 1024 * 1024
+_READERS = 4  # threads reading and checking arrays at once: reads from the page cache and checksums release the GIL
 
 
 class NativeCheckpoint(Checkpoint):
@@ -45,6 +47,7 @@ class NativeCheckpoint(Checkpoint):
         if not _storage.is_remote(path):
             self.arrays = self.arrays.absolute()  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
+        self._where: dict[str, _ocdbt.Located] | None = None  # where `_ocdbt` can read arrays, found on first use
 
     def changed(self) -> bool:
         try:
@@ -81,6 +84,9 @@ class NativeCheckpoint(Checkpoint):
                 todo[n] = (Entry((n,), v.shape, v.dtype), stored)
             else:  # zero-size arrays hold no data (Orbax cannot even store them): made, not read
                 out[n] = place(np.zeros(v.shape, v.dtype), stored)
+        through_host = self._through_host(todo)
+        self._read_through_host({n: item for n, item in todo.items() if n in through_host}, out, verify)
+        todo = {n: item for n, item in todo.items() if n not in through_host}
         if not verify:
             # Without checksums to catch it, a manifest that disagrees with Orbax's metadata
             # would be a silent cast: compare them (Orbax's metadata costs ~0.5 ms per array).
@@ -98,13 +104,8 @@ class NativeCheckpoint(Checkpoint):
         unpacked = {n: a.copy() for n, a in self._unpacked(packed, verify).items()} if packed else {}
         todo = {n: Entry((n,), variables[n].shape, variables[n].dtype) for n in names if n not in out | unpacked}
         if todo:
-            if not verify:
-                self._check_against_orbax({n: (e, None) for n, e in todo.items()})
-            out |= _orbax.read_host(self.arrays, todo)
-        if verify:
-            bad = _integrity.verify_host(out, {n: variables[n].digests for n in todo})
-            if bad is not None:
-                self._mismatch(*bad)
+            with ThreadPoolExecutor(_READERS) as pool:
+                out |= self._fetch(todo, verify, pool)
         out |= unpacked
         return {
             n: jax.random.wrap_key_data(a, impl=variables[n].key) if variables[n].key else a for n, a in out.items()
@@ -114,14 +115,29 @@ class NativeCheckpoint(Checkpoint):
         """The packed variables `names` in their stored dtype (a PRNG key as its key data), as
         views into the packed arrays that hold them, which are read once each (only those)."""
         variables, records = self.manifest.variables, self.manifest.packed
-        needed = {variables[n].packed.array for n in names}
-        entries = {a: Entry((_pack.KEY, a), records[a].shape, records[a].dtype) for a in needed}
-        if not verify:
-            self._check_against_orbax({f"{_pack.KEY}/{a}": (e, None) for a, e in entries.items()})
-        arrays = _orbax.read_host(self.arrays, entries)
-        out = {
-            n: _pack.unpack(arrays[variables[n].packed.array], variables[n].packed, variables[n].shape) for n in names
-        }
+        located = self._located()
+        out: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray] = {}  # packed arrays read whole
+        through_orbax = {}
+        for array in {variables[n].packed.array for n in names}:
+            entry = Entry((_pack.KEY, array), records[array].shape, records[array].dtype)
+            found = located.get(f"{_pack.KEY}.{array}")
+            inside = [n for n in names if variables[n].packed.array == array]
+            if not _fits(found, entry):
+                through_orbax[array] = entry
+            elif 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:  # half of it or less: just those
+                for n in inside:
+                    start, shape = variables[n].packed.offset, variables[n].shape
+                    out[n] = found.read_elements(start, start + math.prod(shape)).reshape(shape)
+            else:
+                arrays[array] = found.read()
+        if through_orbax:
+            if not verify:
+                self._check_against_orbax({f"{_pack.KEY}/{a}": (e, None) for a, e in through_orbax.items()})
+            arrays |= _orbax.read_host(self.arrays, through_orbax)
+        for n in names:
+            if (slot := variables[n].packed).array in arrays:
+                out[n] = _pack.unpack(arrays[slot.array], slot, variables[n].shape)
         if verify:
             bad = _integrity.verify_host(out, {n: variables[n].digests for n in names})
             if bad is not None:
@@ -162,9 +178,6 @@ class NativeCheckpoint(Checkpoint):
 
     def _read_verified(self, todo: dict, out: dict) -> None:
         """Read `todo` into `out` in batches, each batch's checksums computed while the next is read."""
-        if _verify_on_host(todo):
-            self._read_verified_on_host(todo, out)
-            return
         digests = {n: v.digests for n, v in self.manifest.variables.items()}
         elsewhere: dict[str, dict[str, int]] = {}  # regions no process holds whole: checked on the host
         with ThreadPoolExecutor(max_workers=1) as verifier:
@@ -183,28 +196,70 @@ class NativeCheckpoint(Checkpoint):
             if bad is not None:
                 self._mismatch(*bad)
 
-    def _read_verified_on_host(self, todo: dict, out: dict) -> None:
-        """`_read_verified` for accelerators: each batch is read into host memory, checked there
-        while the next batch is read, then put on the devices. Read onto the devices instead,
-        the bytes would cross to the device and back again for their checksums: on an H200 that
-        made a verified 1 GiB restore cost 3.2x an unverified one."""
-        digests = {n: v.digests for n, v in self.manifest.variables.items()}
-        with ThreadPoolExecutor(max_workers=1) as verifier:
-            pending = None  # the batch read last: (its check, its host arrays, its structs)
-            for batch in _batches(todo):
-                host = _orbax.read_host(self.arrays, {n: entry for n, (entry, _) in batch.items()})
-                check = verifier.submit(_integrity.verify_host, host, {n: digests[n] for n in host})
-                if pending is not None:
-                    out.update(self._placed_when_checked(*pending))
-                pending = (check, host, {n: struct for n, (_, struct) in batch.items()})
-            if pending is not None:
-                out.update(self._placed_when_checked(*pending))
+    def _through_host(self, todo: dict) -> set[str]:
+        """The names of `todo` that a restore reads into host memory and puts on the devices from
+        there (`_read_through_host`); Orbax reads the others straight onto their shardings.
 
-    def _placed_when_checked(self, check, host: dict, structs: dict) -> dict[str, jax.Array]:
-        bad = check.result()
+        With one process: arrays whose files `_ocdbt` can read (one copy, where Orbax makes
+        three), and every array of a target on accelerators, where reading onto the devices
+        would bring the bytes back to the host for their checksums (on an H200 that made a
+        verified 1 GiB restore cost 3.2x an unverified one). With several processes, Orbax reads
+        each process's own shards."""
+        if jax.process_count() > 1:
+            return set()
+        devices = {d for _, struct in todo.values() for d in or_default(struct.sharding).device_set}
+        if any(d.platform != "cpu" for d in devices):
+            return set(todo)
+        located = self._located()
+        return {n for n, (entry, _) in todo.items() if _fits(located.get(n), entry)}
+
+    def _read_through_host(self, todo: dict, out: dict, verify: bool) -> None:
+        """Read `todo` into `out` a batch at a time: each batch into host memory (each array
+        checked as it arrives, while the others are read), then onto its targets' shardings.
+        On the CPU, an aligned host array becomes the device array without a copy."""
+        if not todo:
+            return
+        with ThreadPoolExecutor(_READERS) as pool:
+            for batch in _batches(todo):
+                host = self._fetch({n: entry for n, (entry, _) in batch.items()}, verify, pool)
+                out.update(self._place(host, {n: struct for n, (_, struct) in batch.items()}))
+
+    def _fetch(self, entries: dict[str, Entry], verify: bool, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
+        """`entries` (unpacked variables) in host memory in their stored dtype, each checked
+        against its checksums when `verify`: those `_ocdbt` locates are read in `pool`, each
+        checked right after its read; the others through Orbax."""
+        located = self._located()
+        direct = {n for n, e in entries.items() if _fits(located.get(n), e)}
+
+        def read(name: str) -> np.ndarray:
+            if not verify:
+                return located[name].read()
+            running = _integrity.Running(entries[name].shape, entries[name].dtype.itemsize, self._digests(name))
+            array = located[name].read(running.feed)
+            if (bad := running.finish(array)) is not None:
+                self._mismatch(name, bad)
+            return array
+
+        reads = {n: pool.submit(read, n) for n in direct}
+        rest = {n: e for n, e in entries.items() if n not in direct}
+        out = _orbax.read_host(self.arrays, rest) if rest else {}
+        if verify:
+            for check in [pool.submit(self._verify, n, a) for n, a in out.items()]:
+                check.result()
+        return out | {n: r.result() for n, r in reads.items()}
+
+    def _verify(self, name: str, array: np.ndarray) -> None:
+        bad = _integrity.verify_host({name: array}, {name: self._digests(name)})
         if bad is not None:
             self._mismatch(*bad)
-        return self._place(host, structs)
+
+    def _digests(self, name: str) -> dict[str, int]:
+        return self.manifest.variables[name].digests
+
+    def _located(self) -> dict[str, _ocdbt.Located]:
+        if self._where is None:
+            self._where = _ocdbt.locate(self.arrays)
+        return self._where
 
     def _damage(self) -> str | None:
         bad = _integrity.damaged_files(self.arrays, self.manifest.files, self.path)
@@ -213,14 +268,9 @@ class NativeCheckpoint(Checkpoint):
         return None
 
 
-def _verify_on_host(todo: dict) -> bool:
-    """Whether a verified read goes through host memory (`_read_verified_on_host`): for targets
-    on accelerators in a single process. On the CPU the devices' memory is host memory already,
-    and with several processes each would read whole arrays instead of its own shards."""
-    if jax.process_count() > 1:
-        return False
-    devices = {d for _, struct in todo.values() for d in or_default(struct.sharding).device_set}
-    return any(d.platform != "cpu" for d in devices)
+def _fits(located: _ocdbt.Located | None, entry: Entry) -> bool:
+    """Whether `located` is what the manifest says `entry` is (if not, Orbax reads it, and says so)."""
+    return located is not None and (located.shape, located.dtype) == (entry.shape, entry.dtype)
 
 
 def _entry(name: str, v: Variable) -> Entry:

@@ -1,2 +1,34 @@
 """The tests' settings (8 CPU devices) are in the repository's root conftest.py, shared with the
 docstring examples."""
+
+import pytest
+
+
+@pytest.fixture
+def array_reads(monkeypatch):
+    """The arrays read from checkpoints during the test, whichever way they are read (by Orbax,
+    or from their files by `_ocdbt`), by Orbax's name for each (its tree path joined by ".");
+    `name[start:stop]` for part of a packed array."""
+    from jstate import _ocdbt, _orbax
+
+    seen: list[str] = []
+
+    def spy(fn, names):
+        def reading(*args, **kwargs):
+            seen.extend(names(*args, **kwargs))
+            return fn(*args, **kwargs)
+
+        return reading
+
+    def keys(wanted, item=lambda value: value):
+        return [".".join(item(value).keypath) for value in wanted.values()]
+
+    monkeypatch.setattr(_orbax, "read", spy(_orbax.read, lambda d, wanted, tree=None: keys(wanted, lambda v: v[0])))
+    monkeypatch.setattr(_orbax, "read_host", spy(_orbax.read_host, lambda d, wanted, tree=None: keys(wanted)))
+    monkeypatch.setattr(_ocdbt.Located, "read", spy(_ocdbt.Located.read, lambda self, feed=None: [self.name]))
+    monkeypatch.setattr(
+        _ocdbt.Located,
+        "read_elements",
+        spy(_ocdbt.Located.read_elements, lambda self, start, stop: [f"{self.name}[{start}:{stop}]"]),
+    )
+    return seen

@@ -1,6 +1,7 @@
-"""Verified restores onto accelerators check each batch in host memory before it goes to the
-devices (`_native._read_verified_on_host`). The machines here have no accelerator: the path is
-forced on the 8 CPU devices, which exercises everything but the speed."""
+"""Restores through host memory (`NativeCheckpoint._read_through_host`): arrays `_ocdbt` can read
+from their files, and every array of a target on accelerators, are read into host memory a
+batch at a time, checked there, and put on their devices. The machines here have no
+accelerator: that case is forced on the 8 CPU devices, which exercises everything but the speed."""
 
 import shutil
 from pathlib import Path
@@ -13,8 +14,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _native, _orbax
+from jstate import _native, _ocdbt, _orbax
 from jstate._manifest import Manifest
+from jstate._native import NativeCheckpoint
 
 
 def values():
@@ -30,23 +32,47 @@ def target(vals, sharding):
     )
 
 
-@pytest.fixture
-def on_host(monkeypatch):
-    monkeypatch.setattr(_native, "_verify_on_host", lambda todo: True)
-    monkeypatch.setattr(_native, "_BATCH_BYTES", 300_000)  # several batches, pipelined
-    reads = []
-    real = _orbax.read_host
-    monkeypatch.setattr(
-        _orbax, "read_host", lambda d, wanted, tree=None: reads.append(sorted(wanted)) or real(d, wanted)
-    )
+@pytest.fixture(params=["from files", "through orbax"])
+def on_host(request, monkeypatch):
+    """Every restore read as for accelerators, in batches of ~300 KB; the arrays read from their
+    files by `_ocdbt`, or (as for a compressed checkpoint) through Orbax. Returns the batches put
+    on the devices."""
+    monkeypatch.setattr(NativeCheckpoint, "_through_host", lambda self, todo: set(todo))
+    monkeypatch.setattr(_native, "_BATCH_BYTES", 300_000)  # several batches
+    if request.param == "through orbax":
+        monkeypatch.setattr(_ocdbt, "locate", lambda directory: {})
     monkeypatch.setattr(_orbax, "read", lambda *a, **k: pytest.fail("the device path must not be taken"))
-    return reads
+    placed = []
+    real = NativeCheckpoint._place
+    monkeypatch.setattr(
+        NativeCheckpoint, "_place", lambda self, host, w: placed.append(sorted(host)) or real(self, host, w)
+    )
+    return placed
 
 
-def test_cpu_targets_are_checked_on_the_devices():
+def todo(ckpt, names, sharding):
+    return {
+        n: (ckpt.entries[n], jax.ShapeDtypeStruct(ckpt.entries[n].shape, jnp.float32, sharding=sharding)) for n in names
+    }
+
+
+def test_on_the_cpu_arrays_read_from_their_files_go_through_the_host_and_others_through_orbax(tmp_path):
     sharding = NamedSharding(jax.make_mesh((8,), ("x",)), P("x"))
-    todo = {"w": (None, jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding))}
-    assert not _native._verify_on_host(todo)
+    vals = values()
+    plain = jstate.open_checkpoint(jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "plain"))
+    assert plain._through_host(todo(plain, ["w0", "w1"], sharding)) == {"w0", "w1"}
+    zipped = jstate.open_checkpoint(jstate.Saver(pack=False, compression=True).save(jstate.State(vals), tmp_path / "z"))
+    assert zipped._through_host(todo(zipped, ["w0", "w1"], sharding)) == set()
+
+
+def test_a_compressed_checkpoint_is_read_by_orbax_onto_the_shardings(tmp_path, array_reads):
+    vals = values()
+    path = jstate.Saver(pack=False, compression=True).save(jstate.State(vals), tmp_path / "z")
+    sharding = NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("a", "b"))
+    restored = jstate.Saver(["w1", "w2"]).restore(path, target({n: vals[n] for n in ("w1", "w2")}, sharding))
+    assert sorted(array_reads) == ["w1", "w2"]
+    assert restored["w2"].sharding == sharding
+    np.testing.assert_array_equal(restored["w2"], vals["w2"])
 
 
 def test_a_verified_restore_through_the_host_in_batches(tmp_path, on_host):
@@ -55,7 +81,7 @@ def test_a_verified_restore_through_the_host_in_batches(tmp_path, on_host):
     sharding = NamedSharding(jax.make_mesh((4, 2), ("a", "b")), P("a", "b"))
     weights = {n: v for n, v in vals.items() if n != "rng"}
     restored = jstate.Saver(list(weights)).restore(path, target(weights, sharding))
-    assert on_host == [["w0", "w1", "w2"], ["w3", "w4", "w5"]]  # batches of ~300 KB, each read once
+    assert on_host == [["w0", "w1", "w2"], ["w3", "w4", "w5"]]  # batches of ~300 KB, each placed once
     for i in range(6):
         assert restored[f"w{i}"].sharding == sharding
         np.testing.assert_array_equal(restored[f"w{i}"], vals[f"w{i}"])
