@@ -13,11 +13,13 @@ without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,6 +27,7 @@ from . import _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._integrity import checksum
 from ._pack import Slot
+from ._spec import Entry
 
 FILE = "jstate.json"
 ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
@@ -89,6 +92,14 @@ class Manifest:
     prefix: str | None = None
     packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def entries(self) -> dict[str, Entry]:
+        """What a restore sees of each variable, by name: a PRNG key array for one saved as key
+        data. Computed once per manifest (`decode` shares the manifests of equal bytes)."""
+        return {
+            n: Entry((n,), v.shape, v.dtype) if v.key is None else _key_entry(n, v) for n, v in self.variables.items()
+        }
+
     def encode(self) -> bytes:
         """The manifest as checksummed JSON bytes."""
         return encode(
@@ -118,49 +129,55 @@ class Manifest:
           CorruptCheckpointError: the bytes fail their checksum or are not a valid manifest.
         """
         try:
-            if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
-                raise ValueError("checksum mismatch")
-            raw = json.loads(data)
-            if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
-                raise ValueError("not a jstate manifest")
-            _check_version(raw.get("version", 1), where)
-            variables = {
-                str(n): Variable(
-                    _shape(v["shape"]),
-                    _dtype(v["dtype"]),
-                    {str(k): int(c) for k, c in v.get("digests", {}).items()},
-                    None if v.get("key") is None else str(v["key"]),
-                    None if v.get("packed") is None else _slot(n, v["packed"]),
-                )
-                for n, v in raw["variables"].items()
-            }
-            packed = {
-                str(a): Variable(_shape(p["shape"]), _dtype(p["dtype"])) for a, p in raw.get("packed", {}).items()
-            }
-            _check_slots(variables, packed)
-            unchecked = [n for n, v in variables.items() if v.nbytes and not v.digests]
-            if unchecked:  # jstate checksums every array it stores
-                raise ValueError(f"variable {unchecked[0]!r} has no checksums")
-            files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
-            step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
-            if "/" in arrays or arrays in ("", ".", ".."):
-                raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
-            return cls(
-                variables,
-                None if step is None else int(step),
-                float(raw.get("created", 0.0)),
-                files,
-                arrays,
-                None if prefix is None else str(prefix),
-                packed,
-            )
-        except CheckpointError:
-            raise
+            return _decoded(cls, data)
+        except _NewerVersion as e:
+            raise CheckpointError(
+                f"Checkpoint {where} was written by a newer jstate (manifest version {e.args[0]}; this jstate reads "
+                f"versions up to {VERSION}). Upgrade jstate to read it; the checkpoint is not damaged."
+            ) from None
         except (ValueError, KeyError, AttributeError, TypeError, IndexError, OverflowError) as e:
             raise CorruptCheckpointError(
                 f"Checkpoint {where}: its manifest {where}/{FILE} is damaged ({type(e).__name__}: {e}). "
                 "Restore an earlier checkpoint."
             ) from e
+
+    @classmethod
+    def _parse(cls, data: bytes) -> Manifest:
+        """`decode` without `where`, raising the parser's own errors (and `_NewerVersion`)."""
+        if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
+            raise ValueError("checksum mismatch")
+        raw = json.loads(data)
+        if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
+            raise ValueError("not a jstate manifest")
+        _check_version(raw.get("version", 1))
+        variables = {
+            str(n): Variable(
+                _shape(v["shape"]),
+                _dtype(v["dtype"]),
+                {str(k): int(c) for k, c in v.get("digests", {}).items()},
+                None if v.get("key") is None else str(v["key"]),
+                None if v.get("packed") is None else _slot(n, v["packed"]),
+            )
+            for n, v in raw["variables"].items()
+        }
+        packed = {str(a): Variable(_shape(p["shape"]), _dtype(p["dtype"])) for a, p in raw.get("packed", {}).items()}
+        _check_slots(variables, packed)
+        unchecked = [n for n, v in variables.items() if v.nbytes and not v.digests]
+        if unchecked:  # jstate checksums every array it stores
+            raise ValueError(f"variable {unchecked[0]!r} has no checksums")
+        files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
+        step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
+        if "/" in arrays or arrays in ("", ".", ".."):
+            raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
+        return cls(
+            variables,
+            None if step is None else int(step),
+            float(raw.get("created", 0.0)),
+            files,
+            arrays,
+            None if prefix is None else str(prefix),
+            packed,
+        )
 
     def write(self, directory: Path) -> None:
         """Write the manifest into `directory`, atomically and flushed to disk."""
@@ -195,16 +212,32 @@ def encode(raw: dict[str, Any]) -> bytes:
     return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
 
 
-def _check_version(version: Any, where: str | Path) -> None:
+def _key_entry(name: str, v: Variable) -> Entry:
+    """A PRNG key array saved as its key data `v`."""
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=v.key))
+    data_dims = len(jax.eval_shape(jax.random.key_data, key).shape)
+    return Entry((name,), v.shape[: len(v.shape) - data_dims], key.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded(cls: type[Manifest], data: bytes) -> Manifest:
+    """`Manifest._parse`, remembered by content: a checkpoint restored again (a partial restore
+    after a full one, an evaluation loop) is not parsed again. Its file is still read each time,
+    so a re-saved checkpoint is never served stale; a manifest is never mutated."""
+    return cls._parse(data)
+
+
+class _NewerVersion(Exception):
+    """A manifest of a newer format (its version in `args[0]`)."""
+
+
+def _check_version(version: Any) -> None:
     """Refuse a manifest of a newer format: an older reader would misread it (jstate before
     version 3 takes a packed checkpoint for a damaged one, and a user may delete it)."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"version {version!r} is not a version number")
     if version > VERSION:
-        raise CheckpointError(
-            f"Checkpoint {where} was written by a newer jstate (manifest version {version}; this jstate reads "
-            f"versions up to {VERSION}). Upgrade jstate to read it; the checkpoint is not damaged."
-        )
+        raise _NewerVersion(version)
 
 
 def _slot(name: str, value: Any) -> Slot:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,14 +79,29 @@ class NameMap:
         return {r.state: r.checkpoint for r in self.rules or () if r.kind == "transform"}
 
     def _apply(self, name: str) -> str | None:
-        for rule in self.rules:
-            if rule.kind == "name" and rule.state == name:
-                return rule.checkpoint
+        """The checkpoint name of the first rule that matches `name`, None if none does (or a
+        regex rule with template None does)."""
+        by_name, patterns = self._index
+        named = by_name.get(name)  # (position, rule) of the first name rule for `name`
+        for i, rule in patterns:  # scope and regex rules before it come first
+            if named is not None and i > named[0]:
+                break
             if rule.kind == "scope" and name.startswith(rule.state):
                 return rule.checkpoint + name[len(rule.state) :]
             if rule.kind == "regex" and rule.state.search(name):
                 return None if rule.checkpoint is None else rule.state.sub(rule.checkpoint, name, count=1)
-        return None
+        return None if named is None else named[1].checkpoint
+
+    @functools.cached_property
+    def _index(self) -> tuple[dict[str, tuple[int, _Rule]], list[tuple[int, _Rule]]]:
+        """Name rules by name, and the scope and regex rules, each with its position: a Saver of
+        1,000 names resolves a 1,000-variable State in 1,000 lookups, not a million comparisons."""
+        by_name: dict[str, tuple[int, _Rule]] = {}
+        for i, rule in enumerate(self.rules or ()):
+            if rule.kind == "name":
+                by_name.setdefault(rule.state, (i, rule))
+        patterns = [(i, rule) for i, rule in enumerate(self.rules or ()) if rule.kind in ("scope", "regex")]
+        return by_name, patterns
 
 
 def compile_var_list(var_list: VarList) -> NameMap:

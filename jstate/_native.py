@@ -40,8 +40,7 @@ class NativeCheckpoint(Checkpoint):
     checksums = True
 
     def __init__(self, path: Path, manifest: Manifest):
-        entries = {n: _entry(n, v) for n, v in manifest.variables.items()}
-        super().__init__(path, entries, step=manifest.step, created=manifest.created)
+        super().__init__(path, manifest.entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
         self.arrays = path / manifest.arrays
         if not _storage.is_remote(path):
@@ -126,9 +125,9 @@ class NativeCheckpoint(Checkpoint):
             if not _fits(found, entry):
                 through_orbax[array] = entry
             elif 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:  # half of it or less: just those
-                for n in inside:
-                    start, shape = variables[n].packed.offset, variables[n].shape
-                    out[n] = found.read_elements(start, start + math.prod(shape)).reshape(shape)
+                slots = [(variables[n].packed.offset, math.prod(variables[n].shape)) for n in inside]
+                parts = found.read_slices([(start, start + size) for start, size in slots])
+                out |= {n: part.reshape(variables[n].shape) for n, part in zip(inside, parts)}
             else:
                 arrays[array] = found.read()
         if through_orbax:
@@ -148,10 +147,12 @@ class NativeCheckpoint(Checkpoint):
         """Host values onto their targets' shardings in their stored dtype, in one
         `jax.device_put` (one call for many small arrays costs far less than one call each).
         `_as_target` then casts with JAX, as for every other variable: NumPy's casts of NaN or
-        out-of-range values differ from JAX's."""
-        names = list(host)
-        placed = jax.device_put([host[n] for n in names], [or_default(wanted[n].sharding) for n in names])
-        return dict(zip(names, placed))
+        out-of-range values differ from JAX's. Targets with no placement get uncommitted arrays,
+        as `init` makes them (`uncommitted` would otherwise remake each one)."""
+        placed = [n for n in host if wanted[n].sharding is not None]
+        free = [n for n in host if wanted[n].sharding is None]
+        out = dict(zip(placed, jax.device_put([host[n] for n in placed], [wanted[n].sharding for n in placed])))
+        return out | dict(zip(free, jax.device_put([host[n] for n in free])))
 
     def _mismatch(self, name: str, region: str) -> None:
         damage = self._damage()
@@ -271,15 +272,6 @@ class NativeCheckpoint(Checkpoint):
 def _fits(located: _ocdbt.Located | None, entry: Entry) -> bool:
     """Whether `located` is what the manifest says `entry` is (if not, Orbax reads it, and says so)."""
     return located is not None and (located.shape, located.dtype) == (entry.shape, entry.dtype)
-
-
-def _entry(name: str, v: Variable) -> Entry:
-    """What a saved variable is to a restore: a PRNG key array, for one saved as key data."""
-    if v.key is None:
-        return Entry((name,), v.shape, v.dtype)
-    key = jax.eval_shape(lambda: jax.random.key(0, impl=v.key))
-    data_dims = len(jax.eval_shape(jax.random.key_data, key).shape)
-    return Entry((name,), v.shape[: len(v.shape) - data_dims], key.dtype)
 
 
 def _as_target(array: jax.Array, v: Variable, target: jax.ShapeDtypeStruct) -> jax.Array:

@@ -26,11 +26,12 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +56,25 @@ class Chunk:
     length: int
     inline: bytes | None = None
 
-    def read_into(self, out: memoryview, start: int = 0) -> None:
-        """Fill `out` with this chunk's bytes from byte `start` on."""
+    def read_into(self, *parts: tuple[memoryview, int]) -> None:
+        """Fill each ``(buffer, start)`` of `parts` with this chunk's bytes from byte `start` on."""
         if self.inline is not None:
-            out[:] = self.inline[start : start + len(out)]
+            for out, start in parts:
+                out[:] = self.inline[start : start + len(out)]
             return
         fd = os.open(self.file, os.O_RDONLY)
         try:
-            done, offset = 0, self.offset + start
-            while done < len(out):  # preadv reads at most ~2 GiB at a time, and less at the end of a file
-                n = os.preadv(fd, [out[done:]], offset + done)
-                if n == 0:
-                    raise CorruptCheckpointError(
-                        f"{self.file} ends before byte {offset + len(out)}: the checkpoint's index places a chunk "
-                        f"there ({self.length} bytes from {self.offset}). The file was truncated after the save."
-                    )
-                done += n
+            for out, start in parts:
+                done, offset = 0, self.offset + start
+                while done < len(out):  # preadv reads at most ~2 GiB at a time, and less at the end of a file
+                    n = os.preadv(fd, [out[done:]], offset + done)
+                    if n == 0:
+                        raise CorruptCheckpointError(
+                            f"{self.file} ends before byte {offset + len(out)}: the checkpoint's index places a "
+                            f"chunk there ({self.length} bytes from {self.offset}). The file was truncated after "
+                            "the save."
+                        )
+                    done += n
         finally:
             os.close(fd)
 
@@ -107,28 +111,44 @@ class Located:
                 step = _BLOCK if feed else max(n, 1)
                 for at in range(0, n, step):
                     block = memoryview(flat[start + at : start + min(at + step, n)])
-                    chunk.read_into(block, at)
+                    chunk.read_into((block, at))
                     if feed:
                         feed(start + at, block)
             else:
                 whole = np.empty(self.chunk_shape, self.dtype)
-                chunk.read_into(memoryview(whole.reshape(-1).view(np.uint8)))
+                chunk.read_into((memoryview(whole.reshape(-1).view(np.uint8)), 0))
                 out[region] = whole[tuple(slice(0, r.stop - r.start) for r in region)]
         return out
 
-    def read_elements(self, start: int, stop: int) -> np.ndarray:
-        """Elements ``[start, stop)`` of a 1-D array held in one chunk (a packed array), in a new buffer."""
-        assert len(self.shape) == 1 and len(self.chunks) == 1 and 0 <= start <= stop <= self.shape[0]
-        out = _aligned((stop - start,), self.dtype)
-        next(iter(self.chunks.values())).read_into(memoryview(out.view(np.uint8)), start * self.dtype.itemsize)
+    def read_slices(self, slices: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Elements ``[start, stop)`` of a 1-D array held in one chunk (a packed array), for each
+        ``(start, stop)`` of `slices`, each in a new buffer."""
+        (chunk,) = self.chunks.values()
+        assert len(self.shape) == 1 and all(0 <= start <= stop <= self.shape[0] for start, stop in slices)
+        out = [_aligned((stop - start,), self.dtype) for start, stop in slices]
+        chunk.read_into(
+            *((memoryview(a.view(np.uint8)), start * self.dtype.itemsize) for a, (start, _) in zip(out, slices))
+        )
         return out
 
 
 def locate(directory: Path) -> dict[str, Located]:
     """The arrays of the local Orbax checkpoint `directory` that `Located.read` can read, by
-    Orbax's name for each (its tree path joined by "."); empty if there are none."""
-    if _storage.is_remote(directory) or not (directory / "manifest.ocdbt").is_file():
+    Orbax's name for each (its tree path joined by "."); empty if there are none. The result is
+    shared: do not change it."""
+    if _storage.is_remote(directory):
         return {}
+    try:
+        found = os.stat(directory / "manifest.ocdbt")
+    except OSError:
+        return {}
+    return _locate(os.fspath(directory), (found.st_ino, found.st_size, found.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _locate(directory: str, version: tuple[int, int, int]) -> dict[str, Located]:
+    """`locate`, remembered while the database's manifest file stays the same (`version`):
+    OCDBT never rewrites a data file, and jstate never rewrites a committed checkpoint."""
     try:
         import tensorstore as ts  # comes with Orbax
 
@@ -148,8 +168,9 @@ def locate(directory: Path) -> dict[str, Located]:
         else:
             values.setdefault(array, {})[part] = entry
     out = {}
+    files: dict[str, Path | None] = {}  # data files by id, each checked once
     for name, zarray in metadata.items():
-        located = _located(directory, name, zarray, values.get(name, {}))
+        located = _located(Path(directory), name, zarray, values.get(name, {}), files)
         if located is not None:
             out[name] = located
     return out
@@ -165,7 +186,9 @@ def _value(base: Any, location: str | None) -> bytes | None:
         return None
 
 
-def _located(directory: Path, name: str, zarray: bytes | None, entries: dict[str, dict]) -> Located | None:
+def _located(
+    directory: Path, name: str, zarray: bytes | None, entries: dict[str, dict], files: dict[str, Path | None]
+) -> Located | None:
     """An array from its zarr metadata and its chunks' B+tree entries; None where anything is
     other than an uncompressed zarr v2 array in native byte order with every chunk present."""
     try:
@@ -181,14 +204,14 @@ def _located(directory: Path, name: str, zarray: bytes | None, entries: dict[str
     chunk_bytes = math.prod(chunk_shape) * dtype.itemsize
     chunks = {}
     for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunk_shape))):
-        chunk = _chunk(directory, entries.get(separator.join(map(str, index)) or "0"), chunk_bytes)
+        chunk = _chunk(directory, entries.get(separator.join(map(str, index)) or "0"), chunk_bytes, files)
         if chunk is None:
             return None
         chunks[index] = chunk
     return Located(name, shape, dtype, chunk_shape, chunks)
 
 
-def _chunk(directory: Path, entry: dict[str, Any] | None, length: int) -> Chunk | None:
+def _chunk(directory: Path, entry: dict[str, Any] | None, length: int, files: dict[str, Path | None]) -> Chunk | None:
     """A chunk from its B+tree entry: inline, or ``value:<base>:<file>:<offset>:<length>``."""
     if entry is None:
         return None
@@ -198,13 +221,18 @@ def _chunk(directory: Path, entry: dict[str, Any] | None, length: int) -> Chunk 
     try:
         kind, rest = entry["indirect_value"].split(":", 1)
         file_id, offset, size = rest.rsplit(":", 2)
-        base, _, relative = file_id.partition(":")
         if kind != "value" or int(size) != length or int(offset) < 0:
             return None
-        # A hostile index cannot point outside the checkpoint.
-        return Chunk(safe_join(directory, base + relative, directory), int(offset), length)
-    except Exception:
+    except (KeyError, ValueError):
         return None
+    if file_id not in files:
+        base, _, relative = file_id.partition(":")
+        try:  # a hostile index cannot point outside the checkpoint
+            files[file_id] = safe_join(directory, base + relative, directory)
+        except CorruptCheckpointError:
+            files[file_id] = None
+    file = files[file_id]
+    return None if file is None else Chunk(file, int(offset), length)
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

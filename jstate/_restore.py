@@ -83,13 +83,14 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
     Raises:
       MappingError: the map names variables `target` does not declare.
     """
+    declared = list(target.specs)
     try:
-        names = name_map.resolve(target.specs, "the target State")
+        names = name_map.resolve(declared, "the target State")
     except JStateError as e:  # a rule naming what the target lacks: the plan shows it
-        return Plan(ckpt, {}, {}, sorted(target.specs), sorted(ckpt.entries), [e])
+        return Plan(ckpt, {}, {}, sorted(declared), sorted(ckpt.entries), [e])
     transforms = name_map.transforms()
     used = set(names.values()) | {e for t in transforms.values() for e in t.entries()}
-    kept = sorted(set(target.specs) - set(names) - set(transforms))
+    kept = sorted(set(declared) - set(names) - set(transforms))
     unused = sorted(set(ckpt.entries) - used)
     out = Plan(ckpt, names, transforms, kept, unused, [])
     out.problems += _missing(ckpt, names, transforms)

@@ -28,7 +28,7 @@ def array_reads(monkeypatch):
     monkeypatch.setattr(_ocdbt.Located, "read", spy(_ocdbt.Located.read, lambda self, feed=None: [self.name]))
     monkeypatch.setattr(
         _ocdbt.Located,
-        "read_elements",
-        spy(_ocdbt.Located.read_elements, lambda self, start, stop: [f"{self.name}[{start}:{stop}]"]),
+        "read_slices",
+        spy(_ocdbt.Located.read_slices, lambda self, slices: [f"{self.name}[{a}:{b}]" for a, b in slices]),
     )
     return seen

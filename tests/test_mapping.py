@@ -33,6 +33,19 @@ def test_regex_rules_with_group_references_first_match_wins():
     assert resolve(rules) == {"model/encoder/b": "encoder_b", "model/encoder/k": "encoder_k", "weights": "Weights"}
 
 
+def test_the_first_rule_that_matches_a_name_wins_whatever_its_kind():
+    skip_decoder = (r"^model/decoder/", None)
+    assert resolve([skip_decoder, "model/decoder/k", "weights"]) == {"weights": "weights"}
+    assert resolve(["model/decoder/k", skip_decoder]) == {"model/decoder/k": "model/decoder/k"}
+    assert resolve([(r"^(w)eights$", r"W"), "weights"]) == {"weights": "W"}
+    assert resolve(["weights", (r"^(w)eights$", r"W")]) == {"weights": "weights"}
+
+
+def test_a_thousand_names_resolve_against_a_thousand_variables():
+    names = [f"layer{i}/w" for i in range(1000)]
+    assert resolve(names[::-1], names) == {n: n for n in names}
+
+
 def test_two_names_mapped_to_one_is_an_error():
     with pytest.raises(
         jstate.MappingError, match="maps both 'model/decoder/k' and 'model/encoder/k' to checkpoint name 'k'"
