@@ -111,8 +111,10 @@ class NativeCheckpoint(Checkpoint):
         }
 
     def _unpacked(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
-        """The packed variables `names` in their stored dtype (a PRNG key as its key data), as
-        views into the packed arrays that hold them, which are read once each (only those)."""
+        """The packed variables `names` in their stored dtype (a PRNG key as its key data), each
+        checked when `verify`. Only the packed arrays holding them are read, once each, and the
+        variables are views into them; where they fill half of one or less and `_ocdbt` locates
+        it, just their own bytes are read instead."""
         variables, records = self.manifest.variables, self.manifest.packed
         located = self._located()
         out: dict[str, np.ndarray] = {}
