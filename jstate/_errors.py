@@ -147,6 +147,12 @@ class CorruptCheckpointError(CheckpointError):
     """
 
 
+class Damaged(Exception):
+    """Raised inside a format's reader for bytes that cannot be what the checkpoint says they
+    are; `Checkpoint.read` reports it as one CorruptCheckpointError naming the checkpoint, the
+    variable and the damaged file. Not public: users see the CorruptCheckpointError."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A short "did you mean" phrase for `name`, or "" when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

@@ -258,7 +258,10 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(hashed)))) as pool:
             crcs = list(pool.map(_storage.bounded(lambda item: _crc(item[1], item[0], listed)), hashed))
     else:  # small metadata files: starting threads would cost more
-        crcs = [file_checksum(path) for _, path in hashed]
+        try:
+            crcs = [file_checksum(path) for _, path in hashed]
+        except FileNotFoundError as e:  # deleted since its size was checked (a re-save retiring it)
+            raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {e.filename} is missing.") from None
     for (rel, path), crc in zip(hashed, crcs):
         if crc != records[rel][1]:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")
@@ -282,7 +285,10 @@ def _plain_sizes(directory: Path) -> dict[str, int]:
             if entry.is_dir():
                 pending.append((f"{prefix}{entry.name}/", entry.path))
             elif entry.is_file():
-                out[prefix + entry.name] = entry.stat().st_size
+                try:
+                    out[prefix + entry.name] = entry.stat().st_size
+                except OSError:  # deleted meanwhile (a re-save retiring it): the slow path says so
+                    continue
     return out
 
 
@@ -292,12 +298,15 @@ def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Pa
     listed = _storage.files(directory) if _storage.is_remote(directory) else None
     for rel, (size, crc) in records.items():
         path = safe_join(directory, rel, checkpoint)
-        if (rel not in listed) if listed is not None else not _storage.is_file(path):
-            bad.append(str(path))
-        elif crc == UNRECORDED:
-            if _storage.size(path) != size:
+        try:
+            if (rel not in listed) if listed is not None else not _storage.is_file(path):
                 bad.append(str(path))
-        elif _crc(path, rel, listed) != crc:
+            elif crc == UNRECORDED:
+                if _storage.size(path) != size:
+                    bad.append(str(path))
+            elif _crc(path, rel, listed) != crc:
+                bad.append(str(path))
+        except FileNotFoundError:  # deleted while we looked (a re-save retiring it)
             bad.append(str(path))
     return bad
 

@@ -219,7 +219,7 @@ def _key_entry(name: str, v: Variable) -> Entry:
     return Entry((name,), v.shape[: len(v.shape) - data_dims], key.dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)  # a 100,000-variable manifest is ~80 MB decoded
 def _decoded(cls: type[Manifest], data: bytes) -> Manifest:
     """`Manifest._parse`, remembered by content: a checkpoint restored again (a partial restore
     after a full one, an evaluation loop) is not parsed again. Its file is still read each time,

@@ -19,7 +19,7 @@ from . import _commit, _integrity, _ocdbt, _orbax, _pack, _storage
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._manifest import ARRAYS, FILE, Manifest, Variable
 from ._placement import or_default
-from ._reader import Checkpoint, place
+from ._reader import Checkpoint, own, place
 from ._spec import Entry
 
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
@@ -126,7 +126,8 @@ class NativeCheckpoint(Checkpoint):
             inside = [n for n in names if variables[n].packed.array == array]
             if not _fits(found, entry):
                 through_orbax[array] = entry
-            elif 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:  # half of it or less: just those
+            elif len(found.chunks) == 1 and 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:
+                # Half of it or less: just their bytes.
                 slots = [(variables[n].packed.offset, math.prod(variables[n].shape)) for n in inside]
                 parts = found.read_slices([(start, start + size) for start, size in slots])
                 out |= {n: part.reshape(variables[n].shape) for n, part in zip(inside, parts)}
@@ -153,8 +154,8 @@ class NativeCheckpoint(Checkpoint):
         as `init` makes them (`uncommitted` would otherwise remake each one)."""
         placed = [n for n in host if wanted[n].sharding is not None]
         free = [n for n in host if wanted[n].sharding is None]
-        out = dict(zip(placed, jax.device_put([host[n] for n in placed], [wanted[n].sharding for n in placed])))
-        return out | dict(zip(free, jax.device_put([host[n] for n in free])))
+        out = dict(zip(placed, jax.device_put([own(host[n]) for n in placed], [wanted[n].sharding for n in placed])))
+        return out | dict(zip(free, jax.device_put([own(host[n]) for n in free])))
 
     def _mismatch(self, name: str, region: str) -> None:
         damage = self._damage()

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _storage
-from ._errors import CorruptCheckpointError
+from ._errors import CorruptCheckpointError, Damaged
 from ._integrity import safe_join
 
 _ALIGNMENT = 64  # bytes: what XLA's CPU client needs to adopt a host buffer without copying it
@@ -69,10 +69,9 @@ class Chunk:
                 while done < len(out):  # preadv reads at most ~2 GiB at a time, and less at the end of a file
                     n = os.preadv(fd, [out[done:]], offset + done)
                     if n == 0:
-                        raise CorruptCheckpointError(
-                            f"{self.file} ends before byte {offset + len(out)}: the checkpoint's index places a "
-                            f"chunk there ({self.length} bytes from {self.offset}). The file was truncated after "
-                            "the save."
+                        raise Damaged(
+                            f"{self.file} ends before byte {offset + len(out)}, where the checkpoint's index places "
+                            f"a chunk ({self.length} bytes from {self.offset}): it was truncated after the save"
                         )
                     done += n
         finally:
@@ -118,18 +117,29 @@ class Located:
                 whole = np.empty(self.chunk_shape, self.dtype)
                 chunk.read_into((memoryview(whole.reshape(-1).view(np.uint8)), 0))
                 out[region] = whole[tuple(slice(0, r.stop - r.start) for r in region)]
-        return out
+        return self._checked(out)
 
     def read_slices(self, slices: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Elements ``[start, stop)`` of a 1-D array held in one chunk (a packed array), for each
         ``(start, stop)`` of `slices`, each in a new buffer."""
-        (chunk,) = self.chunks.values()
-        assert len(self.shape) == 1 and all(0 <= start <= stop <= self.shape[0] for start, stop in slices)
+        if len(self.shape) != 1 or len(self.chunks) != 1:
+            raise ValueError(f"{self.name} is not a 1-D array in one chunk: read it whole")
+        if not all(0 <= start <= stop <= self.shape[0] for start, stop in slices):
+            raise ValueError(f"{self.name} has {self.shape[0]} elements; slices {list(slices)} do not all fit")
         out = [_aligned((stop - start,), self.dtype) for start, stop in slices]
+        (chunk,) = self.chunks.values()
         chunk.read_into(
             *((memoryview(a.view(np.uint8)), start * self.dtype.itemsize) for a, (start, _) in zip(out, slices))
         )
-        return out
+        return [self._checked(a) for a in out]
+
+    def _checked(self, array: np.ndarray) -> np.ndarray:
+        """`array`, refused if it is bool with a byte other than 0 or 1 (as tensorstore refuses
+        it): NumPy would take any other byte for True, and a flipped bit would go unnoticed
+        without checksums."""
+        if self.dtype == np.bool_ and (bad := np.flatnonzero(array.view(np.uint8) > 1)).size:
+            raise Damaged(f"{self.name} holds {bad.size} byte(s) that are no bool, the first at element {bad[0]}")
+        return array
 
 
 def locate(directory: Path) -> dict[str, Located]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _storage
 from ._display import checkpoint_table
-from ._errors import CheckpointError, CorruptCheckpointError, not_in_checkpoint
+from ._errors import CheckpointError, CorruptCheckpointError, Damaged, not_in_checkpoint
 from ._placement import or_default
 from ._progress import Progress
 from ._spec import Entry
@@ -130,7 +130,8 @@ class Checkpoint(abc.ABC):
             if damage is not None:  # the files fail their checks: that, not the symptom, is the news
                 raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
             detail = (str(e).splitlines() or [""])[0]
-            corrupt = "DATA_LOSS" in detail or "corruption detected" in detail.lower()  # failed tensorstore's checks
+            # Failed a reader's own checks, or tensorstore's.
+            corrupt = isinstance(e, Damaged) or "DATA_LOSS" in detail or "corruption detected" in detail.lower()
             if len(detail) > 300:
                 detail = detail[:300] + " ..."
             if corrupt:
@@ -228,4 +229,14 @@ class Checkpoint(abc.ABC):
 def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
     """A host array on its target's sharding and dtype. Every process holds the whole array, so
     this works for shardings over several processes too."""
-    return jax.device_put(host.astype(target.dtype, copy=False), or_default(target.sharding))
+    return jax.device_put(own(host.astype(target.dtype, copy=False)), or_default(target.sharding))
+
+
+def own(host: np.ndarray) -> np.ndarray:
+    """`host`, copied if it is a view into a larger buffer: JAX on the CPU adopts an aligned host
+    buffer without copying it, and would keep all of it alive for as long as the array lives (a
+    restored slice of a split, or one variable of a packed array, pinning the whole)."""
+    base = host
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return host.copy() if base.nbytes > host.nbytes + 64 else host

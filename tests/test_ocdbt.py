@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import _ocdbt
+from jstate._errors import Damaged
 
 
 def write(directory: Path, name: str, value: np.ndarray, chunks, **metadata) -> None:
@@ -101,7 +102,7 @@ def test_a_data_file_truncated_after_opening_is_named(tmp_path):
     located = _ocdbt.locate(tmp_path)["x"]
     (chunk,) = located.chunks.values()
     os.truncate(chunk.file, chunk.offset + 100)
-    with pytest.raises(jstate.CorruptCheckpointError, match=f"{chunk.file.name} ends before byte .* truncated"):
+    with pytest.raises(Damaged, match=f"{chunk.file.name} ends before byte .* truncated"):
         located.read()
 
 
