@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from typing import Any
 
 import jax
 import numpy as np
@@ -106,7 +107,7 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
     for n, c in names.items():
         if c in ckpt.entries:
             spec, entry = target.spec(n), ckpt.entries[c]
-            out._wanted[c] = spec.struct()
+            out._wanted[c] = _struct(target, n)
             out._rows.append((n, c, "", spec.shape, _dtypes(entry.dtype, spec.dtype)))
             if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
                 out.problems.append(
@@ -160,10 +161,32 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
     return problems
 
 
+def _struct(target: State, name: str) -> jax.ShapeDtypeStruct:
+    """What `name` is restored as: its declared shape and dtype, on the sharding of the target's
+    own value for it where that asks for one (`_asked`), else on its declared sharding."""
+    spec = target.spec(name)
+    return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=_asked(target.get(name)) or spec.sharding)
+
+
+def _asked(value: Any) -> jax.sharding.Sharding | None:
+    """The sharding a target's value asks its variable to be restored onto: a committed array's,
+    or a `jax.ShapeDtypeStruct`'s (``jax.eval_shape`` output given new shardings). None where it
+    says nothing: an uncommitted array, a struct without one, or one over an abstract mesh only
+    (what ``jax.eval_shape`` gives for the State's own shardings)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, jax.Array):
+        return value.sharding if value.committed else None
+    sharding = getattr(value, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        return None
+    return sharding
+
+
 def _placeable(name: str, target: State) -> list[JStateError]:
     """Problems with putting a value of `name`'s declared shape and dtype where it is declared:
     a 64-bit dtype that JAX would narrow (64-bit mode off), a sharding that cannot divide it."""
-    spec = target.spec(name)
+    spec, sharding = target.spec(name), _struct(target, name).sharding
     narrow = jax.dtypes.canonicalize_dtype(spec.dtype, allow_extended_dtype=True)
     if narrow != spec.dtype:
         return [
@@ -173,15 +196,15 @@ def _placeable(name: str, target: State) -> list[JStateError]:
                 f"declare {narrow.name} and pass `cast=True`."
             )
         ]
-    if spec.sharding is not None and hasattr(spec.sharding, "shard_shape"):
+    if sharding is not None and hasattr(sharding, "shard_shape"):
         try:
-            spec.sharding.shard_shape(spec.shape)
+            sharding.shard_shape(spec.shape)
         except Exception as e:  # JAX's IndivisibleError is no ValueError
             reason = str(e).split("implies that ")[-1].split(" (full shape")[0].splitlines()[0][:200]
             return [
                 PlacementError(
                     f"Variable '{name}' of shape {spec.shape} cannot be placed on its target's sharding "
-                    f"{getattr(spec.sharding, 'spec', spec.sharding)}: {reason}. Give the target a sharding that "
+                    f"{getattr(sharding, 'spec', sharding)}: {reason}. Give the target a sharding that "
                     "divides its shape."
                 )
             ]
@@ -240,7 +263,7 @@ def restore(
     values = {n: arrays[c] for n, c in found.names.items()}
     values |= _transformed(ckpt, found.transforms, target, verify)
     # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).
-    values = {n: v if target.spec(n).sharding is not None else uncommitted(v) for n, v in values.items()}
+    values = {n: v if _struct(target, n).sharding is not None else uncommitted(v) for n, v in values.items()}
     return target._replace_values(values)
 
 
@@ -254,7 +277,7 @@ def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: S
         memo: dict = {}
         for n in group:
             value = T.evaluate(transforms[n], host.__getitem__, np, memo)
-            out[n] = place(np.asarray(value), target.spec(n).struct())
+            out[n] = place(np.asarray(value), _struct(target, n))
         del host, memo
     return out
 

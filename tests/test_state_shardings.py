@@ -265,3 +265,31 @@ def test_replace_placement_leaves_unplaced_variables_uncommitted():
     _same_placement(
         placed, jstate.init(unplaced_model, jax.random.key(0), mesh=m, rules=[("kernel", P("data", "model"))])
     )
+
+
+def test_restore_follows_the_shardings_a_target_asks_for_and_keeps_the_declared_ones_otherwise(tmp_path):
+    m = mesh()
+    rules = [("kernel", P(None, "model"))]
+    initialized = jstate.init(unplaced_model, jax.random.key(0), mesh=m, rules=rules)
+    path = jstate.Saver().save({"state": initialized, "step": 3}, tmp_path / "ckpt")
+    abstract = jax.eval_shape(lambda: {"state": initialized, "step": 3})
+    # eval_shape's own shardings (over an abstract mesh) and no sharding: as declared.
+    as_declared = jstate.Saver().restore(path, abstract)
+    _same_placement(as_declared["state"], initialized)
+    # Shardings given to the eval_shape leaves, the State's included: each leaf goes there.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    onto_device = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    restored = jstate.Saver().restore(path, onto_device)
+    assert {restored["state"][n].sharding for n in restored["state"]} | {restored["step"].sharding} == {device}
+    other = NamedSharding(jax.make_mesh((8,), ("x",)), P())
+    onto_mesh = {
+        "state": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=other), abstract["state"])
+    }
+    restored = jstate.Saver().restore(path, abstract | onto_mesh)
+    assert all(restored["state"][n].sharding == other for n in restored["state"])
+    for n in ["kernel", "bias", "step"]:
+        np.testing.assert_array_equal(restored["state"][n], initialized[n])
+    # A committed array of the target asks for its own sharding too; an uncommitted one does not.
+    moved = jax.tree.map(lambda a: jax.device_put(a, device), initialized)
+    restored = jstate.Saver().restore(path, {"state": moved, "step": 0})
+    assert all(restored["state"][n].sharding == device for n in restored["state"])
