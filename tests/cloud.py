@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -495,9 +496,40 @@ class CloudSession:
     env: dict[str, str]
 
 
+# Set in the test run that `test_cloud_emulators.py` starts inside a network namespace.
+IN_NAMESPACE = "JSTATE_CLOUD_TESTS_IN_NETNS"
+
+
+@functools.cache
+def namespace_unavailable() -> str | None:
+    """Why this machine cannot give a process a network namespace of its own with only loopback
+    up (``unshare -n``), or None if it can."""
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "unshare -n needs root"
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "unshare (util-linux) or ip (iproute2) is not installed"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"unshare -n does not work here: {probe.stderr.strip()}"
+    return None
+
+
+def tested_in_namespace() -> bool:
+    """Whether this session leaves the cloud tests to a run of their own inside a network
+    namespace with only loopback (where it can make one, and is not that run)."""
+    return os.environ.get(IN_NAMESPACE) != "1" and namespace_unavailable() is None
+
+
 @pytest.fixture(scope="session")
 def cloud_session() -> Iterator[CloudSession]:
     """Both emulators, started once; the loopback environment, set in this process until the end."""
+    if tested_in_namespace():
+        pytest.skip(
+            "run inside a network namespace with only loopback, by "
+            "tests/test_cloud_emulators.py::test_the_cloud_tests_pass_inside_a_network_namespace"
+        )
     with contextlib.ExitStack() as stack:
         started, errors = {}, {}
         for name, start in (("gcs", fake_gcs_server), ("s3", moto_s3_server)):

@@ -97,19 +97,6 @@ def test_tensorstore_s3_driver(s3, cloud_env):
     assert f"{prefix}zarr.json" in keys and len(keys) > 1
 
 
-def _namespace_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "unshare -n needs root"
-    if not shutil.which("unshare") or not shutil.which("ip"):
-        return "unshare (util-linux) or ip (iproute2) is not installed"
-    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"unshare -n does not work here: {probe.stderr.strip()}"
-    return None
-
-
 def _strace_works(strace: list[str]) -> bool:
     """strace is installed and may trace here (not under another tracer, nor without CAP_SYS_PTRACE)."""
     if not shutil.which("strace"):
@@ -124,7 +111,7 @@ def test_nothing_leaves_loopback(tmp_path):
     """The self-check (emulators, Orbax on gs:// restored in a fresh process, tensorstore and epath on
     s3://) inside a new network namespace that has only loopback; with strace, every connect() of
     every process is to 127.0.0.1 or ::1."""
-    reason = _namespace_unavailable()
+    reason = cloud.namespace_unavailable()
     if reason:
         pytest.skip(reason)
     trace = tmp_path / "connect.trace"
@@ -149,3 +136,34 @@ def test_nothing_leaves_loopback(tmp_path):
         outside = {a for a in addresses if not (a.startswith("127.") or a in ("::1", "::ffff:127.0.0.1"))}
         assert not outside, f"connections outside loopback: {outside}"
     assert [p.name for p in tmp_path.iterdir()] in ([], ["connect.trace"])  # Nothing written locally.
+
+
+CLOUD_TESTS = ("test_cloud_emulators.py", "test_cloud_checkpoints.py", "test_issue14_attack.py")
+
+
+def test_the_cloud_tests_pass_inside_a_network_namespace():
+    """Where this machine can make a network namespace with only loopback (root, `unshare -n`),
+    every test that uses the emulators runs in one, in a pytest run of its own: there, nothing
+    could reach another host even if a client ignored the loopback environment. (This session
+    skips them, saying so; elsewhere they run in it, kept on loopback by their environment.)"""
+    if os.environ.get(cloud.IN_NAMESPACE) == "1":
+        pytest.skip("this is the run inside the namespace")
+    reason = cloud.namespace_unavailable()
+    if reason:
+        pytest.skip(f"{reason}: the cloud tests run in this session, on loopback by their environment")
+    files = " ".join(os.path.join(HERE, name) for name in CLOUD_TESTS)
+    command = f"{sys.executable} -m pytest -q -p no:cacheprovider -o addopts='' -rfEs {files}"
+    result = subprocess.run(
+        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(HERE),
+        env={**os.environ, cloud.IN_NAMESPACE: "1"},
+        stdin=subprocess.DEVNULL,
+    )
+    summary = result.stdout[-8000:]
+    assert result.returncode == 0, f"the cloud tests failed inside the namespace:\n{summary}\n{result.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 40, f"too few cloud tests ran inside the namespace:\n{summary}"
+    assert "emulator unavailable" not in summary, f"an emulator did not start inside the namespace:\n{summary}"
