@@ -267,7 +267,7 @@ def _newest(directory: Path, prefix: str | None) -> Checkpoint | None:
     for rank in sorted({c.rank for c in candidates}, reverse=True):
         found = _opened([c for c in candidates if c.rank == rank])
         if found:
-            return max((ckpt for _, ckpt in found), key=lambda ckpt: ckpt.created)
+            return sorted((ckpt for _, ckpt in found), key=lambda ckpt: ckpt.created)[-1]
     return None
 
 

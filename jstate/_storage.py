@@ -245,15 +245,12 @@ def files(directory: Path, prefix: str = "") -> dict[str, File]:
     """
     if not is_remote(directory):
         out = {}
-        for name in listdir(directory):
-            if not name.startswith(prefix):
-                continue
-            top = directory / name
-            walked = os.walk(top) if top.is_dir() else [(directory, [], [name])]
-            for root, _, names in walked:
-                for file in (Path(root, n) for n in names):
+        for root, _, names in os.walk(directory):
+            for file in (Path(root, n) for n in names):
+                rel = file.relative_to(directory).as_posix()
+                if rel.startswith(prefix):
                     stat = file.stat()
-                    out[file.relative_to(directory).as_posix()] = File(stat.st_size, None, stat.st_mtime)
+                    out[rel] = File(stat.st_size, None, stat.st_mtime)
         return out
     fs, key = _fs(directory)
     try:
