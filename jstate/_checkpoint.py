@@ -51,13 +51,19 @@ def _open(path: Path) -> Checkpoint | None:
     return None
 
 
-def _open_quietly(path: Path) -> Checkpoint | None:
+def _quietly(open_: Callable[..., Checkpoint | None], *args: object) -> Checkpoint | None:
+    """``open_(*args)``, None for a checkpoint that is damaged or half-written: not one to list.
+    A store that did not answer is raised: not knowing is no "not a checkpoint"."""
     try:
-        return _open(path)
+        return open_(*args)
     except StoreError:
-        raise  # the store did not say: not knowing is no "not a checkpoint"
+        raise
     except (CheckpointError, OSError):
-        return None  # damaged or half-written: not a checkpoint to list
+        return None
+
+
+def _open_quietly(path: Path) -> Checkpoint | None:
+    return _quietly(_open, path)
 
 
 def open_checkpoint(path: str | os.PathLike, *, timeout: float | None = LOOKUP_TIMEOUT) -> Checkpoint:
@@ -176,22 +182,18 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
         if FILE in listed:  # a jstate checkpoint, committed when it was listed
             if _named(name, prefix):
                 found.append(
-                    _Candidate(entry, prefix, listed[FILE].mtime, functools.partial(_load_listed, entry, listed))
+                    _Candidate(
+                        entry,
+                        prefix,
+                        listed[FILE].mtime,
+                        functools.partial(_quietly, _native.load_listed, entry, listed),
+                    )
                 )
         elif "" in listed or not _commit.only_ours(below.split("/", 1)[0] for below in listed):
             ckpt = _open_quietly(entry)  # another format (plain Orbax, safetensors), or something else
             if ckpt is not None:
                 found.append(_Candidate(entry, prefix, ckpt.created, lambda c=ckpt: c))
     return found
-
-
-def _load_listed(path: Path, listed: dict[str, _storage.File]) -> Checkpoint | None:
-    try:
-        return _native.load_listed(path, listed)
-    except StoreError:
-        raise
-    except (CheckpointError, OSError):
-        return None  # damaged or half-written: not a checkpoint to list
 
 
 def _opened(candidates: list[_Candidate]) -> list[tuple[float, Checkpoint]]:
@@ -202,11 +204,9 @@ def _opened(candidates: list[_Candidate]) -> list[tuple[float, Checkpoint]]:
     else:
         with ThreadPoolExecutor(max_workers=min(8, len(candidates))) as pool:
             opened = list(pool.map(_limits.bounded(lambda c: c.open()), candidates))
-    return [(c.rank, ckpt) for c, ckpt in zip(candidates, opened) if ckpt is not None and _wanted(ckpt, c.prefix)]
-
-
-def _wanted(ckpt: Checkpoint, prefix: str | None) -> bool:
-    return prefix is None or _named(ckpt.path.name, prefix)
+    return [
+        (c.rank, ckpt) for c, ckpt in zip(candidates, opened) if ckpt is not None and _named(ckpt.path.name, c.prefix)
+    ]
 
 
 def _named(name: str, prefix: str | None) -> bool:
