@@ -18,6 +18,8 @@ from ._errors import MappingError as MappingError
 from ._errors import ModelError as ModelError
 from ._errors import PlacementError as PlacementError
 from ._errors import SpecMismatchError as SpecMismatchError
+from ._errors import StoreError as StoreError
+from ._errors import StoreTimeoutError as StoreTimeoutError
 from ._errors import UninitializedError as UninitializedError
 from ._errors import UnknownVariableError as UnknownVariableError
 from ._flax import flax_model as flax_model

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import _files, _storage
@@ -110,7 +111,12 @@ def is_ours(path: Path) -> bool:
     """Whether `path` is a directory holding only what jstate saves put there."""
     if not _storage.is_dir(path) or _storage.is_symlink(path):
         return False
-    return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in _storage.listdir(path))
+    return only_ours(_storage.listdir(path))
+
+
+def only_ours(names: Iterable[str]) -> bool:
+    """Whether the names in a directory are all ones that jstate saves put there."""
+    return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in names)
 
 
 def commit(final: Path, manifest: Manifest, token: str) -> None:
@@ -167,10 +173,11 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     return True
 
 
-def clean_checkpoint(path: Path) -> None:
+def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
-    manifest does not name, temporary files; and `path` itself if that leaves it empty."""
-    entries = _storage.iterdir(path)
+    manifest does not name, temporary files; and `path` itself if that leaves it empty.
+    `names` are those in `path`, where the caller has listed them."""
+    entries = _storage.iterdir(path) if names is None else [path / n for n in names]
     shared = _storage.is_remote(path)
     done = [e for e in entries if (t := _token_of(e.name)) is not None and not _files.alive(t, shared=shared)]
     legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
@@ -198,7 +205,7 @@ def _may_come_back(path: Path) -> bool:
     try:
         names = _storage.listdir(path)
     except OSError:
-        return False
+        return True  # not knowing, nothing is removed
     shared = _storage.is_remote(path)
     if any(n.startswith(_DELETING) and _files.alive(_token_of(n) or "", shared=shared) for n in names):
         return True
@@ -207,12 +214,28 @@ def _may_come_back(path: Path) -> bool:
 
 def clean(directory: Path, prefix: str | None = None) -> None:
     """`clean_checkpoint` every jstate checkpoint directory in `directory` (named
-    ``<prefix>...`` if given): leftovers of killed and failed saves and deletions."""
-    children = [c for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)]
+    ``<prefix>...`` if given): leftovers of killed and failed saves and deletions.
+
+    On an object store, one listing of everything under `directory` tells which children are
+    jstate's and what is in them: a save beside N checkpoints makes no request per checkpoint
+    unless it has leftovers to remove."""
     shared = _storage.is_remote(directory)
-    for child in children:
+    if shared:
+        listed = _storage.by_child(_storage.files(directory, prefix or ""))
+        children = {directory / name: {below.split("/", 1)[0] for below in objects} for name, objects in listed.items()}
+    else:
+        children = {c: None for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)}
+    for child, names in children.items():
         token = _files.temporary_token(child.name)
         if token is not None and not _files.alive(token, shared=shared):
             _storage.remove(child)  # a dead save's temporary file, or its directory being made
-        elif is_ours(child):
-            clean_checkpoint(child)
+        elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
+            clean_checkpoint(child, names)
+
+
+def _settled(names: set[str]) -> bool:
+    """Whether a checkpoint directory holds its manifest and one arrays directory, nothing else:
+    then the manifest names those arrays (it never names arrays that were not written, but for
+    a checkpoint of zero-size arrays only, whose own commit removed what it replaced), nothing
+    is to be removed, and its manifest need not be read to know it."""
+    return len(names) == 2 and FILE in names and any(n.startswith(_DATA) for n in names)

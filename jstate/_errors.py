@@ -153,6 +153,29 @@ class Damaged(Exception):
     variable and the damaged file. Not public: users see the CorruptCheckpointError."""
 
 
+class StoreError(CheckpointError, OSError):
+    """An object store (gs://, s3://) cannot be reached: nothing is known about the checkpoint,
+    so no lookup takes it for a missing one (`latest_checkpoint` raises it, never returns None).
+
+    Also an `OSError`.
+
+    >>> issubclass(jstate.StoreError, (jstate.CheckpointError, OSError))
+    True
+    """
+
+
+class StoreTimeoutError(StoreError, TimeoutError):
+    """An object store did not answer within the time allowed (a `timeout=`): also a
+    `TimeoutError`, so ``except TimeoutError`` catches it.
+
+    >>> try:
+    ...     raise jstate.StoreTimeoutError("gs://bucket/run: the object store did not answer within 1 s.")
+    ... except TimeoutError as e:
+    ...     print(isinstance(e, jstate.CheckpointError))
+    True
+    """
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A short "did you mean" phrase for `name`, or "" when nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from . import _storage
-from ._checkpoint import checkpoints, list_checkpoints, open_checkpoint
+from ._checkpoint import LOOKUP_TIMEOUT, checkpoints, list_checkpoints, lookup, open_checkpoint
 from ._table import human_bytes
 
 
@@ -19,7 +19,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
     `name`, inspect its latest). Reads metadata only, unless `values` is set.
     """
     path = _storage.as_path(path)
-    found = checkpoints(path) if _storage.is_dir(path) else []
+    found = lookup(path, LOOKUP_TIMEOUT, "jstate inspect", lambda: checkpoints(path) if _storage.is_dir(path) else [])
     if found and all(c.path != path for c in found) and not values and name is None:
         print(list_checkpoints(path))
         return

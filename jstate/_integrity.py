@@ -24,7 +24,7 @@ import crc32c
 import jax
 import numpy as np
 
-from . import _storage
+from . import _limits, _storage
 from ._errors import CorruptCheckpointError
 
 _PARALLEL_BYTES = 64 * 1024 * 1024
@@ -226,18 +226,28 @@ def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: 
     """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel);
     the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others)."""
     found = _storage.files(directory)  # on GCS with the store's own CRC32C: nothing to read back
-    wanted = [rel for rel, (_, crc) in found.items() if crc is None and contents(rel)]
+    wanted = [rel for rel, file in found.items() if file.crc32c is None and contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        crcs = dict(zip(wanted, pool.map(_storage.bounded(lambda rel: file_checksum(directory / rel)), wanted)))
-    return {rel: [size, crc if crc is not None else crcs.get(rel, UNRECORDED)] for rel, (size, crc) in found.items()}
+        crcs = dict(zip(wanted, pool.map(_limits.bounded(lambda rel: file_checksum(directory / rel)), wanted)))
+    return {rel: [f.size, f.crc32c if f.crc32c is not None else crcs.get(rel, UNRECORDED)] for rel, f in found.items()}
 
 
-def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path, contents: Iterable[str] = ()) -> None:
+def check_files(
+    directory: Path,
+    records: dict[str, list[int]],
+    checkpoint: Path,
+    contents: Iterable[str] = (),
+    listed: dict[str, _storage.File] | None = None,
+) -> None:
     """Every recorded file exists with its recorded size; those named in `contents` also with
-    their recorded checksum. Raises CorruptCheckpointError naming the first damaged file."""
+    their recorded checksum. Raises CorruptCheckpointError naming the first damaged file.
+
+    `listed` is `_storage.files(directory)` where the caller has it; on an object store it is
+    listed here otherwise (one request, not one per file)."""
     contents = set(contents)
     remote = _storage.is_remote(directory)
-    listed = _storage.files(directory) if remote else None  # one request, not one per file
+    if listed is None and remote:
+        listed = _storage.files(directory)
     plain = {} if remote else _plain_sizes(directory)
     for rel, (size, _) in records.items():
         path = directory / rel
@@ -246,7 +256,7 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
                 actual = plain[rel]
             else:
                 path = safe_join(directory, rel, checkpoint)
-                actual = _storage.size(path) if listed is None else listed[rel][0]
+                actual = _storage.size(path) if listed is None else listed[rel].size
         except (FileNotFoundError, KeyError):
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {path} is missing.") from None
         if actual != size:
@@ -256,7 +266,7 @@ def check_files(directory: Path, records: dict[str, list[int]], checkpoint: Path
     hashed = [(rel, directory / rel) for rel in records if rel in contents and records[rel][1] != UNRECORDED]
     if remote:  # in parallel: each is a request, and their latency adds up
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(hashed)))) as pool:
-            crcs = list(pool.map(_storage.bounded(lambda item: _crc(item[1], item[0], listed)), hashed))
+            crcs = list(pool.map(_limits.bounded(lambda item: _crc(item[1], item[0], listed)), hashed))
     else:  # small metadata files: starting threads would cost more
         try:
             crcs = [file_checksum(path) for _, path in hashed]
@@ -314,7 +324,7 @@ def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Pa
 def _crc(path: Path, rel: str, listed: dict | None) -> int:
     """The CRC32C of file `path` (`rel` in its checkpoint): the store's, from `listed`
     (`_storage.files` of the directory), where it keeps one; else computed from the bytes."""
-    crc = listed[rel][1] if listed is not None and rel in listed else None
+    crc = listed[rel].crc32c if listed is not None and rel in listed else None
     return file_checksum(path) if crc is None else crc
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _storage
-from ._errors import CheckpointError, CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError, StoreError
 from ._integrity import checksum
 from ._pack import Slot
 from ._spec import Entry
@@ -201,6 +201,8 @@ class Manifest:
             data = _storage.read_bytes(_storage.as_path(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except StoreError:
+            raise  # says itself what went wrong, and is no damage
         except OSError as e:
             raise CheckpointError(f"Checkpoint {where}: cannot read its manifest {path} ({e}).") from e
         return cls.decode(data, where)

@@ -304,17 +304,17 @@ def load(path: Path) -> NativeCheckpoint | None:
     Raises:
       CheckpointNotFoundError: `path` is where a save has not committed (yet, or ever).
       CorruptCheckpointError: it is one, but incomplete or damaged (a missing or truncated file
-        counts: sizes are checked on every open, which costs one `stat` per file).
+        counts: sizes are checked on every open, which costs one `stat` per file locally, one
+        listing on an object store).
     """
     manifest = Manifest.read(path)  # first: on an object store, one request answers most calls
     if manifest is None:
-        if not _storage.is_dir(path):
-            return None
-        if _commit.is_ours(path) and _storage.listdir(path):
+        names = _storage.listdir(path)
+        if names and not _storage.is_symlink(path) and _commit.only_ours(names):
             raise CheckpointNotFoundError(
                 f"{path} holds no committed checkpoint: a save into it has not finished, or was interrupted."
             )
-        if _storage.exists(path / ARRAYS):  # jstate's layout before tokens, without its manifest
+        if ARRAYS in names:  # jstate's layout before tokens, without its manifest
             raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: its manifest {path / FILE} is missing.")
         return None
     for _ in range(_REOPEN):
@@ -333,10 +333,30 @@ def load(path: Path) -> NativeCheckpoint | None:
 _REOPEN = 5
 
 
-def _checked(path: Path, manifest: Manifest) -> NativeCheckpoint:
+def load_listed(path: Path, listed: dict[str, _storage.File]) -> NativeCheckpoint | None:
+    """`load` of a checkpoint on an object store whose directory holds a manifest in a listing
+    taken moments ago (`listed`: `_storage.files(path)`): its files are checked against that
+    listing, so opening it costs one request, its manifest. Where the two disagree (re-saved
+    or deleted since the listing), `load` looks again."""
+    manifest = Manifest.read(path)
+    if manifest is None:
+        return None  # deleted since
+    prefix = manifest.arrays + "/"
+    try:
+        return _checked(path, manifest, {k[len(prefix) :]: f for k, f in listed.items() if k.startswith(prefix)})
+    except CorruptCheckpointError:
+        return load(path)
+
+
+def _checked(path: Path, manifest: Manifest, listed: dict[str, _storage.File] | None = None) -> NativeCheckpoint:
+    """The checkpoint `manifest` describes, once its files are found as recorded: listed in
+    `listed` (its arrays directory's listing), or else asked for (on an object store, in one
+    listing)."""
     arrays = _integrity.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
     _integrity.safe_join(path, FILE, path)
-    if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays):
+    if listed is None and _storage.is_remote(path):
+        listed = _storage.files(arrays)
+    if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays, listed):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
-    _integrity.check_files(arrays, manifest.files, path)
+    _integrity.check_files(arrays, manifest.files, path, listed=listed)
     return NativeCheckpoint(path, manifest)

@@ -214,9 +214,10 @@ def share(key: str, make: Callable[[], str], timeout: float) -> str:
     return client.blocking_key_value_get(key, int(timeout * 1000))
 
 
-def is_checkpoint(directory: Path) -> bool:
-    """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell)."""
-    return _storage.is_file(directory / METADATA_FILE)
+def is_checkpoint(directory: Path, listed: dict[str, _storage.File] | None = None) -> bool:
+    """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell);
+    `listed`, where given, is `_storage.files(directory)`."""
+    return METADATA_FILE in listed if listed is not None else _storage.is_file(directory / METADATA_FILE)
 
 
 def is_data_file(rel: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from . import _checkpoint, _commit, _pack, _restore, _retention, _safetensors, _storage, _tree
+from . import _checkpoint, _commit, _limits, _pack, _restore, _retention, _safetensors, _storage, _tree
 from . import transforms as transforms_
 from ._errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
 from ._manifest import Manifest
@@ -62,7 +62,10 @@ class Saver:
         and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
         either way.
       timeout: seconds that processes of a multi-process save wait for each other, and that
-        one request to an object store (gs://, s3://) may take before the save fails.
+        jstate waits on an object store (gs://, s3://) before a save or restore fails: for all
+        of each step that only reads or writes metadata (preparing a save, committing it with
+        retention, finding the checkpoint to restore), and for each request while arrays are
+        read. (Orbax and tensorstore write and read the arrays under their own retry policies.)
       keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
 
     >>> saver = jstate.Saver(max_to_keep=3)
@@ -232,7 +235,8 @@ class Saver:
         """
         found = []
         for prefix in self._prefixes:
-            found += [c for c in _own(prefix) if c.path not in {f.path for f in found}]
+            own = _checkpoint.lookup(prefix, self._timeout, "Saver.last_checkpoints", functools.partial(_own, prefix))
+            found += [c for c in own if c.path not in {f.path for f in found}]
         return [str(c.path) for c in sorted(found, key=lambda c: c.created)]
 
     def _retire(self, final: Path, manifest: Manifest) -> None:
@@ -293,8 +297,8 @@ class Saver:
         def read(ckpt: Checkpoint) -> State:
             return _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar)
 
-        with _storage.timeout(self._timeout):  # no request to an object store waits longer
-            restored = _checkpoint.reading(path, read)
+        with _limits.timeout(self._timeout):  # no request to an object store waits longer
+            restored = _checkpoint.reading(path, read, self._timeout, "Saver.restore")
         return restored if isinstance(target, State) else like(target, restored)
 
     def plan(self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False) -> _restore.Plan:
@@ -317,7 +321,7 @@ class Saver:
         Left as in the target (nothing fills them): 'layer1/kernel', 'w2'
         """
         self._writer.join()
-        ckpt = _checkpoint.open_checkpoint(path)
+        ckpt = _checkpoint.reading(path, lambda ckpt: ckpt, self._timeout, "Saver.plan")
         return _restore.plan(ckpt, self._names, as_state(target), cast=cast, strict=strict)
 
     def __repr__(self) -> str:

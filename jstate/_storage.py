@@ -16,25 +16,24 @@ What the two kinds of storage offer, and all the commit rule (`_commit`) relies 
 
 Nothing spanning several objects is atomic on an object store, and a rename is a copy and a
 delete: the commit rule renames no directory, and writes the manifest last, as one object.
+Each request costs a round trip, so what is judged over many files uses one listing (`files`).
+How long a request may wait is `_limits`'s.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import contextvars
-import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
-from . import _files
-from ._errors import CheckpointError, CheckpointNotFoundError
+from . import _files, _limits
+from ._errors import CheckpointError, CheckpointNotFoundError, StoreError, StoreTimeoutError
 
-T = TypeVar("T")
 SCHEMES = ("gs", "s3")  # object stores jstate reads and writes
 
 UNSUPPORTED = (
@@ -108,37 +107,17 @@ def scheme(path: Path) -> str:
 
 
 # -- object-store clients ------------------------------------------------------------------------
-# Seconds one request to an object store may take, retries included, within `timeout` (the
-# Saver's `timeout` during a save). The clients retry a store that is down for a minute or more
-# (gcsfs: 6 tries, backing off to 32 s): without this bound a save would hang that long.
-_request_timeout: contextvars.ContextVar[float | None] = contextvars.ContextVar("jstate_request_timeout", default=None)
-
-
-@contextlib.contextmanager
-def timeout(seconds: float | None) -> Iterator[None]:
-    """Within the block (in this thread), each object-store request fails with `TimeoutError`
-    after `seconds` (None: the client's own retry policy decides)."""
-    token = _request_timeout.set(seconds)
-    try:
-        yield
-    finally:
-        _request_timeout.reset(token)
-
-
-def bounded(fn: Callable[..., T]) -> Callable[..., T]:
-    """`fn`, to run in a worker thread under this thread's `timeout` (threads do not inherit it)."""
-    seconds = _request_timeout.get()
-
-    def run(*args: Any) -> T:
-        with timeout(seconds):
-            return fn(*args)
-
-    return run
-
-
 def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-    """``method(key, *args, **kwargs)`` of an fsspec client, bounded by `timeout`."""
-    seconds = _request_timeout.get()
+    """``method(key, *args, **kwargs)`` of an fsspec client, within the limits of `_limits`.
+
+    Raises:
+      StoreTimeoutError: the request ran past its limit, or none was left to start it.
+      StoreError: the store cannot be reached.
+    """
+    seconds, allowed = _limits.left()
+    where = str(key)
+    if seconds is not None and seconds <= 0:
+        raise StoreTimeoutError(_limits.TIMED_OUT.format(where=where, seconds=allowed))
     import fsspec.exceptions
 
     try:
@@ -146,12 +125,11 @@ def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             return method(key, *args, **kwargs)
         return method(key, *args, timeout=seconds, **kwargs)
     except fsspec.exceptions.FSTimeoutError:
-        message = f"{os.strerror(errno.ETIMEDOUT)}: the store did not answer within {seconds:g} s"
-        raise TimeoutError(errno.ETIMEDOUT, message, str(key)) from None
+        raise StoreTimeoutError(_limits.TIMED_OUT.format(where=where, seconds=allowed)) from None
     except Exception as e:
         if not _unreachable(e):
             raise
-        raise CheckpointError(
+        raise StoreError(
             f"{key}: cannot reach the object store ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network and the credentials."
         ) from e
@@ -228,6 +206,8 @@ def read_bytes(path: Path) -> bytes:
     if not is_remote(path):
         return path.read_bytes()
     fs, key = _fs(path)
+    if scheme(path) == "s3":  # s3fs would ask for the size first (to split a large read): a request more
+        return _call(fs.cat_file, key, max_concurrency=1)
     return _call(fs.cat_file, key)
 
 
@@ -244,33 +224,63 @@ def mtime(path: Path) -> float:
     if not is_remote(path):
         return path.stat().st_mtime
     fs, key = _fs(path)
-    info = _call(fs.info, key)
-    stamp = info.get("mtime") or info.get("LastModified")  # gcsfs's, s3fs's
-    return stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0
+    return _mtime(_call(fs.info, key))
 
 
-def files(directory: Path) -> dict[str, tuple[int, int | None]]:
-    """``{path relative to directory: (size, crc32c)}`` of every file under `directory`, in one
-    listing on an object store (a `size` per file would cost a request each). The CRC32C is the
-    store's own where it keeps one (GCS does, for every object), else None: reading a file to
-    hash it is the caller's choice."""
+class File(NamedTuple):
+    """A file as a listing (`files`) tells it."""
+
+    size: int
+    crc32c: int | None  # the store's own CRC32C, where it keeps one (GCS does); else None
+    mtime: float  # when it was written, by the store's clock (seconds since the epoch; 0: unknown)
+
+
+def files(directory: Path, prefix: str = "") -> dict[str, File]:
+    """Every file under `directory` (whose first part below it starts with `prefix`), by path
+    relative to it, in one listing on an object store (a request per file would add up).
+
+    >>> _ = jstate.Saver().save(state, "ckpt/model", step=1)
+    >>> sorted(files(Path("ckpt"), "model"))[-1]
+    'model-1/jstate.json'
+    """
     if not is_remote(directory):
         out = {}
         for root, _, names in os.walk(directory):
-            for name in names:
-                file = Path(root, name)
-                out[file.relative_to(directory).as_posix()] = (file.stat().st_size, None)
+            for file in (Path(root, n) for n in names):
+                rel = file.relative_to(directory).as_posix()
+                if rel.startswith(prefix):
+                    stat = file.stat()
+                    out[rel] = File(stat.st_size, None, stat.st_mtime)
         return out
     fs, key = _fs(directory)
     try:
-        found = _call(fs.find, key, detail=True)
+        found = _call(fs.find, key, prefix=prefix, detail=True)
     except FileNotFoundError:
         return {}
     return {
-        name[len(key) + 1 :]: (int(info["size"]), _crc32c(info.get("crc32c")))
+        name[len(key) + 1 :]: File(int(info["size"]), _crc32c(info.get("crc32c")), _mtime(info))
         for name, info in found.items()
         if name.startswith(key + "/")
     }
+
+
+def by_child(listed: dict[str, File]) -> dict[str, dict[str, File]]:
+    """A listing (`files`) grouped by first part: ``{child: {path below it: file}}``, where the
+    path ``""`` is the child itself, a file.
+
+    >>> by_child({"a/x": File(1, None, 0), "a/y/z": File(2, None, 0), "b": File(3, None, 0)})
+    {'a': {'x': File(size=1, crc32c=None, mtime=0), 'y/z': File(size=2, crc32c=None, mtime=0)}, 'b': {'': File(size=3, crc32c=None, mtime=0)}}
+    """
+    out: dict[str, dict[str, File]] = {}
+    for rel, file in listed.items():
+        child, _, below = rel.partition("/")
+        out.setdefault(child, {})[below] = file
+    return out
+
+
+def _mtime(info: dict) -> float:
+    stamp = info.get("mtime") or info.get("LastModified")  # gcsfs's, s3fs's
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0
 
 
 def _crc32c(encoded: str | None) -> int | None:

@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import jax
 
-from . import _commit, _files, _integrity, _orbax, _pack, _progress, _storage
-from ._errors import CheckpointError
+from . import _commit, _files, _integrity, _limits, _orbax, _pack, _progress, _storage
+from ._errors import CheckpointError, StoreError
 from ._manifest import Manifest, Variable
 
 log = logging.getLogger("jstate")
@@ -125,7 +125,7 @@ class Writer:
         Raises:
           CheckpointError: the save failed; earlier checkpoints are intact.
         """
-        with _storage.timeout(self._timeout):  # no request to an object store waits longer
+        with _limits.timeout(self._timeout):  # no request to an object store waits longer
             self._save(arrays, final, step, prefix, blocking, committed, progress)
 
     def _save(self, arrays, final, step, prefix, blocking, committed, progress) -> None:
@@ -139,11 +139,13 @@ class Writer:
         tracker = _progress.Progress("Saved", final, total, len(arrays), bar=progress)
         try:
             # Known before `prepare` makes it: an interrupt may land right after.
-            created = jax.process_index() == 0 and not _storage.exists(final)
+            with _limits.deadline(self._timeout):
+                created = jax.process_index() == 0 and not _storage.exists(final)
             token = _orbax.share(f"{name}:token", _files.token, self._timeout)
             _files.begin(token)
             if jax.process_index() == 0:
-                _commit.prepare(final, token)
+                with _limits.deadline(self._timeout):  # all of it: each request alone may be slow but not stuck
+                    _commit.prepare(final, token)
             barrier("start")
             # PRNG keys are stored as their key data, with the implementation in the manifest.
             keys = {n: str(jax.random.key_impl(a)) for n, a in arrays.items() if _is_key(a)}
@@ -187,7 +189,7 @@ class Writer:
             _Background(self, final, functools.partial(self._bounded, finish), functools.partial(self._bounded, failed))
 
     def _bounded(self, work: Callable[[], None]) -> None:
-        with _storage.timeout(self._timeout):
+        with _limits.timeout(self._timeout):
             work()
 
     def _track(self, background: _Background) -> None:
@@ -211,28 +213,33 @@ class Writer:
             _storage.write_bytes(final / f".digests-{process}.{token}.tmp", json.dumps(digests).encode())
         barrier("written")
         if process == 0:
-            for other in range(1, jax.process_count()):
-                part = final / f".digests-{other}.{token}.tmp"
-                for n, regions in json.loads(_storage.read_bytes(part)).items():
-                    digests[n].update(regions)
-                _storage.unlink(part)
-            variables = {
-                n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
-                for n, (shape, dtype, key) in layout.shapes.items()
-            }
-            packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
-            files = {}
-            if _storage.exists(data):
-                # The flush waits on the disk, the file checksums on the CPU: both at once.
-                with ThreadPoolExecutor(max_workers=1) as flusher:
-                    synced = flusher.submit(_storage.sync_tree, data)
-                    files = _integrity.file_records(data, _checksummed(data))
-                    synced.result()
-            manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
-            _commit.commit(final, manifest, token)
-            committed(manifest)
+            with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
+                self._publish(final, data, token, step, prefix, layout, digests, committed)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _files.end(token)
+
+    def _publish(self, final, data, token, step, prefix, layout, digests, committed) -> None:
+        """Process 0's part once every process has written: the manifest (the commit), then retention."""
+        for other in range(1, jax.process_count()):
+            part = final / f".digests-{other}.{token}.tmp"
+            for n, regions in json.loads(_storage.read_bytes(part)).items():
+                digests[n].update(regions)
+            _storage.unlink(part)
+        variables = {
+            n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
+            for n, (shape, dtype, key) in layout.shapes.items()
+        }
+        packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
+        files = {}
+        if _storage.exists(data):
+            # The flush waits on the disk, the file checksums on the CPU: both at once.
+            with ThreadPoolExecutor(max_workers=1) as flusher:
+                synced = flusher.submit(_storage.sync_tree, data)
+                files = _integrity.file_records(data, _checksummed(data))
+                synced.result()
+        manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
+        _commit.commit(final, manifest, token)
+        committed(manifest)
 
     def _failed(self, final: Path, token: str | None, created: bool) -> None:
         """After a failed or interrupted save: its files are a dead writer's (removed now, or
@@ -245,7 +252,7 @@ class Writer:
             _files.end(token)
         self._orbax = None
         if jax.process_index() == 0:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _limits.deadline(self._timeout):
                 _commit.clean_checkpoint(final)
                 if created:  # stopped before Orbax wrote into it: nothing else removes it
                     _storage.remove_empty_dir(final)
@@ -333,11 +340,11 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
     """One short error for a failed save that keeps the OS's reason whole; Orbax's own messages
     can hold whole arrays, so only their first line is kept."""
-    if isinstance(error, CheckpointError):
-        return error
+    if isinstance(error, CheckpointError) and not isinstance(error, StoreError):
+        return error  # (a store's error says what failed, not that the save did: kept whole below)
     os_error = next((e for e in _causes(error) if isinstance(e, OSError)), None)
     if os_error is not None:
-        detail = f"{type(os_error).__name__}: {os_error}"
+        detail = f"{type(os_error).__name__}: {str(os_error).rstrip('.')}"
     else:
         detail = str(error).splitlines()[0] if str(error) else ""
         # Long ones are cut in the middle: TensorStore's end with the OS's reason, which must stay
@@ -349,7 +356,8 @@ def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
         if code and os.strerror(int(code.group(1))) not in detail:
             detail = f"{detail[:200]} ... {os.strerror(int(code.group(1)))} [os_error_code={code.group(1)}]"
         detail = f"{type(error).__name__}: {detail}"
-    return CheckpointError(
+    kind = type(os_error) if isinstance(os_error, StoreError) else CheckpointError  # `except TimeoutError` still works
+    return kind(
         f"Saving checkpoint {path} failed ({detail}). Earlier checkpoints are intact, and nothing of this "
         "save is listed."
     )

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -332,6 +333,39 @@ class RestartableGCS:
 
     def emulator(self) -> Emulator:
         return Emulator("gs", self.endpoint, self.bucket, self.process.proc.pid if self.process else 0, 0.0)
+
+
+@contextlib.contextmanager
+def frozen_store() -> Iterator[str]:
+    """A store that froze: a server on 127.0.0.1 that accepts every connection and never answers
+    (what a hung proxy or a stalled store looks like to a client). Yields its endpoint,
+    ``http://127.0.0.1:PORT``; :func:`frozen_env` points the clients at it."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=128)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])  # kept open, never read nor answered
+            except OSError:  # closed: the context is over
+                return
+
+    thread = threading.Thread(target=accept, name="frozen store", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+
+
+def frozen_env(env: Mapping[str, str], endpoint: str) -> dict[str, str]:
+    """``env`` (:func:`loopback_env`) with every GCS and S3 client pointed at ``endpoint``."""
+    names = ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+             "FSSPEC_S3_ENDPOINT_URL")  # fmt: skip
+    return {**env, **dict.fromkeys(names, endpoint)}
 
 
 @contextlib.contextmanager

@@ -90,16 +90,21 @@ def run_save():
 def run_kill():
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     state = jstate.init(model, jax.random.key(0), mesh=mesh, rules=RULES)
-    saver = jstate.Saver(timeout=15)
+    saver = jstate.Saver(timeout=float(os.environ.get("JSTATE_TEST_KILL_TIMEOUT", "15")))
     saver.save(state, f"{workdir}/model", step=1)
     print(json.dumps({"saved": 1}), flush=True)
     sharding = jax.sharding.NamedSharding(mesh, P("data"))
-    zeros = jax.jit(lambda: jnp.zeros((64, 1024, 1024), jnp.float32), out_shardings=sharding)()
+    rows = int(os.environ.get("JSTATE_TEST_KILL_ROWS", "64"))  # of 4 MiB each
+    zeros = jax.jit(lambda: jnp.zeros((rows, 1024, 1024), jnp.float32), out_shardings=sharding)()
     big = jstate.State.from_tree({"big": zeros})
     if process_id == 1:
         saver.save(big.merge(state), f"{workdir}/model", step=2, blocking=False)
         os._exit(9)  # killed mid-save
-    saver.save(big.merge(state), f"{workdir}/model", step=2)  # must fail, not hang
+    try:
+        saver.save(big.merge(state), f"{workdir}/model", step=2)  # must fail, not hang
+    except jstate.CheckpointError as e:
+        print(json.dumps({"failed": str(e)}), flush=True)
+        os._exit(0)  # not `jax.distributed.shutdown()`: it would wait for the dead peer's heartbeat to time out
     return {"unexpected": "save completed without its peer"}
 
 

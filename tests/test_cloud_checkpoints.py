@@ -256,6 +256,25 @@ def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs, cloud_env, tmp_path):
+    """tests/test_multihost.py's kill scenario with the checkpoints on GCS: process 1 dies mid-save;
+    process 0's save fails once the Saver's timeout (2 s) has passed at a barrier, instead of
+    hanging, and model-1 stays the latest, restorable. (A 16 MiB array, not 256: on the emulator
+    the large one took 18 s.)"""
+    import test_multihost
+
+    root = gcs.url(f"multihost-kill-{uuid.uuid4().hex[:8]}")
+    env = cloud.subprocess_env({**cloud_env, "JSTATE_TEST_KILL_TIMEOUT": "2", "JSTATE_TEST_KILL_ROWS": "4"})
+    results = test_multihost.run_processes("kill", root, timeout=90, env=env, cwd=tmp_path)
+    assert results[1][0] == 9, results[1][2][-3000:]
+    assert results[0][0] == 0, results[0][2][-3000:]
+    failed = test_multihost.last_json(results[0][1])["failed"]
+    assert failed.startswith(f"Saving checkpoint {root}/model-2 failed") and "Earlier checkpoints are intact" in failed
+    assert jstate.latest_checkpoint(root) == f"{root}/model-1"
+    assert jstate.Saver().restore(root, jstate.abstract(test_multihost.model)).uninitialized() == []
+    assert os.listdir(tmp_path) == []
+
+
 def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot_patch(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:`` (if a future Orbax stops, this
