@@ -11,7 +11,9 @@ order. Such arrays are read here with one ``preadv`` per chunk into their destin
 
 Nothing else of either format is interpreted. An array stored any other way (compressed, big-
 endian, with a chunk missing, in a B+tree of more than one node, on an object store) is simply
-not `locate`\\ d, and its caller reads it through Orbax, which reports any damage.
+not `locate`\\ d, and its caller reads it through Orbax, which reports any damage. What it
+reads it checks as tensorstore would (a bool byte other than 0 or 1 is damage), and the
+checksums recorded at save check the rest.
 
 >>> import jax.numpy as jnp, jstate
 >>> saved = jstate.Saver(pack=False).save(state, "ckpt")
@@ -163,10 +165,10 @@ def _locate(directory: str, version: tuple[int, int, int]) -> dict[str, Located]
         import tensorstore as ts  # comes with Orbax
 
         base = ts.KvStore.open({"driver": "file", "path": f"{directory}/"}).result()
-        version = ts.ocdbt.dump(base).result()["versions"][-1]
-        if version["root_height"] != 0 or "location" not in version["root"]:
+        latest = ts.ocdbt.dump(base).result()["versions"][-1]
+        if latest["root_height"] != 0 or "location" not in latest["root"]:
             return {}
-        node = ts.ocdbt.dump(base, version["root"]["location"]).result()
+        node = ts.ocdbt.dump(base, latest["root"]["location"]).result()
     except Exception:  # anything tensorstore cannot dump is read through Orbax, which says what is wrong
         return {}
     metadata: dict[str, bytes | None] = {}
