@@ -36,10 +36,11 @@ def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn:
     """``fn()``, a call that only reads, given `timeout` seconds in all when `path` is on an
     object store (`_limits.within`: its storage client alone would retry for minutes). Local
     paths are read at once, in this thread."""
+    limit = _limits.seconds(timeout)  # checked for local paths too: the same call may get a URL tomorrow
     where = None if path is None else _storage.as_path(path)
     if where is None or not _storage.is_remote(where):
         return fn()
-    return _limits.within(timeout, fn, f"{what}({str(where)!r})")
+    return _limits.within(limit, fn, f"{what}({str(where)!r})")
 
 
 def _open(path: Path) -> Checkpoint | None:
@@ -259,15 +260,28 @@ def _is_checkpoint(path: Path) -> bool:
         return True  # one, but damaged
 
 
-def _newest(directory: Path, prefix: str | None) -> Checkpoint | None:
+_STALE = object()  # `_newest`: the listing is out of date
+
+
+def _newest(directory: Path, prefix: str | None, stale: bool = True) -> Checkpoint | None | object:
     """The most recently committed complete checkpoint in `directory` (named ``<prefix>-<step>``
     if given), opening candidates newest first: on an object store, only those tied for the
-    newest manifest are read, unless none of them is complete."""
+    newest manifest are read, unless none of them is complete. If those were all deleted since
+    the listing (retention, after a newer commit), `_STALE` (with `stale`): an older one
+    would pass for the latest."""
     candidates = _candidates(directory, prefix)
     for rank in sorted({c.rank for c in candidates}, reverse=True):
-        found = _opened([c for c in candidates if c.rank == rank])
-        if found:
-            return sorted((ckpt for _, ckpt in found), key=lambda ckpt: ckpt.created)[-1]
+        tied = [c for c in candidates if c.rank == rank]
+        found = _opened(tied)
+        opened = {ckpt.path for _, ckpt in found}
+        # Locally every candidate was opened while listing. On an object store, one that did not
+        # open may have been deleted since (a request each, only then): the listing is stale.
+        failed = [c for c in tied if c.path not in opened]
+        remote = _storage.is_remote(directory)
+        if stale and failed and remote and not all(_storage.exists(c.path / FILE) for c in failed):
+            return _STALE
+        if found:  # ties (one store-clock second) go by the writers' own times
+            return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, getattr(c, "manifest", c).created))[-1]
     return None
 
 
@@ -277,8 +291,10 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
     newer one: then we look again, so a reader never comes back empty while a complete
     checkpoint existed at every moment."""
     chosen, empty = None, 0
-    for _ in range(_RELIST):
-        found = _newest(directory, prefix)
+    for attempt in range(_RELIST):
+        found = _newest(directory, prefix, stale=attempt < _RELIST - 1)
+        if found is _STALE:
+            continue
         if found is None:
             # A listing misses what is committed while it runs, and may find that what it did see
             # was deleted meanwhile (a writer keeping one): two empty listings in a row mean none.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -98,6 +99,26 @@ def bounded(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 _LATE = object()
+
+
+def seconds(value: Any, name: str = "timeout") -> float | None:
+    """A user's `timeout`: None, or seconds > 0 (an infinite one is None: no limit).
+
+    >>> seconds(2), seconds(float("inf"))
+    (2.0, None)
+    >>> seconds("5")
+    Traceback (most recent call last):
+    TypeError: `timeout` takes seconds as a number > 0, or None for no limit; got str '5'.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` takes seconds as a number > 0, or None for no limit; got {type(value).__name__} {value!r}."
+        )
+    if not value > 0:  # NaN too
+        raise ValueError(f"`{name}` takes seconds as a number > 0, or None for no limit; got {value!r}.")
+    return None if value == float("inf") else float(value)
 
 
 def within(seconds: float | None, fn: Callable[[], T], where: str) -> T:

@@ -337,15 +337,21 @@ def load_listed(path: Path, listed: dict[str, _storage.File]) -> NativeCheckpoin
     """`load` of a checkpoint on an object store whose directory holds a manifest in a listing
     taken moments ago (`listed`: `_storage.files(path)`): its files are checked against that
     listing, so opening it costs one request, its manifest. Where the two disagree (re-saved
-    or deleted since the listing), `load` looks again."""
+    or deleted since the listing), `load` looks again.
+
+    Its `created` is when the store wrote the manifest, by the store's clock, which every
+    writer shares: lookups and retention order checkpoints by it, whatever each writer's clock."""
     manifest = Manifest.read(path)
     if manifest is None:
         return None  # deleted since
     prefix = manifest.arrays + "/"
     try:
-        return _checked(path, manifest, {k[len(prefix) :]: f for k, f in listed.items() if k.startswith(prefix)})
+        ckpt = _checked(path, manifest, {k[len(prefix) :]: f for k, f in listed.items() if k.startswith(prefix)})
     except CorruptCheckpointError:
         return load(path)
+    if FILE in listed and listed[FILE].mtime:
+        ckpt.created = listed[FILE].mtime
+    return ckpt
 
 
 def _checked(path: Path, manifest: Manifest, listed: dict[str, _storage.File] | None = None) -> NativeCheckpoint:

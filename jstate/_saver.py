@@ -93,7 +93,11 @@ class Saver:
         self._names = compile_var_list(var_list)
         self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
-        self._compression, self._timeout = compression, timeout
+        if _limits.seconds(timeout) is None:
+            raise ValueError(
+                "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
+            )
+        self._compression, self._timeout = compression, float(timeout)
         self._writer = Writer(compression, timeout, _pack.threshold(pack))
         self._progress = progress
 
@@ -244,8 +248,10 @@ class Saver:
         only those a Saver saved with this exact prefix, never the one just written."""
         if self._policy.max_to_keep is None:
             return
-        saved = [c for c in _own(final.parent / manifest.prefix) if c.path != final]
-        newest = NativeCheckpoint(final, manifest)
+        listed = _own(final.parent / manifest.prefix)
+        saved = [c for c in listed if c.path != final]
+        # As listed, it is dated as the others are (on an object store, by the store's clock).
+        newest = next((c for c in listed if c.path == final), None) or NativeCheckpoint(final, manifest)
         for ckpt in _retention.to_delete(self._policy, saved, newest):
             _commit.delete(ckpt.path, expected=ckpt.manifest)
 

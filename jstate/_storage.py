@@ -127,21 +127,29 @@ def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     except fsspec.exceptions.FSTimeoutError:
         raise StoreTimeoutError(_limits.TIMED_OUT.format(where=where, seconds=allowed)) from None
     except Exception as e:
-        if not _unreachable(e):
+        if not _failed(e):
             raise
+        detail = (str(e).splitlines() or [""])[0][:200]
         raise StoreError(
-            f"{key}: cannot reach the object store ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network and the credentials."
+            f"{key}: the object store did not answer ({type(e).__name__}: {detail}), so nothing is known "
+            "of what is there. Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network "
+            "and the credentials, then try again."
         ) from e
 
 
-def _unreachable(error: Exception) -> bool:
-    """Whether a client's exception says the store cannot be reached (gcsfs's aiohttp and s3fs's
-    botocore raise their own types, not `ConnectionError`)."""
-    module = type(error).__module__.split(".")[0]
-    return isinstance(error, ConnectionError) or (
-        module in ("aiohttp", "botocore", "aiobotocore") and "Connect" in type(error).__name__
-    )
+# What a store answers about an object, as opposed to failing to answer.
+_ANSWERS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+_CLIENTS = ("aiohttp", "botocore", "aiobotocore", "gcsfs", "s3fs", "requests", "urllib3")
+
+
+def _failed(error: Exception) -> bool:
+    """Whether a client's exception says the store failed to answer: unreachable, a connection
+    cut, a response cut short, a server error after the client's retries. The clients raise
+    their own types for these (aiohttp's, botocore's, gcsfs's `HttpError`, s3fs's `OSError`),
+    never only `ConnectionError`; an answer (no such object) is not a failure."""
+    if isinstance(error, _ANSWERS):
+        return False
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in _CLIENTS
 
 
 def _fs(path: Path) -> tuple[Any, str]:
@@ -279,7 +287,9 @@ def by_child(listed: dict[str, File]) -> dict[str, dict[str, File]]:
 
 
 def _mtime(info: dict) -> float:
-    stamp = info.get("mtime") or info.get("LastModified")  # gcsfs's, s3fs's
+    """When the store wrote an object: GCS's ``timeCreated`` (gcsfs's ``ctime``; its ``updated``
+    changes with any metadata, a label or a storage-class move), S3's ``LastModified``."""
+    stamp = info.get("ctime") or info.get("LastModified") or info.get("mtime")
     return stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0
 
 
