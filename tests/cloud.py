@@ -518,6 +518,22 @@ def restore_in_fresh_process(paths: Sequence[str], env: Mapping[str, str], cwd: 
     return json.loads(run_python(RESTORE_CODE, env, args=list(paths), cwd=cwd).strip().splitlines()[-1])
 
 
+def objects(url: str) -> list[str]:
+    """Every object under `url`, by path below it (one listing, as jstate lists)."""
+    from jstate import _storage
+
+    return sorted(_storage.files(_storage.as_path(url)))
+
+
+def small(value: float = 1.0):
+    """A one-variable State whose values are all `value`: a checkpoint costs a few objects."""
+    import jax.numpy as jnp
+
+    import jstate
+
+    return jstate.State.from_tree({"w": jnp.full((8,), value, jnp.float32)})
+
+
 # --- pytest fixtures --------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from jstate._inspect import inspect_checkpoint
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
 store, root = cloud.store, cloud.root
+objects = cloud.objects
 
 
 def model(s):
@@ -35,11 +36,6 @@ def model(s):
 
 def make_state(value: int) -> jstate.State:
     return jstate.init(model, jax.random.key(0)).assign("step", value)
-
-
-def objects(url: str) -> list[str]:
-    """Every object under `url`, relative to it, listed with the store's own client."""
-    return sorted(_storage.files(_storage.as_path(url)))
 
 
 def restore_in_fresh_process(path: str, env: dict, cwd) -> dict:

@@ -32,14 +32,7 @@ from jstate import _storage, _writer
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
 store, root = cloud.store, cloud.root
-
-
-def small(value: float = 1.0) -> jstate.State:
-    return jstate.State.from_tree({"w": jnp.full((8,), value, jnp.float32)})
-
-
-def objects(url: str) -> list[str]:
-    return sorted(_storage.files(_storage.as_path(url)))
+objects, small = cloud.objects, cloud.small
 
 
 def children(url: str) -> list[str]:
