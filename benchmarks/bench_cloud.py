@@ -73,7 +73,7 @@ def main() -> None:
         import jax
         import numpy as np
 
-        from jstate import _orbax
+        from jstate.formats import orbax as _orbax
 
         _orbax._s3_shim()  # plain Orbax on s3:// needs it too
         _harness.print_header("jstate vs Orbax on object-storage emulators", args.quick, jax)

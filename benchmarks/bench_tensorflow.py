@@ -11,7 +11,7 @@ TensorFlow; it first checks that jstate reads back what it wrote.
 
 Two ways to read every tensor into host memory, run side by side in a rotating order:
 
-  jstate  ``jstate._tensorflow.read(prefix, names)``: parses the index, opens each data file
+  jstate  ``jstate.formats.tensorflow.read(prefix, names)``: parses the index, opens each data file
           once, reads each tensor into a new array and checks its CRC32C.
   numpy   ``np.fromfile(data_file, dtype, count, offset=...)`` per tensor, offsets known in
           advance, into a dict: the floor for reading the bytes, with no index and no checksums.
@@ -40,7 +40,8 @@ import crc32c  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jstate import _sstable, _tensorflow  # noqa: E402
+from jstate.formats import tensorflow as _tensorflow  # noqa: E402
+from jstate.formats import tf_table as _sstable  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

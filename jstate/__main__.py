@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tour()
         return 0
-    from ._errors import JStateError
-    from ._inspect import inspect_checkpoint
+    from .checkpoint.inspect import inspect_checkpoint
+    from .core.errors import JStateError
 
     try:
         inspect_checkpoint(args.path, values=args.values, name=args.name)

@@ -95,7 +95,7 @@ def tour() -> None:
         print("layers 1-5 equal the old model; layer 6 initialized")
 
         _section("Inspecting a checkpoint", "Reads metadata only (also `python -m jstate inspect PATH`).")
-        from jstate._inspect import inspect_checkpoint
+        from jstate.checkpoint.inspect import inspect_checkpoint
 
         inspect_checkpoint(path)
     print("\nTour complete.")

@@ -520,7 +520,7 @@ def restore_in_fresh_process(paths: Sequence[str], env: Mapping[str, str], cwd: 
 
 def objects(url: str) -> list[str]:
     """Every object under `url`, by path below it (one listing, as jstate lists)."""
-    from jstate import _storage
+    from jstate.storage import store as _storage
 
     return sorted(_storage.files(_storage.as_path(url)))
 

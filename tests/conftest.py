@@ -9,7 +9,8 @@ def array_reads(monkeypatch):
     """The arrays read from checkpoints during the test, whichever way they are read (by Orbax,
     or from their files by `_ocdbt`), by Orbax's name for each (its tree path joined by ".");
     `name[start:stop]` for part of a packed array."""
-    from jstate import _ocdbt, _orbax
+    from jstate.formats import ocdbt as _ocdbt
+    from jstate.formats import orbax as _orbax
 
     seen: list[str] = []
 

@@ -62,7 +62,7 @@ def run_save():
     other_mesh = jax.make_mesh((4, 2), ("data", "model"))
     other = saver.restore(latest, jstate.abstract(model, mesh=other_mesh, rules=RULES))
     # Rows split over (model, data): no process holds a saved region whole; one checks it on the host.
-    from jstate import _integrity
+    from jstate.formats import integrity as _integrity
 
     host_checked = []
     real_verify_host = _integrity.verify_host

@@ -10,55 +10,59 @@ import jax
 import pytest
 
 import jstate
-from jstate import _checkpoint, _native, _orbax, _reader, _safetensors, _tensorflow
+from jstate.checkpoint import lookup as _checkpoint
+from jstate.formats import base as _reader
+from jstate.formats import native as _native
+from jstate.formats import orbax as _orbax
+from jstate.formats import safetensors as _safetensors
+from jstate.formats import tensorflow as _tensorflow
 
 PACKAGE = Path(jstate.__file__).parent
+FOLDERS = ("core", "storage", "model", "formats", "checkpoint")
 
 
-def imports(path: Path) -> tuple[set[str], set[str]]:
-    """(jstate modules, other top-level packages) that `path` imports anywhere, except under
-    ``if TYPE_CHECKING:`` (annotations only)."""
-    tree = ast.parse(path.read_text())
-    skipped = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
-        for n in ast.walk(node)
-    }
-    own, other = set(), set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.level:
-            own.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom):
-            other.add(node.module.split(".")[0])
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages other than jstate that `path` imports anywhere, annotations included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            found.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
-            other.update(a.name.split(".")[0] for a in node.names)
-    return own, other
+            found.update(a.name.split(".")[0] for a in node.names)
+    return found - {"jstate"}
 
 
-GRAPH = {p.stem: imports(p) for p in PACKAGE.glob("*.py")}
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
 
 
-def test_private_modules_import_each_other_without_circles():
-    graph = {m: {d for d in own if d in GRAPH} for m, (own, _) in GRAPH.items() if m.startswith("_")}
-    done: set[str] = set()
-
-    def visit(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import circle: {' -> '.join(path[path.index(module) :] + (module,))}"
-        if module in done:
-            return
-        for dep in graph.get(module, ()):
-            visit(dep, (*path, module))
-        done.add(module)
-
-    for module in graph:
-        visit(module, ())
+MODULES = {module_name(p): imported_packages(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def test_only_the_orbax_module_imports_orbax():
-    assert sorted(m for m, (_, other) in GRAPH.items() if "orbax" in other) == ["_orbax"]
+def test_imports_follow_the_one_dependency_rule():
+    """The rule lives in pyproject.toml ([tool.importlinter]); `lint-imports` counts every import,
+    those under ``if TYPE_CHECKING:`` included."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    run = subprocess.run([str(lint)], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "0 broken" in run.stdout
+
+
+def test_the_package_is_folders_of_the_nouns_and_public_modules():
+    top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith((".", "__pycache__")))
+    assert [f for f in top if (PACKAGE / f).is_dir()] == sorted(FOLDERS)
+    assert [f for f in top if f.endswith(".py")] == [
+        "__init__.py",
+        "__main__.py",
+        "_tour.py",
+        "initializers.py",
+        "transforms.py",
+    ]
+    assert all(len(p.relative_to(PACKAGE).parts) <= 2 for p in PACKAGE.rglob("*.py"))
+
+
+def test_only_the_orbax_format_imports_orbax():
+    assert sorted(m for m, other in MODULES.items() if "orbax" in other) == ["jstate.formats.orbax"]
 
 
 def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():

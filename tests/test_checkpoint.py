@@ -308,8 +308,8 @@ def test_list_and_load_variable(state, tmp_path):
 
 
 def test_inspect_reads_metadata_only(state, tmp_path, monkeypatch, capsys):
-    from jstate import _orbax
-    from jstate._inspect import inspect_checkpoint
+    from jstate.checkpoint.inspect import inspect_checkpoint
+    from jstate.formats import orbax as _orbax
 
     path = jstate.Saver().save(state, tmp_path / "m", step=3)
 
@@ -387,7 +387,7 @@ def test_truncated_data_files(state, tmp_path):
 
 
 def test_a_failing_save_is_one_short_error_and_leaves_nothing_listed(state, tmp_path, monkeypatch):
-    from jstate import _orbax
+    from jstate.formats import orbax as _orbax
 
     saver = jstate.Saver()
     saver.save(state, tmp_path / "m", step=1)

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 import jstate
-from jstate import _files, _orbax, _storage
-from jstate._inspect import inspect_checkpoint
+from jstate.checkpoint.inspect import inspect_checkpoint
+from jstate.formats import orbax as _orbax
+from jstate.storage import local as _files
+from jstate.storage import store as _storage
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
 store, root = cloud.store, cloud.root
@@ -158,7 +160,7 @@ KILLED_SAVE = """
 import os, sys, threading
 import jax, jax.numpy as jnp
 import jstate
-from jstate import _integrity
+from jstate.formats import integrity as _integrity
 root = sys.argv[1]
 jstate.Saver().save(jstate.State.from_tree({"x": jnp.zeros(4)}), root + "/model", step=1)
 real = _integrity.file_records
@@ -319,7 +321,7 @@ server.start()
 os.environ.update(cloud.loopback_env(server.emulator(), None))
 import jax.numpy as jnp
 import jstate
-from jstate import _integrity
+from jstate.formats import integrity as _integrity
 
 real = _integrity.file_records
 for mode in sys.argv[2:]:

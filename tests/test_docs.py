@@ -46,7 +46,7 @@ def _doctests():
 
 def test_every_public_name_has_a_runnable_example():
     objects = _public_objects()
-    assert "jstate._state.State.assign" in objects and "jstate._scope.Scope.variable" in objects
+    assert "jstate.model.state.State.assign" in objects and "jstate.model.scope.Scope.variable" in objects
     missing = sorted(set(objects) - _doctests())
     assert not missing, (
         f"{len(missing)} public names have no `>>>` example in their docstring: {', '.join(missing)}. "

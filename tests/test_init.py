@@ -152,7 +152,7 @@ def test_second_init_with_new_key_compiles_nothing(monkeypatch):
 
 
 def test_variables_share_programs_by_signature():
-    from jstate._programs import _programs
+    from jstate.model.programs import _programs
 
     def model(s):
         for i in range(50):

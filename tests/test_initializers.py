@@ -10,7 +10,7 @@ from jax.nn import initializers as jax_inits
 
 import jstate
 from jstate import initializers as inits
-from jstate._programs import initializer_identity
+from jstate.model.programs import initializer_identity
 
 KEY = jax.random.key(7)
 

@@ -130,7 +130,7 @@ def test_manifest_is_checksummed(saved, tmp_path):
 
 @pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "d/../../x"])
 def test_crafted_manifest_cannot_read_outside_the_checkpoint(saved, tmp_path, rel):
-    from jstate import _manifest
+    from jstate.formats import manifest as _manifest
 
     state, path, _ = saved
     copy = copy_checkpoint(path, tmp_path)

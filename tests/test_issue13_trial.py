@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import transforms as T
-from jstate._native import NativeCheckpoint
-from jstate._tensorflow import TensorFlowCheckpoint
+from jstate.formats.native import NativeCheckpoint
+from jstate.formats.tensorflow import TensorFlowCheckpoint
 
 S = jax.ShapeDtypeStruct
 TF = Path(__file__).parent / "data" / "tensorflow"

@@ -26,7 +26,7 @@ import pytest
 from cloud import Emulator
 
 import jstate
-from jstate import _storage
+from jstate.storage import store as _storage
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
 store, root = cloud.store, cloud.root
@@ -168,7 +168,7 @@ def test_unreachable_store_is_a_checkpoint_error(s3, cloud_env, tmp_path):
 PAUSED_SAVE = """
 import json, os, sys, time
 import jax.numpy as jnp, jstate
-from jstate import _integrity
+from jstate.formats import integrity as _integrity
 root, flags = sys.argv[1], sys.argv[2]
 real = _integrity.file_records
 def paused(*args, **kwargs):  # arrays written, manifest not yet: wait for the other writer
@@ -308,7 +308,7 @@ def test_frozen_store_fails_every_call_within_its_timeout(cloud_env, scheme, tmp
 
 def test_lookups_on_local_paths_run_in_the_callers_thread(tmp_path, monkeypatch):
     """No thread for a local path: a lookup there is fast, and a thread would cost more than it."""
-    from jstate import _limits
+    from jstate.storage import deadlines as _limits
 
     monkeypatch.chdir(tmp_path)
     path = jstate.Saver().save(small(4.0), "ckpt/model", step=1)
@@ -374,8 +374,8 @@ def test_requests_do_not_grow_with_the_checkpoints_beside(root, monkeypatch):
 def test_a_listing_older_than_a_resave_still_opens_the_new_checkpoint(root):
     """A checkpoint is judged from a listing taken before it was opened: re-saved in between
     (its old arrays removed), it is the new checkpoint that opens, whole."""
-    from jstate import _native
-    from jstate._manifest import Manifest
+    from jstate.formats import native as _native
+    from jstate.formats.manifest import Manifest
 
     path = jstate.Saver().save(small(1.0), f"{root}/model")
     listed = _storage.files(_storage.as_path(path))
@@ -389,7 +389,7 @@ def test_arrays_a_killed_resave_left_are_removed_by_the_next_save_beside(root, m
     """A re-save killed after its manifest, before it removed the arrays it replaced, leaves two
     arrays directories: the next save beside removes the one the manifest does not name (a
     checkpoint with one is left unread)."""
-    from jstate import _commit
+    from jstate.formats import commit as _commit
 
     path = jstate.Saver().save(small(1.0), f"{root}/model", step=1)
     with monkeypatch.context() as m:
@@ -452,7 +452,8 @@ def test_two_threads_same_prefix_with_retention(root):
 
 @pytest.mark.parametrize("store", ["s3"], indirect=True)
 def test_background_save_interrupted_then_next_save_works(root, monkeypatch):
-    from jstate import _integrity, _orbax
+    from jstate.formats import integrity as _integrity
+    from jstate.formats import orbax as _orbax
 
     saver = jstate.Saver(max_to_keep=3)
     saver.save(small(1.0), f"{root}/model", step=1)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import pytest
 
 import jstate
-from jstate import _storage, _writer
+from jstate.checkpoint import writer as _writer
+from jstate.storage import store as _storage
 
 cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
 store, root = cloud.store, cloud.root
@@ -533,7 +534,7 @@ def test_a_store_frozen_mid_listing_times_out_cleanly(store, root, capfd):
         assert wait_for_workers() == []
         time.sleep(1.5)  # anything the abandoned threads still do, they do now
     for name, got in result.items():
-        assert got.get("type") == "jstate._errors.StoreTimeoutError", (name, got)
+        assert got.get("type") == "jstate.StoreTimeoutError", (name, got)
         assert got["seconds"] < 1 + 3, (name, got)
         assert root in got["message"] and "larger `timeout`" in got["message"], (name, got)
     assert capfd.readouterr().err.count("Traceback") == 0

@@ -19,8 +19,10 @@ from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _integrity, _manifest, _pack
-from jstate._manifest import FILE, Manifest
+from jstate.formats import integrity as _integrity
+from jstate.formats import manifest as _manifest
+from jstate.formats import pack as _pack
+from jstate.formats.manifest import FILE, Manifest
 
 
 def abstract(vals, shardings=None):

@@ -20,9 +20,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _ocdbt, _orbax
 from jstate import transforms as T
-from jstate._manifest import Manifest
+from jstate.formats import ocdbt as _ocdbt
+from jstate.formats import orbax as _orbax
+from jstate.formats.manifest import Manifest
 
 
 def _arrays(path) -> Path:
@@ -160,7 +161,8 @@ def test_a_packed_array_stored_in_several_chunks_is_read_or_left_to_orbax(tmp_pa
 
     import tensorstore as ts
 
-    from jstate import _integrity, _manifest
+    from jstate.formats import integrity as _integrity
+    from jstate.formats import manifest as _manifest
 
     vals = {f"v{i}": jnp.full((1000,), i, jnp.float32) for i in range(8)}
     path = Path(jstate.Saver().save(jstate.State(vals), tmp_path / "m"))

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jstate
-from jstate._mapping import compile_var_list
+from jstate.checkpoint.mapping import compile_var_list
 
 NAMES = ["biases", "model/encoder/k", "model/encoder/b", "model/decoder/k", "v2", "weights"]
 

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _ocdbt
-from jstate._errors import Damaged
+from jstate.core.errors import Damaged
+from jstate.formats import ocdbt as _ocdbt
 
 
 def write(directory: Path, name: str, value: np.ndarray, chunks, **metadata) -> None:

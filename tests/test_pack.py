@@ -16,8 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _manifest, _pack
-from jstate._manifest import FILE, Manifest
+from jstate.formats import manifest as _manifest
+from jstate.formats import pack as _pack
+from jstate.formats.manifest import FILE, Manifest
 
 BIG = 2 * _pack.THRESHOLD // 4  # float32 elements of a variable too big to pack
 
@@ -77,7 +78,7 @@ def test_packed_variables_are_listed_by_their_names(saved, capsys):
     vals, path = saved
     assert [n for n, *_ in jstate.list_variables(path)] == sorted(vals)
     assert jstate.open_checkpoint(path).entries["rng"].shape == (4,)
-    from jstate._inspect import inspect_checkpoint
+    from jstate.checkpoint.inspect import inspect_checkpoint
 
     inspect_checkpoint(path)
     out = capsys.readouterr().out

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import initializers as inits
-from jstate._placement import parse_device
+from jstate.model.placement import parse_device
 
 KEY = jax.random.key(0)
 RULES = [(r".*/kernel$", P("data", "model")), (r".*", P())]
@@ -101,7 +101,7 @@ def test_variables_are_created_sharded_not_gathered(mesh):
     state = jstate.init(model, KEY, mesh=mesh, rules=RULES)
     shards = state["layer0/kernel"].addressable_shards
     assert len(shards) == 8 and {s.data.shape for s in shards} == {(16, 16)}
-    from jstate._programs import initializer_program
+    from jstate.model.programs import initializer_program
 
     spec = state.spec("layer0/kernel")
     program = initializer_program(inits.glorot_uniform(), spec.shape, spec.dtype, spec.sharding)

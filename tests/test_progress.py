@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jstate
-from jstate import _progress, _reader
+from jstate.core import progress as _progress
+from jstate.formats import base as _reader
 
 
 def make_state():

@@ -14,9 +14,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate import _native, _ocdbt, _orbax
-from jstate._manifest import Manifest
-from jstate._native import NativeCheckpoint
+from jstate.formats import native as _native
+from jstate.formats import ocdbt as _ocdbt
+from jstate.formats import orbax as _orbax
+from jstate.formats.manifest import Manifest
+from jstate.formats.native import NativeCheckpoint
 
 
 def values():

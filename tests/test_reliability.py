@@ -30,8 +30,11 @@ import numpy as np
 import pytest
 
 import jstate
-from jstate import _checkpoint, _commit, _files, _integrity
-from jstate._manifest import FILE, Manifest, Variable
+from jstate.checkpoint import lookup as _checkpoint
+from jstate.formats import commit as _commit
+from jstate.formats import integrity as _integrity
+from jstate.formats.manifest import FILE, Manifest, Variable
+from jstate.storage import local as _files
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -79,8 +82,13 @@ PRELUDE = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
     import jstate
-    from jstate import _checkpoint, _commit, _files, _integrity, _orbax, _writer
-    from jstate._manifest import FILE, Manifest
+    from jstate.checkpoint import lookup as _checkpoint
+    from jstate.formats import commit as _commit
+    from jstate.storage import local as _files
+    from jstate.formats import integrity as _integrity
+    from jstate.formats import orbax as _orbax
+    from jstate.checkpoint import writer as _writer
+    from jstate.formats.manifest import FILE, Manifest
 
     def make_state(value, n=8):
         return jstate.State({"x": jnp.full((n, n), value, jnp.float32), "y": jnp.arange(16, dtype=jnp.int32) + value})
@@ -254,7 +262,7 @@ def test_latest_looks_again_when_a_writer_replaces_the_only_checkpoint_it_listed
 
 
 def test_restore_of_a_directory_reads_again_when_its_checkpoint_is_deleted_under_it(tmp_path, monkeypatch):
-    from jstate._native import NativeCheckpoint
+    from jstate.formats.native import NativeCheckpoint
 
     writer = jstate.Saver(max_to_keep=1)
     writer.save(make_state(1), tmp_path / "model", step=1)
@@ -1100,7 +1108,8 @@ def test_a_save_stopped_while_making_its_directory_leaves_nothing_behind(tmp_pat
     """The checkpoint directory appears already holding its marker (made beside it, then renamed
     into place): stopped at any moment, a save leaves nothing or a marked directory, which the
     next save removes; never an empty directory that nothing would remove (CI saw one)."""
-    from jstate import _commit, _files
+    from jstate.formats import commit as _commit
+    from jstate.storage import local as _files
 
     real_mkdir, real_touch = Path.mkdir, Path.touch
 

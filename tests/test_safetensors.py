@@ -13,9 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from jstate import _safetensors as st
 from jstate import initializers as inits
-from jstate._spec import Entry
+from jstate.formats import safetensors as st
+from jstate.model.spec import Entry
 
 ARRAYS = {
     "layer1/kernel": np.arange(12, dtype=np.float32).reshape(3, 4),

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
-from jstate._placement import uncommitted
+from jstate.model.placement import uncommitted
 
 
 class MLP(nn.Module):

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jstate
-from jstate import _checkpoint
-from jstate._manifest import FILE, Manifest
+from jstate.checkpoint import lookup as _checkpoint
+from jstate.formats.manifest import FILE, Manifest
 
 SEED = 11
 CHAOS_SECONDS = 28

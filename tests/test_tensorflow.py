@@ -16,9 +16,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, _sstable
-from jstate import _tensorflow as tf_ckpt
-from jstate._spec import Entry
+from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jstate.formats import tensorflow as tf_ckpt
+from jstate.formats import tf_table as _sstable
+from jstate.model.spec import Entry
 
 DATA = Path(__file__).parent / "data" / "tensorflow"
 INDEX = json.loads((DATA / "values" / "index.json").read_text())

@@ -68,8 +68,8 @@ def test_restoring_onto_another_mesh_verifies_every_region(tmp_path, axis_type):
     # Every saved region is checked: read through the host, on the whole array; read by Orbax
     # onto the devices (a compressed checkpoint, several processes), each region assembled on
     # the host from the new shards.
-    from jstate import _integrity
-    from jstate._native import NativeCheckpoint
+    from jstate.formats import integrity as _integrity
+    from jstate.formats.native import NativeCheckpoint
 
     checked = []
     with pytest.MonkeyPatch.context() as mp:

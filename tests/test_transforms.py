@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import transforms as T
-from jstate._native import NativeCheckpoint
+from jstate.formats.native import NativeCheckpoint
 
 LAYERS, D = 4, 8
 

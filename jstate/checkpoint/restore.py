@@ -1,0 +1,303 @@
+"""Restoring a State from a checkpoint: match the Saver's names and transforms against what the
+checkpoint holds, check every input, shape and dtype before anything is read (`plan`), then
+read just those arrays (`restore`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import transforms as T
+from ..core.errors import (
+    CheckpointError,
+    JStateError,
+    MappingError,
+    PlacementError,
+    SpecMismatchError,
+    closest,
+    shorten,
+)
+from ..core.table import Table
+from ..formats.base import Checkpoint, place
+from ..model.placement import uncommitted
+from ..model.state import State
+from .mapping import NameMap
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a restore would do, found from metadata alone (`Saver.plan` returns one).
+
+    Prints as a table (and renders as one in Jupyter): each variable the restore fills, the
+    checkpoint entries it comes from, the transform and the dtype conversion; then the target's
+    variables that nothing fills, the checkpoint entries that nothing uses, and the problems that
+    would make the restore fail.
+
+    Attributes:
+      checkpoint: the checkpoint it reads.
+      names: ``{State name: checkpoint name}`` of the variables read as they are.
+      transforms: ``{State name: transform}`` of the variables computed from entries.
+      kept: target variables that nothing fills: the restore leaves them as they are.
+      unused: checkpoint entries that nothing reads (fine: a partial restore).
+      problems: what makes the restore fail, in the order it would report them (empty: none).
+    """
+
+    checkpoint: Checkpoint
+    names: dict[str, str]
+    transforms: dict[str, T.Transform]
+    kept: list[str]
+    unused: list[str]
+    problems: list[JStateError]
+    _rows: list[tuple] = dataclasses.field(default_factory=list, repr=False)
+    _wanted: dict[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict, repr=False)
+
+    def check(self) -> None:
+        """Raise the first problem, if any: before a restore reads anything."""
+        if self.problems:
+            raise self.problems[0]
+
+    def table(self) -> Table:
+        """The variables filled, one row each: variable, from, transform, shape, dtype."""
+        n = len(self._rows)
+        title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {n} variable{'s' * (n != 1)}"
+        return Table(("variable", "from", "transform", "shape", "dtype"), self._rows, title)
+
+    def _notes(self) -> list[tuple[str, str]]:
+        notes = []
+        if self.kept:
+            notes.append(("Left as in the target (nothing fills them)", shorten(self.kept, 20)))
+        if self.unused:
+            notes.append(("Checkpoint entries nothing uses", shorten(self.unused, 20)))
+        for problem in self.problems:
+            notes.append(("Problem", str(problem)))
+        return notes
+
+    def __str__(self) -> str:
+        return "\n".join([str(self.table())] + [f"{head}: {text}" for head, text in self._notes()])
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<p><b>{html.escape(h)}:</b> {html.escape(t)}</p>" for h, t in self._notes())
+        return self.table()._repr_html_() + notes
+
+
+def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, strict: bool) -> Plan:
+    """The `Plan` for restoring `target` from `ckpt` through `name_map`.
+
+    Raises:
+      MappingError: the map names variables `target` does not declare.
+    """
+    declared = list(target.specs)
+    try:
+        names = name_map.resolve(declared, "the target State")
+    except JStateError as e:  # a rule naming what the target lacks: the plan shows it
+        return Plan(ckpt, {}, {}, sorted(declared), sorted(ckpt.entries), [e])
+    transforms = name_map.transforms()
+    used = set(names.values()) | {e for t in transforms.values() for e in t.entries()}
+    kept = sorted(set(declared) - set(names) - set(transforms))
+    unused = sorted(set(ckpt.entries) - used)
+    out = Plan(ckpt, names, transforms, kept, unused, [])
+    out.problems += _missing(ckpt, names, transforms)
+    if strict and unused:
+        out.problems.append(
+            CheckpointError(
+                f"Checkpoint {ckpt.path} holds {len(unused)} variable(s) that the Saver does not restore: "
+                f"{shorten(unused)}. Pass `strict=False` to ignore them."
+            )
+        )
+    for n in [*names, *transforms]:
+        out.problems += _placeable(n, target)
+    for n, c in names.items():
+        if c in ckpt.entries:
+            spec, entry = target.spec(n), ckpt.entries[c]
+            out._wanted[c] = _struct(target, n)
+            out._rows.append((n, c, "", spec.shape, _dtypes(entry.dtype, spec.dtype)))
+            if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
+                out.problems.append(
+                    SpecMismatchError(
+                        f"Checkpoint {ckpt.path}: variable '{c}' has shape {entry.shape} and dtype "
+                        f"{entry.dtype.name}, but '{n}' is declared with shape {spec.shape} and dtype "
+                        f"{spec.dtype.name}."
+                        + (" Pass `cast=True` to convert the dtype." if entry.shape == spec.shape else "")
+                    )
+                )
+    memo: dict = {}
+    for n, t in transforms.items():
+        if all(e in ckpt.entries for e in t.entries()):
+            out.problems += _check_transform(ckpt, n, t, target, cast, memo, out._rows)
+    out._rows.sort(key=lambda row: row[0])
+    return out
+
+
+def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Transform]) -> list[JStateError]:
+    """Problems with entries the map reads that the checkpoint lacks or jstate cannot read."""
+    wanted = list(names.values()) + [e for t in transforms.values() for e in t.entries()]
+    unreadable = [c for c in wanted if c in ckpt.skipped]
+    if unreadable:
+        c = unreadable[0]
+        return [
+            CheckpointError(
+                f"Checkpoint {ckpt.path}: jstate cannot read '{c}' ({ckpt.skipped[c]}). Leave it out of the Saver."
+            )
+        ]
+    problems: list[JStateError] = []
+    missing = {n: c for n, c in names.items() if c not in ckpt.entries}
+    if missing:
+        first = next(iter(missing.values()))
+        shown = shorten(f"{c}" if c == n else f"{c} (for '{n}')" for n, c in missing.items())
+        problems.append(
+            CheckpointError(
+                f"Checkpoint {ckpt.path} lacks {len(missing)} variable(s) the Saver restores: {shown}."
+                f"{closest(first, ckpt.entries)} Restore a subset with `Saver([...])`, or map names with "
+                "`Saver({checkpoint_name: state_name})`."
+            )
+        )
+    for n, t in transforms.items():
+        absent = [e for e in t.entries() if e not in ckpt.entries]
+        if absent:
+            problems.append(
+                CheckpointError(
+                    f"Checkpoint {ckpt.path} lacks {shorten(absent)}, read by {t!r} to fill '{n}'."
+                    f"{closest(absent[0], ckpt.entries)} `jstate.list_variables(path)` lists what it holds."
+                )
+            )
+    return problems
+
+
+def _struct(target: State, name: str) -> jax.ShapeDtypeStruct:
+    """What `name` is restored as: its declared shape and dtype, on the sharding of the target's
+    own value for it where that asks for one (`_asked`), else on its declared sharding."""
+    spec = target.spec(name)
+    return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=_asked(target.get(name)) or spec.sharding)
+
+
+def _asked(value: Any) -> jax.sharding.Sharding | None:
+    """The sharding a target's value asks its variable to be restored onto: a committed array's,
+    or a `jax.ShapeDtypeStruct`'s (``jax.eval_shape`` output given new shardings). None where it
+    says nothing: an uncommitted array, a struct without one, or one over an abstract mesh only
+    (what ``jax.eval_shape`` gives for the State's own shardings)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, jax.Array):
+        return value.sharding if value.committed else None
+    sharding = getattr(value, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        return None
+    return sharding
+
+
+def _placeable(name: str, target: State) -> list[JStateError]:
+    """Problems with putting a value of `name`'s declared shape and dtype where it is declared:
+    a 64-bit dtype that JAX would narrow (64-bit mode off), a sharding that cannot divide it."""
+    spec, sharding = target.spec(name), _struct(target, name).sharding
+    narrow = jax.dtypes.canonicalize_dtype(spec.dtype, allow_extended_dtype=True)
+    if narrow != spec.dtype:
+        return [
+            SpecMismatchError(
+                f"Variable '{name}' is declared {spec.dtype.name}, but JAX's 64-bit mode is off: its values would "
+                f"be truncated to {narrow.name}. Enable it (`jax.config.update('jax_enable_x64', True)`), or "
+                f"declare {narrow.name} and pass `cast=True`."
+            )
+        ]
+    if sharding is not None and hasattr(sharding, "shard_shape"):
+        try:
+            sharding.shard_shape(spec.shape)
+        except Exception as e:  # JAX's IndivisibleError is no ValueError
+            reason = str(e).split("implies that ")[-1].split(" (full shape")[0].splitlines()[0][:200]
+            return [
+                PlacementError(
+                    f"Variable '{name}' of shape {spec.shape} cannot be placed on its target's sharding "
+                    f"{getattr(sharding, 'spec', sharding)}: {reason}. Give the target a sharding that "
+                    "divides its shape."
+                )
+            ]
+    return []
+
+
+def _check_transform(
+    ckpt: Checkpoint, name: str, t: T.Transform, target: State, cast: bool, memo: dict, rows: list
+) -> list[JStateError]:
+    """Problems with filling `name` through `t`; its row of the plan."""
+    keys = [e for e in t.entries() if jax.dtypes.issubdtype(ckpt.entries[e].dtype, jax.dtypes.prng_key)]
+    if keys:
+        return [
+            MappingError(f"Saver rule for '{name}': {t!r} reads PRNG key '{keys[0]}'; keys are restored by name only.")
+        ]
+    entries = {e: jax.ShapeDtypeStruct(ckpt.entries[e].shape, ckpt.entries[e].dtype) for e in t.entries()}
+    spec = target.spec(name)
+    try:
+        got = T.struct(t, entries, memo)
+    except (TypeError, ValueError, IndexError, OverflowError) as e:
+        rows.append((name, ", ".join(entries), repr(t), "?", "?"))
+        shapes = ", ".join(f"'{n}' {s.shape}" for n, s in entries.items())
+        return [
+            MappingError(f"Saver rule for '{name}': {t!r} does not apply to checkpoint {ckpt.path} ({shapes}): {e}")
+        ]
+    rows.append((name, ", ".join(entries), repr(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
+    if got.shape != spec.shape or (got.dtype != spec.dtype and not cast):
+        hint = " Pass `cast=True`, or add a `transforms.cast`." if got.shape == spec.shape else ""
+        return [
+            SpecMismatchError(
+                f"Checkpoint {ckpt.path}: {t!r} gives shape {got.shape} and dtype {got.dtype.name}, but '{name}' "
+                f"is declared with shape {spec.shape} and dtype {spec.dtype.name}.{hint}"
+            )
+        ]
+    return []
+
+
+def _dtypes(stored: np.dtype, declared: np.dtype) -> str:
+    return declared.name if stored == declared else f"{stored.name} -> {declared.name}"
+
+
+def restore(
+    ckpt: Checkpoint,
+    name_map: NameMap,
+    target: State,
+    *,
+    cast: bool,
+    strict: bool,
+    verify: bool,
+    progress: bool = False,
+) -> State:
+    """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`)."""
+    found = plan(ckpt, name_map, target, cast=cast, strict=strict)
+    found.check()
+    arrays = ckpt.read(found._wanted, verify=verify, progress=progress) if found._wanted else {}
+    values = {n: arrays[c] for n, c in found.names.items()}
+    values |= _transformed(ckpt, found.transforms, target, verify)
+    # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).
+    values = {n: v if _struct(target, n).sharding is not None else uncommitted(v) for n, v in values.items()}
+    return target._replace_values(values)
+
+
+def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: State, verify: bool) -> dict:
+    """The variables filled through transforms, a group at a time (those sharing entries: the
+    parts of one split): its entries read to the host and verified, the transforms applied with
+    NumPy, each result placed on its variable's sharding, then the host copies dropped."""
+    out = {}
+    for group in _groups(transforms):
+        host = ckpt.read_host(sorted({e for n in group for e in transforms[n].entries()}), verify=verify)
+        memo: dict = {}
+        for n in group:
+            value = T.evaluate(transforms[n], host.__getitem__, np, memo)
+            out[n] = place(np.asarray(value), _struct(target, n))
+        del host, memo
+    return out
+
+
+def _groups(transforms: dict[str, T.Transform]) -> list[list[str]]:
+    """The variables of `transforms` in groups that share no checkpoint entry with each other."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for name, t in transforms.items():
+        entries, names = set(t.entries()), [name]
+        for group in [g for g in groups if g[0] & entries]:
+            groups.remove(group)
+            entries |= group[0]
+            names = group[1] + names
+        groups.append((entries, names))
+    return [names for _, names in groups]

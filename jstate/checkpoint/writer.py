@@ -1,0 +1,370 @@
+"""Writing one jstate checkpoint under the commit rule of `_commit`: the arrays through Orbax
+into a directory of the save's own, their checksums, then the manifest; in the caller's thread
+or in the background.
+
+With several JAX processes, every process calls `Writer.save` for the same checkpoint on a
+shared directory: process 0 prepares and commits; every process writes its shards (through
+Orbax) and their checksums, and barriers keep them in step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+
+from ..core import progress as _progress
+from ..core.errors import CheckpointError, StoreError
+from ..formats import commit as _commit
+from ..formats import integrity as _integrity
+from ..formats import orbax as _orbax
+from ..formats import pack as _pack
+from ..formats.manifest import Manifest, Variable
+from ..storage import deadlines as _limits
+from ..storage import local as _files
+from ..storage import store as _storage
+
+log = logging.getLogger("jstate")
+
+# Writers with a background save in flight: the interpreter finishes them at exit, before
+# concurrent.futures stops taking work (Orbax needs it). threading's own exit hooks run first,
+# newest first, and this one is registered after concurrent.futures'.
+_unfinished: weakref.WeakSet = weakref.WeakSet()
+# Orbax numbers each async save with a process-wide operation id that its background threads
+# wait on: two saves started at once from different threads can take the same id, and one
+# then waits (5 minutes) for a signal that never comes. Starting saves one at a time keeps
+# their ids apart; the writing itself still overlaps.
+_orbax_start = threading.Lock()
+
+
+def _finish_at_exit() -> None:
+    for writer in list(_unfinished):
+        pending = writer._pending
+        try:
+            if pending is not None and not pending.done.wait(1.0):  # a long one: say why the exit waits
+                print(f"jstate: finishing the background save of {pending.path} (Ctrl-C abandons it)", file=sys.stderr)
+            writer.finish_at_exit()
+        except KeyboardInterrupt:  # a second Ctrl-C: give up on it, say so, and let the exit go on
+            where = pending.path if pending is not None else "a checkpoint"
+            print(f"jstate: abandoned the background save of {where}; earlier checkpoints are intact.", file=sys.stderr)
+
+
+getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
+
+
+class _Background:
+    """One save finishing in a background thread. Completion is an Event, not `Thread.join`:
+    a join interrupted by Ctrl-C can return at once ever after (CPython gh-90882), which would
+    let the interpreter exit mid-save. The thread makes itself its writer's pending save: a
+    Ctrl-C landing in `Thread.start` (after the thread exists) cannot leave the save untracked,
+    neither waited for by `wait` nor finished at exit."""
+
+    def __init__(self, writer: Writer, path: Path, finish: Callable[[], None], failed: Callable[[], None]):
+        self.path = path
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._writer, self._tracked = writer, threading.Event()
+        self._finish, self._failed = finish, failed
+        threading.Thread(target=self._run, name=f"jstate save {path}", daemon=True).start()
+        self._tracked.wait()
+
+    def _run(self) -> None:
+        self._writer._track(self)
+        self._tracked.set()
+        try:
+            self._finish()
+        except BaseException as e:  # reported by `Writer.wait`
+            self.error = e
+            self._failed()
+        finally:
+            self.done.set()
+
+
+class Writer:
+    """Writes jstate checkpoints one at a time; a background save's error is kept for `wait`.
+
+    Args:
+      compression: zstd-compress arrays.
+      timeout: seconds that processes of a multi-process save wait for each other.
+      pack: variables of at most this many bytes are packed together (`_pack`); 0 packs none.
+    """
+
+    def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD):
+        self._compression = compression
+        self._timeout = timeout
+        self._pack = pack
+        self._orbax: _orbax.Writer | None = None
+        self._saves = 0
+        self._pending: _Background | None = None
+
+    def save(
+        self,
+        arrays: dict[str, jax.Array],
+        final: Path,
+        step: int | None,
+        prefix: str | None,
+        *,
+        blocking: bool,
+        committed: Callable[[Manifest], None] = lambda manifest: None,
+        progress: bool = False,
+    ) -> None:
+        """Write `arrays` as the checkpoint `final`; call `committed` (process 0) once it is.
+
+        Returns once the values are copied off the device. With ``blocking=False`` the rest
+        happens in a background thread, which `wait` (or the interpreter's exit) finishes.
+        A save that takes over 2 s is logged at INFO; `progress` shows a bar as its arrays are
+        packed and written.
+
+        Raises:
+          CheckpointError: the save failed; earlier checkpoints are intact.
+        """
+        with _limits.timeout(self._timeout):  # no request to an object store waits longer
+            self._save(arrays, final, step, prefix, blocking, committed, progress)
+
+    def _save(self, arrays, final, step, prefix, blocking, committed, progress) -> None:
+        self.wait()
+        self._saves += 1
+        name = f"jstate-save-{self._saves}-{final}"
+        barrier = functools.partial(_orbax.barrier, name, self._timeout)
+        _orbax.check_store(final)  # before anything is written
+        token, created = None, False
+        total = sum(a.nbytes for a in arrays.values())
+        tracker = _progress.Progress("Saved", final, total, len(arrays), bar=progress)
+        try:
+            # Known before `prepare` makes it: an interrupt may land right after.
+            with _limits.deadline(self._timeout):
+                created = jax.process_index() == 0 and not _storage.exists(final)
+            token = _orbax.share(f"{name}:token", _files.token, self._timeout)
+            _files.begin(token)
+            if jax.process_index() == 0:
+                with _limits.deadline(self._timeout):  # all of it: each request alone may be slow but not stuck
+                    _commit.prepare(final, token)
+            barrier("start")
+            # PRNG keys are stored as their key data, with the implementation in the manifest.
+            keys = {n: str(jax.random.key_impl(a)) for n, a in arrays.items() if _is_key(a)}
+            arrays = {n: jax.random.key_data(a) if n in keys else a for n, a in arrays.items()}
+            # Orbax cannot store zero-size arrays; their shape and dtype in the manifest are all
+            # of them. Small arrays are packed (`_pack`), the others stored under their names.
+            stored = {n: a for n, a in arrays.items() if a.size}
+            small = {n: a for n, a in stored.items() if _pack.packable(a, self._pack)}
+            large = {n: a for n, a in stored.items() if n not in small}
+            shapes = {n: (tuple(a.shape), a.dtype, keys.get(n)) for n, a in arrays.items()}
+            packed, slots = _pack.pack(small) if small else ({}, {})
+            digests = {  # each packed variable checksummed alone, as stored
+                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, shapes[n][0]))
+                for n, slot in slots.items()
+            }
+            tracker.advance(sum(a.nbytes for a in packed.values()))
+            tree = large | ({_pack.KEY: packed} if packed else {})
+            if self._orbax is None:
+                self._orbax = _orbax.Writer(self._compression, self._timeout)
+            data = _commit.data_dir(final, token)
+            if tree:
+                with _orbax_start:
+                    self._orbax.save(data, tree)
+            # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
+            # arrays themselves, which the caller holds until `save` returns: the values at call time.
+            digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
+            layout = _Layout(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
+            finish = functools.partial(
+                self._finish, final, data, token, step, prefix, layout, digests, barrier, committed, tracker
+            )
+            if blocking:
+                finish()
+        except BaseException as e:
+            tracker.close(ok=False)
+            self._failed(final, token, created)
+            if isinstance(e, Exception):
+                raise save_failed(final, e) from e
+            raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
+        if not blocking:  # in a thread of its own, which the request timeout does not reach by itself
+            failed = functools.partial(self._failed, final, token, created)
+            _Background(self, final, functools.partial(self._bounded, finish), functools.partial(self._bounded, failed))
+
+    def _bounded(self, work: Callable[[], None]) -> None:
+        with _limits.timeout(self._timeout):
+            work()
+
+    def _track(self, background: _Background) -> None:
+        self._pending = background
+        _unfinished.add(self)
+
+    def _finish(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker) -> None:
+        try:
+            self._write_and_commit(final, data, token, step, prefix, layout, digests, barrier, committed, tracker)
+        except BaseException:
+            tracker.close(ok=False)
+            raise
+        tracker.close()
+
+    def _write_and_commit(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker):
+        if self._orbax is not None:
+            self._orbax.wait()
+        tracker.advance(tracker.total - tracker.done)
+        process = jax.process_index()
+        if jax.process_count() > 1:
+            _storage.write_bytes(final / f".digests-{process}.{token}.tmp", json.dumps(digests).encode())
+        barrier("written")
+        if process == 0:
+            with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
+                self._publish(final, data, token, step, prefix, layout, digests, committed)
+        barrier("committed")  # every process sees the new checkpoint once `save` returns
+        _files.end(token)
+
+    def _publish(self, final, data, token, step, prefix, layout, digests, committed) -> None:
+        """Process 0's part once every process has written: the manifest (the commit), then retention."""
+        for other in range(1, jax.process_count()):
+            part = final / f".digests-{other}.{token}.tmp"
+            for n, regions in json.loads(_storage.read_bytes(part)).items():
+                digests[n].update(regions)
+            _storage.unlink(part)
+        variables = {
+            n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
+            for n, (shape, dtype, key) in layout.shapes.items()
+        }
+        packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
+        files = {}
+        if _storage.exists(data):
+            # The flush waits on the disk, the file checksums on the CPU: both at once.
+            with ThreadPoolExecutor(max_workers=1) as flusher:
+                synced = flusher.submit(_storage.sync_tree, data)
+                files = _integrity.file_records(data, _checksummed(data))
+                synced.result()
+        manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
+        _commit.commit(final, manifest, token)
+        committed(manifest)
+
+    def _failed(self, final: Path, token: str | None, created: bool) -> None:
+        """After a failed or interrupted save: its files are a dead writer's (removed now, or
+        by the next save), `final` too if this save `created` it, and Orbax's writer, which
+        keeps an async error, is replaced."""
+        if self._orbax is not None:
+            with contextlib.suppress(BaseException):  # let Orbax's own thread stop writing first
+                self._orbax.wait()
+        if token is not None:
+            _files.end(token)
+        self._orbax = None
+        if jax.process_index() == 0:
+            with contextlib.suppress(Exception), _limits.deadline(self._timeout):
+                _commit.clean_checkpoint(final)
+                if created:  # stopped before Orbax wrote into it: nothing else removes it
+                    _storage.remove_empty_dir(final)
+
+    def wait(self) -> None:
+        """Block until a background save is on disk; re-raise its error, if any.
+
+        Interrupted (Ctrl-C), the save goes on, and the interpreter finishes it at exit.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        pending.done.wait()
+        self._pending = None
+        _unfinished.discard(self)
+        if pending.error is not None:
+            if isinstance(pending.error, Exception):
+                raise save_failed(pending.path, pending.error) from pending.error
+            raise CheckpointError(f"Saving checkpoint {pending.path} was interrupted; earlier checkpoints are intact.")
+
+    def join(self) -> None:
+        """Block until a background save is done, keeping its error for `wait`."""
+        if self._pending is not None:
+            self._pending.done.wait()
+
+    def finish_at_exit(self) -> None:
+        """Finish a background save as the interpreter exits; a failure is one line on stderr
+        (and a record of the `jstate` logger)."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            log.error("%s", e)
+            if not _logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
+                print(f"jstate: {e}", file=sys.stderr)
+
+
+class _Layout(NamedTuple):
+    """What the manifest records of where a save put its variables."""
+
+    shapes: dict[str, tuple]  # name -> (shape, dtype, PRNG key implementation or None)
+    slots: dict[str, _pack.Slot]  # packed variables
+    packed: dict[str, tuple]  # packed array -> (shape, dtype)
+
+
+def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of `level` on `logger` reaches stderr: through a handler of it or of an
+    ancestor it propagates to (importing Orbax calls `logging.basicConfig`), or through
+    logging's last resort when there is no handler at all."""
+    if not logger.isEnabledFor(level):
+        return False
+    handlers = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers += node.handlers
+        node = node.parent if node.propagate else None
+    if not handlers:
+        return logging.lastResort is not None and level >= logging.lastResort.level
+    return any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__) and level >= h.level
+        for h in handlers
+    )
+
+
+def _checksummed(data: Path) -> Callable[[str], bool]:
+    """Which files of a save's arrays get a CRC32C in the manifest: all of them locally; on an
+    object store only the metadata, since hashing the data would download it all again (the
+    array digests already cover every byte of it)."""
+    if _storage.is_remote(data):
+        return lambda rel: not _orbax.is_data_file(rel)
+    return lambda rel: True
+
+
+def _is_key(array: jax.Array) -> bool:
+    return jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
+    """One short error for a failed save that keeps the OS's reason whole; Orbax's own messages
+    can hold whole arrays, so only their first line is kept."""
+    if isinstance(error, CheckpointError) and not isinstance(error, StoreError):
+        return error  # (a store's error says what failed, not that the save did: kept whole below)
+    os_error = next((e for e in _causes(error) if isinstance(e, OSError)), None)
+    if os_error is not None:
+        detail = f"{type(os_error).__name__}: {str(os_error).rstrip('.')}"
+    else:
+        detail = str(error).splitlines()[0] if str(error) else ""
+        # Long ones are cut in the middle: TensorStore's end with the OS's reason, which must stay
+        # whole ("... No space left on device [os_error_code='28']"). Some put the array's whole
+        # spec between the two: then the reason is spelled out from the error code.
+        if len(detail) > 300:
+            detail = detail[:200] + " ... " + detail[-100:]
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code and os.strerror(int(code.group(1))) not in detail:
+            detail = f"{detail[:200]} ... {os.strerror(int(code.group(1)))} [os_error_code={code.group(1)}]"
+        detail = f"{type(error).__name__}: {detail}"
+    kind = type(os_error) if isinstance(os_error, StoreError) else CheckpointError  # `except TimeoutError` still works
+    return kind(
+        f"Saving checkpoint {path} failed ({detail}). Earlier checkpoints are intact, and nothing of this "
+        "save is listed."
+    )

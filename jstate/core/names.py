@@ -1,0 +1,94 @@
+"""Variable names: validation, joining, and the stable hash that seeds each variable's key."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .errors import InvalidNameError, UnknownVariableError, closest, unknown_names
+
+SEP = "/"
+
+
+def check_part(part: str, where: str) -> None:
+    """Validate one name component (a variable or scope name)."""
+    if not isinstance(part, str):
+        raise InvalidNameError(f"{where}: a name must be a str, got {type(part).__name__} {part!r}.")
+    problem = _problem(part)
+    if problem:
+        raise InvalidNameError(f"{where}: invalid name {part!r}: {problem}.")
+
+
+def _problem(name: str) -> str:
+    if not name:
+        return "it is empty"
+    if name.startswith(SEP) or name.endswith(SEP):
+        return "it starts or ends with '/'"
+    for part in name.split(SEP):
+        if not part:
+            return "it has an empty part ('//')"
+        if part in (".", ".."):
+            return f"'{part}' is not allowed as a part"
+        if "." in part:
+            # Orbax joins tree paths with "." on disk, so "a.b" and "a/b" would share storage.
+            return "'.' is not allowed in a name (it collides with nested names in Orbax files)"
+        if not part.isprintable() or part != part.strip():
+            return "parts must be printable and have no leading or trailing whitespace"
+    return ""
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a valid full variable name, else raise `InvalidNameError`."""
+    check_part(name, f"Variable {name!r}")
+    return name
+
+
+def select(requested: Iterable[str], declared: Mapping[str, object] | Iterable[str], what: str) -> list[str]:
+    """The `declared` names that `requested` lists: a name, or a scope ending in "/" for every
+    variable in it (as a Saver's ``var_list``), in the order given, each once.
+
+    Raises:
+      UnknownVariableError: a name is not declared, or a scope holds no variable.
+
+    >>> select(["layer1/", "w"], ["layer1/b", "layer1/k", "layer2/k", "w"], "`subset`")
+    ['layer1/b', 'layer1/k', 'w']
+    """
+    if isinstance(requested, str):
+        raise TypeError(f"{what} takes a list of names; got the string {requested!r}. Write [{requested!r}].")
+    declared = list(declared)
+    known = set(declared)
+    chosen: dict[str, None] = {}
+    missing = []
+    for name in requested:
+        if isinstance(name, str) and name.endswith(SEP):
+            inside = [n for n in declared if n.startswith(name)]
+            if not inside:
+                scopes = {n[: i + 1] for n in declared for i, c in enumerate(n) if c == SEP}
+                raise UnknownVariableError(
+                    f"{what}: scope '{name}' holds no variable.{closest(name, scopes)} A name ending in '/' "
+                    "selects every variable in that scope."
+                )
+            chosen.update(dict.fromkeys(inside))
+        elif name in known:
+            chosen[name] = None
+        else:
+            missing.append(name)
+    if missing:
+        raise unknown_names("Variable", missing, declared, f"{what} takes declared names and scopes ending in '/'.")
+    return list(chosen)
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}{SEP}{name}" if prefix else name
+
+
+def name_hash(name: str) -> np.ndarray:
+    """Two uint32 words from a stable 64-bit digest of `name`.
+
+    Python's ``hash`` is salted per process, so a cryptographic digest is used: a variable's
+    random key must be the same in every process and every run.
+    """
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return np.frombuffer(digest, dtype=np.uint32).copy()

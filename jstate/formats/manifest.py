@@ -1,0 +1,277 @@
+"""The manifest of a jstate checkpoint, ``jstate.json``: written by the Saver, read by the
+jstate reader, and nowhere else.
+
+A jstate checkpoint is a directory holding an Orbax PyTree checkpoint keyed by variable name
+(``arrays-<token>/``, see `_commit`) and this manifest: each variable's shape, dtype and the
+CRC32C of every saved region, the size and CRC32C of every file of the arrays, and which
+directory holds them; small variables are packed together (`_pack`), and the manifest says where
+each one lives. Writing the manifest commits the checkpoint. The manifest checksums itself:
+it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
+without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..core.errors import CheckpointError, CorruptCheckpointError, StoreError
+from ..model.spec import Entry
+from ..storage import store as _storage
+from .integrity import checksum
+from .pack import Slot
+
+FILE = "jstate.json"
+ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
+FORMAT = "jstate.checkpoint"
+# 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``); 3: `packed` (versions 1 and
+# 2 are read as manifests without packed variables).
+VERSION = 3
+
+_HEAD = b'{"checksum":"'
+_HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """One saved variable.
+
+    Attributes:
+      shape: its shape.
+      dtype: its dtype.
+      digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
+      key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
+        dtype above are then those of its key data (`jax.random.key_data`).
+      packed: where it lives in a packed array (`_pack`), or None: stored under its own name.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    digests: dict[str, int] = dataclasses.field(default_factory=dict)
+    key: str | None = None
+    packed: Slot | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a jstate checkpoint holds, and the checksums that prove it.
+
+    Attributes:
+      variables: every saved variable, by checkpoint name.
+      step: the step it was saved at, if any.
+      created: seconds since the epoch when it was committed.
+      files: ``{path under arrays: (size, crc32c)}`` of every file Orbax wrote.
+      arrays: the directory beside the manifest that holds the arrays.
+      prefix: the name the Saver was given, when it saved with a step (``model`` for
+        ``model-1000``): retention deletes only checkpoints of its own prefix.
+      packed: the packed arrays (``_pack.KEY/<name>``), each a 1-D `Variable` without digests
+        (its variables carry their own).
+
+    >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
+    >>> Manifest.decode(m.encode(), "ckpt") == m
+    True
+    """
+
+    variables: dict[str, Variable]
+    step: int | None = None
+    created: float = 0.0
+    files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    arrays: str = ARRAYS
+    prefix: str | None = None
+    packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def entries(self) -> dict[str, Entry]:
+        """What a restore sees of each variable, by name: a PRNG key array for one saved as key
+        data. Computed once per manifest (`decode` shares the manifests of equal bytes)."""
+        return {
+            n: Entry((n,), v.shape, v.dtype) if v.key is None else _key_entry(n, v) for n, v in self.variables.items()
+        }
+
+    def encode(self) -> bytes:
+        """The manifest as checksummed JSON bytes."""
+        return encode(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": self.step,
+                "variables": {
+                    n: {"shape": list(v.shape), "dtype": v.dtype.name, "digests": v.digests}
+                    | ({"key": v.key} if v.key else {})
+                    | ({"packed": [v.packed.array, v.packed.offset]} if v.packed else {})
+                    for n, v in self.variables.items()
+                },
+                "created": self.created,
+                "files": {rel: list(record) for rel, record in self.files.items()},
+                "arrays": self.arrays,
+                "prefix": self.prefix,
+                "packed": {a: {"shape": list(p.shape), "dtype": p.dtype.name} for a, p in self.packed.items()},
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, where: str | Path) -> Manifest:
+        """Parse and validate manifest bytes of the checkpoint at `where`.
+
+        Raises:
+          CorruptCheckpointError: the bytes fail their checksum or are not a valid manifest.
+        """
+        try:
+            return _decoded(cls, data)
+        except _NewerVersion as e:
+            raise CheckpointError(
+                f"Checkpoint {where} was written by a newer jstate (manifest version {e.args[0]}; this jstate reads "
+                f"versions up to {VERSION}). Upgrade jstate to read it; the checkpoint is not damaged."
+            ) from None
+        except (ValueError, KeyError, AttributeError, TypeError, IndexError, OverflowError) as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {where}: its manifest {where}/{FILE} is damaged ({type(e).__name__}: {e}). "
+                "Restore an earlier checkpoint."
+            ) from e
+
+    @classmethod
+    def _parse(cls, data: bytes) -> Manifest:
+        """`decode` without `where`, raising the parser's own errors (and `_NewerVersion`)."""
+        if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
+            raise ValueError("checksum mismatch")
+        raw = json.loads(data)
+        if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
+            raise ValueError("not a jstate manifest")
+        _check_version(raw.get("version", 1))
+        variables = {
+            str(n): Variable(
+                _shape(v["shape"]),
+                _dtype(v["dtype"]),
+                {str(k): int(c) for k, c in v.get("digests", {}).items()},
+                None if v.get("key") is None else str(v["key"]),
+                None if v.get("packed") is None else _slot(n, v["packed"]),
+            )
+            for n, v in raw["variables"].items()
+        }
+        packed = {str(a): Variable(_shape(p["shape"]), _dtype(p["dtype"])) for a, p in raw.get("packed", {}).items()}
+        _check_slots(variables, packed)
+        unchecked = [n for n, v in variables.items() if v.nbytes and not v.digests]
+        if unchecked:  # jstate checksums every array it stores
+            raise ValueError(f"variable {unchecked[0]!r} has no checksums")
+        files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
+        step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
+        if "/" in arrays or arrays in ("", ".", ".."):
+            raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
+        return cls(
+            variables,
+            None if step is None else int(step),
+            float(raw.get("created", 0.0)),
+            files,
+            arrays,
+            None if prefix is None else str(prefix),
+            packed,
+        )
+
+    def write(self, directory: Path) -> None:
+        """Write the manifest into `directory`, atomically and flushed to disk."""
+        _storage.write_bytes(_storage.as_path(directory) / FILE, self.encode())
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest | None:
+        """The manifest in `directory`, None if there is none.
+
+        Raises:
+          CheckpointError: it cannot be read (naming the OS's reason).
+          CorruptCheckpointError: it is damaged.
+        """
+        directory = _storage.as_path(directory)
+        return cls.read_file(directory / FILE, directory)
+
+    @classmethod
+    def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
+        """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
+        try:
+            data = _storage.read_bytes(_storage.as_path(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except StoreError:
+            raise  # says itself what went wrong, and is no damage
+        except OSError as e:
+            raise CheckpointError(f"Checkpoint {where}: cannot read its manifest {path} ({e}).") from e
+        return cls.decode(data, where)
+
+
+def encode(raw: dict[str, Any]) -> bytes:
+    """A JSON object as manifest bytes: its own CRC32C first, then the rest."""
+    rest = json.dumps({k: v for k, v in raw.items() if k != "checksum"}, separators=(",", ":"))[1:].encode()
+    return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
+
+
+def _key_entry(name: str, v: Variable) -> Entry:
+    """A PRNG key array saved as its key data `v`."""
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=v.key))
+    data_dims = len(jax.eval_shape(jax.random.key_data, key).shape)
+    return Entry((name,), v.shape[: len(v.shape) - data_dims], key.dtype)
+
+
+@functools.lru_cache(maxsize=4)  # a 100,000-variable manifest is ~80 MB decoded
+def _decoded(cls: type[Manifest], data: bytes) -> Manifest:
+    """`Manifest._parse`, remembered by content: a checkpoint restored again (a partial restore
+    after a full one, an evaluation loop) is not parsed again. Its file is still read each time,
+    so a re-saved checkpoint is never served stale; a manifest is never mutated."""
+    return cls._parse(data)
+
+
+class _NewerVersion(Exception):
+    """A manifest of a newer format (its version in `args[0]`)."""
+
+
+def _check_version(version: Any) -> None:
+    """Refuse a manifest of a newer format: an older reader would misread it (jstate before
+    version 3 takes a packed checkpoint for a damaged one, and a user may delete it)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version {version!r} is not a version number")
+    if version > VERSION:
+        raise _NewerVersion(version)
+
+
+def _slot(name: str, value: Any) -> Slot:
+    """Variable `name`'s ``[array, offset]``."""
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[0], str):
+        raise ValueError(f"variable {name!r} has the packed slot {value!r}, not [array name, offset]")
+    if not isinstance(value[1], int) or isinstance(value[1], bool):
+        raise ValueError(f"variable {name!r} has the packed slot {value!r}, without an integer offset")
+    return Slot(value[0], value[1])
+
+
+def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) -> None:
+    """Every packed variable lies inside a 1-D packed array of its own dtype: a crafted
+    manifest cannot make a read slice past an array, or reinterpret its bytes."""
+    for name, v in variables.items():
+        if v.packed is None:
+            continue
+        array = packed.get(v.packed.array)
+        if array is None or len(array.shape) != 1 or array.dtype != v.dtype:
+            raise ValueError(
+                f"variable {name!r} is packed into {v.packed.array!r}, which holds no {v.dtype.name} array"
+            )
+        if v.packed.offset < 0 or v.packed.offset + math.prod(v.shape) > array.shape[0] or not v.nbytes:
+            raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in value)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return shape
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(jnp.dtype(name))  # knows bfloat16 and the other ml_dtypes

@@ -1,0 +1,378 @@
+"""Everything jstate asks of Orbax, and the reader of plain Orbax checkpoints.
+
+The only module that imports Orbax, and only when a checkpoint is written or read: a program
+that just initializes a model never pays Orbax's import time. What jstate asks of it: write a
+flat dict of arrays, read some of them back onto given shardings, read a checkpoint's metadata,
+and a barrier between processes.
+
+Orbax writes ``gs://`` itself. For ``s3://``, Orbax 0.12.8 needs help, given by `_s3_shim`
+(see there): jstate never lets it fall back to writing a local directory named ``s3:``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..core.errors import CheckpointError, CorruptCheckpointError
+from ..core.tree import path_name
+from ..model.placement import or_default
+from ..model.spec import Entry
+from ..storage import store as _storage
+from .base import Checkpoint
+
+METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
+# Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
+_TARGET_FILE_SIZE = 256 * 1024 * 1024
+
+
+@functools.cache
+def _ocp() -> ModuleType:
+    import orbax.checkpoint as ocp  # ~0.3 s: imported on first use, not with jstate
+
+    return ocp
+
+
+def check_store(directory: Path) -> None:
+    """Raise CheckpointError if Orbax cannot write `directory`'s store (s3:// on an Orbax the shim
+    does not know): called before a save writes anything."""
+    if _storage.scheme(directory) == "s3":
+        _s3_shim()
+
+
+def _path(directory: Path) -> Any:
+    """Orbax's path type for `directory`; Orbax refuses relative paths."""
+    from etils import epath
+
+    check_store(directory)
+    if _storage.is_remote(directory):
+        return epath.Path(str(directory))
+    return epath.Path(os.path.abspath(directory))
+
+
+# -- s3:// -----------------------------------------------------------------------------------
+# Orbax 0.12.8 treats only gs:// as remote. Given s3://, `_normalize_path` makes it "s3:/..."
+# (os.path.normpath), `_use_gcs_driver` says no, so tensorstore gets a `file` kvstore: with
+# OCDBT the save fails late ("Checkpoint path should be absolute"), without it the arrays go
+# to a local directory named "s3:" while the metadata goes to S3. Three functions decide the
+# kvstore; the shim wraps them to give tensorstore its own `s3` driver, with the endpoint and
+# region from the environment (tensorstore's s3 driver ignores AWS_ENDPOINT_URL), and leaves
+# every other path to the originals. Orbax's own rename-based commit cannot work on S3
+# either: the Writer commits with a commit file there (`_atomicity`). Each wrapped function is
+# checked to exist before anything is patched; a newer Orbax that lacks one gets a clear
+# error instead of a silent local write, and tests/test_cloud_checkpoints.py checks the shim
+# against the Orbax installed.
+_S3_SHIM_TESTED = "0.12.8"
+
+
+@functools.cache
+def _s3_shim() -> None:
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    targets = (
+        (tensorstore_utils, "_normalize_path"),
+        (tensorstore_utils, "_use_gcs_driver"),
+        (gcs_utils, "get_kvstore_for_gcs"),
+    )
+    missing = [f"{m.__name__}.{name}" for m, name in targets if not callable(getattr(m, name, None))]
+    if missing:
+        raise CheckpointError(
+            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED} (jstate adapts its S3 paths), "
+            f"but the installed {_ocp().__version__} lacks {', '.join(missing)}. Install "
+            f"`orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local path. Nothing was written."
+        )
+    normalize, use_gcs, kvstore = (getattr(m, name) for m, name in targets)
+
+    def _normalize_path(path: str) -> str:
+        return "s3://" + os.path.normpath(path[len("s3://") :]) if str(path).startswith("s3://") else normalize(path)
+
+    def _use_gcs_driver(directory: str) -> bool:
+        return str(directory).startswith("s3://") or use_gcs(directory)
+
+    def get_kvstore_for_gcs(path: str) -> dict[str, Any]:
+        return s3_kvstore(path) if str(path).startswith("s3://") else kvstore(path)
+
+    tensorstore_utils._normalize_path = _normalize_path
+    tensorstore_utils._use_gcs_driver = _use_gcs_driver
+    gcs_utils.get_kvstore_for_gcs = get_kvstore_for_gcs
+    # Proof that Orbax builds its kvstores through these functions still: else a local write.
+    try:
+        specs = [tensorstore_utils.build_kvstore_tspec("s3://bucket/x", use_ocdbt=o) for o in (False, True)]
+        took = "file" not in json.dumps(specs) and '"s3"' in json.dumps(specs)
+    except Exception:  # an Orbax whose internals moved: it cannot be trusted with s3:// either
+        took = False
+    if not took:
+        raise CheckpointError(
+            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED}: the installed {_ocp().__version__} "
+            "builds its tensorstore paths elsewhere, so jstate cannot point it at S3 (it would write a local "
+            f"directory named 's3:'). Install `orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local "
+            "path. Nothing was written."
+        )
+
+
+def s3_kvstore(path: str) -> dict[str, Any]:
+    """tensorstore's kvstore spec for ``s3://bucket/key``: endpoint and region from the
+    environment as boto3 reads them (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``, ``AWS_DEFAULT_REGION``); without an endpoint, tensorstore's default (AWS).
+    Credentials: from ``AWS_ACCESS_KEY_ID`` and its siblings where set, else AWS's default chain.
+
+    >>> s3_kvstore("s3://bucket/ckpt/a")["path"]
+    'ckpt/a'
+    """
+    bucket, _, key = str(path)[len("s3://") :].partition("/")
+    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        spec["aws_region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID"):  # straight to them: the default chain logs each provider it tries
+        spec["aws_credentials"] = {"type": "environment"}
+    return spec
+
+
+def _atomicity(directory: Path) -> Any:
+    """How Orbax commits its own directory. Locally: into a temporary directory it renames.
+    On object stores, where renaming a directory is a copy, a commit file written last (what
+    Orbax chooses for gs:// by itself). jstate's manifest is the commit that counts either way.
+    """
+    ocp = _ocp()
+    if _storage.is_remote(directory):
+        return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+    return None
+
+
+class Writer:
+    """Writes flat ``{name: array}`` dicts as Orbax PyTree checkpoints, possibly in the background.
+
+    `save` returns once the arrays are copied off the device (Orbax's async contract), so the
+    caller may donate or overwrite them right after.
+    """
+
+    def __init__(self, compression: bool, timeout: float):
+        self._compression, self._timeout = compression, timeout
+        self._checkpointers: dict[bool, Any] = {}  # by whether the directory is remote
+
+    def _checkpointer(self, directory: Path) -> Any:
+        remote = _storage.is_remote(directory)
+        if remote not in self._checkpointers:
+            ocp = _ocp()
+            handler = ocp.PyTreeCheckpointHandler(use_compression=self._compression)
+            # Directories are created before `save` returns: created asynchronously, a failure leaves
+            # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
+            options = ocp.options.AsyncOptions(timeout_secs=int(self._timeout), create_directories_asynchronously=False)
+            self._checkpointers[remote] = ocp.AsyncCheckpointer(
+                handler, async_options=options, atomicity_options=_atomicity(directory)
+            )
+        return self._checkpointers[remote]
+
+    def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
+        path = _path(directory)
+        self._checkpointer(directory).save(
+            path, args=_ocp().args.PyTreeSave(dict(arrays), ocdbt_target_data_file_size=_TARGET_FILE_SIZE)
+        )
+
+    def wait(self) -> None:
+        for checkpointer in self._checkpointers.values():
+            checkpointer.wait_until_finished()
+
+    def close(self) -> None:
+        for checkpointer in self._checkpointers.values():
+            checkpointer.close()
+
+
+def barrier(name: str, timeout: float, stage: str) -> None:
+    """Wait until every JAX process reaches barrier `name`/`stage` (no-op with one process).
+
+    Orbax's barrier runs on JAX's distributed client, so it is safe in a background save.
+    """
+    if jax.process_count() > 1:
+        _ocp().multihost.get_barrier_sync_fn()(key=f"{name}:{stage}", timeout_ms=int(timeout * 1000))
+
+
+def share(key: str, make: Callable[[], str], timeout: float) -> str:
+    """`make()` on process 0, and the same string on every other JAX process (through JAX's
+    distributed key-value store, as Orbax does)."""
+    if jax.process_count() == 1:
+        return make()
+    client = _ocp().multihost.get_jax_distributed_client()
+    if jax.process_index() == 0:
+        value = make()
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, int(timeout * 1000))
+
+
+def is_checkpoint(directory: Path, listed: dict[str, _storage.File] | None = None) -> bool:
+    """Whether `directory` is an Orbax PyTree checkpoint (complete as far as Orbax can tell);
+    `listed`, where given, is `_storage.files(directory)`."""
+    return METADATA_FILE in listed if listed is not None else _storage.is_file(directory / METADATA_FILE)
+
+
+def is_data_file(rel: str) -> bool:
+    """Whether a file of an Orbax checkpoint (path relative to it) holds array data, as opposed
+    to metadata: OCDBT keeps data files in ``d/`` directories."""
+    return "d" in rel.split("/")[:-1]
+
+
+def metadata(directory: Path) -> Any:
+    """The tree of an Orbax PyTree checkpoint (nested dicts and lists, as saved), with array
+    metadata (shape, dtype) as leaves."""
+    return _ocp().PyTreeCheckpointHandler().metadata(_path(directory)).tree
+
+
+def entries(tree: Any) -> dict[str, Entry]:
+    """The arrays of a checkpoint's metadata `tree` by name (tree paths joined by "/"). Leaves
+    that are not arrays (strings, Python objects) are left out."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if shape is None or dtype is None:
+            continue
+        keypath = tuple(path_name((k,)) for k in path)
+        out[path_name(path)] = Entry(keypath, tuple(shape), np.dtype(dtype))
+    return out
+
+
+def read(
+    directory: Path, wanted: Mapping[str, tuple[Entry, jax.ShapeDtypeStruct]], tree: Any = None
+) -> dict[str, jax.Array]:
+    """Read just the `wanted` arrays, each straight onto the sharding of its target struct
+    (cast to the struct's dtype); the others are left unread.
+
+    Args:
+      directory: the Orbax checkpoint.
+      wanted: ``{name: (entry, target struct)}``.
+      tree: the checkpoint's metadata tree, for trees with lists or tuples (optax states); without
+        it, the checkpoint must be a tree of dicts (what jstate writes).
+    """
+    ocp = _ocp()
+
+    def struct(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(target.shape, target.dtype, sharding=or_default(target.sharding))
+
+    def restore_args(target: jax.ShapeDtypeStruct) -> Any:
+        sharding = or_default(target.sharding)
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=target.shape, dtype=target.dtype)
+
+    if tree is None:  # a dict tree: partial restore of just these keys
+        item: dict = {}
+        args: dict = {}
+        for entry, target in wanted.values():
+            _put(item, entry.keypath, struct(target))
+            _put(args, entry.keypath, restore_args(target))
+        restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    else:  # any tree: every leaf not wanted is a placeholder, which Orbax skips
+        by_path = {entry.keypath: target for entry, target in wanted.values()}
+
+        def template(make):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: (
+                    ocp.PLACEHOLDER if (t := by_path.get(tuple(path_name((k,)) for k in path))) is None else make(t)
+                ),
+                tree,
+            )
+
+        restore = ocp.args.PyTreeRestore(item=template(struct), restore_args=template(restore_args))
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
+    out = {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
+    for name, value in out.items():
+        if not isinstance(value, jax.Array):  # partial restore hands back the template of a key it lacks
+            raise CorruptCheckpointError(f"Orbax checkpoint {directory} does not hold '{name}'.")
+    return out
+
+
+def read_host(directory: Path, wanted: Mapping[str, Entry], tree: Any = None) -> dict[str, np.ndarray]:
+    """Read just the `wanted` arrays into host memory as NumPy arrays in their stored dtype
+    (64-bit values stay 64-bit whatever JAX's x64 setting). `tree` as in `read`."""
+    ocp = _ocp()
+    numpy_args = ocp.RestoreArgs(restore_type=np.ndarray)
+    if tree is None:
+        item: dict = {}
+        args: dict = {}
+        for entry in wanted.values():
+            _put(item, entry.keypath, np.empty(0))
+            _put(args, entry.keypath, numpy_args)
+        restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    else:
+        paths = {entry.keypath for entry in wanted.values()}
+
+        def template(value):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: value if tuple(path_name((k,)) for k in path) in paths else ocp.PLACEHOLDER, tree
+            )
+
+        restore = ocp.args.PyTreeRestore(item=template(np.empty(0)), restore_args=template(numpy_args))
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
+    out = {name: _get(restored, entry.keypath) for name, entry in wanted.items()}
+    for name, value in out.items():
+        # Orbax checks neither against its metadata: a caller's dtype that Orbax does not hold
+        # would hand back other bytes than the name promises (a damaged jstate manifest).
+        if not isinstance(value, np.ndarray) or (value.shape, value.dtype) != (wanted[name].shape, wanted[name].dtype):
+            found = f"shape {value.shape} and dtype {value.dtype}" if isinstance(value, np.ndarray) else "nothing"
+            raise CorruptCheckpointError(
+                f"Orbax checkpoint {directory} does not hold '{name}' as expected: shape {wanted[name].shape} and "
+                f"dtype {wanted[name].dtype} were expected, {found} was read."
+            )
+    return out
+
+
+def _put(tree: dict, keypath: tuple[str, ...], value: Any) -> None:
+    for k in keypath[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keypath[-1]] = value
+
+
+def _get(tree: Any, keypath: tuple[str, ...]) -> Any:
+    for k in keypath:
+        tree = tree[k] if isinstance(tree, Mapping) else tree[int(k)]
+    return tree
+
+
+# -- plain Orbax checkpoints ------------------------------------------------------------------
+class OrbaxCheckpoint(Checkpoint):
+    """A PyTree checkpoint that plain Orbax (or Flax) wrote: entries named by tree path."""
+
+    writer = "orbax"
+
+    def __init__(self, path: Path, arrays: Path):
+        try:
+            self.tree = metadata(arrays)
+            found = entries(self.tree)
+        except Exception as e:  # Orbax raises bare Exceptions and KeyErrors for damaged metadata.
+            raise CorruptCheckpointError(
+                f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
+            ) from e
+        step = int(path.name) if path.name.isdigit() else None
+        super().__init__(path, found, step=step, created=_storage.mtime(arrays / METADATA_FILE))
+        self.arrays = arrays
+
+    def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
+        return read(self.arrays, {n: (self.entries[n], t) for n, t in wanted.items()}, self.tree)
+
+    def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
+        return read_host(self.arrays, {n: self.entries[n] for n in names}, self.tree)
+
+
+def load(path: Path) -> OrbaxCheckpoint | None:
+    """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a CheckpointManager
+    step holding exactly one (its ``_CHECKPOINT_METADATA``, or a numeric name, says it is a step:
+    any other directory holding one Orbax checkpoint, beside jstate's, is a directory of
+    checkpoints). None if it is neither."""
+    if is_checkpoint(path):
+        return OrbaxCheckpoint(path, path)
+    if not (path.name.isdigit() or _storage.is_file(path / _STEP_METADATA)):
+        return None
+    items = [p for p in _storage.iterdir(path) if is_checkpoint(p)]
+    return OrbaxCheckpoint(path, items[0]) if len(items) == 1 else None

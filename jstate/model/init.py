@@ -1,0 +1,327 @@
+"""`init` and `abstract`: trace a model once, then compute only the variables asked for."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal, Var
+from jax.sharding import Mesh
+
+from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
+from ..core.table import Table
+from . import placement as _placement
+from .display import placement_table
+from .scope import Record, Scope
+from .spec import VariableSpec
+from .state import State, _Layout
+
+Model = Callable[[Scope], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One trace of a model: its declarations, and how to compute each initial value."""
+
+    specs: tuple[VariableSpec, ...]  # declaration order
+    steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
+    jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
+    layout: _Layout  # every variable declared, none initialized
+    unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
+
+
+# Traces are cached per model function, like `jax.jit`'s: the model's Python runs once per
+# model, mesh, rules, soft placement and key type.
+_plans: weakref.WeakKeyDictionary[Callable, dict] = weakref.WeakKeyDictionary()
+
+
+def _plan(
+    model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: Any, soft: bool, unused_rules: str
+) -> _Plan:
+    if unused_rules not in _UNUSED_RULES:
+        raise ValueError(f'`unused_rules=` is "error", "warn" or "ignore", got {unused_rules!r}.')
+    compiled = _placement.compile_rules(rules)
+    # A compiled regex's flags are part of it: `re.compile("w", re.I)` is not the rule "w".
+    patterns = tuple((p.pattern, p.flags, t) for p, t in compiled)
+    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft))
+    try:
+        per_model = _plans.setdefault(model, {})
+        plan = per_model.get(cache_key)
+    except TypeError:  # a model that cannot be weakly referenced, or an unhashable rule target
+        per_model, plan = None, None
+    if plan is None:  # traced outside any `except`, so a model's error is not chained to a KeyError
+        plan = _trace(model, key_type, mesh, compiled, bool(soft))
+        if per_model is not None:
+            per_model[cache_key] = plan
+    if plan.unused and unused_rules != "ignore":
+        _unused_rules(model, plan, unused_rules)
+    return plan
+
+
+_UNUSED_RULES = ("error", "warn", "ignore")
+
+
+def _unused_rules(model: Model, plan: _Plan, unused_rules: str) -> None:
+    rules = " and ".join(f"{i} ({pattern!r})" for i, pattern in plan.unused)
+    several = len(plan.unused) > 1
+    message = (
+        f"Placement rule{'s' if several else ''} {rules} match{'' if several else 'es'} no variable of model "
+        f"`{getattr(model, '__qualname__', repr(model))}` (it declares {shorten(s.name for s in plan.specs)}). "
+        'Fix the regex, or pass `unused_rules="warn"` (or "ignore") for rules shared with other models.'
+    )
+    if unused_rules == "error":
+        raise PlacementError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _trace(
+    model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules, soft: bool
+) -> _Plan:
+    record = Record(mesh, rules, soft)
+
+    def run(key):
+        model(Scope(record, key))
+        return list(record.values)
+
+    try:
+        jaxpr = jax.make_jaxpr(run)(key_type)
+    except JStateError:
+        raise
+    except Exception as e:
+        if record.declaring:
+            where = f"while declaring variable '{record.declaring}'"
+        elif record.last:
+            where = f"after declaring variable '{record.last}' (the last one declared)"
+        else:
+            where = "before declaring any variable"
+        name = getattr(model, "__qualname__", repr(model))
+        raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
+    specs = tuple(record.specs.values())
+    unused = _placement.unused_rules(rules, [s.name for s in specs])
+    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()), unused)
+
+
+def init(
+    model: Model,
+    key: jax.Array,
+    *,
+    only: Iterable[str] | None = None,
+    state: State | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
+) -> State:
+    """Initialize a model's variables with compiled XLA code (TF's ``global_variables_initializer``).
+
+    Each variable's random key is derived from `key` and the variable's full name, so its initial
+    value does not depend on which other variables exist, their order, `only`, `mesh` or `rules`.
+
+    Args:
+      model: a function ``model(s: Scope)`` that declares variables.
+      key: a PRNG key (``jax.random.key(0)``; legacy uint32 keys work too).
+      only: initialize just these variables (TF's ``variables_initializer``); the rest stay
+        declared but uninitialized. Variables they are computed from are evaluated, not kept.
+      state: a State of this model; only its uninitialized variables are initialized, and its
+        values are kept as they are (bit for bit).
+      mesh: the `jax.sharding.Mesh` that PartitionSpecs refer to.
+      rules: ``[(regex, spec), ...]``; a variable without its own placement takes the spec of
+        the first regex that matches (``re.search``) its name. A spec may be
+        `jstate.round_robin` (TF's ``replica_device_setter``).
+      soft_placement: a device string that matches no device of this machine (``"/gpu:0"``
+        on a CPU-only one) puts its variable on the default device, with a warning (when the
+        model is traced), instead of raising (TF's ``allow_soft_placement``).
+        `explain_placement` shows the fallback.
+      unused_rules: what a rule whose regex matches no declared variable is: ``"error"``
+        (the default: most often a typo), ``"warn"``, or ``"ignore"`` (rules shared by
+        several models).
+
+    Returns:
+      A new State. Each variable is created directly on its device or sharding.
+
+    Raises:
+      UnknownVariableError: `only` names an undeclared variable.
+      PlacementError: a device or sharding cannot hold a variable, or a rule matches none.
+      ModelError, InitializerError, InvalidNameError: for a faulty model.
+
+    >>> state = jstate.init(model, jax.random.key(0))
+    >>> partial = jstate.init(model, jax.random.key(0), only=["w2"])
+    """
+    if isinstance(only, str):
+        raise TypeError(f"`only=` takes a list of names; got the string {only!r}. Write `only=[{only!r}]`.")
+    if not hasattr(key, "dtype"):
+        raise TypeError(f"`key` must be a PRNG key such as `jax.random.key(0)`, got {type(key).__name__} {key!r}.")
+    plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules, soft_placement, unused_rules)
+    declared = plan.layout.specs
+    wanted = set(declared) if only is None else set(only)
+    unknown = wanted - set(declared)
+    if unknown:
+        raise unknown_names(
+            "`only=` variable", unknown, declared, "`jstate.abstract(model).specs` lists the declared ones."
+        )
+    kept: dict[str, jax.Array] = {}
+    if state is not None:
+        _check_same_model(state, declared)
+        kept = dict(state.items())
+        wanted -= set(kept)
+
+    values = _compute(plan, key, wanted)
+    values.update(kept)
+    values = dict(sorted(values.items()))
+    specs = declared if state is None else {**declared, **state._layout.specs}
+    return State._make(_Layout(specs, values), values)
+
+
+def abstract(
+    model: Model,
+    *,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
+) -> State:
+    """Every variable the model declares, none initialized, nothing computed.
+
+    The result is a restore target: its specs carry shapes, dtypes and shardings. The
+    arguments are `init`'s.
+
+    >>> abstract = jstate.abstract(model)
+    >>> abstract.spec("weights").shape
+    (784, 200)
+    """
+    key_type = jax.eval_shape(lambda: jax.random.key(0))
+    plan = _plan(model, key_type, mesh, rules, soft_placement, unused_rules)
+    return State._make(plan.layout, {})
+
+
+def explain_placement(
+    model: Model,
+    *,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] | None = None,
+    soft_placement: bool = False,
+    unused_rules: str = "error",
+) -> Table:
+    """A table of where each variable would live: name, shape, sharding, bytes per device, and
+    which declaration or rule placed it (with a round-robin or a soft-placement fallback, if
+    one did). Nothing is computed; the arguments are `init`'s.
+
+    >>> print(jstate.explain_placement(model, rules=[("kernel", "cpu:1")]))
+    name           shape       dtype    sharding  bytes/device  source
+    -------------  ----------  -------  --------  ------------  -----------------
+    biases         (200,)      float32  default   800 B         default
+    layer1/kernel  (200, 10)   float32  cpu:1     7.8 KiB       rule 0 ('kernel')
+    w2             (784, 200)  float32  default   612.5 KiB     default
+    weights        (784, 200)  float32  default   612.5 KiB     default
+    """
+    state = abstract(model, mesh=mesh, rules=rules, soft_placement=soft_placement, unused_rules=unused_rules)
+    return placement_table(state.specs.values())
+
+
+def _check_same_model(state: State, declared: dict[str, VariableSpec]) -> None:
+    extra = [n for n in state.specs if n not in declared]
+    if extra:
+        raise unknown_names(
+            "`state=` holds variable", extra, declared, "Pass a State of this model (e.g. from `jstate.abstract`)."
+        )
+    for n, spec in state.specs.items():
+        d = declared[n]
+        if (spec.shape, spec.dtype) != (d.shape, d.dtype):
+            raise SpecMismatchError(
+                f"`state=` holds variable '{n}' with shape {spec.shape} and dtype {spec.dtype.name}, "
+                f"but the model declares shape {d.shape} and dtype {d.dtype.name}."
+            )
+
+
+def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Array]:
+    """Initial values of the `wanted` variables, each created on its own sharding."""
+    values: dict[str, jax.Array] = {}
+    derived: list[int] = []
+    for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
+        if spec.name not in wanted:
+            continue
+        if step is None:
+            derived.append(i)
+        else:
+            program, key_words = step
+            values[spec.name] = program(key, key_words)
+    if derived:
+        outvars = plan.jaxpr.jaxpr.outvars
+        known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
+        try:
+            results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
+        except ValueError as e:
+            error = _mixed_devices(plan, derived, known)
+            if error is None:
+                raise
+            raise error from e
+        seen = {id(v) for v in values.values()}
+        for i, value in zip(derived, results):
+            if not isinstance(value, jax.Array):  # a literal or constant of the jaxpr
+                value = jax.numpy.asarray(value)
+            elif id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
+                value = value.copy()
+            seen.add(id(value))
+            sharding = plan.specs[i].sharding
+            values[plan.specs[i].name] = value if sharding is None else jax.device_put(value, sharding)
+    return values
+
+
+def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array]) -> PlacementError | None:
+    """The error for the first derived variable computed from variables committed to different
+    devices (JAX refuses to combine them), or None if no derived variable is."""
+    j = plan.jaxpr.jaxpr
+    names = {j.outvars[i]: s.name for i, s in enumerate(plan.specs)}
+    for i in derived:
+        needed, reads = {j.outvars[i]}, []
+        for eqn in reversed(j.eqns):
+            if any(v in needed for v in eqn.outvars):
+                for v in eqn.invars:
+                    if isinstance(v, Var) and v in known and v not in reads:
+                        reads.append(v)
+                    elif isinstance(v, Var):
+                        needed.add(v)
+        placed = {names[v]: known[v].sharding for v in reads if known[v].committed}
+        if len({frozenset(s.device_set) for s in placed.values()}) > 1:
+            shown = ", ".join(f"'{n}' on {_placement.describe(s)}" for n, s in sorted(placed.items()))
+            return PlacementError(
+                f"Cannot compute the initial value of variable '{plan.specs[i].name}': it is computed from "
+                f"variables on different devices ({shown}), which JAX cannot combine in one computation. "
+                "Place those variables on one device or mesh, or give it an initializer of its own."
+            )
+    return None
+
+
+def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dict[Var, Any]) -> list[Any]:
+    """Evaluate just the equations of `jaxpr` that `outputs` need, one dispatch each.
+
+    Written by hand (the interpreter pattern of JAX's "Writing custom interpreters") because
+    `jax.core.eval_jaxpr` evaluates every equation, and `jax.jit` of the whole jaxpr would compile
+    one giant program: here unneeded variables are skipped and each initializer keeps its own
+    small compiled program.
+    """
+    j = jaxpr.jaxpr
+    env: dict[Var, Any] = dict(known)
+    env.update(zip(j.constvars, jaxpr.consts))
+    env.update(zip(j.invars, [key]))
+    needed = {v for v in outputs if isinstance(v, Var) and v not in env}
+    schedule = []
+    for eqn in reversed(j.eqns):
+        if any(v in needed for v in eqn.outvars):
+            schedule.append(eqn)
+            needed.update(v for v in eqn.invars if isinstance(v, Var) and v not in env)
+    for eqn in reversed(schedule):
+        args = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
+        params = eqn.primitive.get_bind_params(eqn.params)
+        if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
+            subfuns, params = params
+            args = [*subfuns, *args]
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*args, **params)
+        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+    return [v.val if isinstance(v, Literal) else env[v] for v in outputs]

@@ -1,0 +1,412 @@
+"""Device specs, sharding rules, and resolving them into a `jax.sharding.Sharding`.
+
+Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
+
+  "/cpu:0", "cpu:0", "cpu"          CPU device 0 (index among that platform's devices)
+  "/gpu:1", "/device:GPU:1"         GPU device 1
+  "tpu:3"                           TPU device 3
+  "/job:ps/task:7"                  the first device of JAX process 7
+  "/job:w/task:1/device:GPU:2"      GPU 2 of process 1 (index among that process's GPUs)
+  jax.devices()[3]                  that device
+  NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
+  P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
+  jstate.round_robin(["cpu:0", ...]) each variable to the next device (TF's replica_device_setter)
+  None                              JAX's default device (``s.placement(None)`` clears outer
+                                    blocks and overrides the rules, as TF's ``tf.device(None)``)
+
+A device string that matches no device is an error, or, with ``soft_placement=True`` (TF's
+``allow_soft_placement``), a warning and JAX's default device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+
+from ..core.errors import PlacementError
+from .balance import Loads, RoundRobin
+
+_PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
+
+Rules = tuple[tuple[re.Pattern, Any], ...]
+
+
+class NoDeviceError(PlacementError):
+    """A well-formed device spec that names no device of this machine (soft placement's case)."""
+
+
+class Origin(enum.Enum):
+    """What put a variable where it lives, in order of precedence.
+
+    >>> jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel").origin
+    <Origin.RULE: 'rule'>
+    """
+
+    DEVICE = "device="  # the declaration's own ``device=``
+    SHARDING = "sharding="  # the declaration's own ``sharding=``
+    BLOCK = "placement block"  # the innermost ``with s.placement(...)``
+    RULE = "rule"  # the first matching ``rules=`` entry
+    DEFAULT = "default"  # nothing: JAX's default device
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a variable lives and which declaration or rule put it there.
+
+    Attributes:
+      sharding: the variable's `jax.sharding.Sharding`, or None for JAX's default device.
+      origin: what placed it (an `Origin`).
+      request: what was asked for (a device string, `jax.Device`, `Sharding`,
+        `PartitionSpec` or `jstate.round_robin`), kept so the State can be re-placed on
+        another mesh.
+      rule: for `Origin.RULE`, the rule's index and pattern.
+      fallback: with soft placement, the device spec that matched no device (the variable is
+        on JAX's default device instead); None otherwise.
+
+    >>> str(jstate.Placement())
+    'default (from default)'
+    """
+
+    sharding: Sharding | None = None
+    origin: Origin = Origin.DEFAULT
+    request: Any = None
+    rule: tuple[int, str] | None = None
+    fallback: Any = None
+
+    @property
+    def source(self) -> str:
+        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback:
+        ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin by size"``,
+        ``"device=, soft placement: '/gpu:0' matches no device"``."""
+        if self.origin is Origin.RULE and self.rule is not None:
+            text = f"rule {self.rule[0]} ({self.rule[1]!r})"
+        else:
+            text = self.origin.value
+        if isinstance(self.request, RoundRobin):
+            text += f", {self.request}"
+        if self.fallback is not None:
+            text += f", soft placement: {self.fallback!r} matches no device"
+        return text
+
+    @property
+    def declared(self) -> bool:
+        """Whether the model itself asked for it (not a rule or the default)."""
+        return self.origin in (Origin.DEVICE, Origin.SHARDING, Origin.BLOCK)
+
+    def __str__(self) -> str:
+        return f"{describe(self.sharding)} (from {self.source})"
+
+
+DEFAULT = Placement()
+
+# `choose`'s `block` when no ``with s.placement(...)`` is open (None is a block: the default device).
+NO_BLOCK = object()
+
+
+def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
+    """Check and compile ``[(regex, spec), ...]``; the first rule whose regex matches wins."""
+    if rules is None:
+        return ()
+    if isinstance(rules, dict):
+        rules = list(rules.items())
+    compiled = []
+    for i, rule in enumerate(rules):
+        try:
+            pattern, target = rule
+        except (TypeError, ValueError):
+            raise PlacementError(f"Placement rule {i} is {rule!r}; each rule must be a `(regex, spec)` pair.") from None
+        try:
+            compiled.append((re.compile(pattern), target))
+        except re.error as e:
+            raise PlacementError(
+                f"Placement rule {i}: the pattern {pattern!r} does not compile ({e}). Fix the regex."
+            ) from None
+    return tuple(compiled)
+
+
+def choose(
+    name: str,
+    shape: tuple[int, ...],
+    own: tuple[Origin, Any] | None,
+    block: Any,
+    rules: Rules,
+    mesh: Mesh | None,
+    *,
+    nbytes: int = 0,
+    loads: Loads | None = None,
+    soft: bool = False,
+) -> Placement:
+    """The placement of one variable: its own spec, then the innermost block, then the rules.
+
+    `block` is the innermost ``s.placement(...)`` spec (None: JAX's default device), or
+    `NO_BLOCK`. `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
+    `soft`, a device string that matches no device falls back to the default device.
+    """
+    rule = None
+    if own is not None:
+        origin, request = own
+    elif block is not NO_BLOCK:
+        origin, request = Origin.BLOCK, block
+    else:
+        for i, (pattern, target) in enumerate(rules):
+            if pattern.search(name):
+                origin, request, rule = Origin.RULE, target, (i, pattern.pattern)
+                break
+        else:
+            return DEFAULT
+    return _place(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
+
+
+def _place(
+    origin: Origin,
+    request: Any,
+    rule: tuple[int, str] | None,
+    name: str,
+    shape: tuple[int, ...],
+    mesh: Mesh | None,
+    nbytes: int,
+    loads: Loads,
+    soft: bool,
+) -> Placement:
+    target = loads.pick(request, nbytes) if isinstance(request, RoundRobin) else request
+    try:
+        sharding = None if target is None else resolve(target, name, shape, mesh)
+    except NoDeviceError as e:
+        if not soft:
+            raise PlacementError(f"{e} {_SOFT_HINT}") from None
+        warnings.warn(
+            f"Variable '{name}': device spec {target!r} matches no device; soft placement puts it on the "
+            f"default device ({describe(or_default(None))}).",
+            stacklevel=5,  # the model's `s.variable` line, when a model is traced
+        )
+        return Placement(None, origin, request, rule, fallback=target)
+    return Placement(sharding, origin, request, rule)
+
+
+_SOFT_HINT = (
+    "Pass `soft_placement=True` to `jstate.init` (or `abstract`) to put such variables on the default device instead."
+)
+
+
+def unused_rules(rules: Rules, names: Sequence[str]) -> tuple[tuple[int, str], ...]:
+    """``(index, pattern)`` of each rule whose regex matches none of `names`."""
+    return tuple((i, p.pattern) for i, (p, _) in enumerate(rules) if not any(p.search(n) for n in names))
+
+
+def replace(
+    specs: dict[str, Any], values: dict[str, jax.Array], mesh: Mesh | None, rules: Any
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """`specs` re-placed for `mesh` and `rules`, and `values` moved to their new shardings.
+
+    Placements the model declared are kept, with PartitionSpecs re-bound to the new mesh; every
+    other variable follows the new rules.
+    """
+    compiled = compile_rules(rules)
+    loads = Loads()  # round-robins spread again, in name order
+    new = {}
+    for n, spec in specs.items():
+        p = spec.placement
+        if p.declared:
+            # A variable placed softly once stays soft: its model opted in.
+            p = _place(p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None)
+        else:
+            p = choose(n, spec.shape, None, NO_BLOCK, compiled, mesh, nbytes=spec.nbytes, loads=loads)
+        new[n] = dataclasses.replace(spec, placement=p)
+    names = list(values)
+    moved = jax.device_put([values[n] for n in names], [or_default(new[n].sharding) for n in names])
+    # A variable with no placement is left uncommitted, as `init` leaves it.
+    moved = [v if new[n].sharding is not None else uncommitted(v) for n, v in zip(names, moved)]
+    return new, dict(zip(names, moved))
+
+
+def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[int, ...]) -> Placement:
+    """`placement` re-derived for variable `name`, re-declared from shape `old` to `new`.
+
+    A declared or rule-given spec is resolved again for the new shape (a PartitionSpec over the
+    mesh it was bound to); a device already chosen (one device, a round-robin's pick, a soft
+    fallback) holds any shape and is kept.
+    """
+    sharding = placement.sharding
+    if sharding is None or isinstance(sharding, SingleDeviceSharding) or placement.fallback is not None:
+        return placement
+    request = placement.request if placement.request is not None else sharding
+    try:
+        resharded = resolve(request, name, new, getattr(sharding, "mesh", None))
+        resharded.shard_shape(new)  # any other `Sharding` checks the shape here
+    except ValueError as e:
+        raise PlacementError(
+            f"Cannot redeclare variable '{name}' from shape {old} to {new}: its placement {placement} "
+            f"cannot hold the new shape. {e}"
+        ) from None
+    return dataclasses.replace(placement, sharding=resharded)
+
+
+def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:
+    """Turn one device spec into a `Sharding` for variable `name` of `shape`, checking it fits."""
+    if isinstance(request, PartitionSpec):
+        if mesh is None:
+            raise PlacementError(
+                f"Variable '{name}' is placed with PartitionSpec {request}, but no mesh was given. "
+                "Pass `mesh=` to `jstate.init` (or `abstract`), or give a `NamedSharding`."
+            )
+        _check_fits(request, mesh, name, shape)
+        return NamedSharding(mesh, _canonical(request, mesh, len(shape)))
+    if isinstance(request, NamedSharding):
+        _check_fits(request.spec, request.mesh, name, shape)
+        return request
+    if isinstance(request, Sharding):
+        return request
+    if isinstance(request, jax.Device):
+        return SingleDeviceSharding(request)
+    if isinstance(request, str):
+        return SingleDeviceSharding(parse_device(request, name))
+    raise PlacementError(
+        f"Variable '{name}': cannot place on {request!r} ({type(request).__name__}). Use a device "
+        "string such as 'cpu:0', a `jax.Device`, a `Sharding` or a `PartitionSpec`."
+    )
+
+
+def _canonical(spec: PartitionSpec, mesh: Mesh, ndim: int) -> PartitionSpec:
+    """The spec in the form `jax.jit` gives its outputs, so a State that goes through a jitted
+    step compares equal to its placement and does not recompile the step: full rank on meshes
+    with explicit axes (the sharding is part of the type), no trailing Nones on auto ones."""
+    parts = list(spec)
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:
+        parts += [None] * (ndim - len(parts))
+    else:
+        while parts and parts[-1] is None:
+            parts.pop()
+    return PartitionSpec(*parts)
+
+
+def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ...]) -> None:
+    mesh_shape = dict(mesh.shape)
+    if len(spec) > len(shape):
+        raise PlacementError(
+            f"Variable '{name}' has shape {shape} ({len(shape)} dims) but PartitionSpec {spec} names {len(spec)} dims."
+        )
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        if axes is None:
+            continue
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        missing = [a for a in axes if a not in mesh_shape]
+        if missing:
+            raise PlacementError(
+                f"Variable '{name}': PartitionSpec {spec} uses mesh axis {missing[0]!r}, but the mesh "
+                f"has axes {tuple(mesh_shape)}."
+            )
+        ways = math.prod(mesh_shape[a] for a in axes)
+        if size % ways:
+            raise PlacementError(
+                f"Variable '{name}' of shape {shape}: dimension {dim} (size {size}) is not divisible "
+                f"by {ways}, the size of mesh axes {axes} in PartitionSpec {spec}. Choose a spec "
+                "that divides it, or replicate that dimension (None)."
+            )
+
+
+_PART = re.compile(r"^(job|replica|task|device|cpu|gpu|tpu|cuda|rocm)(?::(.*))?$", re.IGNORECASE)
+
+
+def parse_device(spec: str, name: str = "") -> jax.Device:
+    """The `jax.Device` a TensorFlow-style device string names (see the module docstring)."""
+    where = f"Variable '{name}': device" if name else "Device"
+    task = platform = index = None
+    for part in spec.strip().strip("/").split("/"):
+        m = _PART.match(part.strip())
+        if not m:
+            raise PlacementError(
+                f"{where} spec {spec!r} is not understood (at {part!r}). Valid forms: 'cpu:0', "
+                "'/gpu:1', '/device:GPU:0', '/job:ps/task:7', 'tpu'."
+            )
+        key, value = m.group(1).lower(), m.group(2)
+        try:
+            if key == "task":
+                task = int(value)
+            elif key == "device":
+                platform, _, idx = (value or "").partition(":")
+                platform, index = platform.lower(), (int(idx) if idx else None)
+            elif key in _PLATFORMS:
+                platform, index = key, (int(value) if value else None)
+        except ValueError:
+            raise PlacementError(f"{where} spec {spec!r}: {part!r} needs a whole number.") from None
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError:
+        devices = []
+    if task is not None:
+        devices = [d for d in devices if d.process_index == task]
+    if index is None and devices:
+        return devices[0]
+    if index is not None and 0 <= index < len(devices):
+        return devices[index]
+    raise NoDeviceError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
+
+
+def list_devices() -> str:
+    devices = jax.devices()
+    shown = ", ".join(f"{d.platform}:{d.id} (process {d.process_index})" for d in devices[:16])
+    return shown + (f" and {len(devices) - 16} more" if len(devices) > 16 else "")
+
+
+def or_default(sharding: Sharding | None) -> Sharding:
+    """`sharding`, or this process's first device for a variable with no placement."""
+    return sharding or SingleDeviceSharding(jax.local_devices()[0])
+
+
+def uncommitted(value: jax.Array) -> jax.Array:
+    """`value` as an uncommitted array: what `jstate.init` gives a variable with no placement.
+
+    `jax.jit` moves an uncommitted argument next to its other arguments (onto a mesh, say), where
+    a committed one on a single device would make it fail ("incompatible devices"). A value on
+    one device keeps its device and its buffer: nothing is copied, and the result shares the
+    buffer with `value` (donating one deletes both). A value on several devices is first copied
+    to this process's first device. PRNG keys stay keys; tracers and uncommitted values are
+    returned as they are.
+
+    >>> committed = jax.device_put(jnp.arange(3.0), jax.devices()[0])
+    >>> committed.committed, uncommitted(committed).committed
+    (True, False)
+    """
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array) or not value.committed:
+        return value
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = uncommitted(jax.random.key_data(value))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+    if len(value.sharding.device_set) > 1:
+        value = jax.device_put(value, or_default(None))
+    try:
+        # JAX has no public way to drop the commitment of an array that is already on a device:
+        # `device_put` keeps it, and going through host memory copies the bytes twice on an
+        # accelerator. The array's own constructor re-labels the same buffer.
+        return type(value)(value.aval, value.sharding, value._arrays, committed=False)
+    except (AttributeError, TypeError):  # a JAX whose arrays are built differently: copy instead
+        return jax.device_put(np.asarray(value))
+
+
+def describe(sharding: Sharding | None) -> str:
+    """A short human form: 'cpu:0', "P('data', 'model') over mesh(data=4, model=2)"."""
+    if sharding is None:
+        return "default"
+    if isinstance(sharding, SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return f"{device.platform}:{device.id}"
+    if isinstance(sharding, NamedSharding):
+        axes = ", ".join(f"{k}={v}" for k, v in sharding.mesh.shape.items())
+        return f"{sharding.spec} over mesh({axes})"
+    return str(sharding)
+
+
+def device_bytes(nbytes: int, shape: tuple[int, ...], sharding: Sharding | None) -> int:
+    """Bytes one device holds of a variable of `shape` taking `nbytes` in all."""
+    if sharding is None or not shape:
+        return nbytes
+    return nbytes * math.prod(sharding.shard_shape(shape)) // max(math.prod(shape), 1)

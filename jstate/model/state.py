@@ -1,0 +1,535 @@
+"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ..core import names as _names
+from ..core import tree as _tree
+from ..core.errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
+from ..core.table import Table
+from . import display as _display
+from . import placement as _placement
+from . import values as _values
+from .placement import DEFAULT, Origin, Placement
+from .spec import VariableSpec, dtype_of
+
+_UNINITIALIZED = (
+    "Variable '{name}' is declared but not initialized. Initialize it with "
+    "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
+)
+
+
+class _Layout:
+    """The static part of a State: every declared variable, and which ones hold values.
+
+    It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
+    equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
+    than a dict of its arrays.
+    """
+
+    __slots__ = ("specs", "names", "_hash")
+
+    def __init__(self, specs: Mapping[str, VariableSpec], names: Iterable[str]):
+        self.specs = dict(sorted(specs.items()))
+        self.names = tuple(sorted(names))
+        self._hash = hash((self.names, tuple((s.name, s.shape, s.dtype) for s in self.specs.values())))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self.specs)} variables, {len(self.names)} initialized)"
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Layout)
+            and self._hash == other._hash
+            and self.names == other.names
+            and self.specs == other.specs
+        )
+
+
+class State(Mapping[str, jax.Array]):
+    """An immutable mapping from variable name to array, and a JAX pytree.
+
+    A State is never mutated: `assign`, `assign_add`, `merge`, `Saver.restore` and friends
+    return a new State and leave the original unchanged, so always use the return value. It holds
+    every variable a model declared; those without a value yet are static metadata (not leaves),
+    and reading one raises `UninitializedError`. Mapping operations (``state[name]``, ``in``,
+    ``len``, iteration in name order, ``.items()``) cover the initialized variables.
+
+    It passes through `jax.jit` (also donated), `jax.grad`, `jax.tree.map` and optax with its
+    structure unchanged. An initialized variable's spec has the dtype of the value it holds, so
+    after ``jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)`` the specs say bfloat16 and
+    `assign` takes bfloat16 values (a map that changes shapes needs `redeclare`).
+
+    >>> state = jstate.init(model, jax.random.key(0))
+    >>> state = state.assign("biases", jnp.ones(200))   # a new State
+    """
+
+    __slots__ = ("_layout", "_values")
+
+    def __init__(self, values: Mapping[str, Any] | None = None):
+        """A State holding `values` (name -> array); prefer `jstate.init` or `State.from_tree`."""
+        other = State.from_tree(values or {}, flat=True)
+        self._layout, self._values = other._layout, other._values
+
+    @classmethod
+    def _make(cls, layout: _Layout, values: dict[str, Any]) -> State:
+        state = object.__new__(cls)
+        state._layout, state._values = layout, values
+        return state
+
+    # -- reading ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> jax.Array:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _missing(self, name: str) -> KeyError:
+        if name in self._layout.specs:
+            return UninitializedError(_UNINITIALIZED.format(name=name))
+        return unknown_names("Variable", [name], self._layout.specs, "`state.specs` lists every declared variable.")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    __eq__ = object.__eq__  # arrays have no single truth value; States compare by identity.
+    __hash__ = object.__hash__
+
+    @property
+    def specs(self) -> Mapping[str, VariableSpec]:
+        """Every declared variable's `VariableSpec`, initialized or not, by name (an initialized
+        one's dtype is its value's: see the class docstring)."""
+        values = self._values
+        return {n: _values.current(s, values.get(n)) for n, s in self._layout.specs.items()}
+
+    def spec(self, name: str) -> VariableSpec:
+        """The declaration of variable `name` (shape, dtype, placement).
+
+        >>> state.spec("layer1/kernel").shape
+        (200, 10)
+        """
+        try:
+            return _values.current(self._layout.specs[name], self._values.get(name))
+        except KeyError:
+            raise self._missing(name) from None
+
+    def placement(self, name: str) -> Placement:
+        """Where variable `name` lives and which declaration or rule put it there.
+
+        >>> str(jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel"))
+        "cpu:1 (from rule 0 ('kernel'))"
+        """
+        return self.spec(name).placement
+
+    def is_initialized(self, name: str) -> bool:
+        """Whether declared variable `name` holds a value (an undeclared name raises).
+
+        >>> state.is_initialized("weights"), jstate.abstract(model).is_initialized("weights")
+        (True, False)
+        """
+        self.spec(name)  # undeclared names raise
+        return name in self._values
+
+    def uninitialized(self) -> list[str]:
+        """Names of declared variables that hold no value, sorted.
+
+        >>> jstate.init(model, jax.random.key(0), only=["biases"]).uninitialized()
+        ['layer1/kernel', 'w2', 'weights']
+        """
+        return [n for n in self._layout.specs if n not in self._values]
+
+    def structs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Every declared variable as a `jax.ShapeDtypeStruct` carrying its sharding.
+
+        >>> jstate.abstract(model).structs()["weights"]
+        ShapeDtypeStruct(shape=(784, 200), dtype=float32)
+        """
+        return {n: s.struct() for n, s in self.specs.items()}
+
+    def shardings(self, default: jax.sharding.Sharding | None = None) -> State:
+        """Each initialized variable's declared sharding, as a State of the same structure: the
+        ``in_shardings`` / ``out_shardings`` of a `jax.jit` function taking or returning this State.
+
+        A variable with no placement gets `default`. None, the default, is "unspecified" to
+        `jax.jit`: the argument is taken where it is and XLA places the result (on a mesh
+        computation, usually replicated over the mesh), so the second call compiles again for
+        results that the first placed. Give every variable a placement (a last rule
+        ``(".*", P())``), or pass ``default=NamedSharding(mesh, P())``, so that every step
+        after the first reuses the compiled one. `jstate.shardings` covers a whole training
+        pytree (optax states too).
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> P = jax.sharding.PartitionSpec
+        >>> placed = jstate.init(model, jax.random.key(0), mesh=mesh, rules=[("kernel", P("x")), (".*", P())])
+        >>> step = jax.jit(lambda st: st.assign_add("biases", 1.0), out_shardings=placed.shardings())
+        >>> step(placed)["layer1/kernel"].sharding == placed.spec("layer1/kernel").sharding
+        True
+        """
+        specs = self._layout.specs
+        shardings = {n: specs[n].sharding for n in self._values}
+        return State._make(self._layout, {n: default if s is None else s for n, s in shardings.items()})
+
+    def constrain(self) -> State:
+        """A State whose every variable is on its declared sharding, eagerly or under `jax.jit`.
+
+        Inside `jax.jit`, XLA chooses the sharding of every value the program computes: an
+        optax update can hand back parameters sharded differently from their declaration, and
+        the next call, given those, compiles again. ``state.constrain()`` before returning
+        (or ``out_shardings=state.shardings()``) keeps each variable where it was declared, as
+        `assign` does. Eagerly it moves values that are elsewhere. Variables with no placement
+        are left where they are. The original State is unchanged; use the return value.
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> P = jax.sharding.PartitionSpec
+        >>> placed = jstate.init(model, jax.random.key(0), mesh=mesh, rules=[("kernel", P("x")), (".*", P())])
+        >>> step = jax.jit(lambda st: jax.tree.map(lambda v: v * 2, st).constrain())
+        >>> step(placed)["layer1/kernel"].sharding == placed.spec("layer1/kernel").sharding
+        True
+        """
+        specs = self._layout.specs
+        return State._make(self._layout, {n: _values.place(v, specs[n].sharding) for n, v in self._values.items()})
+
+    # -- functional updates -----------------------------------------------------------------
+    def assign(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `name` set to `value` (or each ``{name: value}`` of a dict).
+
+        The value must have the declared shape and dtype; a Python scalar is broadcast if it
+        keeps the dtype (``1`` into a float variable, not ``1.5`` into an int one). The result
+        lives on the variable's device or sharding, eagerly and under `jax.jit`. Assigning an
+        uninitialized variable initializes it. The original State is unchanged.
+
+        Raises:
+          SpecMismatchError: for a wrong shape or dtype (names the variable, declared vs given).
+          UnknownVariableError: for an undeclared name.
+
+        >>> new = state.assign("biases", jnp.ones(200))
+        >>> new["biases"][:3], state["biases"][:3]  # the original is unchanged
+        (Array([1., 1., 1.], dtype=float32), Array([0., 0., 0.], dtype=float32))
+        >>> new = state.assign({"biases": 0.5, "layer1/kernel": 0.0})  # scalars are broadcast
+        """
+        return self._update(name, value, None, "assign")
+
+    def assign_add(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `value` added to variable `name` (see `assign`).
+
+        >>> state.assign_add("biases", 2.0)["biases"][:3]
+        Array([2., 2., 2.], dtype=float32)
+        """
+        return self._update(name, value, operator.add, "assign_add")
+
+    def assign_sub(self, name: str | Mapping[str, Any], value: Any = None) -> State:
+        """A new State with `value` subtracted from variable `name` (see `assign`).
+
+        >>> state.assign_sub("biases", jnp.full(200, 0.5))["biases"][:3]
+        Array([-0.5, -0.5, -0.5], dtype=float32)
+        """
+        return self._update(name, value, operator.sub, "assign_sub")
+
+    def _update(self, name: Any, value: Any, op: Callable | None, verb: str) -> State:
+        if isinstance(name, Mapping):
+            if value is not None:
+                raise TypeError(f"`{verb}` takes a dict of updates or one name and value, not both.")
+            updates = name
+        else:
+            updates = {name: value}
+        specs, values = self._layout.specs, dict(self._values)
+        for n, v in updates.items():
+            spec = specs.get(n)
+            if spec is None:
+                raise unknown_names("Cannot assign: variable", [n], specs, "Declare it in the model first.")
+            spec = _values.current(spec, self._values.get(n))
+            v = _values.coerce(spec, v, broadcast=op is None, verb=verb)
+            if op is not None:
+                v = op(self[n], v)
+            values[n] = _values.place(v, spec.sharding)
+        if len(values) == len(self._values):
+            return State._make(self._layout, values)
+        return State._make(_Layout(specs, values), dict(sorted(values.items())))
+
+    def _replace_values(self, updates: Mapping[str, jax.Array]) -> State:
+        """A State with `updates` as values of declared variables, unchecked (for restores)."""
+        values = dict(sorted({**self._values, **updates}.items()))
+        layout = self._layout if len(values) == len(self._values) else _Layout(self._layout.specs, values)
+        return State._make(layout, values)
+
+    # -- whole-State operations -------------------------------------------------------------
+    def subset(self, names: Iterable[str]) -> State:
+        """A State with only the variables `names` (declared ones; initialized or not). A name
+        ending in "/" selects every variable in that scope, as in a Saver's ``var_list``.
+
+        >>> list(state.subset(["weights", "biases"]))
+        ['biases', 'weights']
+        >>> list(state.subset(["layer1/"]))
+        ['layer1/kernel']
+        """
+        names = _names.select(names, self._layout.specs, "`subset`")
+        specs = {n: self._layout.specs[n] for n in names}
+        values = {n: self._values[n] for n in sorted(specs) if n in self._values}
+        return State._make(_Layout(specs, values), values)
+
+    def trainable(self) -> State:
+        """The variables declared trainable (the default), as a State: what `jax.grad` takes.
+
+        `non_trainable` holds the others (``s.variable(..., trainable=False)``); `merge` joins
+        the two again, eagerly or under `jax.jit`.
+
+        >>> def counted(s):
+        ...     s.variable("w", jnp.ones(3))
+        ...     s.variable("step", jnp.zeros((), jnp.int32), trainable=False)
+        >>> st = jstate.init(counted, jax.random.key(0))
+        >>> list(st.trainable()), list(st.non_trainable())
+        (['w'], ['step'])
+        >>> grads = jax.grad(lambda p: (p["w"] ** 2).sum())(st.trainable())
+        >>> st = st.merge(jax.tree.map(lambda p, g: p - 0.1 * g, st.trainable(), grads)).assign_add("step", 1)
+        """
+        return self.subset([n for n, s in self._layout.specs.items() if s.trainable])
+
+    def non_trainable(self) -> State:
+        """The variables declared with ``trainable=False``, as a State (see `trainable`).
+
+        >>> list(jstate.State({"w": jnp.ones(2)}).non_trainable())
+        []
+        """
+        return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
+
+    def redeclare(self, name: str, value: Any) -> State:
+        """A new State in which variable `name` is declared anew with `value`'s shape and dtype,
+        and holds `value` (TF's reshaping of a ``validate_shape=False`` variable).
+
+        `assign` never changes a shape or dtype: this is the one explicit way. The placement is
+        derived again for the new shape: a PartitionSpec or sharding (declared, or from a rule)
+        is checked against it, and a single device is kept. It works eagerly and under
+        `jax.jit`. The original State is unchanged; use the return value.
+
+        Raises:
+          UnknownVariableError: `name` is not declared.
+          PlacementError: its placement cannot hold the new shape (names the old and new shape).
+
+        >>> wider = state.redeclare("biases", jnp.zeros(300))
+        >>> wider.spec("biases").shape, state.spec("biases").shape
+        ((300,), (200,))
+        """
+        spec = self.spec(name)
+        if not isinstance(value, jax.Array):  # numpy and Python values take JAX's dtypes
+            value = jnp.asarray(value)
+        if getattr(value, "weak_type", False):
+            value = jax.lax.convert_element_type(value, value.dtype)
+        shape = tuple(value.shape)
+        placement = _placement.reshape(spec.placement, name, spec.shape, shape)
+        new = dataclasses.replace(spec, shape=shape, dtype=dtype_of(value), placement=placement)
+        values = dict(sorted({**self._values, name: _values.place(value, placement.sharding)}.items()))
+        return State._make(_Layout({**self._layout.specs, name: new}, values), values)
+
+    def merge(self, other: State) -> State:
+        """A State with the variables of both; where both hold a value, `other`'s wins.
+
+        Where both declare a variable, this State's declaration is kept (its placement,
+        `trainable` flag and options) and `other`'s value is assigned to it, as `assign` would:
+        moved onto (or, under `jax.jit`, constrained to) the declared sharding. So
+        ``state.merge(jstate.State({"biases": b}))`` keeps ``"biases"`` where the model placed
+        it. Variables only `other` declares keep `other`'s declaration.
+
+        Raises:
+          SpecMismatchError: a variable both declare has another shape or dtype in each.
+
+        >>> merged = state.merge(jstate.State({"biases": jnp.ones(200), "step": jnp.zeros((), jnp.int32)}))
+        >>> list(merged), merged["biases"][:3]
+        (['biases', 'layer1/kernel', 'step', 'w2', 'weights'], Array([1., 1., 1.], dtype=float32))
+        """
+        specs, values = dict(self._layout.specs), dict(self._values)
+        for n, spec in other._layout.specs.items():
+            mine = specs.get(n)
+            if mine is None:
+                specs[n] = spec
+                if n in other._values:
+                    values[n] = other._values[n]
+                continue
+            mine, theirs = _values.current(mine, self._values.get(n)), _values.current(spec, other._values.get(n))
+            if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
+                raise SpecMismatchError(
+                    f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
+                    f"{mine.dtype.name} here but shape {theirs.shape} and dtype {theirs.dtype.name} in the other State."
+                )
+            value = other._values.get(n)
+            if isinstance(value, jax.Array):  # (a State of structs or shardings holds no arrays)
+                values[n] = _values.place(value, mine.sharding)
+            elif n in other._values:
+                values[n] = value
+        values = dict(sorted(values.items()))
+        return State._make(_Layout(specs, values), values)
+
+    def rename(self, mapping: Mapping[str, str]) -> State:
+        """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay.
+
+        >>> list(state.rename({"w2": "copy/weights"}))
+        ['biases', 'copy/weights', 'layer1/kernel', 'weights']
+        """
+        missing = [n for n in mapping if n not in self._layout.specs]
+        if missing:
+            raise unknown_names("Cannot rename: variable", missing, self._layout.specs, "")
+        specs, values = {}, {}
+        for n, spec in self._layout.specs.items():
+            new = _names.check_name(mapping.get(n, n))
+            if new in specs:
+                raise InvalidNameError(f"Cannot rename: two variables would be named '{new}'.")
+            specs[new] = dataclasses.replace(spec, name=new)
+            if n in self._values:
+                values[new] = self._values[n]
+        values = dict(sorted(values.items()))
+        return State._make(_Layout(specs, values), values)
+
+    def replace_placement(self, mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> State:
+        """A State re-placed for `mesh` and `rules`, values moved to their new shardings.
+
+        Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
+        PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
+
+        >>> mesh = jax.make_mesh((8,), ("x",))
+        >>> placed = state.replace_placement(mesh, rules=[("weights|w2", jax.sharding.PartitionSpec("x"))])
+        >>> placed.placement("weights").source, len(placed["weights"].sharding.device_set)
+        ("rule 0 ('weights|w2')", 8)
+        """
+        specs, values = _placement.replace(self._layout.specs, self._values, mesh, rules)
+        return State._make(_Layout(specs, values), values)
+
+    # -- conversions (the work is in `_tree`, which knows nothing of States) -------------------
+    def tree(self, like: Any = None) -> Any:
+        """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
+
+        With `like` (any pytree, e.g. an optax state), the result has its structure instead,
+        each leaf taken from the variable its path names: the inverse of `State.from_tree`.
+
+        >>> jstate.State({"a/b": jnp.ones(2)}).tree()
+        {'a': {'b': Array([1., 1.], dtype=float32)}}
+        """
+        return _tree.unflatten(self, like)
+
+    @classmethod
+    def from_tree(cls, tree: Any, *, flat: bool = False) -> State:
+        """A State from any pytree of arrays: nested dicts, lists, optax states, Flax variables.
+
+        Tree paths joined by "/" become names (``{"a": {"b": x}}`` -> ``"a/b"``, list items by
+        index, named tuples by field). A `jax.ShapeDtypeStruct` leaf declares an uninitialized
+        variable (its sharding, if any, becomes the placement). With ``flat=True``, `tree` is
+        ``{name: array}`` already.
+
+        >>> jstate.State.from_tree({"a": {"b": jnp.ones(2)}, "c": [jnp.zeros(())]}).specs.keys()
+        dict_keys(['a/b', 'c/0'])
+        """
+        specs, values = {}, {}
+        for name, leaf in (dict(tree) if flat else _tree.flatten(tree)).items():
+            _names.check_name(name)
+            if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+                leaf = jnp.asarray(leaf)
+            # A sharding the leaf was placed on is its placement: uncommitted (and traced) arrays have none.
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                sharding = leaf.sharding
+            else:
+                sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
+            placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
+            specs[name] = VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
+            if isinstance(leaf, jax.Array):
+                values[name] = leaf
+        values = dict(sorted(values.items()))
+        return State._make(_Layout(specs, values), values)
+
+    def to_nnx(self) -> Any:
+        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``.
+
+        >>> state.to_nnx()["layer1"]["kernel"].shape
+        (200, 10)
+        """
+        return _tree.to_nnx(self)
+
+    @classmethod
+    def from_nnx(cls, source: Any) -> State:
+        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``.
+
+        >>> from flax import nnx
+        >>> list(jstate.State.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+        ['bias', 'kernel']
+        """
+        return cls.from_tree(_tree.from_nnx(source), flat=True)
+
+    # -- display ----------------------------------------------------------------------------
+    def table(self) -> Table:
+        """The State as a `Table` (name, shape, dtype, sharding, bytes, initialized).
+
+        >>> print(state.subset(["biases"]).table())
+        State: 1 variables, 1 initialized, 800 B
+        name    shape   dtype    sharding  bytes  initialized
+        ------  ------  -------  --------  -----  -----------
+        biases  (200,)  float32  default   800 B  yes
+        """
+        return _display.state_table(self.specs, self)
+
+    def __repr__(self) -> str:
+        return str(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+def _flatten(state: State):
+    return tuple(state._values.values()), state._layout
+
+
+def _flatten_with_keys(state: State):
+    return tuple((jax.tree_util.DictKey(n), v) for n, v in state._values.items()), state._layout
+
+
+def _unflatten(layout: _Layout, leaves: Iterable[Any]) -> State:
+    return State._make(layout, dict(zip(layout.names, leaves)))
+
+
+jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _flatten)
+
+
+def report_uninitialized(state: State) -> list[str]:
+    """Names of the State's declared variables that hold no value (TF's
+    ``report_uninitialized_variables``).
+
+    >>> jstate.report_uninitialized(jstate.abstract(lambda s: s.variable("w", jnp.zeros(2))))
+    ['w']
+    """
+    return state.uninitialized()
+
+
+def to_nnx(state: Mapping[str, jax.Array]) -> Any:
+    """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+    Path parts that are numbers (``"layers/0/kernel"``) become ints, as NNX expects.
+
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> nnx.update(layer, jstate.to_nnx(jstate.from_nnx(layer).assign("bias", 1.0)))
+    >>> layer.bias[...]
+    Array([1., 1., 1.], dtype=float32)
+    """
+    return _tree.to_nnx(state)
+
+
+def from_nnx(source: Any) -> State:
+    """A State from an NNX module or `nnx.State`, its variables named by their paths.
+
+    >>> from flax import nnx
+    >>> jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))).spec("kernel").shape
+    (2, 3)
+    """
+    return State.from_nnx(source)
