@@ -7,6 +7,7 @@ from .checkpoint.lookup import list_checkpoints as list_checkpoints
 from .checkpoint.lookup import list_variables as list_variables
 from .checkpoint.lookup import load_variable as load_variable
 from .checkpoint.lookup import open_checkpoint as open_checkpoint
+from .checkpoint.preemption import Preemption as Preemption
 from .checkpoint.saver import Saver as Saver
 from .checkpoint.saver import save_safetensors as save_safetensors
 from .core.errors import CheckpointError as CheckpointError
