@@ -116,7 +116,7 @@ class Preemption:
         self._entered = False
         self._mode = "local"
         self._notice: tuple[signal.Signals, float] | None = None  # (signal, time.monotonic()) once noticed
-        self._stop_at: int | None = None  # the step every process saves (coordinator mode)
+        self._agreement: _Agreement | None = None  # coordinator mode
         self._saved: str | None = None
         self._watchdog: threading.Timer | None = None
 
@@ -143,11 +143,14 @@ class Preemption:
                 self._previous[sig] = previous
             for sig in self._signals:
                 signal.signal(sig, self._on_signal)
-        self._key = f"jstate/preemption/{next(_blocks)}"
+        if self._mode == "coordinator":
+            self._agreement = _Agreement(f"jstate/preemption/{next(_blocks)}", self._grace)
         self._entered = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._agreement is not None:
+            self._agreement.close()
         for sig, previous in self._previous.items():
             if signal.getsignal(sig) == self._on_signal:  # a handler the user set since is theirs
                 signal.signal(sig, previous)
@@ -209,43 +212,18 @@ class Preemption:
             return True
         if self._mode == "local":
             return self._notice is not None
-        return self._agreed(step)
-
-    def _agreed(self, step: int) -> bool:
-        """With JAX's service off: once any process has a notice, every process publishes the step
-        it is at and waits for the others'; all save at the largest (each calls this at every step,
-        so none has passed it)."""
-        client = _distributed().client
-        if self._stop_at is None:
-            index = jax.process_index()
-            if self._notice is not None:
-                client.key_value_set(f"{self._key}/notice/{index}", str(step), allow_overwrite=True)
-            elif not client.key_value_dir_get(f"{self._key}/notice/"):
-                return False
-            else:
-                self._noticed(self._signals[0])  # another process's notice: the grace runs from here
-            client.key_value_set(f"{self._key}/step/{index}", str(step), allow_overwrite=True)
-            steps = []
-            for other in range(jax.process_count()):
-                left = self._notice[1] + self._grace - time.monotonic()
-                try:
-                    steps.append(
-                        int(client.blocking_key_value_get(f"{self._key}/step/{other}", max(1, int(left * 1e3))))
-                    )
-                except Exception as e:  # JAX raises its runtime error type for a deadline
-                    raise CheckpointError(
-                        f"The job is being preempted, but process {other} did not reach a step boundary within "
-                        f"grace={self._grace:g}s of this process's notice ({type(e).__name__}: {e}). Nothing was "
-                        "saved for the preemption; the latest checkpoint is the last one saved."
-                    ) from None
-            self._stop_at = max(steps)
-        return step >= self._stop_at
+        reached = self._agreement.reached(step)
+        if self._agreement.noticed_at is not None:
+            self._noticed(self._signals[0])  # another process's notice, maybe: the grace runs from here
+        return reached
 
     # -- the notice ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
         log.warning("%s received: saving at the next step boundary (grace %gs).", sig.name, self._grace)
         self._noticed(sig)
+        if self._agreement is not None:
+            self._agreement.notice()
 
     def _noticed(self, sig: signal.Signals) -> None:
         """Record the notice (on the main thread: in the handler, or at a step boundary) and give
@@ -270,6 +248,78 @@ class Preemption:
         sig = self._notice[0]
         log.warning("Preemption: %s; letting %s take its usual effect.", why, sig.name)
         os.kill(os.getpid(), sig)
+
+
+class _Agreement:
+    """The step every process saves, agreed through the coordinator's key-value store (with JAX's
+    preemption service off), the way JAX's sync manager agrees on it.
+
+    A thread per process watches for any process's notice. It then holds the step boundary (a
+    lock the loop takes there), publishes the last boundary this process passed, waits for every
+    process's, and names the step after the largest: no process has passed it, and each reaches
+    it. The waiting is in the thread, never in the loop: a process held at a boundary while
+    another is inside the next step's all-reduce would deadlock both.
+    """
+
+    def __init__(self, key: str, grace: float):
+        self._client = _distributed().client
+        self._key, self._grace = key, grace
+        self._lock = threading.Lock()
+        self._passed = -1
+        self._local, self._closed = threading.Event(), threading.Event()
+        self.stop_at: int | None = None
+        self.noticed_at: float | None = None  # time.monotonic() when this process learned of a notice
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._watch, name="jstate-preemption", daemon=True)
+        self._thread.start()
+
+    def notice(self) -> None:
+        """This process got the signal (called from its handler)."""
+        self._local.set()
+
+    def reached(self, step: int) -> bool:
+        with self._lock:  # held by the thread while the processes agree
+            self._passed = step
+            if self._error is not None:
+                raise CheckpointError(self._error)
+            return self.stop_at is not None and step >= self.stop_at
+
+    def close(self) -> None:
+        self._closed.set()
+        self._local.set()
+        self._thread.join(timeout=self._grace)
+
+    def _watch(self) -> None:
+        notices = f"{self._key}/notice/"
+        try:
+            while True:  # a notice here, or one of another process's (polled: cheap for the coordinator)
+                if self._local.wait(0.2):
+                    if self._closed.is_set():
+                        return
+                    self._client.key_value_set(f"{notices}{jax.process_index()}", "1", allow_overwrite=True)
+                    break
+                if self._client.key_value_dir_get(notices):
+                    break
+            with self._lock:
+                self.noticed_at = time.monotonic()
+                self._client.key_value_set(f"{self._key}/step/{jax.process_index()}", str(self._passed))
+                steps = []
+                for other in range(jax.process_count()):
+                    left = self.noticed_at + self._grace - time.monotonic()
+                    try:
+                        value = self._client.blocking_key_value_get(
+                            f"{self._key}/step/{other}", max(1, int(left * 1e3))
+                        )
+                    except Exception as e:  # JAX raises its runtime error type for a deadline
+                        self._error = (
+                            f"The job is being preempted, but process {other} did not reach a step boundary within "
+                            f"grace={self._grace:g}s ({type(e).__name__}: {e}). Nothing was saved for the preemption."
+                        )
+                        return
+                    steps.append(int(value))
+                self.stop_at = max(steps) + 1
+        except Exception as e:  # the coordinator is gone: say so at the next step boundary
+            self._error = f"The processes could not agree on a step to save at for the preemption: {e}"
 
 
 def _distributed() -> Any:
