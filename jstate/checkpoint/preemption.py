@@ -119,6 +119,7 @@ class Preemption:
         self._agreement: _Agreement | None = None  # coordinator mode
         self._saved: str | None = None
         self._watchdog: threading.Timer | None = None
+        self._settling, self._settled = threading.Lock(), False  # the notice saved for, or delivered
 
     # -- the block -----------------------------------------------------------------------------
     def __enter__(self) -> Preemption:
@@ -190,7 +191,9 @@ class Preemption:
             return self._saved
         if not self._reached(step):
             return None
-        self._saved = self._saver.save(state, self._path, step=step)
+        path = self._saver.save(state, self._path, step=step)
+        with self._settling:
+            self._saved, self._settled = path, True
         if self._watchdog is not None:
             self._watchdog.cancel()
         log.warning("Preempted: saved %s.", self._saved)
@@ -237,14 +240,18 @@ class Preemption:
         if self._mode == "jax":  # JAX's notifier has told its service; a second SIGTERM now ends the process
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self._watchdog = threading.Timer(self._grace, self._deliver, (f"no save returned within {self._grace:g}s",))
-        self._watchdog.daemon = True  # never keeps a finished process alive
+        self._watchdog.name, self._watchdog.daemon = "jstate-preemption-watchdog", True  # never keeps a process alive
         self._watchdog.start()
 
     def _deliver(self, why: str) -> None:
         """Let the held-back signal take the effect it would have had without jstate (from the
         watchdog's thread too: the disposition is the process's, restored by `_noticed`)."""
-        if self._saved is not None:
-            return
+        with self._settling:
+            if self._settled:  # saved, or delivered already: once only
+                return
+            self._settled = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         sig = self._notice[0]
         log.warning("Preemption: %s; letting %s take its usual effect.", why, sig.name)
         os.kill(os.getpid(), sig)
