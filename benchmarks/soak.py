@@ -141,16 +141,17 @@ class Report:
 class Child:
     """A Python child process whose stdout lines are collected as they come."""
 
-    def __init__(self, code: str, *args: str, env: Mapping[str, str], cwd: Path):
+    def __init__(self, name: str, code: str, *args: str, env: Mapping[str, str], cwd: Path):
         self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            cwd=cwd,
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        with open(cwd / f"{name}.stderr", "w") as stderr:  # kept in the working directory, to look into
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                cwd=cwd,
+                env=dict(env),
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         self.started = threading.Event()  # it printed "ready"
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -208,11 +209,11 @@ def soak(
     with contextlib.ExitStack() as stack:
         cwd = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
         stop = cwd / "stop-reading"
-        reader = Child(READER, root, str(stop), env=env, cwd=cwd)
+        reader = Child("reader", READER, root, str(stop), env=env, cwd=cwd)
         done: list[Child] = []
         sent = {name: 0 for name in SIGNALS if name}
         children = [
-            Child(WRITER, root, str(i), str(rng.randrange(2**31)), str(savers), env=env, cwd=cwd)
+            Child(f"writer{i}", WRITER, root, str(i), str(rng.randrange(2**31)), str(savers), env=env, cwd=cwd)
             for i in range(writers)
         ]
         started = time.monotonic()
@@ -227,7 +228,16 @@ def soak(
                     done.append(child)
                     index = writers + len(done) - 1
                     children.append(
-                        Child(WRITER, root, str(index), str(rng.randrange(2**31)), str(savers), env=env, cwd=cwd)
+                        Child(
+                            f"writer{index}",
+                            WRITER,
+                            root,
+                            str(index),
+                            str(rng.randrange(2**31)),
+                            str(savers),
+                            env=env,
+                            cwd=cwd,
+                        )
                     )
                 child = rng.choice(children)
                 action = rng.choices(list(SIGNALS), weights=list(SIGNALS.values()))[0]
@@ -374,11 +384,20 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="how long signals are sent (default 60)")
     parser.add_argument("--store", choices=["local", "gs", "s3"], default="local")
     parser.add_argument("--dir", help="local directory to soak in (default: a temporary one)")
+    parser.add_argument("--workdir", help="the children's working directory, where each leaves its stderr")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with store_root(args.store, args.dir) as (root, env):
-        report = soak(root, writers=args.writers, savers=args.savers, seconds=args.seconds, seed=args.seed, env=env)
+        report = soak(
+            root,
+            writers=args.writers,
+            savers=args.savers,
+            seconds=args.seconds,
+            seed=args.seed,
+            env=env,
+            workdir=args.workdir and Path(args.workdir),
+        )
     print(f"soak of {root} ({args.store}), seed {args.seed}, {args.writers} writers x {args.savers} Savers")
     print(report)
     return 1 if report.violations or report.leftovers else 0

@@ -158,13 +158,14 @@ def test_wrong_arguments_and_uses_are_clear_errors(tmp_path):
 class Child:
     """A worker process whose stdout lines the test waits on."""
 
-    def __init__(self, *args: str, env=None):
+    def __init__(self, *args: str, env=None, cwd=None):
         self.process = subprocess.Popen(
             [sys.executable, str(WORKER), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"} if env is None else env,
+            cwd=cwd,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -240,16 +241,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("service", ["jax", "coordinator"])
-def test_a_sigterm_to_one_of_two_processes_makes_both_save_the_same_step(tmp_path, service):
-    """Two JAX processes x 4 CPU devices on loopback (a data-parallel step: gradients all-reduce)
-    save into a local directory; SIGTERM goes to process 1 only. With JAX's preemption service
-    (on by default) JAX's sync point names the step; without it, the coordinator's key-value store."""
+def preempt_two_processes(directory: str, service: str, env=None, cwd=None) -> None:
+    """Two JAX processes x 4 CPU devices on loopback train (a data-parallel step: gradients
+    all-reduce) and save into `directory`; SIGTERM goes to process 1 only: both save the same step."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONUNBUFFERED": "1"}
-    children = [Child("multi", str(tmp_path), str(port), str(i), "2", service, env=env) for i in range(2)]
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "XLA_FLAGS"}
+    args = [str(directory), str(port), "", "2", service]
+    children = []
     try:
+        for i in range(2):
+            args[2] = str(i)
+            children.append(Child("multi", *args, env=env | {"PYTHONUNBUFFERED": "1"}, cwd=cwd))
         for child in children:
             child.wait_for("step 2")
         children[1].process.send_signal(signal.SIGTERM)
@@ -261,8 +263,17 @@ def test_a_sigterm_to_one_of_two_processes_makes_both_save_the_same_step(tmp_pat
         for child in children:
             child.process.kill()
     assert saved[0] == saved[1], saved  # one path, one step, the same bits on both processes
-    path, step, _ = saved[0]
-    assert path == str(tmp_path / f"model-{step}") and jstate.latest_checkpoint(tmp_path) == path
+    path, step, checksum = saved[0]
+    assert path == f"{directory}/model-{step}" and jstate.latest_checkpoint(directory) == path
     restored = jstate.Saver().restore(path, worker.initial_state())
     assert int(restored["step"]) == step + 1
-    assert worker.checksum(restored) == saved[0][2]  # what both processes held
+    assert worker.checksum(restored) == checksum  # what both processes held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("service", ["jax", "coordinator"])
+def test_a_sigterm_to_one_of_two_processes_makes_both_save_the_same_step(tmp_path, service):
+    """On a local directory (tests/test_preemption_cloud.py: on the GCS emulator). With JAX's
+    preemption service (on by default) JAX's sync point names the step; without it, the
+    processes agree through the coordinator's key-value store."""
+    preempt_two_processes(str(tmp_path), service)
