@@ -65,8 +65,13 @@ class Preemption:
 
     `save_if_preempted` must be called at every step, with the same step numbers on every process
     (JAX's sync point needs each step; the agreement is on a step number). Without a notice it
-    costs a flag check (one local call to JAX's sync manager; one key-value lookup on the
-    coordinator with JAX's service off).
+    costs a flag check, or one local call to JAX's sync manager; with JAX's service off, a thread
+    asks the coordinator for notices five times a second.
+
+    Under JAX's service, JAX's handler (installed by ``jax.distributed.initialize``, whether or not
+    a `Preemption` is used) catches SIGTERM and tells every process within about a second; the
+    grace runs from the sync point, where jstate gives SIGTERM its default action, so that a
+    second one ends the process (JAX's handler is not put back: its notice has been given).
 
     A method of its own, rather than a flag the loop reads, so that the step everyone saves, the
     save and the grace period are decided in one place; the loop only breaks.
