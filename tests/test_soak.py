@@ -17,7 +17,7 @@ _spec.loader.exec_module(soak)
 def test_a_minute_of_writers_readers_and_random_signals_loses_nothing(tmp_path):
     # Three writers, not the script's four: the suite shares two cores, and a writer killed
     # restarts JAX (seconds of CPU) before it saves again.
-    report = soak.soak(str(tmp_path / "ckpt"), writers=3, savers=2, seconds=60, seed=23, workdir=tmp_path)
+    report = soak.soak(str(tmp_path / "ckpt"), writers=3, savers=3, seconds=60, seed=23, workdir=tmp_path)
     print(report)
     assert report.saves_returned >= 10 and sum(report.signals.values()) >= 10, report  # it did exercise them
     assert report.reads > 20, report
