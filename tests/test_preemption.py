@@ -135,6 +135,8 @@ def test_wrong_arguments_and_uses_are_clear_errors(tmp_path):
         jstate.Preemption("ckpt", tmp_path / "m", grace=10)
     with pytest.raises(ValueError, match="at least one signal"):
         jstate.Preemption(saver, tmp_path / "m", grace=10, signals=[])
+    with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
+        jstate.Preemption(saver, tmp_path / "m", grace=10, signals=[signal.SIGTERM, signal.SIGKILL])
     preemption = jstate.Preemption(saver, tmp_path / "m", grace=10)
     with pytest.raises(RuntimeError, match="inside `with jstate.Preemption"):
         preemption.save_if_preempted({"x": np.ones(2)}, 0)

@@ -84,8 +84,9 @@ class Preemption:
       signals: the signals that are a notice (SIGTERM; Slurm's ``--signal`` may choose another).
 
     Raises:
-      ValueError: for a `grace` that is not a positive number of seconds, an empty `signals`,
-        or other `signals` than SIGTERM while JAX's preemption service is on.
+      ValueError: for a `grace` that is not a positive number of seconds, an empty `signals` or
+        one that cannot be caught, or other `signals` than SIGTERM while JAX's preemption
+        service is on.
       RuntimeError: when entered outside the main thread, or entered twice.
 
     >>> import os, signal
@@ -116,6 +117,9 @@ class Preemption:
         self._signals = tuple(signal.Signals(s) for s in signals)
         if not self._signals:
             raise ValueError("`jstate.Preemption(signals=...)` needs at least one signal, e.g. `signal.SIGTERM`.")
+        uncatchable = [s.name for s in self._signals if s in (signal.SIGKILL, signal.SIGSTOP)]
+        if uncatchable:
+            raise ValueError(f"`jstate.Preemption(signals=...)`: {uncatchable[0]} cannot be caught; use SIGTERM.")
         self._saver, self._path, self._grace = saver, path, float(grace)
         self._previous: dict[signal.Signals, Any] = {}
         self._entered = False
