@@ -15,6 +15,8 @@ import time
 from types import TracebackType
 from typing import Any
 
+from .table import human_bytes
+
 log = logging.getLogger("jstate")
 
 SLOW = 2.0  # seconds: work shorter than this is not logged
@@ -73,24 +75,11 @@ class Progress:
                 "%s %s: %s in %d arrays in %.1f s (%s/s)",
                 self.what,
                 self.where,
-                size(self.total),
+                human_bytes(self.total),
                 self.arrays,
                 seconds,
-                size(self.total / seconds),
+                human_bytes(self.total / seconds),
             )
-
-
-def size(nbytes: float) -> str:
-    """Bytes for people.
-
-    >>> size(512), size(3 * 2**20), size(1.5 * 2**30)
-    ('512 B', '3.0 MiB', '1.50 GiB')
-    """
-    if nbytes < 1024:
-        return f"{nbytes:.0f} B"
-    if nbytes < 2**30:
-        return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB"
-    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def _bar(what: str, where: Any, total: int) -> Any:
