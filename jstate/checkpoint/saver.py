@@ -6,7 +6,6 @@ The Saver chooses what to save under which names (`_mapping`) and what to delete
 
 from __future__ import annotations
 
-import collections
 import functools
 import operator
 import os
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 
 from .. import transforms as transforms_
 from ..core import tree as _tree
-from ..core.errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
+from ..core.errors import CheckpointError, MappingError, UninitializedError, shorten
 from ..core.names import check_name, join
 from ..core.tree import path_name
 from ..formats import commit as _commit
@@ -383,12 +382,7 @@ def as_state(tree: Any) -> State:
         else:
             leaves[prefix] = leaf
             names.append(prefix)
-    twice = [n for n, count in collections.Counter(names).items() if count > 1]
-    if twice:  # {"a/b": x, "a": {"b": y}}: one name for two leaves would lose one
-        raise InvalidNameError(
-            f"Two leaves of the tree are both named '{twice[0]}' (a key holding '/' and a nested path). "
-            "Rename one: every leaf needs a name of its own."
-        )
+    _tree.check_unique(names)
     return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
 
 

@@ -450,7 +450,7 @@ class State(Mapping[str, jax.Array]):
         return State._make(_Layout(specs, values), values)
 
     def to_nnx(self) -> Any:
-        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``.
+        """The initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``: ``jstate.to_nnx(state)``.
 
         >>> state.to_nnx()["layer1"]["kernel"].shape
         (200, 10)
@@ -459,7 +459,8 @@ class State(Mapping[str, jax.Array]):
 
     @classmethod
     def from_nnx(cls, source: Any) -> State:
-        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``.
+        """A State from an NNX module or `nnx.State`, its variables named by their paths
+        (``jstate.from_nnx`` is this method).
 
         >>> from flax import nnx
         >>> list(jstate.State.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
@@ -511,25 +512,5 @@ def report_uninitialized(state: State) -> list[str]:
     return state.uninitialized()
 
 
-def to_nnx(state: Mapping[str, jax.Array]) -> Any:
-    """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
-
-    Path parts that are numbers (``"layers/0/kernel"``) become ints, as NNX expects.
-
-    >>> from flax import nnx
-    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-    >>> nnx.update(layer, jstate.to_nnx(jstate.from_nnx(layer).assign("bias", 1.0)))
-    >>> layer.bias[...]
-    Array([1., 1., 1.], dtype=float32)
-    """
-    return _tree.to_nnx(state)
-
-
-def from_nnx(source: Any) -> State:
-    """A State from an NNX module or `nnx.State`, its variables named by their paths.
-
-    >>> from flax import nnx
-    >>> jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))).spec("kernel").shape
-    (2, 3)
-    """
-    return State.from_nnx(source)
+# `jstate.from_nnx`: the same conversion as the method (and `jstate.to_nnx` is `core.tree.to_nnx`).
+from_nnx = State.from_nnx
