@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 
 from ..core.table import Table, human_bytes
-from .placement import describe, device_bytes
+from .devices import describe, device_bytes
 from .spec import VariableSpec
 
 MAX_ROWS = 60

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ..core.table import Table
 from . import placement as _placement
+from .devices import describe
 from .display import placement_table
 from .scope import Record, Scope
 from .spec import VariableSpec
@@ -288,7 +289,7 @@ def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array])
                         needed.add(v)
         placed = {names[v]: known[v].sharding for v in reads if known[v].committed}
         if len({frozenset(s.device_set) for s in placed.values()}) > 1:
-            shown = ", ".join(f"'{n}' on {_placement.describe(s)}" for n, s in sorted(placed.items()))
+            shown = ", ".join(f"'{n}' on {describe(s)}" for n, s in sorted(placed.items()))
             return PlacementError(
                 f"Cannot compute the initial value of variable '{plan.specs[i].name}': it is computed from "
                 f"variables on different devices ({shown}), which JAX cannot combine in one computation. "

@@ -1,12 +1,9 @@
-"""Device specs, sharding rules, and resolving them into a `jax.sharding.Sharding`.
+"""Where each variable lives: its own spec, the innermost placement block, then the first
+matching rule, resolved into a `jax.sharding.Sharding`; and re-placing a State.
 
-Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
+Valid placements (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
 
-  "/cpu:0", "cpu:0", "cpu"          CPU device 0 (index among that platform's devices)
-  "/gpu:1", "/device:GPU:1"         GPU device 1
-  "tpu:3"                           TPU device 3
-  "/job:ps/task:7"                  the first device of JAX process 7
-  "/job:w/task:1/device:GPU:2"      GPU 2 of process 1 (index among that process's GPUs)
+  "cpu:0", "/job:ps/task:7", ...    a device string (valid forms: `jstate.model.devices`)
   jax.devices()[3]                  that device
   NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
   P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
@@ -34,14 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from ..core.errors import PlacementError
 from .balance import Loads, RoundRobin
-
-_PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
+from .devices import NoDeviceError, describe, parse_device
 
 Rules = tuple[tuple[re.Pattern, Any], ...]
-
-
-class NoDeviceError(PlacementError):
-    """A well-formed device spec that names no device of this machine (soft placement's case)."""
 
 
 class Origin(enum.Enum):
@@ -313,50 +305,6 @@ def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ..
             )
 
 
-_PART = re.compile(r"^(job|replica|task|device|cpu|gpu|tpu|cuda|rocm)(?::(.*))?$", re.IGNORECASE)
-
-
-def parse_device(spec: str, name: str = "") -> jax.Device:
-    """The `jax.Device` a TensorFlow-style device string names (see the module docstring)."""
-    where = f"Variable '{name}': device" if name else "Device"
-    task = platform = index = None
-    for part in spec.strip().strip("/").split("/"):
-        m = _PART.match(part.strip())
-        if not m:
-            raise PlacementError(
-                f"{where} spec {spec!r} is not understood (at {part!r}). Valid forms: 'cpu:0', "
-                "'/gpu:1', '/device:GPU:0', '/job:ps/task:7', 'tpu'."
-            )
-        key, value = m.group(1).lower(), m.group(2)
-        try:
-            if key == "task":
-                task = int(value)
-            elif key == "device":
-                platform, _, idx = (value or "").partition(":")
-                platform, index = platform.lower(), (int(idx) if idx else None)
-            elif key in _PLATFORMS:
-                platform, index = key, (int(value) if value else None)
-        except ValueError:
-            raise PlacementError(f"{where} spec {spec!r}: {part!r} needs a whole number.") from None
-    try:
-        devices = jax.devices(platform) if platform else jax.devices()
-    except RuntimeError:
-        devices = []
-    if task is not None:
-        devices = [d for d in devices if d.process_index == task]
-    if index is None and devices:
-        return devices[0]
-    if index is not None and 0 <= index < len(devices):
-        return devices[index]
-    raise NoDeviceError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
-
-
-def list_devices() -> str:
-    devices = jax.devices()
-    shown = ", ".join(f"{d.platform}:{d.id} (process {d.process_index})" for d in devices[:16])
-    return shown + (f" and {len(devices) - 16} more" if len(devices) > 16 else "")
-
-
 def or_default(sharding: Sharding | None) -> Sharding:
     """`sharding`, or this process's first device for a variable with no placement."""
     return sharding or SingleDeviceSharding(jax.local_devices()[0])
@@ -390,23 +338,3 @@ def uncommitted(value: jax.Array) -> jax.Array:
         return type(value)(value.aval, value.sharding, value._arrays, committed=False)
     except (AttributeError, TypeError):  # a JAX whose arrays are built differently: copy instead
         return jax.device_put(np.asarray(value))
-
-
-def describe(sharding: Sharding | None) -> str:
-    """A short human form: 'cpu:0', "P('data', 'model') over mesh(data=4, model=2)"."""
-    if sharding is None:
-        return "default"
-    if isinstance(sharding, SingleDeviceSharding):
-        (device,) = sharding.device_set
-        return f"{device.platform}:{device.id}"
-    if isinstance(sharding, NamedSharding):
-        axes = ", ".join(f"{k}={v}" for k, v in sharding.mesh.shape.items())
-        return f"{sharding.spec} over mesh({axes})"
-    return str(sharding)
-
-
-def device_bytes(nbytes: int, shape: tuple[int, ...], sharding: Sharding | None) -> int:
-    """Bytes one device holds of a variable of `shape` taking `nbytes` in all."""
-    if sharding is None or not shape:
-        return nbytes
-    return nbytes * math.prod(sharding.shard_shape(shape)) // max(math.prod(shape), 1)
