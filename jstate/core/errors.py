@@ -214,6 +214,18 @@ def shorten(names: Iterable[str], limit: int = 8) -> str:
     return shown
 
 
+def uninitialized(name: str) -> UninitializedError:
+    """The one error for reading a declared variable that holds no value, and how to give it one.
+
+    >>> print(uninitialized("weights"))
+    Variable 'weights' is declared but not initialized. Initialize it with `jstate.init(model, key, state=state)` ...
+    """
+    return UninitializedError(
+        f"Variable '{name}' is declared but not initialized. Initialize it with "
+        "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
+    )
+
+
 def unknown_names(kind: str, names: Iterable[str], known: Iterable[str], hint: str) -> UnknownVariableError:
     """One error for a batch of undeclared names, with suggestions for the first."""
     names, known = sorted(names), sorted(known)

@@ -20,7 +20,7 @@ from .devices import describe
 from .display import placement_table
 from .scope import Record, Scope
 from .spec import VariableSpec
-from .state import State, _Layout
+from .state import State, StateDef
 
 Model = Callable[[Scope], Any]
 
@@ -32,7 +32,7 @@ class _Plan:
     specs: tuple[VariableSpec, ...]  # declaration order
     steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
     jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
-    layout: _Layout  # every variable declared, none initialized
+    layout: StateDef  # every variable declared, none initialized
     unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
 
 
@@ -104,7 +104,7 @@ def _trace(
         raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
     specs = tuple(record.specs.values())
     unused = _placement.unused_rules(rules, [s.name for s in specs])
-    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()), unused)
+    return _Plan(specs, tuple(record.steps), jaxpr, StateDef({s.name: s for s in specs}, ()), unused)
 
 
 def init(
@@ -175,7 +175,7 @@ def init(
     values.update(kept)
     values = dict(sorted(values.items()))
     specs = declared if state is None else {**declared, **state._layout.specs}
-    return State._make(_Layout(specs, values), values)
+    return State._make(StateDef(specs, values), values)
 
 
 def abstract(

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
@@ -308,6 +309,36 @@ def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ..
 def or_default(sharding: Sharding | None) -> Sharding:
     """`sharding`, or this process's first device for a variable with no placement."""
     return sharding or SingleDeviceSharding(jax.local_devices()[0])
+
+
+def constrain(value: Any, sharding: Sharding | None) -> Any:
+    """`value` on `sharding`: an eager value moved there, a traced one constrained to it.
+
+    What keeps every value a State takes (`assign`, `merge`, `constrain`) where its variable is
+    declared, eagerly and under `jax.jit`. With no sharding, a traced value is left as it is and an
+    eager one made a JAX array.
+
+    Args:
+      value: an array, a tracer, or anything `jnp.asarray` takes.
+      sharding: the variable's sharding, or None (no placement).
+
+    Returns:
+      The value on `sharding`; unchanged (not copied) if it is there already.
+
+    >>> constrain(jnp.zeros(8), jax.sharding.SingleDeviceSharding(jax.devices()[2])).devices()
+    {CpuDevice(id=2)}
+    """
+    if isinstance(value, jax.core.Tracer):
+        if sharding is None:
+            return value
+        if isinstance(sharding, NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+            return jax.sharding.reshard(value, sharding)  # explicit axes: sharding is in the type
+        return jax.lax.with_sharding_constraint(value, sharding)
+    if sharding is None:
+        return value if isinstance(value, jax.Array) else jnp.asarray(value)
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    return jax.device_put(value, sharding)
 
 
 def uncommitted(value: jax.Array) -> jax.Array:

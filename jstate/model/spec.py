@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .placement import DEFAULT, Placement
+from .placement import DEFAULT, Origin, Placement
 
 
 def dtype_of(value: Any) -> Any:
@@ -66,6 +66,25 @@ class VariableSpec:
         ShapeDtypeStruct(shape=(200,), dtype=float32)
         """
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
+
+
+def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
+    """The declaration a value implies: its shape and dtype, and as its placement the sharding it
+    was placed on (a committed array's, or a struct's if it has one; uncommitted and traced
+    arrays have none). How `State.from_tree` declares each leaf.
+
+    >>> str(spec_of("w", jax.device_put(jnp.zeros(2), jax.devices()[1])).placement)
+    'cpu:1 (from sharding=)'
+    >>> str(spec_of("w", jnp.zeros(2)).placement)
+    'default (from default)'
+
+    """
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+    else:
+        sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
+    placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
+    return VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
 
 
 @dataclasses.dataclass(frozen=True)

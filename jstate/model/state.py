@@ -12,26 +12,29 @@ import jax.numpy as jnp
 
 from ..core import names as _names
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
+from ..core.errors import InvalidNameError, uninitialized, unknown_names
 from ..core.table import Table
 from . import display as _display
 from . import placement as _placement
-from . import values as _values
-from .placement import DEFAULT, Origin, Placement
-from .spec import VariableSpec, dtype_of
-
-_UNINITIALIZED = (
-    "Variable '{name}' is declared but not initialized. Initialize it with "
-    "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
-)
+from . import updates as _updates
+from .placement import Placement
+from .spec import VariableSpec, spec_of
 
 
-class _Layout:
-    """The static part of a State: every declared variable, and which ones hold values.
+class StateDef:
+    """The static part of a State, as NNX's ``GraphDef`` is a module's: every declared variable,
+    and which ones hold values.
 
     It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
     equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
     than a dict of its arrays.
+
+    Args:
+      specs: every declared variable, by name.
+      names: the names of those that hold a value.
+
+    >>> StateDef(state.specs, state) == StateDef(state.specs, list(state))
+    True
     """
 
     __slots__ = ("specs", "names", "_hash")
@@ -45,11 +48,11 @@ class _Layout:
         return self._hash
 
     def __repr__(self) -> str:
-        return f"Layout({len(self.specs)} variables, {len(self.names)} initialized)"
+        return f"StateDef({len(self.specs)} variables, {len(self.names)} initialized)"
 
     def __eq__(self, other: object) -> bool:
         return self is other or (
-            isinstance(other, _Layout)
+            isinstance(other, StateDef)
             and self._hash == other._hash
             and self.names == other.names
             and self.specs == other.specs
@@ -82,10 +85,24 @@ class State(Mapping[str, jax.Array]):
         self._layout, self._values = other._layout, other._values
 
     @classmethod
-    def _make(cls, layout: _Layout, values: dict[str, Any]) -> State:
+    def _make(cls, layout: StateDef, values: dict[str, Any]) -> State:
+        """The State of `layout` holding `values`, in `layout.names` order (unchecked)."""
         state = object.__new__(cls)
         state._layout, state._values = layout, values
         return state
+
+    @classmethod
+    def _build(cls, specs: Mapping[str, VariableSpec], values: Mapping[str, Any]) -> State:
+        """The State declaring `specs` and holding `values` (unchecked)."""
+        values = dict(sorted(values.items()))
+        return cls._make(StateDef(specs, values), values)
+
+    def _holding(self, values: dict[str, Any]) -> State:
+        """This State's declarations holding `values`: `_values` updated in their order, then any
+        newly initialized names (unchecked; the `StateDef` is new only if the names changed)."""
+        if len(values) == len(self._values):
+            return State._make(self._layout, values)
+        return State._build(self._layout.specs, values)
 
     # -- reading ---------------------------------------------------------------------------
     def __getitem__(self, name: str) -> jax.Array:
@@ -96,7 +113,7 @@ class State(Mapping[str, jax.Array]):
 
     def _missing(self, name: str) -> KeyError:
         if name in self._layout.specs:
-            return UninitializedError(_UNINITIALIZED.format(name=name))
+            return uninitialized(name)
         return unknown_names("Variable", [name], self._layout.specs, "`state.specs` lists every declared variable.")
 
     def __iter__(self) -> Iterator[str]:
@@ -116,7 +133,7 @@ class State(Mapping[str, jax.Array]):
         """Every declared variable's `VariableSpec`, initialized or not, by name (an initialized
         one's dtype is its value's: see the class docstring)."""
         values = self._values
-        return {n: _values.current(s, values.get(n)) for n, s in self._layout.specs.items()}
+        return {n: _updates.current(s, values.get(n)) for n, s in self._layout.specs.items()}
 
     def spec(self, name: str) -> VariableSpec:
         """The declaration of variable `name` (shape, dtype, placement).
@@ -125,7 +142,7 @@ class State(Mapping[str, jax.Array]):
         (200, 10)
         """
         try:
-            return _values.current(self._layout.specs[name], self._values.get(name))
+            return _updates.current(self._layout.specs[name], self._values.get(name))
         except KeyError:
             raise self._missing(name) from None
 
@@ -203,7 +220,9 @@ class State(Mapping[str, jax.Array]):
         True
         """
         specs = self._layout.specs
-        return State._make(self._layout, {n: _values.place(v, specs[n].sharding) for n, v in self._values.items()})
+        return State._make(
+            self._layout, {n: _placement.constrain(v, specs[n].sharding) for n, v in self._values.items()}
+        )
 
     # -- functional updates -----------------------------------------------------------------
     def assign(self, name: str | Mapping[str, Any], value: Any = None) -> State:
@@ -248,25 +267,11 @@ class State(Mapping[str, jax.Array]):
             updates = name
         else:
             updates = {name: value}
-        specs, values = self._layout.specs, dict(self._values)
-        for n, v in updates.items():
-            spec = specs.get(n)
-            if spec is None:
-                raise unknown_names("Cannot assign: variable", [n], specs, "Declare it in the model first.")
-            spec = _values.current(spec, self._values.get(n))
-            v = _values.coerce(spec, v, broadcast=op is None, verb=verb)
-            if op is not None:
-                v = op(self[n], v)
-            values[n] = _values.place(v, spec.sharding)
-        if len(values) == len(self._values):
-            return State._make(self._layout, values)
-        return State._make(_Layout(specs, values), dict(sorted(values.items())))
+        return self._holding(_updates.assign(self._layout.specs, self._values, updates, op, verb))
 
     def _replace_values(self, updates: Mapping[str, jax.Array]) -> State:
         """A State with `updates` as values of declared variables, unchecked (for restores)."""
-        values = dict(sorted({**self._values, **updates}.items()))
-        layout = self._layout if len(values) == len(self._values) else _Layout(self._layout.specs, values)
-        return State._make(layout, values)
+        return self._holding({**self._values, **updates})
 
     # -- whole-State operations -------------------------------------------------------------
     def subset(self, names: Iterable[str]) -> State:
@@ -280,8 +285,7 @@ class State(Mapping[str, jax.Array]):
         """
         names = _names.select(names, self._layout.specs, "`subset`")
         specs = {n: self._layout.specs[n] for n in names}
-        values = {n: self._values[n] for n in sorted(specs) if n in self._values}
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, {n: self._values[n] for n in specs if n in self._values})
 
     def trainable(self) -> State:
         """The variables declared trainable (the default), as a State: what `jax.grad` takes.
@@ -325,16 +329,8 @@ class State(Mapping[str, jax.Array]):
         >>> wider.spec("biases").shape, state.spec("biases").shape
         ((300,), (200,))
         """
-        spec = self.spec(name)
-        if not isinstance(value, jax.Array):  # numpy and Python values take JAX's dtypes
-            value = jnp.asarray(value)
-        if getattr(value, "weak_type", False):
-            value = jax.lax.convert_element_type(value, value.dtype)
-        shape = tuple(value.shape)
-        placement = _placement.reshape(spec.placement, name, spec.shape, shape)
-        new = dataclasses.replace(spec, shape=shape, dtype=dtype_of(value), placement=placement)
-        values = dict(sorted({**self._values, name: _values.place(value, placement.sharding)}.items()))
-        return State._make(_Layout({**self._layout.specs, name: new}, values), values)
+        spec, value = _updates.redeclare(self.spec(name), value)
+        return State._build({**self._layout.specs, name: spec}, {**self._values, name: value})
 
     def merge(self, other: State) -> State:
         """A State with the variables of both; where both hold a value, `other`'s wins.
@@ -352,27 +348,7 @@ class State(Mapping[str, jax.Array]):
         >>> list(merged), merged["biases"][:3]
         (['biases', 'layer1/kernel', 'step', 'w2', 'weights'], Array([1., 1., 1.], dtype=float32))
         """
-        specs, values = dict(self._layout.specs), dict(self._values)
-        for n, spec in other._layout.specs.items():
-            mine = specs.get(n)
-            if mine is None:
-                specs[n] = spec
-                if n in other._values:
-                    values[n] = other._values[n]
-                continue
-            mine, theirs = _values.current(mine, self._values.get(n)), _values.current(spec, other._values.get(n))
-            if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
-                raise SpecMismatchError(
-                    f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
-                    f"{mine.dtype.name} here but shape {theirs.shape} and dtype {theirs.dtype.name} in the other State."
-                )
-            value = other._values.get(n)
-            if isinstance(value, jax.Array):  # (a State of structs or shardings holds no arrays)
-                values[n] = _values.place(value, mine.sharding)
-            elif n in other._values:
-                values[n] = value
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(*_updates.merge(self._layout.specs, self._values, other._layout.specs, other._values))
 
     def rename(self, mapping: Mapping[str, str]) -> State:
         """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay.
@@ -391,8 +367,7 @@ class State(Mapping[str, jax.Array]):
             specs[new] = dataclasses.replace(spec, name=new)
             if n in self._values:
                 values[new] = self._values[n]
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, values)
 
     def replace_placement(self, mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> State:
         """A State re-placed for `mesh` and `rules`, values moved to their new shardings.
@@ -405,10 +380,9 @@ class State(Mapping[str, jax.Array]):
         >>> placed.placement("weights").source, len(placed["weights"].sharding.device_set)
         ("rule 0 ('weights|w2')", 8)
         """
-        specs, values = _placement.replace(self._layout.specs, self._values, mesh, rules)
-        return State._make(_Layout(specs, values), values)
+        return State._build(*_placement.replace(self._layout.specs, self._values, mesh, rules))
 
-    # -- conversions (the work is in `_tree`, which knows nothing of States) -------------------
+    # -- conversions (the work is in `core.tree`, which knows nothing of States) ---------------
     def tree(self, like: Any = None) -> Any:
         """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
 
@@ -437,17 +411,10 @@ class State(Mapping[str, jax.Array]):
             _names.check_name(name)
             if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
                 leaf = jnp.asarray(leaf)
-            # A sharding the leaf was placed on is its placement: uncommitted (and traced) arrays have none.
-            if isinstance(leaf, jax.ShapeDtypeStruct):
-                sharding = leaf.sharding
-            else:
-                sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
-            placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
-            specs[name] = VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
+            specs[name] = spec_of(name, leaf)
             if isinstance(leaf, jax.Array):
                 values[name] = leaf
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, values)
 
     def to_nnx(self) -> Any:
         """The initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``: ``jstate.to_nnx(state)``.
@@ -495,7 +462,7 @@ def _flatten_with_keys(state: State):
     return tuple((jax.tree_util.DictKey(n), v) for n, v in state._values.items()), state._layout
 
 
-def _unflatten(layout: _Layout, leaves: Iterable[Any]) -> State:
+def _unflatten(layout: StateDef, leaves: Iterable[Any]) -> State:
     return State._make(layout, dict(zip(layout.names, leaves)))
 
 
