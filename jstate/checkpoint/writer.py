@@ -179,7 +179,7 @@ class Writer:
             # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
             # arrays themselves, which the caller holds until `save` returns: the values at call time.
             digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
-            layout = _Layout(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
+            layout = _Stored(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
             finish = functools.partial(
                 self._finish, final, data, token, step, prefix, layout, digests, barrier, committed, tracker
             )
@@ -296,7 +296,7 @@ class Writer:
                 print(f"jstate: {e}", file=sys.stderr)
 
 
-class _Layout(NamedTuple):
+class _Stored(NamedTuple):
     """What the manifest records of where a save put its variables."""
 
     shapes: dict[str, tuple]  # name -> (shape, dtype, PRNG key implementation or None)

@@ -231,7 +231,7 @@ class Checkpoint(abc.ABC):
         return self.table()._repr_html_()
 
 
-def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+def from_host(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
     """A host array on its target's sharding and dtype. Every process holds the whole array, so
     this works for shardings over several processes too."""
     return jax.device_put(own(host.astype(target.dtype, copy=False)), or_default(target.sharding))

@@ -34,7 +34,7 @@ from ..model.spec import Entry
 from ..storage import store as _storage
 from . import tf_proto as _tfproto
 from . import tf_table as _sstable
-from .base import Checkpoint, place
+from .base import Checkpoint, from_host
 
 STATE_FILE = "checkpoint"
 _DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
@@ -393,7 +393,7 @@ class TensorFlowCheckpoint(Checkpoint):
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         host = read(self.path, list(wanted))  # each tensor's CRC is checked whatever `verify` says: it is free
-        return {name: place(host.pop(name), target) for name, target in wanted.items()}
+        return {name: from_host(host.pop(name), target) for name, target in wanted.items()}
 
     @classmethod
     def latest_in(cls, directory: Path) -> Path | None:

@@ -156,10 +156,10 @@ def choose(
                 break
         else:
             return DEFAULT
-    return _place(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
+    return _from_request(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
 
 
-def _place(
+def _from_request(
     origin: Origin,
     request: Any,
     rule: tuple[int, str] | None,
@@ -170,6 +170,8 @@ def _place(
     loads: Loads,
     soft: bool,
 ) -> Placement:
+    """The `Placement` `request` gives variable `name`: a round-robin's pick, resolved (`resolve`);
+    with `soft`, a device string that names no device gives JAX's default device and a warning."""
     target = loads.pick(request, nbytes) if isinstance(request, RoundRobin) else request
     try:
         sharding = None if target is None else resolve(target, name, shape, mesh)
@@ -210,7 +212,9 @@ def replace(
         p = spec.placement
         if p.declared:
             # A variable placed softly once stays soft: its model opted in.
-            p = _place(p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None)
+            p = _from_request(
+                p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None
+            )
         else:
             p = choose(n, spec.shape, None, NO_BLOCK, compiled, mesh, nbytes=spec.nbytes, loads=loads)
         new[n] = dataclasses.replace(spec, placement=p)
