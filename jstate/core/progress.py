@@ -50,7 +50,7 @@ class Progress:
         self._start = time.perf_counter()
 
     def advance(self, nbytes: int) -> None:
-        """Count `nbytes` more as done."""
+        """Count `nbytes` more as done (see the class example)."""
         self.done += nbytes
         if self._bar is not None:
             self._bar.update(nbytes)
@@ -62,8 +62,13 @@ class Progress:
         self.close(ok=kind is None)
 
     def close(self, ok: bool = True) -> None:
-        """Close the bar and, if the work succeeded (`ok`) and was slow, log it. Only the first
-        call does anything."""
+        """Close the bar and, if the work succeeded (`ok`) and was slow, log it.
+
+        Only the first call does anything; leaving the ``with`` block calls it.
+
+        >>> p = Progress("Read", "ckpt/model", total=0, arrays=0)
+        >>> p.close(); p.close()
+        """
         if self._closed:
             return
         self._closed = True

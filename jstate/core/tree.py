@@ -58,8 +58,9 @@ def flatten(tree: Any) -> dict[str, Any]:
 
 
 def check_unique(names: Iterable[str]) -> None:
-    """Raise if two leaves of a tree have the same name: ``{"a/b": x, "a": {"b": y}}`` names both
-    "a/b", and one name for two leaves would lose one.
+    """Raise if two leaves of a tree have the same name: one name for two leaves would lose one.
+
+    ``{"a/b": x, "a": {"b": y}}`` names both leaves "a/b".
 
     Args:
       names: the name of every leaf, in tree order.
@@ -129,8 +130,9 @@ def check_nestable(names: Any) -> None:
 
 
 def from_nnx(source: Any) -> dict[str, Any]:
-    """``{name: array}`` of an NNX module or `nnx.State`, each variable named by its path: the one
-    conversion from NNX (`jstate.from_nnx` and `State.from_nnx` make a State of it).
+    """``{name: array}`` of an NNX module or `nnx.State`, each variable named by its path.
+
+    The one conversion from NNX: `jstate.from_nnx` (`State.from_nnx`) makes a State of it.
 
     Args:
       source: an `nnx.Module` or `nnx.State`.
@@ -150,8 +152,9 @@ def from_nnx(source: Any) -> dict[str, Any]:
 
 
 def to_nnx(state: Mapping[str, Any]) -> Any:
-    """A State's initialized variables (or any ``{name: array}``) as an `nnx.State`, for
-    ``nnx.update(module, ...)``: the one conversion to NNX (`State.to_nnx` is this).
+    """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+    The one conversion to NNX (`State.to_nnx` calls it); any ``{name: array}`` mapping works.
 
     Args:
       state: a `State`, or any mapping of "/"-joined names to arrays.
@@ -175,8 +178,9 @@ def to_nnx(state: Mapping[str, Any]) -> Any:
 
 
 def to_nnx_pure(flat: Mapping[str, Any]) -> dict:
-    """The nested dict NNX calls a pure dict (``nnx.to_pure_dict``'s form) of ``{name: array}``:
-    what `to_nnx` wraps, and what ``nnx.replace_by_pure_dict`` takes.
+    """``{name: array}`` nested as NNX's pure dicts (``nnx.to_pure_dict``'s form), int keys for numbers.
+
+    What `to_nnx` wraps, and what ``nnx.replace_by_pure_dict`` takes.
 
     >>> to_nnx_pure({"layers/0/w": 1, "b": 2})
     {'layers': {0: {'w': 1}}, 'b': 2}

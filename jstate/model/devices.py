@@ -93,8 +93,7 @@ def list_devices() -> str:
 
 
 def describe(sharding: Sharding | None) -> str:
-    """A sharding in a few words: "default" (None: JAX's default device), "cpu:0", or
-    "PartitionSpec('x',) over mesh(x=8)".
+    """A sharding in a few words: "default" (None), "cpu:0", or "PartitionSpec('x',) over mesh(x=8)".
 
     >>> describe(jax.sharding.SingleDeviceSharding(jax.devices()[1]))
     'cpu:1'
@@ -112,6 +111,11 @@ def describe(sharding: Sharding | None) -> str:
 
 def device_bytes(nbytes: int, shape: tuple[int, ...], sharding: Sharding | None) -> int:
     """Bytes one device holds of a variable of `shape` taking `nbytes` in all.
+
+    Args:
+      nbytes: the whole variable's bytes.
+      shape: its shape.
+      sharding: its sharding; None (one device) holds all of it.
 
     >>> mesh = jax.make_mesh((8,), ("x",))
     >>> device_bytes(4096, (1024,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))

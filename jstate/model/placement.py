@@ -77,9 +77,14 @@ class Placement:
 
     @property
     def source(self) -> str:
-        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback:
-        ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin by size"``,
-        ``"device=, soft placement: '/gpu:0' matches no device"``."""
+        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback.
+
+        For example ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin
+        by size"``, ``"device=, soft placement: '/gpu:0' matches no device"``.
+
+        >>> jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel").source
+        "rule 0 ('kernel')"
+        """
         if self.origin is Origin.RULE and self.rule is not None:
             text = f"rule {self.rule[0]} ({self.rule[1]!r})"
         else:
@@ -92,7 +97,11 @@ class Placement:
 
     @property
     def declared(self) -> bool:
-        """Whether the model itself asked for it (not a rule or the default)."""
+        """Whether the model itself asked for it (not a rule or the default).
+
+        >>> jstate.Placement(origin=jstate.Origin.RULE).declared
+        False
+        """
         return self.origin in (Origin.DEVICE, Origin.SHARDING, Origin.BLOCK)
 
     def __str__(self) -> str:
@@ -106,7 +115,20 @@ NO_BLOCK = object()
 
 
 def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
-    """Check and compile ``[(regex, spec), ...]``; the first rule whose regex matches wins."""
+    """Check and compile placement rules; the first rule whose regex matches a name wins.
+
+    Args:
+      rules: ``[(regex, placement), ...]`` or a dict of them; None for no rules.
+
+    Returns:
+      ``((compiled regex, placement), ...)``.
+
+    Raises:
+      PlacementError: a rule is not a pair, or its regex does not compile (naming the rule).
+
+    >>> [p.pattern for p, _ in compile_rules({"kernel$": "cpu:1"})]
+    ['kernel$']
+    """
     if rules is None:
         return ()
     if isinstance(rules, dict):
@@ -140,9 +162,22 @@ def choose(
 ) -> Placement:
     """The placement of one variable: its own spec, then the innermost block, then the rules.
 
-    `block` is the innermost ``s.placement(...)`` spec (None: JAX's default device), or
-    `NO_BLOCK`. `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
-    `soft`, a device string that matches no device falls back to the default device.
+    Args:
+      name: the variable's full name, which rules match.
+      shape: its shape, which a PartitionSpec must divide.
+      own: ``(Origin.DEVICE or Origin.SHARDING, request)`` from its declaration, or None.
+      block: the innermost ``s.placement(...)`` request (None: JAX's default device), or `NO_BLOCK`.
+      rules: from `compile_rules`.
+      mesh: what PartitionSpecs are bound to.
+      nbytes: the variable's size, for round-robins by size.
+      loads: what round-robins placed so far in this trace.
+      soft: a device string that matches no device falls back to the default device.
+
+    Raises:
+      PlacementError: the request is malformed or does not fit (see `resolve`).
+
+    >>> str(choose("layer1/kernel", (200, 10), None, NO_BLOCK, compile_rules([("kernel", "cpu:1")]), None))
+    "cpu:1 (from rule 0 ('kernel'))"
     """
     rule = None
     if own is not None:
@@ -170,8 +205,9 @@ def _from_request(
     loads: Loads,
     soft: bool,
 ) -> Placement:
-    """The `Placement` `request` gives variable `name`: a round-robin's pick, resolved (`resolve`);
-    with `soft`, a device string that names no device gives JAX's default device and a warning."""
+    """The `Placement` `request` gives variable `name`: a round-robin's pick, resolved.
+
+    With `soft`, a device string that names no device gives JAX's default device and a warning."""
     target = loads.pick(request, nbytes) if isinstance(request, RoundRobin) else request
     try:
         sharding = None if target is None else resolve(target, name, shape, mesh)
@@ -193,7 +229,11 @@ _SOFT_HINT = (
 
 
 def unused_rules(rules: Rules, names: Sequence[str]) -> tuple[tuple[int, str], ...]:
-    """``(index, pattern)`` of each rule whose regex matches none of `names`."""
+    """``(index, pattern)`` of each rule whose regex matches none of `names`.
+
+    >>> unused_rules(compile_rules([("kernel", "cpu:0"), ("bias", "cpu:1")]), ["layer1/kernel"])
+    ((1, 'bias'),)
+    """
     return tuple((i, p.pattern) for i, (p, _) in enumerate(rules) if not any(p.search(n) for n in names))
 
 
@@ -203,7 +243,23 @@ def replace(
     """`specs` re-placed for `mesh` and `rules`, and `values` moved to their new shardings.
 
     Placements the model declared are kept, with PartitionSpecs re-bound to the new mesh; every
-    other variable follows the new rules.
+    other variable follows the new rules (`State.replace_placement`'s work).
+
+    Args:
+      specs: every declared variable, by name.
+      values: the initialized ones' values.
+      mesh: the new mesh, or None.
+      rules: the new ``[(regex, placement), ...]``.
+
+    Returns:
+      The new specs and the moved values (uncommitted where a variable has no placement).
+
+    Raises:
+      PlacementError: a placement does not fit on the new mesh.
+
+    >>> specs, values = replace(state.specs, dict(state), None, [("weights", "cpu:3")])
+    >>> str(specs["weights"].placement), values["weights"].devices()
+    ("cpu:3 (from rule 0 ('weights'))", {CpuDevice(id=3)})
     """
     compiled = compile_rules(rules)
     loads = Loads()  # round-robins spread again, in name order
@@ -231,6 +287,18 @@ def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[in
     A declared or rule-given spec is resolved again for the new shape (a PartitionSpec over the
     mesh it was bound to); a device already chosen (one device, a round-robin's pick, a soft
     fallback) holds any shape and is kept.
+
+    Args:
+      placement: the variable's placement.
+      name: the variable, for errors.
+      old: its declared shape.
+      new: its new shape.
+
+    Raises:
+      PlacementError: the placement cannot hold the new shape (naming both shapes).
+
+    >>> str(reshape(state.placement("biases"), "biases", (200,), (300,)))
+    'default (from default)'
     """
     sharding = placement.sharding
     if sharding is None or isinstance(sharding, SingleDeviceSharding) or placement.fallback is not None:
@@ -248,7 +316,26 @@ def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[in
 
 
 def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:
-    """Turn one device spec into a `Sharding` for variable `name` of `shape`, checking it fits."""
+    """The `Sharding` one placement request gives variable `name` of `shape`, checked to fit.
+
+    Args:
+      request: a device string, `jax.Device`, `Sharding` or `PartitionSpec` (module docstring).
+      name: the variable, for errors.
+      shape: its shape, which a PartitionSpec's mesh axes must divide.
+      mesh: what a PartitionSpec is bound to.
+
+    Raises:
+      PlacementError: a PartitionSpec without a mesh or that does not fit; a request of
+        another type; a malformed device string.
+      NoDeviceError: a device string that names no device (soft placement's case).
+
+    >>> resolve("cpu:2", "w", (3,), None).device_set
+    {CpuDevice(id=2)}
+    >>> resolve(jax.sharding.PartitionSpec("x"), "w", (3,), jax.make_mesh((8,), ("x",)))
+    Traceback (most recent call last):
+    ...
+    jstate.PlacementError: Variable 'w' of shape (3,): dimension 0 (size 3) is not divisible by 8, ...
+    """
     if isinstance(request, PartitionSpec):
         if mesh is None:
             raise PlacementError(
@@ -273,9 +360,11 @@ def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) 
 
 
 def _canonical(spec: PartitionSpec, mesh: Mesh, ndim: int) -> PartitionSpec:
-    """The spec in the form `jax.jit` gives its outputs, so a State that goes through a jitted
-    step compares equal to its placement and does not recompile the step: full rank on meshes
-    with explicit axes (the sharding is part of the type), no trailing Nones on auto ones."""
+    """The spec in the form `jax.jit` gives its outputs.
+
+    So a State that goes through a jitted step compares equal to its placement and does not
+    compile the step again: full rank on meshes with explicit axes (the sharding is part of the
+    type), no trailing Nones on auto ones."""
     parts = list(spec)
     if jax.sharding.AxisType.Explicit in mesh.axis_types:
         parts += [None] * (ndim - len(parts))
@@ -311,7 +400,11 @@ def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ..
 
 
 def or_default(sharding: Sharding | None) -> Sharding:
-    """`sharding`, or this process's first device for a variable with no placement."""
+    """`sharding`, or this process's first device for a variable with no placement.
+
+    >>> or_default(None).device_set
+    {CpuDevice(id=0)}
+    """
     return sharding or SingleDeviceSharding(jax.local_devices()[0])
 
 

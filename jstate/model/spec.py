@@ -13,8 +13,7 @@ from .placement import DEFAULT, Origin, Placement
 
 
 def dtype_of(value: Any) -> Any:
-    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys (``key<fry>``), which NumPy
-    cannot represent.
+    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys, which NumPy cannot represent.
 
     >>> dtype_of(jnp.zeros(2)), dtype_of(jax.random.key(0))
     (dtype('float32'), key<fry>)
@@ -49,14 +48,17 @@ class VariableSpec:
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
+        """The placement's sharding; None for JAX's default device."""
         return self.placement.sharding
 
     @property
     def size(self) -> int:
+        """The number of elements."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """The bytes its value takes."""
         return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
@@ -69,9 +71,14 @@ class VariableSpec:
 
 
 def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
-    """The declaration a value implies: its shape and dtype, and as its placement the sharding it
-    was placed on (a committed array's, or a struct's if it has one; uncommitted and traced
-    arrays have none). How `State.from_tree` declares each leaf.
+    """The declaration a value implies: its shape, dtype, and the sharding it was placed on.
+
+    A committed array's sharding, or a struct's if it has one, becomes the placement;
+    uncommitted and traced arrays have none. How `State.from_tree` declares each leaf.
+
+    Args:
+      name: the variable's name.
+      leaf: its value, or a `jax.ShapeDtypeStruct` for an uninitialized variable.
 
     >>> str(spec_of("w", jax.device_put(jnp.zeros(2), jax.devices()[1])).placement)
     'cpu:1 (from sharding=)'

@@ -22,8 +22,9 @@ from .spec import VariableSpec, spec_of
 
 
 class StateDef:
-    """The static part of a State, as NNX's ``GraphDef`` is a module's: every declared variable,
-    and which ones hold values.
+    """The static part of a State (as NNX's ``GraphDef`` is a module's): its declarations.
+
+    Every declared variable, and which ones hold values.
 
     It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
     equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
@@ -98,8 +99,10 @@ class State(Mapping[str, jax.Array]):
         return cls._make(StateDef(specs, values), values)
 
     def _holding(self, values: dict[str, Any]) -> State:
-        """This State's declarations holding `values`: `_values` updated in their order, then any
-        newly initialized names (unchecked; the `StateDef` is new only if the names changed)."""
+        """This State's declarations holding `values` (unchecked).
+
+        `values` is `_values` updated in its order, then any newly initialized names; the
+        `StateDef` is new only if the names changed."""
         if len(values) == len(self._values):
             return State._make(self._layout, values)
         return State._build(self._layout.specs, values)
@@ -130,13 +133,21 @@ class State(Mapping[str, jax.Array]):
 
     @property
     def specs(self) -> Mapping[str, VariableSpec]:
-        """Every declared variable's `VariableSpec`, initialized or not, by name (an initialized
-        one's dtype is its value's: see the class docstring)."""
+        """Every declared variable's `VariableSpec`, initialized or not, by name.
+
+        An initialized variable's dtype is its value's (see the class docstring).
+
+        >>> list(jstate.abstract(model).specs)
+        ['biases', 'layer1/kernel', 'w2', 'weights']
+        """
         values = self._values
         return {n: _updates.current(s, values.get(n)) for n, s in self._layout.specs.items()}
 
     def spec(self, name: str) -> VariableSpec:
         """The declaration of variable `name` (shape, dtype, placement).
+
+        Raises:
+          UnknownVariableError: `name` is not declared (with the closest declared names).
 
         >>> state.spec("layer1/kernel").shape
         (200, 10)
@@ -180,16 +191,19 @@ class State(Mapping[str, jax.Array]):
         return {n: s.struct() for n, s in self.specs.items()}
 
     def shardings(self, default: jax.sharding.Sharding | None = None) -> State:
-        """Each initialized variable's declared sharding, as a State of the same structure: the
-        ``in_shardings`` / ``out_shardings`` of a `jax.jit` function taking or returning this State.
+        """Each initialized variable's declared sharding, as a State of the same structure.
 
-        A variable with no placement gets `default`. None, the default, is "unspecified" to
-        `jax.jit`: the argument is taken where it is and XLA places the result (on a mesh
-        computation, usually replicated over the mesh), so the second call compiles again for
-        results that the first placed. Give every variable a placement (a last rule
-        ``(".*", P())``), or pass ``default=NamedSharding(mesh, P())``, so that every step
-        after the first reuses the compiled one. `jstate.shardings` covers a whole training
-        pytree (optax states too).
+        The ``in_shardings`` / ``out_shardings`` of a `jax.jit` step taking or returning this
+        State, so that every call after the first reuses the compiled step (why: the
+        `jstate.model.sharding` module docstring). `jstate.shardings` covers a whole training
+        pytree, optax states too.
+
+        Args:
+          default: the sharding of variables with no placement; None is "unspecified" to
+            `jax.jit`, which then lets XLA place them.
+
+        Returns:
+          A State of shardings (or `default`), with this State's declarations.
 
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> P = jax.sharding.PartitionSpec
@@ -205,12 +219,11 @@ class State(Mapping[str, jax.Array]):
     def constrain(self) -> State:
         """A State whose every variable is on its declared sharding, eagerly or under `jax.jit`.
 
-        Inside `jax.jit`, XLA chooses the sharding of every value the program computes: an
-        optax update can hand back parameters sharded differently from their declaration, and
-        the next call, given those, compiles again. ``state.constrain()`` before returning
-        (or ``out_shardings=state.shardings()``) keeps each variable where it was declared, as
-        `assign` does. Eagerly it moves values that are elsewhere. Variables with no placement
-        are left where they are. The original State is unchanged; use the return value.
+        Under `jax.jit`, ``return state.constrain()`` keeps each variable where it was declared
+        (as `assign` does), so the next call does not compile again (why: the
+        `jstate.model.sharding` module docstring); eagerly it moves values that are elsewhere.
+        Variables with no placement are left where they are. The original State is unchanged;
+        use the return value.
 
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> P = jax.sharding.PartitionSpec
@@ -233,6 +246,13 @@ class State(Mapping[str, jax.Array]):
         lives on the variable's device or sharding, eagerly and under `jax.jit`. Assigning an
         uninitialized variable initializes it. The original State is unchanged.
 
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: its new value (an array or Python scalar); None with a dict.
+
+        Returns:
+          A new State holding the new values.
+
         Raises:
           SpecMismatchError: for a wrong shape or dtype (names the variable, declared vs given).
           UnknownVariableError: for an undeclared name.
@@ -245,7 +265,14 @@ class State(Mapping[str, jax.Array]):
         return self._update(name, value, None, "assign")
 
     def assign_add(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` added to variable `name` (see `assign`).
+        """A new State with `value` added to variable `name` (arguments and errors: see `assign`).
+
+        A Python scalar or an array that broadcasts to the variable's shape is added, if it keeps
+        the dtype. The variable must hold a value (`UninitializedError` otherwise).
+
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: what to add; None with a dict.
 
         >>> state.assign_add("biases", 2.0)["biases"][:3]
         Array([2., 2., 2.], dtype=float32)
@@ -253,7 +280,11 @@ class State(Mapping[str, jax.Array]):
         return self._update(name, value, operator.add, "assign_add")
 
     def assign_sub(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` subtracted from variable `name` (see `assign`).
+        """A new State with `value` subtracted from variable `name` (see `assign_add`).
+
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: what to subtract; None with a dict.
 
         >>> state.assign_sub("biases", jnp.full(200, 0.5))["biases"][:3]
         Array([-0.5, -0.5, -0.5], dtype=float32)
@@ -275,8 +306,14 @@ class State(Mapping[str, jax.Array]):
 
     # -- whole-State operations -------------------------------------------------------------
     def subset(self, names: Iterable[str]) -> State:
-        """A State with only the variables `names` (declared ones; initialized or not). A name
-        ending in "/" selects every variable in that scope, as in a Saver's ``var_list``.
+        """A State with only the variables `names`, declared ones, initialized or not.
+
+        Args:
+          names: variable names; one ending in "/" selects every variable in that scope, as in a
+            Saver's ``var_list``.
+
+        Raises:
+          UnknownVariableError: a name is not declared.
 
         >>> list(state.subset(["weights", "biases"]))
         ['biases', 'weights']
@@ -313,13 +350,16 @@ class State(Mapping[str, jax.Array]):
         return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
 
     def redeclare(self, name: str, value: Any) -> State:
-        """A new State in which variable `name` is declared anew with `value`'s shape and dtype,
-        and holds `value` (TF's reshaping of a ``validate_shape=False`` variable).
+        """A new State in which variable `name` has `value`'s shape and dtype, and holds `value`.
 
-        `assign` never changes a shape or dtype: this is the one explicit way. The placement is
+        TF's reshaping of a ``validate_shape=False`` variable. `assign` never changes a shape or dtype: this is the one explicit way. The placement is
         derived again for the new shape: a PartitionSpec or sharding (declared, or from a rule)
         is checked against it, and a single device is kept. It works eagerly and under
         `jax.jit`. The original State is unchanged; use the return value.
+
+        Args:
+          name: a declared variable.
+          value: its new value, of any shape and dtype.
 
         Raises:
           UnknownVariableError: `name` is not declared.
@@ -341,6 +381,9 @@ class State(Mapping[str, jax.Array]):
         ``state.merge(jstate.State({"biases": b}))`` keeps ``"biases"`` where the model placed
         it. Variables only `other` declares keep `other`'s declaration.
 
+        Args:
+          other: any State (its variables may be uninitialized).
+
         Raises:
           SpecMismatchError: a variable both declare has another shape or dtype in each.
 
@@ -352,6 +395,10 @@ class State(Mapping[str, jax.Array]):
 
     def rename(self, mapping: Mapping[str, str]) -> State:
         """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay.
+
+        Raises:
+          UnknownVariableError: an old name is not declared.
+          InvalidNameError: a new name is malformed, or two variables would share one.
 
         >>> list(state.rename({"w2": "copy/weights"}))
         ['biases', 'copy/weights', 'layer1/kernel', 'weights']
@@ -375,6 +422,13 @@ class State(Mapping[str, jax.Array]):
         Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
         PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
 
+        Args:
+          mesh: the mesh PartitionSpecs are bound to (None: no mesh).
+          rules: ``[(regex, placement), ...]``, as `jstate.init` takes them.
+
+        Raises:
+          PlacementError: a placement does not fit its variable on the new mesh.
+
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> placed = state.replace_placement(mesh, rules=[("weights|w2", jax.sharding.PartitionSpec("x"))])
         >>> placed.placement("weights").source, len(placed["weights"].sharding.device_set)
@@ -386,8 +440,12 @@ class State(Mapping[str, jax.Array]):
     def tree(self, like: Any = None) -> Any:
         """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
 
-        With `like` (any pytree, e.g. an optax state), the result has its structure instead,
-        each leaf taken from the variable its path names: the inverse of `State.from_tree`.
+        Args:
+          like: any pytree (e.g. an optax state): the result has its structure instead, each
+            leaf taken from the variable its path names; the inverse of `State.from_tree`.
+
+        Raises:
+          InvalidNameError: without `like`, a name is also the scope of another ("a", "a/b").
 
         >>> jstate.State({"a/b": jnp.ones(2)}).tree()
         {'a': {'b': Array([1., 1.], dtype=float32)}}
@@ -400,8 +458,14 @@ class State(Mapping[str, jax.Array]):
 
         Tree paths joined by "/" become names (``{"a": {"b": x}}`` -> ``"a/b"``, list items by
         index, named tuples by field). A `jax.ShapeDtypeStruct` leaf declares an uninitialized
-        variable (its sharding, if any, becomes the placement). With ``flat=True``, `tree` is
-        ``{name: array}`` already.
+        variable (its sharding, if any, becomes the placement).
+
+        Args:
+          tree: the pytree (arrays, NumPy values, Python numbers, `jax.ShapeDtypeStruct`).
+          flat: `tree` is ``{name: array}`` already.
+
+        Raises:
+          InvalidNameError: a name is malformed, or two leaves have the same name.
 
         >>> jstate.State.from_tree({"a": {"b": jnp.ones(2)}, "c": [jnp.zeros(())]}).specs.keys()
         dict_keys(['a/b', 'c/0'])
@@ -417,7 +481,9 @@ class State(Mapping[str, jax.Array]):
         return State._build(specs, values)
 
     def to_nnx(self) -> Any:
-        """The initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``: ``jstate.to_nnx(state)``.
+        """The initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+        The same as ``jstate.to_nnx(state)``, which does the work (`jstate.core.tree`).
 
         >>> state.to_nnx()["layer1"]["kernel"].shape
         (200, 10)
@@ -426,8 +492,9 @@ class State(Mapping[str, jax.Array]):
 
     @classmethod
     def from_nnx(cls, source: Any) -> State:
-        """A State from an NNX module or `nnx.State`, its variables named by their paths
-        (``jstate.from_nnx`` is this method).
+        """A State from an NNX module or `nnx.State`, its variables named by their paths.
+
+        ``jstate.from_nnx`` is this method.
 
         >>> from flax import nnx
         >>> list(jstate.State.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
@@ -470,8 +537,9 @@ jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _
 
 
 def report_uninitialized(state: State) -> list[str]:
-    """Names of the State's declared variables that hold no value (TF's
-    ``report_uninitialized_variables``).
+    """Names of the State's declared variables that hold no value, sorted.
+
+    TF's ``report_uninitialized_variables``; the same as ``state.uninitialized()``.
 
     >>> jstate.report_uninitialized(jstate.abstract(lambda s: s.variable("w", jnp.zeros(2))))
     ['w']
