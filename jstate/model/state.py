@@ -1,4 +1,9 @@
-"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree."""
+"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree.
+
+A State is its `StateDef` (the declarations: static, the pytree's aux data) and its values (the
+leaves). The rules of an update live in `updates`, placement in `placement`, and the pytree <->
+name conversions (NNX's included) in `jstate.core.tree`; the methods here put them together.
+"""
 
 from __future__ import annotations
 
