@@ -202,12 +202,12 @@ def _pid_namespaces_unavailable() -> str | None:
 
 def test_live_writer_on_another_machine_with_same_host_name_and_pid_is_not_cleaned(gcs, cloud_env, tmp_path):
     """Two containers on two machines, both with host name H and the trainer as pid 1 (simulated:
-    two PID namespaces on this host, each writer is pid 1). On an object store `_files.alive`
+    two PID namespaces on this host, each writer is pid 1). On an object store `tokens.alive`
     trusts (pid, host) == its own to mean "one of mine", so writer A's `prepare` -> `clean`
     deletes writer B's arrays while B is between its arrays and its manifest; B then commits a
     manifest naming deleted arrays: its save returned, and its checkpoint is unreadable. The
     README: "a live writer's files are never touched", "A save that returned is on disk".
-    (`_files.alive`'s own docstring says host names repeat across machines.)"""
+    (`tokens.alive`'s own docstring says host names repeat across machines.)"""
     reason = _pid_namespaces_unavailable()
     if reason:
         pytest.skip(reason)

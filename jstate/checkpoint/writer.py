@@ -35,8 +35,8 @@ from ..formats import orbax as _orbax
 from ..formats import pack as _pack
 from ..formats.manifest import Manifest, Variable
 from ..storage import deadlines as _limits
-from ..storage import local as _files
 from ..storage import store as _storage
+from ..storage import tokens as _tokens
 
 log = logging.getLogger("jstate")
 
@@ -148,8 +148,8 @@ class Writer:
             # Known before `prepare` makes it: an interrupt may land right after.
             with _limits.deadline(self._timeout):
                 created = jax.process_index() == 0 and not _storage.exists(final)
-            token = _orbax.share(f"{name}:token", _files.token, self._timeout)
-            _files.begin(token)
+            token = _orbax.share(f"{name}:token", _tokens.token, self._timeout)
+            _tokens.begin(token)
             if jax.process_index() == 0:
                 with _limits.deadline(self._timeout):  # all of it: each request alone may be slow but not stuck
                     _commit.prepare(final, token)
@@ -223,7 +223,7 @@ class Writer:
             with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
                 self._publish(final, data, token, step, prefix, layout, digests, committed)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
-        _files.end(token)
+        _tokens.end(token)
 
     def _publish(self, final, data, token, step, prefix, layout, digests, committed) -> None:
         """Process 0's part once every process has written: the manifest (the commit), then retention."""
@@ -256,7 +256,7 @@ class Writer:
             with contextlib.suppress(BaseException):  # let Orbax's own thread stop writing first
                 self._orbax.wait()
         if token is not None:
-            _files.end(token)
+            _tokens.end(token)
         self._orbax = None
         if jax.process_index() == 0:
             with contextlib.suppress(Exception), _limits.deadline(self._timeout):
@@ -327,7 +327,7 @@ def _checksummed(data: Path) -> Callable[[str], bool]:
     """Which files of a save's arrays get a CRC32C in the manifest: all of them locally; on an
     object store only the metadata, since hashing the data would download it all again (the
     array digests already cover every byte of it)."""
-    if _storage.is_remote(data):
+    if _storage.store_for(data).round_trips:
         return lambda rel: not _orbax.is_data_file(rel)
     return lambda rel: True
 

@@ -47,9 +47,7 @@ class NativeCheckpoint(Checkpoint):
     def __init__(self, path: Path, manifest: Manifest):
         super().__init__(path, manifest.entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
-        self.arrays = path / manifest.arrays
-        if not _storage.is_remote(path):
-            self.arrays = self.arrays.absolute()  # as Orbax takes it
+        self.arrays = _storage.absolute(path / manifest.arrays)  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
         self._where: dict[str, _ocdbt.Located] | None = None  # where `_ocdbt` can read arrays, found on first use
 
@@ -363,10 +361,10 @@ def _checked(path: Path, manifest: Manifest, listed: dict[str, _storage.File] | 
     """The checkpoint `manifest` describes, once its files are found as recorded: listed in
     `listed` (its arrays directory's listing), or else asked for (on an object store, in one
     listing)."""
-    arrays = _integrity.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
-    _integrity.safe_join(path, FILE, path)
-    if listed is None and _storage.is_remote(path):
-        listed = _storage.files(arrays)
+    arrays = _storage.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
+    _storage.safe_join(path, FILE, path)
+    if listed is None and _storage.store_for(path).round_trips:
+        listed = _storage.files(arrays)  # one request for what would be a few
     if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays, listed):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
     _integrity.check_files(arrays, manifest.files, path, listed=listed)

@@ -42,7 +42,6 @@ import numpy as np
 
 from ..core.errors import CorruptCheckpointError, Damaged
 from ..storage import store as _storage
-from .integrity import safe_join
 
 _ALIGNMENT = 64  # bytes: what XLA's CPU client needs to adopt a host buffer without copying it
 _BLOCK = 2 * 1024 * 1024  # bytes read at a time when each block is fed on: fits in a core's cache
@@ -148,7 +147,8 @@ def locate(directory: Path) -> dict[str, Located]:
     """The arrays of the local Orbax checkpoint `directory` that `Located.read` can read, by
     Orbax's name for each (its tree path joined by "."); empty if there are none. The result is
     shared: do not change it."""
-    if _storage.is_remote(directory):
+    directory = _storage.local_path(directory)  # (tensorstore's file driver: local files only)
+    if directory is None:
         return {}
     try:
         found = os.stat(directory / "manifest.ocdbt")
@@ -240,7 +240,7 @@ def _chunk(directory: Path, entry: dict[str, Any] | None, length: int, files: di
     if file_id not in files:
         base, _, relative = file_id.partition(":")
         try:  # a hostile index cannot point outside the checkpoint
-            files[file_id] = safe_join(directory, base + relative, directory)
+            files[file_id] = _storage.safe_join(directory, base + relative, directory)
         except CorruptCheckpointError:
             files[file_id] = None
     file = files[file_id]

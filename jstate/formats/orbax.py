@@ -45,7 +45,7 @@ def _ocp() -> ModuleType:
 def check_store(directory: Path) -> None:
     """Raise CheckpointError if Orbax cannot write `directory`'s store (s3:// on an Orbax the shim
     does not know): called before a save writes anything."""
-    if _storage.scheme(directory) == "s3":
+    if _storage.store_for(directory).scheme == "s3":
         _s3_shim()
 
 
@@ -54,9 +54,7 @@ def _path(directory: Path) -> Any:
     from etils import epath
 
     check_store(directory)
-    if _storage.is_remote(directory):
-        return epath.Path(str(directory))
-    return epath.Path(os.path.abspath(directory))
+    return epath.Path(str(_storage.absolute(directory)))
 
 
 # -- s3:// -----------------------------------------------------------------------------------
@@ -143,14 +141,15 @@ def s3_kvstore(path: str) -> dict[str, Any]:
 
 
 def _atomicity(directory: Path) -> Any:
-    """How Orbax commits its own directory. Locally: into a temporary directory it renames.
-    On object stores, where renaming a directory is a copy, a commit file written last (what
-    Orbax chooses for gs:// by itself). jstate's manifest is the commit that counts either way.
+    """How Orbax commits its own directory: into a temporary directory it renames, where a rename
+    is atomic (`Store.renames`); elsewhere (object stores, where renaming a directory is a copy)
+    with a commit file written last, what Orbax chooses for gs:// by itself. jstate's manifest is
+    the commit that counts either way.
     """
     ocp = _ocp()
-    if _storage.is_remote(directory):
-        return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-    return None
+    if _storage.store_for(directory).renames:
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
 class Writer:
@@ -162,20 +161,20 @@ class Writer:
 
     def __init__(self, compression: bool, timeout: float):
         self._compression, self._timeout = compression, timeout
-        self._checkpointers: dict[bool, Any] = {}  # by whether the directory is remote
+        self._checkpointers: dict[bool, Any] = {}  # by whether the store renames (`_atomicity`)
 
     def _checkpointer(self, directory: Path) -> Any:
-        remote = _storage.is_remote(directory)
-        if remote not in self._checkpointers:
+        renames = _storage.store_for(directory).renames
+        if renames not in self._checkpointers:
             ocp = _ocp()
             handler = ocp.PyTreeCheckpointHandler(use_compression=self._compression)
             # Directories are created before `save` returns: created asynchronously, a failure leaves
             # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
             options = ocp.options.AsyncOptions(timeout_secs=int(self._timeout), create_directories_asynchronously=False)
-            self._checkpointers[remote] = ocp.AsyncCheckpointer(
+            self._checkpointers[renames] = ocp.AsyncCheckpointer(
                 handler, async_options=options, atomicity_options=_atomicity(directory)
             )
-        return self._checkpointers[remote]
+        return self._checkpointers[renames]
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
         path = _path(directory)

@@ -403,7 +403,7 @@ class TensorFlowCheckpoint(Checkpoint):
 def load(path: Path) -> TensorFlowCheckpoint | None:
     """`path` as a TensorFlow checkpoint (its prefix or one of its files), None if it is not one.
     Local files only: TensorFlow checkpoints on gs:// or s3:// are not read (copy them first)."""
-    if _storage.is_remote(path):
+    if _storage.local_path(path) is None:
         return None
     prefix = find(path)
     return None if prefix is None else TensorFlowCheckpoint(prefix)
