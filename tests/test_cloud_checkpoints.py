@@ -22,6 +22,7 @@ import pytest
 import jstate
 from jstate.checkpoint.inspect import inspect_checkpoint
 from jstate.formats import orbax as _orbax
+from jstate.formats import orbax_s3
 from jstate.storage import store as _storage
 from jstate.storage import tokens as _tokens
 
@@ -223,7 +224,7 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
     emulator's endpoint, with and without OCDBT; gs:// and local paths are left to Orbax."""
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
-    _orbax._s3_shim()
+    orbax_s3.apply()
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x", use_ocdbt=False)
     assert spec == {"driver": "s3", "bucket": "bucket", "path": "ckpt/arrays-x", "endpoint": s3.endpoint,
                     "aws_region": cloud.REGION, "aws_credentials": {"type": "environment"}}  # fmt: skip
@@ -276,7 +277,7 @@ def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs,
 def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot_patch(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:`` (if a future Orbax stops, this
-    fails, and the shim in jstate/_orbax.py can go). And an Orbax whose internals the shim does not
+    fails, and the shim in jstate/formats/orbax_s3.py can go). And an Orbax whose internals the shim does not
     find gets jstate's error, with nothing written anywhere."""
     code = textwrap.dedent(
         """
