@@ -69,6 +69,13 @@ class Store(abc.ABC):
     Every method takes a path of this store. Missing files: reading raises FileNotFoundError
     (`read_bytes`, `size`, `mtime`); asking answers False or empty (`exists`, `listdir`,
     `files`); deleting is no error (`unlink`, `remove`).
+
+    >>> from jstate.storage.store import as_path, store_for
+    >>> path = as_path("notes/a.txt")
+    >>> store = store_for(path)
+    >>> store.makedirs(path.parent); store.write_bytes(path, b"hello")
+    >>> store.read_bytes(path), store.files(path.parent), store.renames
+    (b'hello', {'a.txt': File(size=5, crc32c=None, mtime=...)}, True)
     """
 
     scheme: str  # how its URLs begin: "gs", "s3"; "file" for local paths
