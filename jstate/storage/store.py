@@ -114,7 +114,7 @@ def safe_join(directory: Path, rel: str, checkpoint: Path, resolve: bool = True)
     PosixPath('ckpt/arrays/x')
     >>> safe_join(Path("ckpt"), "../etc/passwd", Path("ckpt"))
     Traceback (most recent call last):
-    jstate.CorruptCheckpointError: Checkpoint ckpt: its manifest names the file '../etc/passwd', outside ...
+    jstate.core.errors.CorruptCheckpointError: Checkpoint ckpt: its manifest names the file '../etc/passwd', outside ...
     """
     path = directory / rel
     if rel.startswith("/") or ".." in rel.split("/") or (resolve and not store_for(path).inside(path, checkpoint)):
