@@ -1,5 +1,5 @@
 """Finding checkpoints: `open_checkpoint`, `latest_checkpoint`, `list_variables`,
-`load_variable`. What a format holds and how it is read is its reader's (`_reader.Checkpoint`);
+`load_variable`. What a format holds and how it is read is its reader's (`formats.base.Checkpoint`);
 this module only finds a checkpoint and asks each format whether it is one of its own."""
 
 from __future__ import annotations
@@ -310,10 +310,10 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
         empty = 0
         chosen = found
         if prefix is None:
-            named = type(chosen).latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
+            named = type(chosen)._latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
             if named is not None:
                 chosen = _open_quietly(named) or chosen
-        if not chosen.changed():
+        if not chosen._changed():
             return chosen
     return chosen
 
@@ -333,7 +333,7 @@ def reading(
         try:
             return read(ckpt)
         except CheckpointError:
-            if attempt == _RELIST - 1 or not ckpt.changed():
+            if attempt == _RELIST - 1 or not ckpt._changed():
                 raise
     raise AssertionError("unreachable")
 

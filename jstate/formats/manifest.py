@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, StoreError
-from ..model.spec import Entry
+from ..core.shaped import Shaped
 from ..storage import store as _storage
+from .base import Entry
 from .integrity import checksum
 from .pack import Slot
 
@@ -41,12 +41,13 @@ _HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
 
 
 @dataclasses.dataclass(frozen=True)
-class Variable:
-    """One saved variable.
+class Variable(Shaped):
+    """One saved variable, as its manifest records it.
 
     Attributes:
       shape: its shape.
       dtype: its dtype.
+      size, nbytes: its number of elements and the bytes its values take (`core.shaped.Shaped`).
       digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
       key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
         dtype above are then those of its key data (`jax.random.key_data`).
@@ -58,10 +59,6 @@ class Variable:
     digests: dict[str, int] = dataclasses.field(default_factory=dict)
     key: str | None = None
     packed: Slot | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +259,7 @@ def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) ->
             raise ValueError(
                 f"variable {name!r} is packed into {v.packed.array!r}, which holds no {v.dtype.name} array"
             )
-        if v.packed.offset < 0 or v.packed.offset + math.prod(v.shape) > array.shape[0] or not v.nbytes:
+        if v.packed.offset < 0 or v.packed.offset + v.size > array.shape[0] or not v.nbytes:
             raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
 
 

@@ -17,14 +17,13 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
 from . import commit as _commit
 from . import integrity as _integrity
 from . import ocdbt as _ocdbt
 from . import orbax as _orbax
 from . import pack as _pack
-from .base import Checkpoint, own, place
+from .base import Checkpoint, Entry, own, place
 from .manifest import ARRAYS, FILE, Manifest, Variable
 
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
@@ -53,7 +52,7 @@ class NativeCheckpoint(Checkpoint):
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
         self._where: dict[str, _ocdbt.Located] | None = None  # where `_ocdbt` can read arrays, found on first use
 
-    def changed(self) -> bool:
+    def _changed(self) -> bool:
         try:
             return Manifest.read(self.path) != self.manifest
         except CheckpointError:

@@ -25,9 +25,8 @@ import numpy as np
 from ..core.errors import CheckpointError, CorruptCheckpointError
 from ..core.tree import path_name
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
-from .base import Checkpoint
+from .base import Checkpoint, Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory

@@ -21,9 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
-from ..model.spec import Entry
 from ..storage import store as _storage
-from .base import Checkpoint, place
+from .base import Checkpoint, Entry, place
 
 SUFFIX = ".safetensors"
 
@@ -52,7 +51,7 @@ class SafetensorsCheckpoint(Checkpoint):
     """A ``.safetensors`` file: entries named as in its header, no checksums."""
 
     writer = "safetensors"
-    noun = "array"
+    _noun = "array"
 
     def __init__(self, path: Path):
         header = _header(path)
