@@ -24,7 +24,6 @@ from ..core.names import check_name, join
 from ..core.tree import path_name
 from ..formats import commit as _commit
 from ..formats import pack as _pack
-from ..formats import safetensors as _safetensors
 from ..formats.base import Checkpoint
 from ..formats.manifest import Manifest
 from ..formats.native import NativeCheckpoint
@@ -412,14 +411,3 @@ def like(target: T, restored: State) -> T:
         return leaf((), target)
     return jax.tree_util.tree_map_with_path(leaf, target, is_leaf=_is_leaf)
 
-
-def save_safetensors(state: State, path: str | os.PathLike) -> str:
-    """Export the State's initialized variables, under their names, to one ``.safetensors`` file.
-
-    Written atomically (temporary file, fsync, rename). Needs ``pip install jstate[safetensors]``.
-    Read it back with ``Saver().restore(path, target)`` or `jstate.load_variable`.
-
-    >>> jstate.save_safetensors(state, "model.safetensors")
-    'model.safetensors'
-    """
-    return str(_safetensors.save(state, path))

@@ -8,7 +8,6 @@ sharding from there: they are small, so a host copy costs little, and it works f
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,7 +131,7 @@ class NativeCheckpoint(Checkpoint):
                 through_orbax[array] = entry
             elif len(found.chunks) == 1 and 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:
                 # Half of it or less: just their bytes.
-                slots = [(variables[n].packed.offset, math.prod(variables[n].shape)) for n in inside]
+                slots = [(variables[n].packed.offset, variables[n].size) for n in inside]
                 parts = found.read_slices([(start, start + size) for start, size in slots])
                 out |= {n: part.reshape(variables[n].shape) for n, part in zip(inside, parts)}
             else:
