@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -23,7 +24,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 
@@ -162,10 +162,12 @@ class Writer:
             stored = {n: a for n, a in arrays.items() if a.size}
             small = {n: a for n, a in stored.items() if _pack.packable(a, self._pack)}
             large = {n: a for n, a in stored.items() if n not in small}
-            shapes = {n: (tuple(a.shape), a.dtype, keys.get(n)) for n, a in arrays.items()}
             packed, slots = _pack.pack(small) if small else ({}, {})
+            variables = {
+                n: Variable(tuple(a.shape), a.dtype, key=keys.get(n), packed=slots.get(n)) for n, a in arrays.items()
+            }
             digests = {  # each packed variable checksummed alone, as stored
-                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, shapes[n][0]))
+                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, variables[n].shape))
                 for n, slot in slots.items()
             }
             tracker.advance(sum(a.nbytes for a in packed.values()))
@@ -179,10 +181,16 @@ class Writer:
             # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
             # arrays themselves, which the caller holds until `save` returns: the values at call time.
             digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
-            layout = _Layout(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
-            finish = functools.partial(
-                self._finish, final, data, token, step, prefix, layout, digests, barrier, committed, tracker
+            # The manifest but for what only the end of the save knows: every process's digests,
+            # the files written, the time of the commit.
+            draft = Manifest(
+                variables,
+                step,
+                arrays=data.name,
+                prefix=prefix,
+                packed={a: Variable(v.shape, v.dtype) for a, v in packed.items()},
             )
+            finish = functools.partial(self._finish, final, data, token, draft, digests, barrier, committed, tracker)
             if blocking:
                 finish()
         except BaseException as e:
@@ -203,15 +211,15 @@ class Writer:
         self._pending = background
         _unfinished.add(self)
 
-    def _finish(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker) -> None:
+    def _finish(self, final, data, token, draft, digests, barrier, committed, tracker) -> None:
         try:
-            self._write_and_commit(final, data, token, step, prefix, layout, digests, barrier, committed, tracker)
+            self._write_and_commit(final, data, token, draft, digests, barrier, committed, tracker)
         except BaseException:
             tracker.close(ok=False)
             raise
         tracker.close()
 
-    def _write_and_commit(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker):
+    def _write_and_commit(self, final, data, token, draft, digests, barrier, committed, tracker):
         if self._orbax is not None:
             self._orbax.wait()
         tracker.advance(tracker.total - tracker.done)
@@ -221,22 +229,17 @@ class Writer:
         barrier("written")
         if process == 0:
             with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
-                self._publish(final, data, token, step, prefix, layout, digests, committed)
+                self._publish(final, data, token, draft, digests, committed)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _files.end(token)
 
-    def _publish(self, final, data, token, step, prefix, layout, digests, committed) -> None:
+    def _publish(self, final, data, token, draft, digests, committed) -> None:
         """Process 0's part once every process has written: the manifest (the commit), then retention."""
         for other in range(1, jax.process_count()):
             part = final / f".digests-{other}.{token}.tmp"
             for n, regions in json.loads(_storage.read_bytes(part)).items():
                 digests[n].update(regions)
             _storage.unlink(part)
-        variables = {
-            n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
-            for n, (shape, dtype, key) in layout.shapes.items()
-        }
-        packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
         files = {}
         if _storage.exists(data):
             # The flush waits on the disk, the file checksums on the CPU: both at once.
@@ -244,7 +247,8 @@ class Writer:
                 synced = flusher.submit(_storage.sync_tree, data)
                 files = _integrity.file_records(data, _checksummed(data))
                 synced.result()
-        manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
+        variables = {n: dataclasses.replace(v, digests=digests.get(n, {})) for n, v in draft.variables.items()}
+        manifest = dataclasses.replace(draft, variables=variables, created=time.time(), files=files)
         _commit.commit(final, manifest, token)
         committed(manifest)
 
@@ -294,14 +298,6 @@ class Writer:
             log.error("%s", e)
             if not _logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
                 print(f"jstate: {e}", file=sys.stderr)
-
-
-class _Layout(NamedTuple):
-    """What the manifest records of where a save put its variables."""
-
-    shapes: dict[str, tuple]  # name -> (shape, dtype, PRNG key implementation or None)
-    slots: dict[str, _pack.Slot]  # packed variables
-    packed: dict[str, tuple]  # packed array -> (shape, dtype)
 
 
 def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
