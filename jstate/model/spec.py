@@ -60,4 +60,3 @@ class VariableSpec(Shaped):
         ShapeDtypeStruct(shape=(200,), dtype=float32)
         """
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
-
