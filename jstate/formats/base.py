@@ -256,15 +256,37 @@ class Checkpoint(abc.ABC):
 
 
 def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    """A host array on its target's sharding and dtype. Every process holds the whole array, so
-    this works for shardings over several processes too."""
+    """A host array on its target's sharding and dtype.
+
+    Every process holds the whole array, so this works for shardings over several processes too.
+
+    Args:
+      host: the whole array, in host memory.
+      target: the dtype to cast to, and the sharding to put it on (None: the default device).
+
+    Returns:
+      The array, cast and placed (`own` of `host`: never a view into a larger buffer).
+
+    >>> mesh = jax.make_mesh((8,), ("x",))
+    >>> target = jax.ShapeDtypeStruct((16,), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("x")))
+    >>> placed = place(np.arange(16.0), target)
+    >>> placed.dtype, len(placed.sharding.device_set)
+    (dtype(bfloat16), 8)
+    """
     return jax.device_put(own(host.astype(target.dtype, copy=False)), or_default(target.sharding))
 
 
 def own(host: np.ndarray) -> np.ndarray:
-    """`host`, copied if it is a view into a larger buffer: JAX on the CPU adopts an aligned host
-    buffer without copying it, and would keep all of it alive for as long as the array lives (a
-    restored slice of a split, or one variable of a packed array, pinning the whole)."""
+    """`host`, copied if it is a view into a larger buffer.
+
+    JAX on the CPU adopts an aligned host buffer without copying it, and would keep all of it
+    alive for as long as the array lives (a restored slice of a split, or one variable of a
+    packed array, pinning the whole).
+
+    >>> whole = np.zeros(1024)
+    >>> own(whole) is whole, own(whole[:4]).base is None
+    (True, True)
+    """
     base = host
     while isinstance(base.base, np.ndarray):
         base = base.base

@@ -2,9 +2,9 @@
 jstate reader, and nowhere else.
 
 A jstate checkpoint is a directory holding an Orbax PyTree checkpoint keyed by variable name
-(``arrays-<token>/``, see `_commit`) and this manifest: each variable's shape, dtype and the
+(``arrays-<token>/``, see `commit`) and this manifest: each variable's shape, dtype and the
 CRC32C of every saved region, the size and CRC32C of every file of the arrays, and which
-directory holds them; small variables are packed together (`_pack`), and the manifest says where
+directory holds them; small variables are packed together (`pack`), and the manifest says where
 each one lives. Writing the manifest commits the checkpoint. The manifest checksums itself:
 it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
 without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
@@ -51,7 +51,11 @@ class Variable(Shaped):
       digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
       key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
         dtype above are then those of its key data (`jax.random.key_data`).
-      packed: where it lives in a packed array (`_pack`), or None: stored under its own name.
+      packed: where it lives in a packed array (`pack`), or None: stored under its own name.
+
+    >>> v = Variable((2, 3), np.dtype("float32"), {"0:2,0:3": 7})
+    >>> v.size, v.nbytes
+    (6, 24)
     """
 
     shape: tuple[int, ...]
@@ -73,7 +77,7 @@ class Manifest:
       arrays: the directory beside the manifest that holds the arrays.
       prefix: the name the Saver was given, when it saved with a step (``model`` for
         ``model-1000``): retention deletes only checkpoints of its own prefix.
-      packed: the packed arrays (``_pack.KEY/<name>``), each a 1-D `Variable` without digests
+      packed: the packed arrays (``pack.KEY/<name>``), each a 1-D `Variable` without digests
         (its variables carry their own).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
@@ -92,13 +96,22 @@ class Manifest:
     @functools.cached_property
     def entries(self) -> dict[str, Entry]:
         """What a restore sees of each variable, by name: a PRNG key array for one saved as key
-        data. Computed once per manifest (`decode` shares the manifests of equal bytes)."""
+        data. Computed once per manifest (`decode` shares the manifests of equal bytes).
+
+        >>> m = Manifest({"k": Variable((4, 2), np.dtype("uint32"), key="threefry2x32")})
+        >>> m.entries["k"].shape, m.entries["k"].dtype
+        ((4,), key<fry>)
+        """
         return {
             n: Entry((n,), v.shape, v.dtype) if v.key is None else _key_entry(n, v) for n, v in self.variables.items()
         }
 
     def encode(self) -> bytes:
-        """The manifest as checksummed JSON bytes."""
+        """The manifest as checksummed JSON bytes (`encode`); `decode` reads them back.
+
+        >>> Manifest({}, step=3).encode()[:51]
+        b'{"checksum":"...","format":"jstate.checkpoint"'
+        """
         return encode(
             {
                 "format": FORMAT,
@@ -122,8 +135,23 @@ class Manifest:
     def decode(cls, data: bytes, where: str | Path) -> Manifest:
         """Parse and validate manifest bytes of the checkpoint at `where`.
 
+        Args:
+          data: the bytes of a manifest file.
+          where: the checkpoint, for messages.
+
+        Returns:
+          The manifest; equal bytes give the same (immutable) object.
+
         Raises:
           CorruptCheckpointError: the bytes fail their checksum or are not a valid manifest.
+          CheckpointError: a newer jstate wrote it (a manifest version this one does not read).
+
+        >>> Manifest.decode(Manifest({}, step=3).encode(), "ckpt").step
+        3
+        >>> Manifest.decode(b"{}", "ckpt")
+        Traceback (most recent call last):
+        ...
+        jstate.CorruptCheckpointError: Checkpoint ckpt: its manifest ckpt/jstate.json is damaged (ValueError: checksum mismatch). ...
         """
         try:
             return _decoded(cls, data)
@@ -177,7 +205,13 @@ class Manifest:
         )
 
     def write(self, directory: Path) -> None:
-        """Write the manifest into `directory`, atomically and flushed to disk."""
+        """Write the manifest into `directory`, atomically and flushed to disk (this commits a
+        checkpoint: `commit.commit`).
+
+        >>> Path("ckpt").mkdir(); Manifest({}, step=3).write(Path("ckpt"))
+        >>> Manifest.read(Path("ckpt")).step
+        3
+        """
         _storage.write_bytes(_storage.as_path(directory) / FILE, self.encode())
 
     @classmethod
@@ -187,13 +221,26 @@ class Manifest:
         Raises:
           CheckpointError: it cannot be read (naming the OS's reason).
           CorruptCheckpointError: it is damaged.
+
+        >>> Manifest.read(Path(jstate.Saver().save(state, "ckpt/model"))).variables["biases"].shape
+        (200,)
+        >>> print(Manifest.read(Path(".")))
+        None
         """
         directory = _storage.as_path(directory)
         return cls.read_file(directory / FILE, directory)
 
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
-        """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
+        """The manifest in file `path` of checkpoint `where`, None if the file does not exist.
+
+        Raises:
+          CheckpointError, CorruptCheckpointError: as `read`.
+
+        >>> path = jstate.Saver().save(state, "ckpt/model")
+        >>> Manifest.read_file(Path(path) / FILE, path) == Manifest.read(Path(path))
+        True
+        """
         try:
             data = _storage.read_bytes(_storage.as_path(path))
         except (FileNotFoundError, NotADirectoryError):
@@ -206,7 +253,11 @@ class Manifest:
 
 
 def encode(raw: dict[str, Any]) -> bytes:
-    """A JSON object as manifest bytes: its own CRC32C first, then the rest."""
+    """A JSON object as manifest bytes: its own CRC32C first, then the rest.
+
+    >>> encode({"format": "x"})
+    b'{"checksum":"...","format":"x"}'
+    """
     rest = json.dumps({k: v for k, v in raw.items() if k != "checksum"}, separators=(",", ":"))[1:].encode()
     return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
 
