@@ -1,4 +1,4 @@
-"""Writing one jstate checkpoint under the commit rule of `_commit`: the arrays through Orbax
+"""Writing one jstate checkpoint under the commit rule of `formats.commit`: the arrays through Orbax
 into a directory of the save's own, their checksums, then the manifest; in the caller's thread
 or in the background.
 
@@ -100,7 +100,13 @@ class Writer:
     Args:
       compression: zstd-compress arrays.
       timeout: seconds that processes of a multi-process save wait for each other.
-      pack: variables of at most this many bytes are packed together (`_pack`); 0 packs none.
+      pack: variables of at most this many bytes are packed together (`formats.pack`); 0 packs none.
+
+    >>> writer = Writer(compression=False, timeout=60.0)
+    >>> writer.save({"w": jnp.ones(3)}, Path("ckpt/model-1"), 1, "model", blocking=False)
+    >>> writer.wait()
+    >>> jstate.list_variables("ckpt/model-1")
+    [('w', (3,), dtype('float32'))]
     """
 
     def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD):
@@ -129,8 +135,22 @@ class Writer:
         A save that takes over 2 s is logged at INFO; `progress` shows a bar as its arrays are
         packed and written.
 
+        Args:
+          arrays: the arrays to save, by checkpoint name.
+          final: the checkpoint's path.
+          step: its step, if any.
+          prefix: the name the Saver was given, when it saved with a step (for retention).
+          blocking: finish before returning (False: in a background thread).
+          committed: called with the manifest once the checkpoint is committed (process 0 only).
+          progress: show a progress bar.
+
         Raises:
-          CheckpointError: the save failed; earlier checkpoints are intact.
+          CheckpointError: the save failed (or an earlier background one did); earlier
+            checkpoints are intact.
+
+        >>> Writer(False, 60.0).save({"w": jnp.ones(3)}, Path("ckpt/w"), None, None, blocking=True)
+        >>> jstate.open_checkpoint("ckpt/w").entries["w"].shape
+        (3,)
         """
         with _limits.timeout(self._timeout):  # no request to an object store waits longer
             self._save(arrays, final, step, prefix, blocking, committed, progress)
@@ -272,6 +292,12 @@ class Writer:
         """Block until a background save is on disk; re-raise its error, if any.
 
         Interrupted (Ctrl-C), the save goes on, and the interpreter finishes it at exit.
+
+        Raises:
+          CheckpointError: the background save failed or was interrupted.
+
+        >>> writer = Writer(False, 60.0)
+        >>> writer.wait()  # no save in flight: returns at once
         """
         pending = self._pending
         if pending is None:
@@ -285,13 +311,22 @@ class Writer:
             raise CheckpointError(f"Saving checkpoint {pending.path} was interrupted; earlier checkpoints are intact.")
 
     def join(self) -> None:
-        """Block until a background save is done, keeping its error for `wait`."""
+        """Block until a background save is done, keeping its error for `wait` (a restore waits
+        for a save in flight, and leaves reporting its failure to the save's own caller).
+
+        >>> writer = Writer(False, 60.0)
+        >>> writer.save({"w": jnp.ones(3)}, Path("ckpt/w"), None, None, blocking=False)
+        >>> writer.join(); writer.wait()
+        """
         if self._pending is not None:
             self._pending.done.wait()
 
     def finish_at_exit(self) -> None:
         """Finish a background save as the interpreter exits; a failure is one line on stderr
-        (and a record of the `jstate` logger)."""
+        (and a record of the `jstate` logger).
+
+        >>> Writer(False, 60.0).finish_at_exit()  # nothing in flight: nothing to say
+        """
         try:
             self.wait()
         except CheckpointError as e:
@@ -342,7 +377,19 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
     """One short error for a failed save that keeps the OS's reason whole; Orbax's own messages
-    can hold whole arrays, so only their first line is kept."""
+    can hold whole arrays, so only their first line is kept.
+
+    Args:
+      path: the checkpoint that was being saved.
+      error: what the save raised.
+
+    Returns:
+      A CheckpointError (a `StoreError` where a store's error caused it, so that
+      ``except TimeoutError`` still works), or `error` itself if it is a CheckpointError already.
+
+    >>> save_failed(Path("ckpt/model"), OSError(28, "No space left on device"))
+    CheckpointError('Saving checkpoint ckpt/model failed (OSError: [Errno 28] No space left on device). Earlier checkpoints are intact, and nothing of this save is listed.')
+    """
     if isinstance(error, CheckpointError) and not isinstance(error, StoreError):
         return error  # (a store's error says what failed, not that the save did: kept whole below)
     os_error = next((e for e in _causes(error) if isinstance(e, OSError)), None)
