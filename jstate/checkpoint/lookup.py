@@ -39,8 +39,21 @@ LOOKUP_TIMEOUT = 120.0
 
 def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn: Callable[[], T]) -> T:
     """``fn()``, a call that only reads, given `timeout` seconds in all when `path` is on an
-    object store (`_limits.within`: its storage client alone would retry for minutes). Local
-    paths are read at once, in this thread."""
+    object store (`storage.deadlines.within`: its storage client alone would retry for
+    minutes). Local paths are read at once, in this thread.
+
+    Args:
+      path: where `fn` reads (None: nowhere remote).
+      timeout: seconds for all of `fn` on an object store (None: no limit).
+      what: the call, named in a timeout's message.
+      fn: the reads.
+
+    Raises:
+      StoreTimeoutError: `fn` took longer than `timeout` on an object store.
+
+    >>> lookup("ckpt", 5.0, "list_checkpoints", lambda: "read at once, locally")
+    'read at once, locally'
+    """
     limit = _limits.seconds(timeout)  # checked for local paths too: the same call may get a URL tomorrow
     where = None if path is None else _storage.as_path(path)
     if where is None or not _storage.is_remote(where):
@@ -327,7 +340,16 @@ def reading(
     """`read(open_checkpoint(path))`, again with the checkpoint `path` names now if the one
     read was re-saved or deleted meanwhile (by retention, or another writer). Each opening
     takes at most `timeout` seconds on an object store (a timeout names `what`); the reading
-    is not bounded by it."""
+    is not bounded by it.
+
+    Raises:
+      CheckpointError: as `open_checkpoint`, or what `read` raised for a checkpoint that did
+        not change meanwhile.
+
+    >>> path = jstate.Saver().save(state, "ckpt/model")
+    >>> reading(path, lambda ckpt: ckpt.read_host(["biases"])["biases"].shape)
+    (200,)
+    """
     for attempt in range(_RELIST):
         ckpt = _open_within(path, timeout, what)
         try:
@@ -390,7 +412,13 @@ def load_variable(
 
 
 def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:
-    """Checkpoints, oldest first: path, step, when committed, data size, variables, writer."""
+    """Checkpoints, oldest first, as a `Table`: path, step, when committed, data size,
+    variables, writer (titled with `directory`).
+
+    >>> _ = jstate.Saver().save(state, "ckpt/model", step=1)
+    >>> print(checkpoints_table("ckpt", checkpoints("ckpt")).title)
+    ckpt: 1 checkpoints
+    """
     import datetime
 
     rows = [

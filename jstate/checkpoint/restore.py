@@ -46,6 +46,11 @@ class RestorePlan:
       kept: target variables that nothing fills: the restore leaves them as they are.
       unused: checkpoint entries that nothing reads (fine: a partial restore).
       problems: what makes the restore fail, in the order it would report them (empty: none).
+
+    >>> path = jstate.Saver().save(state, "ckpt/model")
+    >>> found = jstate.Saver({"biases": "b"}).plan(path, jstate.abstract(lambda s: s.variable("b", jstate.initializers.zeros, (200,))))
+    >>> found.names, found.unused
+    ({'b': 'biases'}, ['layer1/kernel', 'w2', 'weights'])
     """
 
     checkpoint: Checkpoint
