@@ -69,7 +69,7 @@ class NameMap:
         >>> compile_var_list(["wieghts"]).resolve(["weights"])
         Traceback (most recent call last):
         ...
-        jstate.UnknownVariableError: The Saver names variable 'wieghts' is not declared. Did you mean 'weights'? ...
+        jstate.core.errors.UnknownVariableError: The Saver names variable 'wieghts' is not declared. Did you mean 'weights'? ...
         """
         names = sorted(names)
         if self.rules is None:
@@ -135,7 +135,7 @@ def compile_var_list(var_list: VarList) -> NameMap:
     >>> compile_var_list("weights")
     Traceback (most recent call last):
     ...
-    jstate.MappingError: `var_list` is the string 'weights'; pass a list of names: ['weights'].
+    jstate.core.errors.MappingError: `var_list` is the string 'weights'; pass a list of names: ['weights'].
     """
     if var_list is None:
         return NameMap(None)
