@@ -183,11 +183,8 @@ class Writer:
             small = {n: a for n, a in stored.items() if _pack.packable(a, self._pack)}
             large = {n: a for n, a in stored.items() if n not in small}
             packed, slots = _pack.pack(small) if small else ({}, {})
-            variables = {
-                n: Variable(tuple(a.shape), a.dtype, key=keys.get(n), packed=slots.get(n)) for n, a in arrays.items()
-            }
             digests = {  # each packed variable checksummed alone, as stored
-                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, variables[n].shape))
+                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, tuple(arrays[n].shape)))
                 for n, slot in slots.items()
             }
             tracker.advance(sum(a.nbytes for a in packed.values()))
@@ -201,16 +198,19 @@ class Writer:
             # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
             # arrays themselves, which the caller holds until `save` returns: the values at call time.
             digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
-            # The manifest but for what only the end of the save knows: every process's digests,
-            # the files written, the time of the commit.
+            # The manifest but for what only the end of the save knows: the files written, the
+            # time of the commit, and the digests of the other processes' shards.
             draft = Manifest(
-                variables,
+                {
+                    n: Variable(tuple(a.shape), a.dtype, digests.get(n, {}), keys.get(n), slots.get(n))
+                    for n, a in arrays.items()
+                },
                 step,
                 arrays=data.name,
                 prefix=prefix,
                 packed={a: Variable(v.shape, v.dtype) for a, v in packed.items()},
             )
-            finish = functools.partial(self._finish, final, data, token, draft, digests, barrier, committed, tracker)
+            finish = functools.partial(self._finish, final, data, token, draft, barrier, committed, tracker)
             if blocking:
                 finish()
         except BaseException as e:
@@ -231,35 +231,42 @@ class Writer:
         self._pending = background
         _unfinished.add(self)
 
-    def _finish(self, final, data, token, draft, digests, barrier, committed, tracker) -> None:
+    def _finish(self, final, data, token, draft, barrier, committed, tracker) -> None:
         try:
-            self._write_and_commit(final, data, token, draft, digests, barrier, committed, tracker)
+            self._write_and_commit(final, data, token, draft, barrier, committed, tracker)
         except BaseException:
             tracker.close(ok=False)
             raise
         tracker.close()
 
-    def _write_and_commit(self, final, data, token, draft, digests, barrier, committed, tracker):
+    def _write_and_commit(self, final, data, token, draft, barrier, committed, tracker):
         if self._orbax is not None:
             self._orbax.wait()
         tracker.advance(tracker.total - tracker.done)
         process = jax.process_index()
         if jax.process_count() > 1:
+            digests = {n: v.digests for n, v in draft.variables.items() if v.digests}
             _storage.write_bytes(final / f".digests-{process}.{token}.tmp", json.dumps(digests).encode())
         barrier("written")
         if process == 0:
             with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
-                self._publish(final, data, token, draft, digests, committed)
+                self._publish(final, data, token, draft, committed)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _files.end(token)
 
-    def _publish(self, final, data, token, draft, digests, committed) -> None:
+    def _publish(self, final, data, token, draft, committed) -> None:
         """Process 0's part once every process has written: the manifest (the commit), then retention."""
+        others: dict[str, dict[str, int]] = {}  # the digests of regions only other processes hold
         for other in range(1, jax.process_count()):
             part = final / f".digests-{other}.{token}.tmp"
             for n, regions in json.loads(_storage.read_bytes(part)).items():
-                digests[n].update(regions)
+                others.setdefault(n, {}).update(regions)
             _storage.unlink(part)
+        # Only variables with regions elsewhere are made again: a one-process save makes each once.
+        variables = draft.variables | {
+            n: dataclasses.replace(draft.variables[n], digests=draft.variables[n].digests | regions)
+            for n, regions in others.items()
+        }
         files = {}
         if _storage.exists(data):
             # The flush waits on the disk, the file checksums on the CPU: both at once.
@@ -267,7 +274,6 @@ class Writer:
                 synced = flusher.submit(_storage.sync_tree, data)
                 files = _integrity.file_records(data, _checksummed(data))
                 synced.result()
-        variables = {n: dataclasses.replace(v, digests=digests.get(n, {})) for n, v in draft.variables.items()}
         manifest = dataclasses.replace(draft, variables=variables, created=time.time(), files=files)
         _commit.commit(final, manifest, token)
         committed(manifest)
