@@ -1,5 +1,5 @@
 """Finding checkpoints: `open_checkpoint`, `latest_checkpoint`, `list_variables`,
-`load_variable`. What a format holds and how it is read is its reader's (`_reader.Checkpoint`);
+`load_variable`. What a format holds and how it is read is its reader's (`formats.base.Checkpoint`);
 this module only finds a checkpoint and asks each format whether it is one of its own."""
 
 from __future__ import annotations
@@ -38,8 +38,20 @@ LOOKUP_TIMEOUT = 120.0
 
 def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn: Callable[[], T]) -> T:
     """``fn()``, a call that only reads, given `timeout` seconds in all when `path` is on an
-    object store (`Store.within`: its storage client alone would retry for minutes). Local
-    paths are read at once, in this thread."""
+    object store (`Store.within`: its storage client alone would retry for minutes). Local paths are read at once, in this thread.
+
+    Args:
+      path: where `fn` reads (None: nowhere remote).
+      timeout: seconds for all of `fn` on an object store (None: no limit).
+      what: the call, named in a timeout's message.
+      fn: the reads.
+
+    Raises:
+      StoreTimeoutError: `fn` took longer than `timeout` on an object store.
+
+    >>> lookup("ckpt", 5.0, "list_checkpoints", lambda: "read at once, locally")
+    'read at once, locally'
+    """
     limit = _limits.seconds(timeout)  # checked for local paths too: the same call may get a URL tomorrow
     where = None if path is None else _storage.as_path(path)
     if where is None:
@@ -306,10 +318,10 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
         empty = 0
         chosen = found
         if prefix is None:
-            named = type(chosen).latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
+            named = type(chosen)._latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
             if named is not None:
                 chosen = _open_quietly(named) or chosen
-        if not chosen.changed():
+        if not chosen._changed():
             return chosen
     return chosen
 
@@ -323,13 +335,22 @@ def reading(
     """`read(open_checkpoint(path))`, again with the checkpoint `path` names now if the one
     read was re-saved or deleted meanwhile (by retention, or another writer). Each opening
     takes at most `timeout` seconds on an object store (a timeout names `what`); the reading
-    is not bounded by it."""
+    is not bounded by it.
+
+    Raises:
+      CheckpointError: as `open_checkpoint`, or what `read` raised for a checkpoint that did
+        not change meanwhile.
+
+    >>> path = jstate.Saver().save(state, "ckpt/model")
+    >>> reading(path, lambda ckpt: ckpt.read_host(["biases"])["biases"].shape)
+    (200,)
+    """
     for attempt in range(_RELIST):
         ckpt = _open_within(path, timeout, what)
         try:
             return read(ckpt)
         except CheckpointError:
-            if attempt == _RELIST - 1 or not ckpt.changed():
+            if attempt == _RELIST - 1 or not ckpt._changed():
                 raise
     raise AssertionError("unreachable")
 
@@ -386,7 +407,13 @@ def load_variable(
 
 
 def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:
-    """Checkpoints, oldest first: path, step, when committed, data size, variables, writer."""
+    """Checkpoints, oldest first, as a `Table`: path, step, when committed, data size,
+    variables, writer (titled with `directory`).
+
+    >>> _ = jstate.Saver().save(state, "ckpt/model", step=1)
+    >>> print(checkpoints_table("ckpt", checkpoints("ckpt")).title)
+    ckpt: 1 checkpoints
+    """
     import datetime
 
     rows = [

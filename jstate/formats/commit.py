@@ -2,7 +2,7 @@
 
 A checkpoint at ``ckpt/model-1000`` is a directory:
 
-  jstate.json             the manifest (`_manifest`), written last in one atomic step
+  jstate.json             the manifest (`manifest`), written last in one atomic step
   arrays-<token>/         the arrays of one save (an Orbax checkpoint), under the save's token
 
 A save writes its arrays under a token no other save uses, then the manifest naming them: a
@@ -43,7 +43,11 @@ _LONGEST = len(_DATA) + 80 + len(_ORBAX_TMP) + 20
 
 
 def data_dir(final: Path, token: str) -> Path:
-    """Where a save with `token` writes the arrays of checkpoint `final`."""
+    """Where a save with `token` writes the arrays of checkpoint `final`.
+
+    >>> data_dir(Path("ckpt/model-1"), "host-1-abc")
+    PosixPath('ckpt/model-1/arrays-host-1-abc')
+    """
     return final / f"{_DATA}{token}"
 
 
@@ -84,14 +88,22 @@ def _marker(final: Path, token: str) -> Path:
 
 
 def is_ours(path: Path) -> bool:
-    """Whether `path` is a directory holding only what jstate saves put there."""
+    """Whether `path` is a directory holding only what jstate saves put there.
+
+    >>> is_ours(Path(jstate.Saver().save(state, "ckpt/model"))), is_ours(Path("ckpt"))
+    (True, False)
+    """
     if not _storage.is_dir(path) or _storage.is_symlink(path):
         return False
     return only_ours(_storage.listdir(path))
 
 
 def only_ours(names: Iterable[str]) -> bool:
-    """Whether the names in a directory are all ones that jstate saves put there."""
+    """Whether the names in a directory are all ones that jstate saves put there.
+
+    >>> only_ours(["jstate.json", "arrays"]), only_ours(["jstate.json", "notes.txt"])
+    (True, False)
+    """
     return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in names)
 
 
@@ -110,7 +122,14 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     """Delete checkpoint `path`: its manifest first (it stops being listed), then its files.
 
     With `expected`, only if its manifest is still that one: a checkpoint re-saved since it was
-    chosen for deletion is kept. Returns whether it was deleted.
+    chosen for deletion is kept.
+
+    Returns:
+      Whether it was deleted (False: it was re-saved since, or is gone already).
+
+    >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
+    >>> delete(path, expected=Manifest({})), delete(path), path.exists()
+    (False, True, False)
     """
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted

@@ -33,6 +33,11 @@ UNRECORDED = -1  # a file's CRC32C that was not taken
 
 
 def checksum(data: np.ndarray | bytes | mmap.mmap) -> int:
+    """The CRC32C of `data`: of an array's bytes in C order, whatever its strides.
+
+    >>> checksum(b"jstate") == checksum(np.frombuffer(b"jstate", np.uint8))
+    True
+    """
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     return crc32c.crc32c(data)
@@ -50,7 +55,12 @@ def _parse_key(key: str) -> tuple[slice, ...]:
 
 
 def array_digests(array: jax.Array) -> dict[str, int]:
-    """CRC32C of each distinct shard this process holds, keyed by the region it covers."""
+    """CRC32C of each distinct shard this process holds, keyed by the region it covers.
+
+    >>> mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    >>> sorted(array_digests(jax.device_put(np.zeros((4, 3), np.float32), jax.NamedSharding(mesh, jax.P("x")))))
+    ['0:2,0:3', '2:4,0:3']
+    """
     return {
         _slice_key(shard.index, array.shape): checksum(np.asarray(shard.data))
         for shard in array.addressable_shards
@@ -82,6 +92,18 @@ def verify_arrays(
     are copied with numpy, never sliced with JAX indexing, which explicit mesh axes refuse.
     Device-to-host copies start at once and checksums run in a thread pool (crc32c releases the
     GIL), so on accelerators the copies overlap the hashing.
+
+    Args:
+      arrays: the restored arrays, by name.
+      digests: ``{name: {region: crc32c}}`` recorded at save.
+      elsewhere: where to add the regions this process must check on the host (None: skip them).
+
+    Returns:
+      ``(name, region)`` of the first mismatch, or None when all match.
+
+    >>> x = jnp.arange(6.0)
+    >>> verify_arrays({"x": x}, {"x": array_digests(x)}), verify_arrays({"x": x}, {"x": {"0:6": 0}})
+    (None, ('x', '0:6'))
     """
     jobs = []
     for name, array in arrays.items():
@@ -129,7 +151,12 @@ def _owner(name: str, key: str, region: Bounds, array: jax.Array) -> int | None:
 
 
 def verify_host(arrays: dict[str, np.ndarray], digests: dict[str, dict[str, int]]) -> tuple[str, str] | None:
-    """`verify_arrays` for whole arrays in host memory: every recorded region is checked."""
+    """`verify_arrays` for whole arrays in host memory: every recorded region is checked.
+
+    >>> x = np.arange(6.0)
+    >>> verify_host({"x": x}, {"x": whole_digest(x)}), verify_host({"x": x}, {"x": {"2:4": 0}})
+    (None, ('x', '2:4'))
+    """
     for name, array in arrays.items():
         for key, expected in digests.get(name, {}).items():
             if checksum(array[_parse_key(key)]) != expected:
@@ -164,7 +191,8 @@ class Running:
                 self._runs[key] = [start, start + math.prod(lengths) * itemsize, 0]
 
     def feed(self, start: int, block: memoryview) -> None:
-        """The array's bytes from byte `start` on (blocks must come in order)."""
+        """Take the array's bytes from byte `start` on (blocks must come in order); the class's
+        example feeds one."""
         end = start + len(block)
         for run in self._runs.values():
             if run[0] < run[1] and start <= run[0] < end:
@@ -173,7 +201,8 @@ class Running:
                 run[0] = stop
 
     def finish(self, array: np.ndarray) -> str | None:
-        """The key of the first region of `array` that does not match its digest, or None."""
+        """The key of the first region of `array` that does not match its digest, or None (the
+        class's example finds one)."""
         for key, expected in self._digests.items():
             run = self._runs.get(key)
             found = run[2] if run is not None and run[0] == run[1] else checksum(array[_parse_key(key)])
@@ -214,14 +243,24 @@ def _size(bounds: Bounds | None) -> int:
 
 def file_checksum(path: Path) -> int:
     """CRC32C of a file: mapped into memory locally, no copy into fresh memory (slow on these
-    machines); downloaded from an object store."""
+    machines); downloaded from an object store.
+
+    >>> _ = Path("f").write_bytes(b"jstate")
+    >>> file_checksum(Path("f")) == checksum(b"jstate")
+    True
+    """
     with _storage.mapped(path) as data:
         return checksum(data)
 
 
 def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: True) -> dict[str, list[int]]:
     """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel);
-    the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others)."""
+    the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others).
+
+    >>> Path("d/sub").mkdir(parents=True); _ = Path("d/sub/f").write_bytes(b"jstate")
+    >>> file_records(Path("d")) == {"sub/f": [6, checksum(b"jstate")]}, file_records(Path("d"), lambda rel: False)
+    (True, {'sub/f': [6, -1]})
+    """
     found = _storage.files(directory)  # on GCS with the store's own CRC32C: nothing to read back
     wanted = [rel for rel, file in found.items() if file.crc32c is None and contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -23,10 +23,9 @@ import numpy as np
 from ..core.errors import CorruptCheckpointError
 from ..core.tree import path_name
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
 from . import orbax_s3 as _s3
-from .base import Checkpoint
+from .base import Checkpoint, Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
