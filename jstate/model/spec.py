@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import numpy as np
 
+from ..core.shaped import Shaped
 from .placement import DEFAULT, Origin, Placement
 
 
@@ -23,7 +23,7 @@ def dtype_of(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class VariableSpec:
+class VariableSpec(Shaped):
     """A declared variable: everything about it but its value.
 
     Attributes:
@@ -33,6 +33,7 @@ class VariableSpec:
       placement: where it lives (see `Placement`).
       options: extra keyword options given at declaration, as sorted (key, value) pairs.
       trainable: whether `State.trainable` holds it (``s.variable(..., trainable=False)``).
+      size, nbytes: its number of elements and the bytes its value takes (`core.shaped.Shaped`).
 
     >>> spec = state.spec("layer1/kernel")
     >>> spec.name, spec.shape, spec.dtype, spec.nbytes
@@ -48,18 +49,8 @@ class VariableSpec:
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
-        """The placement's sharding; None for JAX's default device."""
+        """Its placement's sharding (None where it has no placement)."""
         return self.placement.sharding
-
-    @property
-    def size(self) -> int:
-        """The number of elements."""
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes its value takes."""
-        return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
         """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed).
@@ -84,7 +75,6 @@ def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
     'cpu:1 (from sharding=)'
     >>> str(spec_of("w", jnp.zeros(2)).placement)
     'default (from default)'
-
     """
     if isinstance(leaf, jax.ShapeDtypeStruct):
         sharding = leaf.sharding
@@ -92,22 +82,3 @@ def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
         sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
     placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
     return VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One array a checkpoint holds: where its format keeps it, and what it is.
-
-    Attributes:
-      keypath: its path in the checkpoint's tree (Orbax), or ``(name,)`` for flat formats.
-      shape: its shape.
-      dtype: its dtype.
-    """
-
-    keypath: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
