@@ -344,7 +344,7 @@ def _leftovers(root: str) -> tuple[list[str], list[str]]:
     from jstate.storage import store as _storage
 
     directory = _storage.as_path(root)
-    remote = _storage.is_remote(directory)
+    remote = _storage.local_path(directory) is None
     bad, allowed = [], []
     for child, below in sorted(_storage.by_child(_storage.files(directory)).items()):
         manifest = Manifest.read(directory / child) if "" not in below else None
