@@ -49,14 +49,17 @@ class VariableSpec:
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
+        """Where the variable lives, as a `jax.sharding.Sharding`; None when it is not placed (the default device)."""
         return self.placement.sharding
 
     @property
     def size(self) -> int:
+        """The number of elements (1 for a scalar)."""
         return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
+        """The bytes the variable's value takes: `size` times the dtype's item size."""
         return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
