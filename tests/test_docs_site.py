@@ -129,3 +129,11 @@ def test_the_version_lives_in_one_place():
     assert 'dynamic = ["version"]' in pyproject and 'version = { attr = "jstate.__version__" }' in pyproject
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## [{jstate.__version__}]" in changelog, "CHANGELOG.md has no section for jstate.__version__"
+
+
+def test_ci_builds_the_site_with_the_command_the_readme_names():
+    command = "sphinx-build -W --keep-going -n -b html docs docs/_build/html"
+    assert command in (ROOT / "README.md").read_text().replace("\n", " ")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"\n{command}\n" in ci and "\npython -m build\n" in ci and "twine check" in ci
+    assert "\nruff check jstate tests benchmarks\n" in ci and "\nruff format --check jstate tests benchmarks\n" in ci
