@@ -16,8 +16,7 @@ def _public_objects():
     for export, obj in vars(jstate).items():
         if export.startswith("_") or inspect.ismodule(obj):
             continue
-        # Public errors say `jstate` (as their tracebacks show them); the rest name their module.
-        assert obj.__module__ == "jstate" or obj.__module__.startswith("jstate."), f"jstate.{export} is not in jstate"
+        assert obj.__module__.startswith("jstate."), f"jstate.{export} is not defined in jstate"
         found[f"{obj.__module__}.{obj.__qualname__}"] = obj
         if not inspect.isclass(obj):
             continue

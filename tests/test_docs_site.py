@@ -91,12 +91,6 @@ def test_every_documented_member_has_a_docstring():
     assert not bare, f"public names without a docstring (the API reference would leave them out): {bare}"
 
 
-def test_public_errors_are_documented_as_jstate_names():
-    errors = [o for o in vars(jstate).values() if inspect.isclass(o) and issubclass(o, Exception)]
-    assert jstate.JStateError in errors and jstate.StoreTimeoutError in errors
-    assert [e.__name__ for e in errors if e.__module__ != "jstate"] == []
-
-
 def test_the_flax_guide_runs(tmp_path, monkeypatch):
     """The training recipe (moved from the README to docs/guides/flax.md), a crash and a resume."""
     cells = CODE_CELL.findall((DOCS / "guides" / "flax.md").read_text())
