@@ -62,7 +62,7 @@ extensions = [
     "sphinx.ext.viewcode",  # a [source] link beside every entry
 ]
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints", "README.md"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 
 # -- HTML: the theme Flax, Orbax and Optax use ------------------------------------------------
