@@ -8,7 +8,6 @@ from .checkpoint.lookup import list_variables as list_variables
 from .checkpoint.lookup import load_variable as load_variable
 from .checkpoint.lookup import open_checkpoint as open_checkpoint
 from .checkpoint.saver import Saver as Saver
-from .checkpoint.saver import save_safetensors as save_safetensors
 from .core.errors import CheckpointError as CheckpointError
 from .core.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .core.errors import CorruptCheckpointError as CorruptCheckpointError
@@ -24,7 +23,9 @@ from .core.errors import StoreTimeoutError as StoreTimeoutError
 from .core.errors import UninitializedError as UninitializedError
 from .core.errors import UnknownVariableError as UnknownVariableError
 from .core.table import Table as Table
+from .core.tree import to_nnx as to_nnx
 from .formats.base import Checkpoint as Checkpoint
+from .formats.safetensors import save_safetensors as save_safetensors
 from .model.balance import round_robin as round_robin
 from .model.flax import flax_model as flax_model
 from .model.init import abstract as abstract
@@ -38,6 +39,5 @@ from .model.spec import VariableSpec as VariableSpec
 from .model.state import State as State
 from .model.state import from_nnx as from_nnx
 from .model.state import report_uninitialized as report_uninitialized
-from .model.state import to_nnx as to_nnx
 
 __version__ = "0.1.0"

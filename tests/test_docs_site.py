@@ -20,11 +20,12 @@ DIRECTIVE = re.compile(r"^\.\. auto(class|function|exception|module)::\s*(\S+)[ 
 CODE_CELL = re.compile(r"```\{code-cell\}[^\n]*\n(?::.*\n)*(.*?)```", re.S)
 
 
-def _members(cls: type) -> dict[str, object]:
-    """The public methods and properties a jstate class defines or inherits from a jstate class
-    (not from builtins, `Mapping` or `Exception`): what autodoc's ``:members:`` shows."""
+def _members(cls: type, inherited: bool = True) -> dict[str, object]:
+    """The public methods and properties a jstate class defines, and with `inherited` those it
+    inherits from jstate classes (not from builtins, `Mapping` or `Exception`). autodoc's
+    ``:members:`` shows the first; ``:inherited-members:`` adds the second."""
     found = {}
-    for klass in reversed(cls.__mro__):
+    for klass in reversed(cls.__mro__) if inherited else [cls]:
         if not klass.__module__.startswith("jstate"):
             continue
         for attr, member in vars(klass).items():
@@ -58,6 +59,7 @@ def _documented() -> dict[str, set[str]]:
     for page in sorted((DOCS / "api").glob("*.rst")):
         for kind, target, options in DIRECTIVE.findall(page.read_text()):
             members = ":members:" in options
+            inherited = ":inherited-members:" in options
             if kind == "module":
                 module = __import__(target, fromlist=["_"])
                 targets = [f"{target}.{n}" for n in module.__all__] if members else []
@@ -67,7 +69,7 @@ def _documented() -> dict[str, set[str]]:
                 pages.setdefault(name, set()).add(page.name)
                 obj = _public().get(name)
                 if members and inspect.isclass(obj):
-                    for attr in _members(obj):
+                    for attr in _members(obj, inherited):
                         pages.setdefault(f"{name}.{attr}", set()).add(page.name)
     return pages
 

@@ -202,12 +202,12 @@ def _pid_namespaces_unavailable() -> str | None:
 
 def test_live_writer_on_another_machine_with_same_host_name_and_pid_is_not_cleaned(gcs, cloud_env, tmp_path):
     """Two containers on two machines, both with host name H and the trainer as pid 1 (simulated:
-    two PID namespaces on this host, each writer is pid 1). On an object store `_files.alive`
+    two PID namespaces on this host, each writer is pid 1). On an object store `tokens.alive`
     trusts (pid, host) == its own to mean "one of mine", so writer A's `prepare` -> `clean`
     deletes writer B's arrays while B is between its arrays and its manifest; B then commits a
     manifest naming deleted arrays: its save returned, and its checkpoint is unreadable. The
     README: "a live writer's files are never touched", "A save that returned is on disk".
-    (`_files.alive`'s own docstring says host names repeat across machines.)"""
+    (`tokens.alive`'s own docstring says host names repeat across machines.)"""
     reason = _pid_namespaces_unavailable()
     if reason:
         pytest.skip(reason)
@@ -344,12 +344,40 @@ def _http_requests(monkeypatch, fn) -> int:
     return count
 
 
+def _jstate_requests(monkeypatch, fn) -> int:
+    """The requests jstate itself sends while `fn` runs: its calls of a storage client
+    (`storage.remote._call`: one request each, or one per page of a listing). Orbax's own are
+    left out: within one save, its background threads read back the step metadata they write
+    a number of times that varies from run to run (`_CHECKPOINT_METADATA`, read again only if a
+    write queued before has landed), whatever is beside."""
+    from jstate.storage import remote as _remote
+
+    count = 0
+    real = _remote._call
+
+    def counting(*args, **kwargs):
+        nonlocal count
+        count += 1
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(_remote, "_call", counting)
+        fn()
+    assert count, "no request counted: jstate no longer sends through storage.remote._call"
+    return count
+
+
 def test_requests_do_not_grow_with_the_checkpoints_beside(root, monkeypatch):
     """A save beside 40 checkpoints sent 168 requests: each checkpoint beside cost a few (its
     manifest, two `isfile`, a `find`), and so it was for every lookup. Expected: one listing of
     the prefix judges them all. A save, latest_checkpoint, open_checkpoint and a restore cost
     the same beside 20 checkpoints as beside 5 (within a request or two); list_checkpoints, which
-    shows what each manifest holds, costs one request more per checkpoint."""
+    shows what each manifest holds, costs one request more per checkpoint.
+
+    A save's own requests are counted apart from Orbax's (`_jstate_requests`): Orbax's vary by a
+    few from save to save (63 to 67 on GCS, measured), which alone failed this test once. All of
+    a save's requests together must still grow by less than one per checkpoint added: a request
+    per checkpoint beside, jstate's or Orbax's, fails it."""
     saver, state = jstate.Saver(), small()
     costs, saved = {}, 0
     for n in (5, 20):
@@ -361,12 +389,16 @@ def test_requests_do_not_grow_with_the_checkpoints_beside(root, monkeypatch):
             "open_checkpoint": _http_requests(monkeypatch, lambda: jstate.open_checkpoint(root)),
             "restore": _http_requests(monkeypatch, lambda: saver.restore(root, state)),
             "list_checkpoints": _http_requests(monkeypatch, lambda: jstate.list_checkpoints(root)),
-            "save": _http_requests(monkeypatch, lambda n=n: saver.save(state, f"{root}/model", step=1000 + n)),
+            "save": _jstate_requests(monkeypatch, lambda n=n: saver.save(state, f"{root}/model", step=1000 + n)),
+            "save with Orbax's": _http_requests(
+                monkeypatch, lambda n=n: saver.save(state, f"{root}/model", step=2000 + n)
+            ),
         }
-        saved += 1
+        saved += 2
     few, many = costs[5], costs[20]
     for name in ("latest_checkpoint", "open_checkpoint", "restore", "save"):
         assert many[name] <= few[name] + 2, costs
+    assert many["save with Orbax's"] < few["save with Orbax's"] + 15, costs
     assert many["list_checkpoints"] - few["list_checkpoints"] <= 15 + 2, costs
     assert few["latest_checkpoint"] <= 20, costs
 

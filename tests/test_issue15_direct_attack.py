@@ -1,6 +1,6 @@
 """Attacks on the direct read of uncompressed arrays from Orbax's OCDBT files (issue 15:
 `_ocdbt.locate` / `Located.read` / `read_slices`, `_integrity.Running`, `_native._fetch` and
-`_place`, the `_locate` and `_decoded` caches, `_plain_sizes`).
+`_place`, the `_locate` and `_decoded` caches, `storage.local.walk`).
 
 Each test of the first part failed when the attack found it, and says what was wrong and what
 is expected; the second part holds what the attack checked and found sound."""

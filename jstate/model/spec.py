@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import numpy as np
 
-from .placement import DEFAULT, Placement
+from ..core.shaped import Shaped
+from .placement import DEFAULT, Origin, Placement
 
 
 def dtype_of(value: Any) -> Any:
-    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys (``key<fry>``), which NumPy
-    cannot represent.
+    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys, which NumPy cannot represent.
 
     >>> dtype_of(jnp.zeros(2)), dtype_of(jax.random.key(0))
     (dtype('float32'), key<fry>)
@@ -24,7 +23,7 @@ def dtype_of(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class VariableSpec:
+class VariableSpec(Shaped):
     """A declared variable: everything about it but its value.
 
     Attributes:
@@ -34,6 +33,7 @@ class VariableSpec:
       placement: where it lives (see `Placement`).
       options: extra keyword options given at declaration, as sorted (key, value) pairs.
       trainable: whether `State.trainable` holds it (``s.variable(..., trainable=False)``).
+      size, nbytes: its number of elements and the bytes its value takes (`core.shaped.Shaped`).
 
     >>> spec = state.spec("layer1/kernel")
     >>> spec.name, spec.shape, spec.dtype, spec.nbytes
@@ -49,18 +49,8 @@ class VariableSpec:
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
-        """Where the variable lives, as a `jax.sharding.Sharding`; None when it is not placed (the default device)."""
+        """Its placement's sharding (None where it has no placement)."""
         return self.placement.sharding
-
-    @property
-    def size(self) -> int:
-        """The number of elements (1 for a scalar)."""
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes the variable's value takes: `size` times the dtype's item size."""
-        return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
         """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed).
@@ -71,20 +61,24 @@ class VariableSpec:
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One array a checkpoint holds: where its format keeps it, and what it is.
+def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
+    """The declaration a value implies: its shape, dtype, and the sharding it was placed on.
 
-    Attributes:
-      keypath: its path in the checkpoint's tree (Orbax), or ``(name,)`` for flat formats.
-      shape: its shape.
-      dtype: its dtype.
+    A committed array's sharding, or a struct's if it has one, becomes the placement;
+    uncommitted and traced arrays have none. How `State.from_tree` declares each leaf.
+
+    Args:
+      name: the variable's name.
+      leaf: its value, or a `jax.ShapeDtypeStruct` for an uninitialized variable.
+
+    >>> str(spec_of("w", jax.device_put(jnp.zeros(2), jax.devices()[1])).placement)
+    'cpu:1 (from sharding=)'
+    >>> str(spec_of("w", jnp.zeros(2)).placement)
+    'default (from default)'
     """
-
-    keypath: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+    else:
+        sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
+    placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
+    return VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
