@@ -241,7 +241,7 @@ def main() -> None:
     try:
         for name, sweep in sweeps.items():
             if args.only in (None, name):
-                date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
                 about = {"date": date, "command": h.command_line(), "quick": args.quick, "machine": machine()}
                 results[name] = {**about, **sweep()} if name != "memory" else {**about, "rows": sweep()}
                 # After each sweep, so that an interrupted run keeps what it measured.
