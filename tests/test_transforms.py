@@ -257,16 +257,15 @@ def test_prng_keys_are_not_transformed(tmp_path, no_reads):
         jstate.Saver([("k2", T.transpose("key"))]).restore(path, {"k2": jax.random.key(1)})
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+def test_the_layouts_guide_example_runs(tmp_path, monkeypatch, capsys):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    section = text[text.index("## Checkpoints in another layout") :]
-    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    guide = Path(__file__).parent.parent / "docs" / "guides" / "layouts.md"
+    code = re.search(r"```\{code-cell\}[^\n]*\n(.*?)```", guide.read_text(), flags=re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, str(guide), "exec"), scope)
     assert "layers/kernel  layers_0/kernel, layers_1/kernel" in capsys.readouterr().out
     assert jstate.list_variables("ckpt/exported") == jstate.list_variables("ckpt/old")
     np.testing.assert_array_equal(

@@ -62,7 +62,7 @@ class Saver:
       pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
         packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
         16 MiB instead of per variable. False (or 0) stores every variable under its own name,
-        as plain Orbax would (see the README's "Packed small variables").
+        as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables").
       progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
         and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
         either way.
@@ -129,7 +129,7 @@ class Saver:
         so does the interpreter's exit. A save killed at any moment leaves earlier checkpoints
         intact and is never listed. `path` may be an earlier checkpoint of this name (it is
         replaced), never another directory; it may be local or ``gs://bucket/...`` or
-        ``s3://bucket/...`` (see the README). A Saver is used from one thread at a time.
+        ``s3://bucket/...`` (docs/guides/object_storage.md). A Saver is used from one thread at a time.
         ``progress=True`` shows a progress bar (None: the Saver's `progress`).
 
         Raises:

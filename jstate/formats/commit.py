@@ -167,7 +167,7 @@ def _take(path: Path, expected: Manifest | None) -> bool:
 def _unlist(path: Path, expected: Manifest | None) -> bool:
     """Unlist `path` where no rename takes exactly one version of an object: the manifest just
     compared is deleted. (A re-save of this very path landing between the two requests is lost:
-    see the README's section on object storage.) The arrays it named are a finished save's, so
+    see docs/guides/object_storage.md.) The arrays it named are a finished save's, so
     they go at once; other writers' leftovers wait for `clean` and their age."""
     current = expected if expected is not None else Manifest.read(path)
     if current is None:

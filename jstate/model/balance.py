@@ -38,7 +38,7 @@ def round_robin(devices: Sequence[str | jax.Device], by: str = "order") -> Round
 
     Use it wherever a device spec goes: ``with s.placement(jstate.round_robin([...])):`` (TF's
     ``with tf.device(tf.train.replica_device_setter(...)):``), or as a rule's target,
-    ``rules=[(r".*", jstate.round_robin([...]))]``. Each variable it places goes to one device:
+    ``rules=[(r".*", jstate.round_robin([...]))]``. Each variable it places goes to one device::
 
       by="order"   the next device, in declaration order (TF's default round-robin strategy)
       by="size"    the device holding the fewest bytes so far, the first one on a tie (TF's
