@@ -1,4 +1,5 @@
-"""One JAX process of a multi-process test (started by tests/test_multihost.py).
+"""One JAX process of a multi-process test (started by `multihost.run_processes`, for
+tests/checkpoint/test_multihost.py and tests/cloud/test_cloud_checkpoints.py).
 
 Usage: python multihost_worker.py PORT PROCESS_ID NUM_PROCESSES SCENARIO WORKDIR
 Prints one JSON line of results on success.

@@ -23,17 +23,14 @@ import time
 import types
 import uuid
 
-import cloud
+import emulators
 import jax.numpy as jnp
 import pytest
+from emulators import objects, small
 
 import jstate
 from jstate.checkpoint import writer as _writer
 from jstate.storage import store as _storage
-
-cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
-store, root = cloud.store, cloud.root
-objects, small = cloud.objects, cloud.small
 
 
 def children(url: str) -> list[str]:
@@ -173,14 +170,14 @@ def through(store, extra_env: dict | None = None):
 
         if store.scheme == "s3":
             m.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "endpoint_url": proxy.endpoint})
-        cloud.reset_clients()
+        emulators.reset_clients()
         try:
             yield proxy
         finally:
             proxy.released.set()
             wait_for_workers()
-            cloud.reset_clients()
-    cloud.reset_clients()
+            emulators.reset_clients()
+    emulators.reset_clients()
     proxy.close()
 
 
@@ -569,7 +566,7 @@ def test_lookups_beside_thousands_of_junk_objects_and_look_alikes(store, root):
     fs, key = _storage._fs(_storage.as_path(root))
     foreign = [f"{root}/params"] if store.scheme == "gs" else []  # plain Orbax cannot write s3:// unaided
     for url in foreign:
-        cloud.orbax_save(url, {"a": jnp.ones(3)})
+        emulators.orbax_save(url, {"a": jnp.ones(3)})
     paths = [jstate.Saver().save(small(s), f"{root}/model", step=s) for s in (1, 2, 3)]
     junk = {f"{key}/junk/obj {i:04d} ü ✓.bin": b"x" for i in range(1100)}
     junk |= {
@@ -626,7 +623,7 @@ def test_load_variable_whose_array_read_freezes(store, root, cloud_env, tmp_path
     proxy.rule = lambda method, p: "freeze"
     env = {**cloud_env, "TENSORSTORE_GCS_HTTP_URL": proxy.endpoint}  # tensorstore's requests only
     try:
-        done = subprocess.run([sys.executable, "-c", FROZEN_READ, path], env=cloud.subprocess_env(env),
+        done = subprocess.run([sys.executable, "-c", FROZEN_READ, path], env=emulators.subprocess_env(env),
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
     finally:
         proxy.close()

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jstate
 from jstate import initializers as inits
 
-DATA = Path(__file__).parent / "data" / "tensorflow"
+DATA = Path(__file__).parents[1] / "data" / "tensorflow"
 INDEX = json.loads((DATA / "values" / "index.json").read_text())
 
 

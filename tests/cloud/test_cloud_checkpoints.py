@@ -1,4 +1,5 @@
-"""jstate checkpoints on gs:// and s3://, against fake-gcs-server and moto on 127.0.0.1 (tests/cloud.py).
+"""jstate checkpoints on gs:// and s3://, against fake-gcs-server and moto on 127.0.0.1
+(tests/cloud/emulators.py).
 
 The same commit rule as on local disk: the manifest, one object written last, is the commit. Every
 test works in a fresh prefix of the one bucket each emulator serves; a test whose emulator could
@@ -14,20 +15,18 @@ import sys
 import textwrap
 import uuid
 
-import cloud
+import emulators
 import jax
+import multihost
 import numpy as np
 import pytest
+from emulators import objects
 
 import jstate
 from jstate.checkpoint.inspect import inspect_checkpoint
 from jstate.formats import orbax as _orbax
 from jstate.storage import local as _files
 from jstate.storage import store as _storage
-
-cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
-store, root = cloud.store, cloud.root
-objects = cloud.objects
 
 
 def model(s):
@@ -49,7 +48,7 @@ def restore_in_fresh_process(path: str, env: dict, cwd) -> dict:
     values = ckpt.read_host(list(ckpt.entries))
     print(json.dumps({n: [str(v.dtype), list(v.shape), float(v.sum())] for n, v in values.items()}))
     """
-    return json.loads(cloud.run_python(code, env, args=[path], cwd=str(cwd)).strip().splitlines()[-1])
+    return json.loads(emulators.run_python(code, env, args=[path], cwd=str(cwd)).strip().splitlines()[-1])
 
 
 def test_save_restore_latest_and_retention(store, root, cloud_env, tmp_path):
@@ -179,7 +178,7 @@ def test_save_killed_mid_way_is_never_listed(root, cloud_env, tmp_path, monkeypa
     save into the directory after that."""
     completed = subprocess.run(
         [sys.executable, "-c", KILLED_SAVE, root],
-        env=cloud.subprocess_env(cloud_env),
+        env=emulators.subprocess_env(cloud_env),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -226,7 +225,7 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
     _orbax._s3_shim()
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x", use_ocdbt=False)
     assert spec == {"driver": "s3", "bucket": "bucket", "path": "ckpt/arrays-x", "endpoint": s3.endpoint,
-                    "aws_region": cloud.REGION, "aws_credentials": {"type": "environment"}}  # fmt: skip
+                    "aws_region": emulators.REGION, "aws_credentials": {"type": "environment"}}  # fmt: skip
     ocdbt = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x/", use_ocdbt=True)
     assert ocdbt["driver"] == "ocdbt" and "s3" in json.dumps(ocdbt) and "file" not in json.dumps(ocdbt)
     assert tensorstore_utils.build_kvstore_tspec("gs://b/c", use_ocdbt=False)["driver"] == "gcs"
@@ -235,41 +234,37 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
 
 # -- several processes ---------------------------------------------------------------------------
 def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
-    """tests/test_multihost.py's two-process save, with the checkpoint directory on the GCS emulator:
-    no local directory is shared (each process's working directory is its own, empty)."""
-    import test_multihost
-
+    """tests/checkpoint/test_multihost.py's two-process save, with the checkpoint directory on the GCS
+    emulator: no local directory is shared (each process's working directory is its own, empty)."""
     root = gcs.url(f"multihost-{uuid.uuid4().hex[:8]}")
-    results = test_multihost.run_processes("save", root, env=cloud.subprocess_env(cloud_env), cwd=tmp_path)
+    results = multihost.run_processes("save", root, env=emulators.subprocess_env(cloud_env), cwd=tmp_path)
     for code, _, err in results:
         assert code == 0, err[-3000:]
-    r0, r1 = (test_multihost.last_json(out) for _, out, _ in results)
+    r0, r1 = (multihost.last_json(out) for _, out, _ in results)
     assert r0["path"] == r1["path"] == r0["latest"] == r1["latest"] == f"{root}/model-2"
     assert r0["same"] == r0["sums"] and r1["same"] == r1["sums"]
     assert r0["other"] == pytest.approx(r0["sums"], rel=1e-5)
     assert [row[0] for row in jstate.list_checkpoints(root)] == [f"{root}/model-1", f"{root}/model-2"]
-    restored = jstate.Saver().restore(root, jstate.abstract(test_multihost.model))
+    restored = jstate.Saver().restore(root, jstate.abstract(multihost.model))
     for name, total in r0["sums"].items():
         assert float(np.sum(np.asarray(restored[name]))) == pytest.approx(total, rel=1e-5)
     assert os.listdir(tmp_path) == []
 
 
 def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs, cloud_env, tmp_path):
-    """tests/test_multihost.py's kill scenario with the checkpoints on GCS: process 1 dies mid-save;
-    process 0's save fails once the Saver's timeout (2 s) has passed at a barrier, instead of
-    hanging, and model-1 stays the latest, restorable. (A 16 MiB array, not 256: on the emulator
+    """tests/checkpoint/test_multihost.py's kill scenario with the checkpoints on GCS: process 1 dies
+    mid-save; process 0's save fails once the Saver's timeout (2 s) has passed at a barrier, instead
+    of hanging, and model-1 stays the latest, restorable. (A 16 MiB array, not 256: on the emulator
     the large one took 18 s.)"""
-    import test_multihost
-
     root = gcs.url(f"multihost-kill-{uuid.uuid4().hex[:8]}")
-    env = cloud.subprocess_env({**cloud_env, "JSTATE_TEST_KILL_TIMEOUT": "2", "JSTATE_TEST_KILL_ROWS": "4"})
-    results = test_multihost.run_processes("kill", root, timeout=90, env=env, cwd=tmp_path)
+    env = emulators.subprocess_env({**cloud_env, "JSTATE_TEST_KILL_TIMEOUT": "2", "JSTATE_TEST_KILL_ROWS": "4"})
+    results = multihost.run_processes("kill", root, timeout=90, env=env, cwd=tmp_path)
     assert results[1][0] == 9, results[1][2][-3000:]
     assert results[0][0] == 0, results[0][2][-3000:]
-    failed = test_multihost.last_json(results[0][1])["failed"]
+    failed = multihost.last_json(results[0][1])["failed"]
     assert failed.startswith(f"Saving checkpoint {root}/model-2 failed") and "Earlier checkpoints are intact" in failed
     assert jstate.latest_checkpoint(root) == f"{root}/model-1"
-    assert jstate.Saver().restore(root, jstate.abstract(test_multihost.model)).uninitialized() == []
+    assert jstate.Saver().restore(root, jstate.abstract(multihost.model)).uninitialized() == []
     assert os.listdir(tmp_path) == []
 
 
@@ -300,7 +295,7 @@ def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot
     )
     url, elsewhere = s3.url(f"unpatched-{uuid.uuid4().hex[:8]}"), tmp_path / "elsewhere"
     elsewhere.mkdir()
-    out = cloud.run_python(code, cloud_env, args=[url, str(elsewhere)], cwd=str(tmp_path))
+    out = emulators.run_python(code, cloud_env, args=[url, str(elsewhere)], cwd=str(tmp_path))
     assert os.path.isdir(tmp_path / "s3:"), "plain Orbax no longer writes s3:// locally: review the shim"
     message = json.loads(out.strip().splitlines()[-1])
     assert "s3:// checkpoints need orbax-checkpoint 0.12.8" in message and "Nothing was written" in message
@@ -315,10 +310,10 @@ def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot
 STORE_GOES_AWAY = """
 import json, os, signal, sys, tempfile, threading
 sys.path.insert(0, sys.argv[1])
-import cloud
-server = cloud.RestartableGCS(tempfile.mkdtemp())
+import emulators
+server = emulators.RestartableGCS(tempfile.mkdtemp())
 server.start()
-os.environ.update(cloud.loopback_env(server.emulator(), None))
+os.environ.update(emulators.loopback_env(server.emulator(), None))
 import jax.numpy as jnp
 import jstate
 from jstate.formats import integrity as _integrity
@@ -367,7 +362,7 @@ def store_went_away(cloud_session, tmp_path_factory) -> dict:
         pytest.skip(f"GCS emulator unavailable: {cloud_session.gcs_error}")
     cwd = tmp_path_factory.mktemp("store-went-away")
     here = os.path.dirname(os.path.abspath(__file__))
-    out = cloud.run_python(STORE_GOES_AWAY, cloud_session.env, args=[here, *MODES], cwd=str(cwd), timeout=150)
+    out = emulators.run_python(STORE_GOES_AWAY, cloud_session.env, args=[here, *MODES], cwd=str(cwd), timeout=150)
     assert os.listdir(cwd) == []
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["mode"]: r for r in results}

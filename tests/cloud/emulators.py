@@ -1,21 +1,13 @@
 """Object-storage emulators on 127.0.0.1 for the tests: fake-gcs-server for ``gs://``, moto for ``s3://``.
 
-Not a test module: the tests import it (``from cloud import ...``). Everything here talks to 127.0.0.1
+Not a test module: the tests import it (``from emulators import ...``); their fixtures (``gcs``, ``s3``,
+``store``, ``root``, ``cloud_env``) are in tests/cloud/conftest.py. Everything here talks to 127.0.0.1
 only, and :func:`loopback_env` is the one place that lists the variables keeping the GCS and S3
 clients (gcsfs, s3fs, boto3, google-auth, tensorstore) off the real hosts and off the cloud metadata
 server. What each client does with them is recorded in shared/CLOUD.md.
 
-Two ways to use it:
-
-* In pytest: bind the fixtures in the test module, ``cloud_session, cloud_env, gcs, s3 =
-  cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3`` (an assignment, not ``from cloud import
-  gcs``, which ruff reports as F811 where a test takes ``gcs``). ``gcs`` and ``s3`` are
-  :class:`Emulator` objects started once per test session, or a skip that says why the emulator
-  could not start. ``cloud_env`` is the environment dict; it is set in this process (``os.environ``
-  and fsspec's config) from the first request until the session ends, so that every client created
-  afterwards stays on loopback. Pass it to subprocesses with :func:`run_python` or :func:`subprocess_env`.
-* Elsewhere: the context managers :func:`fake_gcs_server` and :func:`moto_s3_server`, then
-  :func:`loopback_env` for a subprocess's environment or :func:`use_loopback_env` for this process.
+Outside pytest: the context managers :func:`fake_gcs_server` and :func:`moto_s3_server`, then
+:func:`loopback_env` for a subprocess's environment or :func:`use_loopback_env` for this process.
 
 Set the environment before the first GCS/S3 client is made in a process: gcsfs reads
 ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` when it is imported, fsspec reads ``FSSPEC_*`` when it is imported,
@@ -23,7 +15,7 @@ and etils.epath, fsspec and tensorstore keep their clients for the life of the p
 :func:`use_loopback_env` corrects what it can after the fact (fsspec's config, the class fsspec
 uses for ``gs://``, the cached clients); a fresh subprocess with :func:`subprocess_env` needs none of it.
 
-``python tests/cloud.py selfcheck`` starts both emulators, saves an Orbax checkpoint to ``gs://``,
+``python tests/cloud/emulators.py selfcheck`` starts both emulators, saves an Orbax checkpoint to ``gs://``,
 restores it in a fresh process, round-trips an array through tensorstore's ``s3`` driver, and saves,
 lists and reads jstate checkpoints on both; the tests run it inside a network namespace that has
 only loopback.
@@ -480,7 +472,7 @@ RESTORE_CODE = f"""
 import json, sys
 import orbax.checkpoint as ocp
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-from cloud import encode_arrays
+from emulators import encode_arrays
 with ocp.StandardCheckpointer() as checkpointer:
     print(json.dumps({{path: encode_arrays(checkpointer.restore(path)) for path in sys.argv[1:]}}))
 """
@@ -534,20 +526,17 @@ def small(value: float = 1.0):
     return jstate.State.from_tree({"w": jnp.full((8,), value, jnp.float32)})
 
 
-# --- pytest fixtures --------------------------------------------------------------------------------
+# --- where the cloud tests run -------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class CloudSession:
-    gcs: Emulator | None
-    s3: Emulator | None
-    gcs_error: str | None
-    s3_error: str | None
-    env: dict[str, str]
-
-
-# Set in the test run that `test_cloud_emulators.py` starts inside a network namespace.
+# Set in the pytest run that tests/cloud/test_emulators.py starts inside a network namespace.
 IN_NAMESPACE = "JSTATE_CLOUD_TESTS_IN_NETNS"
+# The test that starts it.
+NESTED = "test_the_cloud_tests_pass_inside_a_network_namespace"
+
+
+def uses_emulators(item: pytest.Item) -> bool:
+    """Whether a collected test uses the emulators (through the ``cloud_session`` fixture)."""
+    return "cloud_session" in getattr(item, "fixturenames", ())
 
 
 @functools.cache
@@ -566,80 +555,13 @@ def namespace_unavailable() -> str | None:
     return None
 
 
-def tested_in_namespace() -> bool:
-    """Whether this session leaves the cloud tests to a run of their own inside a network
-    namespace with only loopback (where it can make one, and is not that run)."""
-    return os.environ.get(IN_NAMESPACE) != "1" and namespace_unavailable() is None
-
-
-@pytest.fixture(scope="session")
-def cloud_session() -> Iterator[CloudSession]:
-    """Both emulators, started once; the loopback environment, set in this process until the end."""
-    if tested_in_namespace():
-        pytest.skip(
-            "run inside a network namespace with only loopback, by "
-            "tests/test_cloud_emulators.py::test_the_cloud_tests_pass_inside_a_network_namespace"
-        )
-    with contextlib.ExitStack() as stack:
-        started, errors = {}, {}
-        for name, start in (("gcs", fake_gcs_server), ("s3", moto_s3_server)):
-            try:
-                started[name] = stack.enter_context(start())
-            except EmulatorUnavailable as e:
-                errors[name] = str(e)
-        env = loopback_env(started.get("gcs"), started.get("s3"))
-        monkeypatch = stack.enter_context(pytest.MonkeyPatch.context())
-        use_loopback_env(monkeypatch, env)
-        stack.callback(reset_clients)  # Runs before the environment is restored.
-        yield CloudSession(started.get("gcs"), started.get("s3"), errors.get("gcs"), errors.get("s3"), env)
-
-
-@pytest.fixture
-def gcs(cloud_session: CloudSession) -> Emulator:
-    """fake-gcs-server with bucket :data:`BUCKET`; the test is skipped with the reason if it did not start."""
-    if cloud_session.gcs is None:
-        pytest.skip(f"GCS emulator unavailable: {cloud_session.gcs_error}")
-    return cloud_session.gcs
-
-
-@pytest.fixture
-def s3(cloud_session: CloudSession) -> Emulator:
-    """moto's S3 with bucket :data:`BUCKET`; the test is skipped with the reason if it did not start."""
-    if cloud_session.s3 is None:
-        pytest.skip(f"S3 emulator unavailable: {cloud_session.s3_error}")
-    return cloud_session.s3
-
-
-@pytest.fixture(params=["gcs", "s3"])
-def store(request) -> Emulator:
-    """Each emulator in turn (a test using it runs once per store)."""
-    return request.getfixturevalue(request.param)
-
-
-@pytest.fixture
-def root(store: Emulator, tmp_path, monkeypatch) -> Iterator[str]:
-    """A fresh prefix in the store's bucket; the working directory is an empty temporary one, which
-    must stay empty (a local ``gs:`` or ``s3:`` directory would appear there)."""
-    monkeypatch.chdir(tmp_path)
-    yield store.url(f"t-{uuid.uuid4().hex[:8]}")
-    assert os.listdir(tmp_path) == [], "a save wrote locally"
-
-
-@pytest.fixture
-def cloud_env(cloud_session: CloudSession) -> dict[str, str]:
-    """The loopback environment (already set in this process): pass it to :func:`run_python` or
-    :func:`subprocess_env` for a subprocess."""
-    return dict(cloud_session.env)
-
-
-# --- python tests/cloud.py selfcheck ----------------------------------------------------------------
+# --- python tests/cloud/emulators.py selfcheck ----------------------------------------------------------------
 
 
 def selfcheck() -> dict:
     """Start both emulators, set the environment before any cloud client is imported, then: an Orbax
     checkpoint on gs:// restored in a fresh process, an array through tensorstore's s3 driver, a file
     through etils.epath on s3://. Returns timings; raises on any difference."""
-    import uuid
 
     timings = {}
     with fake_gcs_server() as gcs_server, moto_s3_server() as s3_server:
@@ -707,5 +629,5 @@ def selfcheck() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["selfcheck"]:
-        sys.exit("usage: python tests/cloud.py selfcheck")
+        sys.exit("usage: python tests/cloud/emulators.py selfcheck")
     print(json.dumps({"ok": True, **{k: round(v, 3) for k, v in selfcheck().items()}}))

@@ -1,4 +1,4 @@
-"""The object-storage test harness (tests/cloud.py) against real emulators on 127.0.0.1: fake-gcs-server
+"""The object-storage test harness (tests/emulators.py) against real emulators on 127.0.0.1: fake-gcs-server
 for gs://, moto for s3://. Every test does real I/O through an emulator; a test whose emulator cannot
 start is skipped with the reason. Nothing may contact an address other than loopback: the last test
 proves it in a network namespace that has only loopback, with every connect() traced."""
@@ -11,20 +11,12 @@ import sys
 import uuid
 import warnings
 
-import cloud
+import emulators
 import numpy as np
 import pytest
-from cloud import Emulator, encode_arrays, orbax_save, restore_in_fresh_process, sample_tree
-
-# The fixtures (tests/cloud.py): emulators started once per session, skipped with the reason if they cannot.
-cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
+from emulators import Emulator, encode_arrays, orbax_save, restore_in_fresh_process, sample_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(params=["gcs", "s3"])
-def store(request) -> Emulator:
-    return request.getfixturevalue(request.param)
 
 
 def unique(emulator: Emulator, name: str) -> str:
@@ -111,7 +103,7 @@ def test_nothing_leaves_loopback(tmp_path):
     """The self-check (emulators, Orbax on gs:// restored in a fresh process, tensorstore and epath on
     s3://) inside a new network namespace that has only loopback; with strace, every connect() of
     every process is to 127.0.0.1 or ::1."""
-    reason = cloud.namespace_unavailable()
+    reason = emulators.namespace_unavailable()
     if reason:
         pytest.skip(reason)
     trace = tmp_path / "connect.trace"
@@ -119,7 +111,7 @@ def test_nothing_leaves_loopback(tmp_path):
     traced = _strace_works(strace[:-2])
     if not traced:  # The namespace alone still guarantees it; only the list of connections is missing.
         warnings.warn("strace is missing or cannot trace here: connections not listed", stacklevel=1)
-    command = " ".join([*(strace if traced else []), sys.executable, os.path.join(HERE, "cloud.py"), "selfcheck"])
+    command = " ".join([*(strace if traced else []), sys.executable, os.path.join(HERE, "emulators.py"), "selfcheck"])
     result = subprocess.run(
         ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
         capture_output=True,
@@ -138,35 +130,35 @@ def test_nothing_leaves_loopback(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] in ([], ["connect.trace"])  # Nothing written locally.
 
 
-def cloud_tests() -> list[str]:
-    """The test files that use the emulators (they bind `cloud.cloud_session`)."""
-    files = sorted(f for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py"))
-    return [f for f in files if "cloud.cloud_session" in open(os.path.join(HERE, f), encoding="utf-8").read()]
-
-
-def test_the_cloud_tests_pass_inside_a_network_namespace():
+@pytest.mark.slow
+def test_the_cloud_tests_pass_inside_a_network_namespace(request):
     """Where this machine can make a network namespace with only loopback (root, `unshare -n`),
-    every test that uses the emulators runs in one, in a pytest run of its own: there, nothing
-    could reach another host even if a client ignored the loopback environment. (This session
-    skips them, saying so; elsewhere they run in it, kept on loopback by their environment.)"""
-    if os.environ.get(cloud.IN_NAMESPACE) == "1":
+    every test of this session that uses the emulators runs in one, in a pytest run of its own:
+    there, nothing could reach another host even if a client ignored the loopback environment.
+    (This session skips them, saying so: tests/cloud/conftest.py; elsewhere they run in it, kept
+    on loopback by their environment.)"""
+    if os.environ.get(emulators.IN_NAMESPACE) == "1":
         pytest.skip("this is the run inside the namespace")
-    reason = cloud.namespace_unavailable()
+    reason = emulators.namespace_unavailable()
     if reason:
         pytest.skip(f"{reason}: the cloud tests run in this session, on loopback by their environment")
-    files = " ".join(os.path.join(HERE, name) for name in cloud_tests())
-    command = f"{sys.executable} -m pytest -q -p no:cacheprovider -o addopts='' -rfEs {files}"
+    ids = [item.nodeid for item in request.session.items if emulators.uses_emulators(item)]
+    if not ids:
+        pytest.skip("no test of this session uses the emulators")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--strict-markers"]
     result = subprocess.run(
-        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"],
+        ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command, "-rfEs", *ids],
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=os.path.dirname(HERE),
-        env={**os.environ, cloud.IN_NAMESPACE: "1"},
+        cwd=request.config.rootpath,
+        env={**os.environ, emulators.IN_NAMESPACE: "1"},
         stdin=subprocess.DEVNULL,
     )
     summary = result.stdout[-8000:]
     assert result.returncode == 0, f"the cloud tests failed inside the namespace:\n{summary}\n{result.stderr[-2000:]}"
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 40, f"too few cloud tests ran inside the namespace:\n{summary}"
+    assert passed and int(passed.group(1)) >= min(40, len(ids)), (
+        f"too few cloud tests ran inside the namespace:\n{summary}"
+    )
     assert "emulator unavailable" not in summary, f"an emulator did not start inside the namespace:\n{summary}"

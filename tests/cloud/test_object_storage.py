@@ -1,8 +1,8 @@
 """An attack on checkpoints on object storage (gs:// and s3://): each failure it found is a
 test here, most severe first, now fixed; the tests after them pin what held up.
 
-Run with the emulators of tests/cloud.py (fake-gcs-server and moto on 127.0.0.1). Every test works
-in a fresh prefix; subprocesses get the loopback environment (`cloud.subprocess_env`).
+Run with the emulators of tests/emulators.py (fake-gcs-server and moto on 127.0.0.1). Every test works
+in a fresh prefix; subprocesses get the loopback environment (`emulators.subprocess_env`).
 Issue 14's note left two gaps open, now closed here too: a lookup outside a Saver on a store that
 accepts connections and never answers waited for the clients' retries (8), and listing a prefix
 cost a few requests per checkpoint in it (9).
@@ -18,25 +18,21 @@ import textwrap
 import time
 import uuid
 
-import cloud
+import emulators
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cloud import Emulator
+from emulators import Emulator, objects, small
 
 import jstate
 from jstate.storage import store as _storage
-
-cloud_session, cloud_env, gcs, s3 = cloud.cloud_session, cloud.cloud_env, cloud.gcs, cloud.s3
-store, root = cloud.store, cloud.root
-objects, small = cloud.objects, cloud.small
 
 
 def _python(code: str, env: dict, args=(), cwd=None, timeout=120.0) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        env=cloud.subprocess_env(env),
+        env=emulators.subprocess_env(env),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -66,7 +62,7 @@ def test_dotdot_in_url_never_commits_an_unreadable_checkpoint(root):
 def _create_bucket(store: Emulator, name: str) -> None:
     if store.scheme == "gs":
         body = json.dumps({"name": name}).encode()
-        status = cloud._http("POST", f"{store.endpoint}/storage/v1/b?project={cloud.PROJECT}", body)
+        status = emulators._http("POST", f"{store.endpoint}/storage/v1/b?project={emulators.PROJECT}", body)
         assert status in (200, 409), status
     else:
         import boto3
@@ -100,7 +96,7 @@ def test_url_mangled_by_pathlib_is_refused_not_written_locally(cloud_env, scheme
     ``'s3:/bucket/run/model-1'``); for ``gs:`` it fails after creating ``./gs:/bucket/...``.
     Expected: a CheckpointError that says to pass the URL as a string, and no local ``gs:``/``s3:``."""
     monkeypatch.chdir(tmp_path)
-    url = f"{scheme}://{cloud.BUCKET}/attack-{uuid.uuid4().hex[:8]}/model"
+    url = f"{scheme}://{emulators.BUCKET}/attack-{uuid.uuid4().hex[:8]}/model"
     for mangled in (pathlib.Path(url), url.replace("://", ":/")):
         with pytest.raises(jstate.CheckpointError):
             jstate.Saver().save(small(), mangled, step=1)
@@ -122,7 +118,7 @@ def test_foreign_objects_beside_checkpoints_do_not_hide_them(gcs, tmp_path, monk
         jstate.Saver().save(small(1.0), f"{run}/model", step=1)
         jstate.Saver().save(small(2.0), f"{run}/model", step=2)
     _storage.write_bytes(_storage.as_path(f"{damaged}/export/_METADATA"), b"{not json")
-    cloud.orbax_save(f"{plain}/params", {"a": jnp.ones(3)})
+    emulators.orbax_save(f"{plain}/params", {"a": jnp.ones(3)})
 
     assert jstate.latest_checkpoint(damaged) == f"{damaged}/model-2"
     assert [row[0] for row in jstate.list_checkpoints(damaged)] == [f"{damaged}/model-1", f"{damaged}/model-2"]
@@ -154,7 +150,7 @@ def test_unreachable_store_is_a_checkpoint_error(s3, cloud_env, tmp_path):
     open_checkpoint and load_variable raise botocore's ``EndpointConnectionError`` (on GCS:
     aiohttp's ``ClientConnectorError``, after 68 s of gcsfs retries). The README: "Every failure is
     one jstate.CheckpointError ... naming the path". (AWS_MAX_ATTEMPTS=1 only makes it fail fast.)"""
-    closed = f"http://{cloud.CLOSED}"
+    closed = f"http://{emulators.CLOSED}"
     env = {**cloud_env, "AWS_ENDPOINT_URL": closed, "AWS_ENDPOINT_URL_S3": closed,
            "FSSPEC_S3_ENDPOINT_URL": closed, "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
     completed = _python(UNREACHABLE, env, cwd=str(tmp_path), timeout=120)
@@ -217,7 +213,7 @@ def test_live_writer_on_another_machine_with_same_host_name_and_pid_is_not_clean
     flags.mkdir()
     work = tmp_path / "cwd"
     work.mkdir()
-    env = cloud.subprocess_env(cloud_env)
+    env = emulators.subprocess_env(cloud_env)
 
     def in_pid_namespace(code: str, *args: str) -> list[str]:
         return ["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c", textwrap.dedent(code), *args]
@@ -289,9 +285,9 @@ def test_frozen_store_fails_every_call_within_its_timeout(cloud_env, scheme, tmp
     call fails with a StoreTimeoutError (a CheckpointError and a TimeoutError) that names the
     path, the seconds and what to do, after its `timeout` (1 s; under 30 s is asserted), and the
     thread a lookup ran in ends by itself (nothing of it acts later)."""
-    url = f"{scheme}://{cloud.BUCKET}/run"
-    with cloud.frozen_store() as endpoint:
-        completed = _python(FROZEN, cloud.frozen_env(cloud_env, endpoint), [url], cwd=str(tmp_path), timeout=300)
+    url = f"{scheme}://{emulators.BUCKET}/run"
+    with emulators.frozen_store() as endpoint:
+        completed = _python(FROZEN, emulators.frozen_env(cloud_env, endpoint), [url], cwd=str(tmp_path), timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     for name, got in result.items():
@@ -509,7 +505,7 @@ def test_inspect_cli_on_object_store(root, cloud_env, tmp_path):
     path = jstate.Saver().save(small(5.0), f"{root}/model", step=1)
     completed = subprocess.run(
         [sys.executable, "-m", "jstate", "inspect", path, "--values"],
-        env=cloud.subprocess_env(cloud_env), cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=emulators.subprocess_env(cloud_env), cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "tensor_name: w  shape: (8,)  dtype: float32" in completed.stdout and "5." in completed.stdout

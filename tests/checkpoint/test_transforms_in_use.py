@@ -21,7 +21,7 @@ from jstate.formats.native import NativeCheckpoint
 from jstate.formats.tensorflow import TensorFlowCheckpoint
 
 S = jax.ShapeDtypeStruct
-TF = Path(__file__).parent / "data" / "tensorflow"
+TF = Path(__file__).parents[1] / "data" / "tensorflow"
 
 
 @pytest.fixture

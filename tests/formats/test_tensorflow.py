@@ -21,7 +21,7 @@ from jstate.formats import tensorflow as tf_ckpt
 from jstate.formats import tf_table as _sstable
 from jstate.model.spec import Entry
 
-DATA = Path(__file__).parent / "data" / "tensorflow"
+DATA = Path(__file__).parents[1] / "data" / "tensorflow"
 INDEX = json.loads((DATA / "values" / "index.json").read_text())
 
 
