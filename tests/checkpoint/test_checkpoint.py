@@ -58,7 +58,7 @@ def test_save_then_restore_without_initializing_first(state, tmp_path):
 
 
 def test_plain_orbax_restores_jstate_checkpoints_with_names_as_keys(state, tmp_path):
-    path = jstate.Saver(pack=False).save(state, tmp_path / "ckpt")  # packed ones: tests/test_pack.py
+    path = jstate.Saver(pack=False).save(state, tmp_path / "ckpt")  # packed ones: tests/formats/test_pack.py
     tree = ocp.StandardCheckpointer().restore(jstate.open_checkpoint(path).arrays)  # arrays-<token>
     assert sorted(tree) == list(state)
     np.testing.assert_array_equal(tree["model/encoder/k"], state["model/encoder/k"])
@@ -130,7 +130,7 @@ def test_restore_replaces_only_the_savers_variables(state, tmp_path):
 
 
 def test_restore_reads_only_the_arrays_it_needs(state, tmp_path, array_reads):
-    path = jstate.Saver(pack=False).save(state, tmp_path / "all")  # packed: tests/test_pack.py
+    path = jstate.Saver(pack=False).save(state, tmp_path / "all")  # packed: tests/formats/test_pack.py
     jstate.Saver(["biases"]).restore(path, jstate.abstract(model))
     assert array_reads == ["biases"]
 

@@ -271,7 +271,7 @@ def test_nnx_states_save_and_restore_under_the_names_from_nnx_gives(tmp_path):
 
 @pytest.mark.parametrize("url", ["hdfs://cluster/ckpt/model", "file:///tmp/ckpt/model", "az://container/ckpt"])
 def test_unsupported_urls_are_refused_not_written_locally(tmp_path, monkeypatch, url):
-    """gs:// and s3:// are supported (tests/test_cloud_checkpoints.py); any other URL is one clear
+    """gs:// and s3:// are supported (tests/cloud/test_cloud_checkpoints.py); any other URL is one clear
     error, never a local directory named after its scheme."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(jstate.CheckpointError, match=f"{url}: jstate reads and writes local paths, gs://"):

