@@ -324,6 +324,7 @@ def test_inspect_reads_metadata_only(state, tmp_path, monkeypatch, capsys):
     assert re.search(r"weights\s+\(64, 32\)\s+float32\s+8.0 KiB", out)
 
 
+@pytest.mark.slow
 def test_inspect_of_a_damaged_checkpoint_is_an_error(state, tmp_path):
     path = jstate.Saver().save(state, tmp_path / "m", step=3)
     arrays = jstate.open_checkpoint(path).arrays
@@ -333,6 +334,7 @@ def test_inspect_of_a_damaged_checkpoint_is_an_error(state, tmp_path):
     assert f"Checkpoint {path} is incomplete: {arrays}/_METADATA is missing." in out.stderr
 
 
+@pytest.mark.slow
 def test_inspect_values_and_directory_listing(state, tmp_path):
     saver = jstate.Saver()
     saver.save(state, tmp_path / "m", step=1)

@@ -9,6 +9,8 @@ from multihost import last_json, model, run_processes
 
 import jstate
 
+pytestmark = pytest.mark.slow  # two JAX processes per scenario
+
 
 @pytest.fixture(scope="module")
 def two_process_save(tmp_path_factory):

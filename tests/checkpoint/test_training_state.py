@@ -170,6 +170,7 @@ def test_an_nnx_model_with_rngs_is_checkpointed(tmp_path):
     np.testing.assert_array_equal(fresh.dense.kernel[...], model.dense.kernel[...])
 
 
+@pytest.mark.slow
 def test_a_64_bit_checkpoint_restores_with_cast_in_a_32_bit_process(tmp_path):
     import subprocess
     import sys
@@ -239,6 +240,7 @@ def test_a_step_must_be_an_integer(tmp_path, step):
         jstate.Saver().save({"w": jnp.ones(2)}, tmp_path / "m", step=step)
 
 
+@pytest.mark.slow
 def test_inspect_values_shows_prng_key_data(tmp_path):
     import subprocess
     import sys

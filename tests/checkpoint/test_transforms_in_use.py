@@ -20,6 +20,7 @@ TF = Path(__file__).parents[1] / "data" / "tensorflow"
 L, D = 3, 8
 
 
+@pytest.mark.slow
 def test_flax_optax_per_layer_to_scanned_with_moments_and_export(tmp_path, monkeypatch, mesh):
     """A linen model of per-layer blocks with a fused QKV, trained with adamw and saved in the
     background, restored into an nn.scan model with separate Q, K, V (stack of split parts, the
@@ -139,6 +140,7 @@ def test_split_parts_land_on_differently_sharded_targets(tmp_path, mesh):
         np.testing.assert_array_equal(restored[n], qkv[:, 8 * i : 8 * i + 8])
 
 
+@pytest.mark.slow
 def test_crash_during_background_saves_then_torch_layout_restore_in_bfloat16(tmp_path, mesh):
     """A process saving PyTorch-layout weights with blocking=False dies (os._exit) with a save in
     flight; the latest complete checkpoint restores transposed and cast to bfloat16 onto a

@@ -51,6 +51,7 @@ def restore_in_fresh_process(path: str, env: dict, cwd) -> dict:
     return json.loads(emulators.run_python(code, env, args=[path], cwd=str(cwd)).strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_save_restore_latest_and_retention(store, root, cloud_env, tmp_path):
     """Saves with a step and max_to_keep=2: the checkpoints listed, the latest, the variables, the
     retained ones (the retired one's objects all gone), a restore here and one in a fresh process."""
@@ -171,6 +172,7 @@ jstate.Saver().save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model",
 """
 
 
+@pytest.mark.slow
 def test_save_killed_mid_way_is_never_listed(root, cloud_env, tmp_path, monkeypatch):
     """A process killed after writing its arrays, before its manifest: never listed, the earlier
     checkpoint is latest. Its leftovers are another process's: kept while younger than
@@ -233,6 +235,7 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
 
 
 # -- several processes ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     """tests/checkpoint/test_multihost.py's two-process save, with the checkpoint directory on the GCS
     emulator: no local directory is shared (each process's working directory is its own, empty)."""
@@ -251,6 +254,7 @@ def test_two_processes_save_to_and_restore_from_gcs(gcs, cloud_env, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs, cloud_env, tmp_path):
     """tests/checkpoint/test_multihost.py's kill scenario with the checkpoints on GCS: process 1 dies
     mid-save; process 0's save fails once the Saver's timeout (2 s) has passed at a barrier, instead
@@ -268,6 +272,7 @@ def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs,
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot_patch(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:`` (if a future Orbax stops, this
@@ -368,6 +373,7 @@ def store_went_away(cloud_session, tmp_path_factory) -> dict:
     return {r["mode"]: r for r in results}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_store_going_away_mid_save(store_went_away, mode):
     """Restarted mid-save (objects kept) or slow for a second, the save completes and is latest.

@@ -32,6 +32,8 @@ import jstate
 from jstate.checkpoint import writer as _writer
 from jstate.storage import store as _storage
 
+pytestmark = pytest.mark.slow  # timeouts waited out, subprocesses, a thousand objects
+
 
 def children(url: str) -> list[str]:
     return sorted({name.split("/", 1)[0] for name in objects(url)})

@@ -50,6 +50,7 @@ def test_epath_files(store, cloud_env):
     assert not root.exists() and not (root / "sub" / "b.bin").exists()
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_on_gcs_restores_in_a_fresh_process(gcs, cloud_env, tmp_path, monkeypatch):
     """Orbax's StandardCheckpointer saves to gs:// with and without OCDBT; a new process restores both
     bit for bit. (A test that only saves can pass while the arrays went to a local directory.)"""
@@ -99,6 +100,7 @@ def _strace_works(strace: list[str]) -> bool:
 CONNECT = re.compile(r'connect\(\d+, \{sa_family=(AF_INET6?),.*?(?:inet_addr\("|inet_pton\(AF_INET6, ")([^"]+)"')
 
 
+@pytest.mark.slow
 def test_nothing_leaves_loopback(tmp_path):
     """The self-check (emulators, Orbax on gs:// restored in a fresh process, tensorstore and epath on
     s3://) inside a new network namespace that has only loopback; with strace, every connect() of

@@ -26,6 +26,8 @@ from emulators import Emulator, objects, small
 import jstate
 from jstate.storage import store as _storage
 
+pytestmark = pytest.mark.slow  # hundreds of requests to the emulators, subprocesses
+
 
 def _python(code: str, env: dict, args=(), cwd=None, timeout=120.0) -> subprocess.CompletedProcess:
     return subprocess.run(

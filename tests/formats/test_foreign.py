@@ -90,6 +90,7 @@ def test_shape_and_dtype_checks_are_the_same_as_for_orbax():
         jstate.Saver(["v2"]).restore(DATA / "guide" / "model.ckpt", jstate.abstract(model))
 
 
+@pytest.mark.slow
 def test_inspect_a_tensorflow_checkpoint_like_tensorflow():
     run = lambda *a: subprocess.run([sys.executable, "-m", "jstate", "inspect", *a], capture_output=True, text=True)  # noqa: E731
     out = run(str(DATA / "train" / "model.ckpt-20")).stdout

@@ -276,6 +276,7 @@ def test_version_2_manifests_without_packing_still_read(tmp_path):
     assert_same(jstate.Saver().restore(path, abstract(vals)), vals)
 
 
+@pytest.mark.slow
 def test_64_bit_values_are_packed_and_stay_64_bit(tmp_path):
     code = (
         "import jax; jax.config.update('jax_enable_x64', True)\n"
@@ -296,6 +297,7 @@ def test_64_bit_values_are_packed_and_stay_64_bit(tmp_path):
     np.testing.assert_array_equal(restored["d"], (np.arange(4) / 3).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_two_processes_pack_replicated_variables_and_store_sharded_ones_by_name(tmp_path):
     from test_multihost import last_json, model, run_processes
 

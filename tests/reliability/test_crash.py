@@ -1,12 +1,11 @@
-"""A save or a deletion killed at any moment (SIGKILL) never costs an earlier checkpoint."""
+"""A save or a deletion killed at any moment (SIGKILL) never costs an earlier checkpoint: the
+moment is the N-th file operation of a save loop, N drawn from the seed."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
@@ -14,9 +13,24 @@ import pytest
 
 import jstate
 
+pytestmark = pytest.mark.slow  # four processes killed mid-save
+
+# The child kills itself (SIGKILL) at the N-th file operation after its first save, N drawn from
+# the seed: before or after any directory made, file synced, renamed or deleted, in a save or in
+# the deletion of a retired checkpoint (about 30 operations a save).
 CHILD = textwrap.dedent(
     """
-    import sys, jax, jax.numpy as jnp, jstate
+    import os, random, signal, sys, jax, jax.numpy as jnp, jstate
+    kill_at, done = random.Random(int(sys.argv[2])).randrange(1, 120), [0]
+
+    def counted(fn):
+        def operation(*args, **kwargs):
+            if done[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done[0] += 1
+            return fn(*args, **kwargs)
+        return operation
+
     def model(s):
         for i in range(20):
             s.variable(f"v{i}", jstate.initializers.zeros, (256, 256))
@@ -26,6 +40,9 @@ CHILD = textwrap.dedent(
         state = jax.tree.map(lambda x: jnp.full_like(x, step), state)
         saver.save(state, sys.argv[1] + "/model", step=step)
         print(step, flush=True)
+        if step == 1:
+            for name in ("mkdir", "rename", "replace", "fsync", "unlink", "rmdir"):
+                setattr(os, name, counted(getattr(os, name)))
     """
 )
 
@@ -35,20 +52,18 @@ def model(s):
         s.variable(f"v{i}", jstate.initializers.zeros, (256, 256))
 
 
-def run_and_kill(directory, delay):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(directory)], stdout=subprocess.PIPE, text=True)
-    first = child.stdout.readline()  # the first save is complete
-    assert first.strip() == "1", first
-    time.sleep(delay)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    return int(first)
+def run_and_kill(directory, seed):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), str(seed)], stdout=subprocess.PIPE, text=True
+    )
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, (child.returncode, out)
+    assert out.split()[:1] == ["1"], out  # the first save is complete
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_mid_save_or_delete_leaves_every_listed_checkpoint_restorable(tmp_path, seed):
-    delay = random.Random(seed).uniform(0.0, 1.5)
-    run_and_kill(tmp_path, delay)
+    run_and_kill(tmp_path, seed)
     latest = jstate.latest_checkpoint(tmp_path)
     assert latest is not None
     listed = [c.path for c in jstate.checkpoint.lookup.checkpoints(tmp_path)]
