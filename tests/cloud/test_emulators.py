@@ -16,6 +16,10 @@ import numpy as np
 import pytest
 from emulators import Emulator, encode_arrays, orbax_save, restore_in_fresh_process, sample_tree
 
+# The harness itself, and the run of the other cloud tests in a network namespace: jstate's own
+# use of the emulators is in the other files.
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -50,7 +54,6 @@ def test_epath_files(store, cloud_env):
     assert not root.exists() and not (root / "sub" / "b.bin").exists()
 
 
-@pytest.mark.slow
 def test_orbax_checkpoint_on_gcs_restores_in_a_fresh_process(gcs, cloud_env, tmp_path, monkeypatch):
     """Orbax's StandardCheckpointer saves to gs:// with and without OCDBT; a new process restores both
     bit for bit. (A test that only saves can pass while the arrays went to a local directory.)"""
@@ -100,7 +103,6 @@ def _strace_works(strace: list[str]) -> bool:
 CONNECT = re.compile(r'connect\(\d+, \{sa_family=(AF_INET6?),.*?(?:inet_addr\("|inet_pton\(AF_INET6, ")([^"]+)"')
 
 
-@pytest.mark.slow
 def test_nothing_leaves_loopback(tmp_path):
     """The self-check (emulators, Orbax on gs:// restored in a fresh process, tensorstore and epath on
     s3://) inside a new network namespace that has only loopback; with strace, every connect() of
@@ -132,7 +134,6 @@ def test_nothing_leaves_loopback(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] in ([], ["connect.trace"])  # Nothing written locally.
 
 
-@pytest.mark.slow
 def test_the_cloud_tests_pass_inside_a_network_namespace(request):
     """Where this machine can make a network namespace with only loopback (root, `unshare -n`),
     every test of this session that uses the emulators runs in one, in a pytest run of its own:

@@ -42,6 +42,7 @@ def execute(nb, cwd: Path, env: dict[str, str]):
     return client.execute(env=env)
 
 
+@pytest.mark.slow  # a Jupyter kernel
 def test_kernel_runs_this_interpreter(tmp_path, kernel_env):
     source = "import os, sys\nprint(sys.executable)\nprint(os.getcwd())"
     out = execute(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), tmp_path, kernel_env)
@@ -50,6 +51,7 @@ def test_kernel_runs_this_interpreter(tmp_path, kernel_env):
     assert Path(cwd).resolve() == tmp_path.resolve()
 
 
+@pytest.mark.slow  # a Jupyter kernel per notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_without_error(path, tmp_path, kernel_env):
     # The working directory is a temporary one, so anything a notebook writes lands there.
