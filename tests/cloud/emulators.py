@@ -535,8 +535,9 @@ NESTED = "test_the_cloud_tests_pass_inside_a_network_namespace"
 
 
 def uses_emulators(item: pytest.Item) -> bool:
-    """Whether a collected test uses the emulators (through the ``cloud_session`` fixture)."""
-    return "cloud_session" in getattr(item, "fixturenames", ())
+    """Whether a collected test uses the emulators: through the ``cloud_session`` fixture, or
+    through ``store``, which asks for ``gcs`` or ``s3`` by name (so they are not in its closure)."""
+    return not {"cloud_session", "store"}.isdisjoint(getattr(item, "fixturenames", ()))
 
 
 @functools.cache
