@@ -223,6 +223,8 @@ class _Process:
         return self.log.read().decode(errors="replace")[-limit:]
 
     def wait_ready(self, check, timeout: float, what: str) -> None:
+        """Until `check()` (a request to the server) succeeds: neither server says when it is ready,
+        so its first answer is the event, asked for every 50 ms; the process exiting ends the wait."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
