@@ -21,3 +21,12 @@ def test_readme_names_the_commands_ci_runs():
     assert 'pip install -e ".[dev]" && pytest' in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]"' in ci and "\npytest" in ci
+
+
+def test_the_tour_the_readme_names_runs(capsys):
+    """``python -m jstate tour``, the README's first command, walks the guide section by section."""
+    from jstate.__main__ import main
+
+    assert main(["tour"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n== ") == 10 and "== Inspecting a checkpoint ==" in out, out[-2000:]
