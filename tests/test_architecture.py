@@ -65,6 +65,7 @@ def test_only_the_orbax_format_imports_orbax():
     assert sorted(m for m, other in MODULES.items() if "orbax" in other) == ["jstate.formats.orbax"]
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():
     code = (
         "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors', 'flax'}))"

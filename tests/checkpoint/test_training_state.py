@@ -88,6 +88,7 @@ def test_restoring_onto_another_mesh_verifies_every_region(tmp_path, axis_type):
     assert len(checked) == 8  # each assembled from the (4, 2) shards
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 def test_a_flax_and_optax_training_state_on_a_mesh_round_trips_through_eval_shape(tmp_path, monkeypatch):
     import flax.linen as nn
     from jax.sharding import NamedSharding

@@ -87,6 +87,7 @@ def test_saving_through_the_same_rules_writes_the_old_layout_back(old, tmp_path)
         np.testing.assert_array_equal(back[name], new[name])
 
 
+@pytest.mark.slow  # seconds of checkpoints and compiles
 def test_unstack_and_concat_go_the_other_way(tmp_path):
     def model(s):
         s.variable("layers/kernel", jstate.initializers.normal(), (3, D, D))
@@ -247,6 +248,7 @@ def test_prng_keys_are_not_transformed(tmp_path, no_reads):
         jstate.Saver([("k2", T.transpose("key"))]).restore(path, {"k2": jax.random.key(1)})
 
 
+@pytest.mark.slow  # seconds of checkpoints and compiles
 def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     import re
     from pathlib import Path

@@ -96,7 +96,8 @@ def s3(cloud_session: CloudSession) -> Emulator:
     return cloud_session.s3
 
 
-@pytest.fixture(params=["gcs", "s3"])
+# moto answers several times slower than fake-gcs-server: the s3 side of these tests is `slow`.
+@pytest.fixture(params=["gcs", pytest.param("s3", marks=pytest.mark.slow)])
 def store(request: pytest.FixtureRequest) -> Emulator:
     """Each emulator in turn (a test using it runs once per store); narrow it with
     ``@pytest.mark.parametrize("store", ["gcs"], indirect=True)``."""

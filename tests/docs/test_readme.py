@@ -1,11 +1,14 @@
-"""The README's example runs as written."""
+"""The README runs as written: its example, and the commands it names."""
 
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).parents[2] / "README.md"
 
 
+@pytest.mark.slow  # the whole README example
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README.md has no python example"

@@ -154,6 +154,7 @@ def test_names_cannot_escape_the_checkpoint_directory(name, tmp_path):
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
 
 
+@pytest.mark.slow  # a hypothesis search of checkpoints
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(names, min_size=1, max_size=6, unique=True))
 def test_every_name_is_rejected_or_round_trips_exactly(tmp_path, candidates):

@@ -121,6 +121,7 @@ class WithStats(nn.Module):
         return nn.Dense(3)(x) + self.param("offset", nn.initializers.normal(1.0), (3,))
 
 
+@pytest.mark.slow  # Flax's init and jstate's, compiled per case
 @pytest.mark.parametrize("key", [jax.random.key(7), jax.random.PRNGKey(7)], ids=["typed-key", "uint32-key"])
 @pytest.mark.parametrize("mesh", [None, MESH], ids=["default-device", "mesh"])
 def test_exact_init_equals_module_init_bit_for_bit(key, mesh):

@@ -187,6 +187,7 @@ def test_initial_values_do_not_depend_on_other_variables_or_order(names, extra, 
     np.testing.assert_array_equal(only[names[0]], alone[names[0]])
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 def test_legacy_uint32_keys_work():
     state = jstate.init(guide_model, jax.random.PRNGKey(0))
     assert state["weights"].shape == (784, 200)

@@ -49,7 +49,7 @@ def bits(x):
 
 
 @pytest.mark.parametrize("form", list(EXISTING_FORMS))
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "jit"])
 def test_existing_argument_forms_give_bit_identical_values(form, jit):
     ours, theirs = EXISTING_FORMS[form]
     shape = (3, 4, 4) if "delta" in form else (4, 6)

@@ -91,6 +91,7 @@ def test_assign_to_uninitialized_variable_initializes_it():
     assert list(s) == ["biases"]
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 def test_state_goes_through_jit_with_donation_grad_tree_map_and_optax(state):
     step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
     copy = jax.tree.map(jnp.copy, state)

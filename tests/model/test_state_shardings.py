@@ -87,6 +87,7 @@ def step_fn(constrain: bool):
     return step
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 def test_an_adamw_step_under_jit_moves_leaves_off_their_declared_shardings():
     m = mesh()
     ts, x = train_state(m), jax.device_put(X, NamedSharding(m, P("data")))
@@ -97,6 +98,7 @@ def test_an_adamw_step_under_jit_moves_leaves_off_their_declared_shardings():
     assert len(off_declared(after, replicated)) > 0  # XLA's choice: the issue measured 48 of 117
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 @pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 @pytest.mark.parametrize("how", ["constrain", "out_shardings"])
 def test_constrain_or_out_shardings_keep_every_leaf_declared_and_nothing_recompiles(kind, how):
@@ -257,6 +259,7 @@ def test_restore_onto_abstract_has_the_shardings_and_commitment_of_init(tmp_path
     assert step(restored, x) == step(initialized, x)
 
 
+@pytest.mark.slow  # compiles jitted training steps for seconds
 def test_replace_placement_leaves_unplaced_variables_uncommitted():
     m = mesh()
     initialized = jstate.init(unplaced_model, jax.random.key(0))

@@ -1042,6 +1042,7 @@ def test_many_processes_and_savers_save_into_one_directory_at_once(tmp_path):
     assert leftovers(tmp_path / "ckpt") == []
 
 
+@pytest.mark.slow  # many savers in threads
 def test_savers_in_threads_of_one_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     jstate.Saver().save(make_state(7), "ckpt/base")
