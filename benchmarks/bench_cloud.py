@@ -73,9 +73,9 @@ def main() -> None:
         import jax
         import numpy as np
 
-        from jstate.formats import orbax as _orbax
+        from jstate.formats import orbax_s3
 
-        _orbax._s3_shim()  # plain Orbax on s3:// needs it too
+        orbax_s3.apply()  # plain Orbax on s3:// needs it too
         _harness.print_header("jstate vs Orbax on object-storage emulators", args.quick, jax)
         print(f"emulators: fake-gcs-server ({gcs.endpoint}), moto ({s3.endpoint}); in memory, loopback only")
         rows = []

@@ -170,7 +170,7 @@ def run(config: Config, rounds: int, workdir: Path) -> None:
 
     # The writer must produce what the reader expects, or the timings mean nothing.
     names = sorted(arrays)
-    entries = _tensorflow.entries(prefix)
+    entries = _tensorflow.TensorFlowCheckpoint(prefix).entries
     assert {n: (e.shape, e.dtype) for n, e in entries.items()} == {n: (a.shape, a.dtype) for n, a in arrays.items()}
     for name, value in _tensorflow.read(prefix, names[:2] + names[-1:]).items():
         np.testing.assert_array_equal(value, arrays[name])

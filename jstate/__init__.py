@@ -8,7 +8,6 @@ from .checkpoint.lookup import list_variables as list_variables
 from .checkpoint.lookup import load_variable as load_variable
 from .checkpoint.lookup import open_checkpoint as open_checkpoint
 from .checkpoint.saver import Saver as Saver
-from .checkpoint.saver import save_safetensors as save_safetensors
 from .core.errors import CheckpointError as CheckpointError
 from .core.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .core.errors import CorruptCheckpointError as CorruptCheckpointError
@@ -25,6 +24,7 @@ from .core.errors import UninitializedError as UninitializedError
 from .core.errors import UnknownVariableError as UnknownVariableError
 from .core.table import Table as Table
 from .formats.base import Checkpoint as Checkpoint
+from .formats.safetensors import save_safetensors as save_safetensors
 from .model.balance import round_robin as round_robin
 from .model.flax import flax_model as flax_model
 from .model.init import abstract as abstract

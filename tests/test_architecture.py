@@ -61,8 +61,12 @@ def test_the_package_is_folders_of_the_nouns_and_public_modules():
     assert all(len(p.relative_to(PACKAGE).parts) <= 2 for p in PACKAGE.rglob("*.py"))
 
 
-def test_only_the_orbax_format_imports_orbax():
-    assert sorted(m for m, other in MODULES.items() if "orbax" in other) == ["jstate.formats.orbax"]
+def test_only_the_orbax_modules_import_orbax():
+    """Orbax I/O (`formats.orbax`) and its s3:// adaptation (`formats.orbax_s3`), nothing else."""
+    assert sorted(m for m, other in MODULES.items() if "orbax" in other) == [
+        "jstate.formats.orbax",
+        "jstate.formats.orbax_s3",
+    ]
 
 
 @pytest.mark.slow  # a fresh Python process

@@ -17,6 +17,18 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
 
     For a directory of checkpoints, print the list of them instead (or, with `values` or
     `name`, inspect its latest). Reads metadata only, unless `values` is set.
+
+    Args:
+      path: a checkpoint, or a directory of them.
+      values: also print each variable's values.
+      name: only this variable.
+
+    Raises:
+      CheckpointNotFoundError, CorruptCheckpointError, CheckpointError: as `jstate.open_checkpoint`.
+
+    >>> inspect_checkpoint(jstate.Saver().save(state, "ckpt/model"), values=True, name="biases")
+    tensor_name: biases  shape: (200,)  dtype: float32  size: 800 B
+    [0. 0. 0. ... 0. 0. 0.]
     """
     path = _storage.as_path(path)
     found = lookup(path, LOOKUP_TIMEOUT, "jstate inspect", lambda: checkpoints(path) if _storage.is_dir(path) else [])

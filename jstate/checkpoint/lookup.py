@@ -1,5 +1,5 @@
 """Finding checkpoints: `open_checkpoint`, `latest_checkpoint`, `list_variables`,
-`load_variable`. What a format holds and how it is read is its reader's (`_reader.Checkpoint`);
+`load_variable`. What a format holds and how it is read is its reader's (`formats.base.Checkpoint`);
 this module only finds a checkpoint and asks each format whether it is one of its own."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import functools
 import os
 import re
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,13 +38,25 @@ LOOKUP_TIMEOUT = 120.0
 
 def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn: Callable[[], T]) -> T:
     """``fn()``, a call that only reads, given `timeout` seconds in all when `path` is on an
-    object store (`_limits.within`: its storage client alone would retry for minutes). Local
-    paths are read at once, in this thread."""
+    object store (`Store.within`: its storage client alone would retry for minutes). Local paths are read at once, in this thread.
+
+    Args:
+      path: where `fn` reads (None: nowhere remote).
+      timeout: seconds for all of `fn` on an object store (None: no limit).
+      what: the call, named in a timeout's message.
+      fn: the reads.
+
+    Raises:
+      StoreTimeoutError: `fn` took longer than `timeout` on an object store.
+
+    >>> lookup("ckpt", 5.0, "list_checkpoints", lambda: "read at once, locally")
+    'read at once, locally'
+    """
     limit = _limits.seconds(timeout)  # checked for local paths too: the same call may get a URL tomorrow
     where = None if path is None else _storage.as_path(path)
-    if where is None or not _storage.is_remote(where):
+    if where is None:
         return fn()
-    return _limits.within(limit, fn, f"{what}({str(where)!r})")
+    return _storage.store_for(where).within(limit, fn, f"{what}({str(where)!r})")
 
 
 def _open(path: Path) -> Checkpoint | None:
@@ -164,14 +175,15 @@ class _Candidate:
 def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
     """What in `directory` (named ``<prefix>...`` if given) may be a checkpoint.
 
-    Locally, every entry is opened. On an object store, one listing of everything under
-    `directory` finds jstate's checkpoints (a directory holding a manifest), ranked by the time
-    the store wrote their manifests, and their files, checked against it when one is opened:
-    then opening one costs one request, its manifest, where asking for each file would cost a
-    few per checkpoint. Entries the listing shows to hold only a save's leftovers are skipped,
-    and anything else is opened as it is locally.
+    Locally, every entry is opened. Where each request is a round trip (`Store.round_trips`: an
+    object store), one listing of everything under `directory` finds jstate's checkpoints (a
+    directory holding a manifest), ranked by the time the store wrote their manifests, and
+    their files, checked against it when one is opened: then opening one costs one request, its
+    manifest, where asking for each file would cost a few per checkpoint. Entries the listing
+    shows to hold only a save's leftovers are skipped, and anything else is opened as it is
+    locally.
     """
-    if not _storage.is_remote(directory):
+    if not _storage.store_for(directory).round_trips:
         found = []
         for entry in _storage.iterdir(directory):
             if entry.name.startswith(".") or (prefix is not None and not entry.name.startswith(prefix)):
@@ -205,11 +217,7 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
 def _opened(candidates: list[_Candidate]) -> list[tuple[float, Checkpoint]]:
     """The candidates that are complete checkpoints, opened, with their ranks. On an object store
     each opening is a request: they overlap, in a few threads."""
-    if len(candidates) < 2 or not _storage.is_remote(candidates[0].path):
-        opened = [c.open() for c in candidates]
-    else:
-        with ThreadPoolExecutor(max_workers=min(8, len(candidates))) as pool:
-            opened = list(pool.map(_limits.bounded(lambda c: c.open()), candidates))
+    opened = _storage.store_for(candidates[0].path).map(lambda c: c.open(), candidates) if candidates else []
     return [
         (c.rank, ckpt) for c, ckpt in zip(candidates, opened) if ckpt is not None and _named(ckpt.path.name, c.prefix)
     ]
@@ -282,8 +290,8 @@ def _newest(directory: Path, prefix: str | None, stale: bool = True) -> Checkpoi
         # Locally every candidate was opened while listing. On an object store, one that did not
         # open may have been deleted since (a request each, only then): the listing is stale.
         failed = [c for c in tied if c.path not in opened]
-        remote = _storage.is_remote(directory)
-        if stale and failed and remote and not all(_storage.exists(c.path / FILE) for c in failed):
+        listed = _storage.store_for(directory).round_trips  # (`_candidates` took one listing)
+        if stale and failed and listed and not all(_storage.exists(c.path / FILE) for c in failed):
             return _STALE
         if found:  # ties (one store-clock second) go by the writers' own times
             return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, getattr(c, "manifest", c).created))[-1]
@@ -310,10 +318,10 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
         empty = 0
         chosen = found
         if prefix is None:
-            named = type(chosen).latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
+            named = type(chosen)._latest_in(directory)  # a format's own bookkeeping (TF's state file) decides
             if named is not None:
                 chosen = _open_quietly(named) or chosen
-        if not chosen.changed():
+        if not chosen._changed():
             return chosen
     return chosen
 
@@ -327,13 +335,22 @@ def reading(
     """`read(open_checkpoint(path))`, again with the checkpoint `path` names now if the one
     read was re-saved or deleted meanwhile (by retention, or another writer). Each opening
     takes at most `timeout` seconds on an object store (a timeout names `what`); the reading
-    is not bounded by it."""
+    is not bounded by it.
+
+    Raises:
+      CheckpointError: as `open_checkpoint`, or what `read` raised for a checkpoint that did
+        not change meanwhile.
+
+    >>> path = jstate.Saver().save(state, "ckpt/model")
+    >>> reading(path, lambda ckpt: ckpt.read_host(["biases"])["biases"].shape)
+    (200,)
+    """
     for attempt in range(_RELIST):
         ckpt = _open_within(path, timeout, what)
         try:
             return read(ckpt)
         except CheckpointError:
-            if attempt == _RELIST - 1 or not ckpt.changed():
+            if attempt == _RELIST - 1 or not ckpt._changed():
                 raise
     raise AssertionError("unreachable")
 
@@ -390,7 +407,13 @@ def load_variable(
 
 
 def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:
-    """Checkpoints, oldest first: path, step, when committed, data size, variables, writer."""
+    """Checkpoints, oldest first, as a `Table`: path, step, when committed, data size,
+    variables, writer (titled with `directory`).
+
+    >>> _ = jstate.Saver().save(state, "ckpt/model", step=1)
+    >>> print(checkpoints_table("ckpt", checkpoints("ckpt")).title)
+    ckpt: 1 checkpoints
+    """
     import datetime
 
     rows = [

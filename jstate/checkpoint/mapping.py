@@ -43,7 +43,11 @@ class _Rule:
 
 @dataclasses.dataclass(frozen=True)
 class NameMap:
-    """A compiled ``var_list``: maps State names to checkpoint names."""
+    """A compiled ``var_list``: maps State names to checkpoint names (`compile_var_list` makes one).
+
+    >>> compile_var_list({"encoder/": "model/encoder/"}).resolve(["model/encoder/w", "head/w"])
+    {'model/encoder/w': 'encoder/w'}
+    """
 
     rules: tuple[_Rule, ...] | None  # None: every variable under its own name
 
@@ -51,9 +55,21 @@ class NameMap:
         """``{State name: checkpoint name}`` for the `names` this map handles by name (those it
         handles through a transform are `transforms`').
 
+        Args:
+          names: the State's variable names.
+          what: what holds them, for messages.
+
         Raises:
-          MappingError: a name or scope the map mentions is not among `names`, or two
-            variables would share one checkpoint name.
+          UnknownVariableError: a name the map mentions is not among `names`.
+          MappingError: a scope the map mentions matches none of `names`, or two variables
+            would share one checkpoint name.
+
+        >>> compile_var_list([(r"^model/(.*)$", r"\\1")]).resolve(["model/w", "step"])
+        {'model/w': 'w'}
+        >>> compile_var_list(["wieghts"]).resolve(["weights"])
+        Traceback (most recent call last):
+        ...
+        jstate.core.errors.UnknownVariableError: The Saver names variable 'wieghts' is not declared. Did you mean 'weights'? ...
         """
         names = sorted(names)
         if self.rules is None:
@@ -75,7 +91,11 @@ class NameMap:
 
     def transforms(self) -> dict[str, Transform]:
         """``{State name: transform of checkpoint entries}`` for the variables the map fills
-        through a transform (`jstate.transforms`); `resolve` checks that they are declared."""
+        through a transform (`jstate.transforms`); `resolve` checks that they are declared.
+
+        >>> compile_var_list([("weights", T.transpose("linear/weight"))]).transforms()
+        {'weights': transpose('linear/weight')}
+        """
         return {r.state: r.checkpoint for r in self.rules or () if r.kind == "transform"}
 
     def _apply(self, name: str) -> str | None:
@@ -105,7 +125,18 @@ class NameMap:
 
 
 def compile_var_list(var_list: VarList) -> NameMap:
-    """Check a ``var_list`` (see the module docstring) and compile it into a `NameMap`."""
+    """Check a ``var_list`` (see the module docstring) and compile it into a `NameMap`.
+
+    Raises:
+      MappingError: a malformed ``var_list`` (a string, a State, a variable mapped twice, ...).
+
+    >>> compile_var_list(None).resolve(["b", "a"])
+    {'a': 'a', 'b': 'b'}
+    >>> compile_var_list("weights")
+    Traceback (most recent call last):
+    ...
+    jstate.core.errors.MappingError: `var_list` is the string 'weights'; pass a list of names: ['weights'].
+    """
     if var_list is None:
         return NameMap(None)
     if isinstance(var_list, str):

@@ -29,8 +29,10 @@ from .mapping import NameMap
 
 
 @dataclasses.dataclass
-class Plan:
+class RestorePlan:
     """What a restore would do, found from metadata alone (`Saver.plan` returns one).
+
+    (Named for what it plans: `model.init` has a plan of its own, for initialization.)
 
     Prints as a table (and renders as one in Jupyter): each variable the restore fills, the
     checkpoint entries it comes from, the transform and the dtype conversion; then the target's
@@ -44,6 +46,11 @@ class Plan:
       kept: target variables that nothing fills: the restore leaves them as they are.
       unused: checkpoint entries that nothing reads (fine: a partial restore).
       problems: what makes the restore fail, in the order it would report them (empty: none).
+
+    >>> path = jstate.Saver().save(state, "ckpt/model")
+    >>> found = jstate.Saver({"biases": "b"}).plan(path, jstate.abstract(lambda s: s.variable("b", jstate.initializers.zeros, (200,))))
+    >>> found.names, found.unused
+    ({'b': 'biases'}, ['layer1/kernel', 'w2', 'weights'])
     """
 
     checkpoint: Checkpoint
@@ -56,12 +63,32 @@ class Plan:
     _wanted: dict[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict, repr=False)
 
     def check(self) -> None:
-        """Raise the first problem, if any: before a restore reads anything."""
+        """Raise the first problem, if any: before a restore reads anything.
+
+        Raises:
+          JStateError: the first of `problems` (a `CheckpointError`, `SpecMismatchError`,
+            `MappingError` or `PlacementError`).
+
+        >>> path = jstate.Saver(["biases"]).save(state, "ckpt/model")
+        >>> jstate.Saver(["biases"]).plan(path, jstate.abstract(model), strict=True).check()  # no problem
+        >>> jstate.Saver(["weights"]).plan(path, jstate.abstract(model)).check()
+        Traceback (most recent call last):
+        ...
+        jstate.core.errors.CheckpointError: Checkpoint ckpt/model lacks 1 variable(s) the Saver restores: 'weights'. ...
+        """
         if self.problems:
             raise self.problems[0]
 
     def table(self) -> Table:
-        """The variables filled, one row each: variable, from, transform, shape, dtype."""
+        """The variables filled, one row each: variable, from, transform, shape, dtype.
+
+        >>> path = jstate.Saver(["biases"]).save(state, "ckpt/model")
+        >>> print(jstate.Saver(["biases"]).plan(path, jstate.abstract(model)).table())
+        Restore from ckpt/model (jstate): 1 variable
+        variable  from    transform  shape   dtype
+        --------  ------  ---------  ------  -------
+        biases    biases             (200,)  float32
+        """
         n = len(self._rows)
         title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {n} variable{'s' * (n != 1)}"
         return Table(("variable", "from", "transform", "shape", "dtype"), self._rows, title)
@@ -86,22 +113,38 @@ class Plan:
         return self.table()._repr_html_() + notes
 
 
-def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, strict: bool) -> Plan:
-    """The `Plan` for restoring `target` from `ckpt` through `name_map`.
+def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, strict: bool) -> RestorePlan:
+    """The `RestorePlan` for restoring `target` from `ckpt` through `name_map` (`Saver.plan`).
 
-    Raises:
-      MappingError: the map names variables `target` does not declare.
+    Problems are collected in the plan, not raised: a rule naming variables `target` does not
+    declare is one too.
+
+    Args:
+      ckpt: the checkpoint to read.
+      name_map: the Saver's names and transforms.
+      target: the flat State to restore into.
+      cast: allow stored dtypes that differ from the declared ones.
+      strict: count checkpoint entries nothing reads as a problem.
+
+    Returns:
+      The plan: what each variable is read from, and every problem.
+
+    >>> from jstate.checkpoint.mapping import compile_var_list
+    >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+    >>> found = plan(ckpt, compile_var_list(["biases"]), jstate.abstract(model), cast=False, strict=False)
+    >>> found.names, found.problems
+    ({'biases': 'biases'}, [])
     """
     declared = list(target.specs)
     try:
         names = name_map.resolve(declared, "the target State")
     except JStateError as e:  # a rule naming what the target lacks: the plan shows it
-        return Plan(ckpt, {}, {}, sorted(declared), sorted(ckpt.entries), [e])
+        return RestorePlan(ckpt, {}, {}, sorted(declared), sorted(ckpt.entries), [e])
     transforms = name_map.transforms()
     used = set(names.values()) | {e for t in transforms.values() for e in t.entries()}
     kept = sorted(set(declared) - set(names) - set(transforms))
     unused = sorted(set(ckpt.entries) - used)
-    out = Plan(ckpt, names, transforms, kept, unused, [])
+    out = RestorePlan(ckpt, names, transforms, kept, unused, [])
     out.problems += _missing(ckpt, names, transforms)
     if strict and unused:
         out.problems.append(
@@ -264,7 +307,27 @@ def restore(
     verify: bool,
     progress: bool = False,
 ) -> State:
-    """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`)."""
+    """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`).
+
+    Args:
+      ckpt: the checkpoint to read.
+      name_map: the Saver's names and transforms.
+      target: the flat State to restore into; it is left unchanged.
+      cast, strict: as `plan`.
+      verify: check what is read against the checkpoint's checksums.
+      progress: show a progress bar.
+
+    Returns:
+      A new State: `target` with the variables the map fills.
+
+    Raises:
+      JStateError: the plan's first problem (before anything is read), or a failed read.
+
+    >>> from jstate.checkpoint.mapping import compile_var_list
+    >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+    >>> list(restore(ckpt, compile_var_list(["biases"]), jstate.abstract(model), cast=False, strict=False, verify=True))
+    ['biases']
+    """
     found = plan(ckpt, name_map, target, cast=cast, strict=strict)
     found.check()
     arrays = ckpt.read(found._wanted, verify=verify, progress=progress) if found._wanted else {}

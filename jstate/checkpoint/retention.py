@@ -8,7 +8,8 @@ from typing import Protocol, TypeVar
 
 
 class Saved(Protocol):
-    """What retention needs to know of a checkpoint (a `Checkpoint` is one)."""
+    """What retention needs to know of a checkpoint (a `Checkpoint` is one): its `step` and
+    when it was `created`."""
 
     step: int | None
     created: float
@@ -25,6 +26,12 @@ class Policy:
       max_to_keep: keep the N most recently saved checkpoints (None keeps all).
       keep_every_n_hours: also keep, for good, one checkpoint per N hours.
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
+
+    Raises:
+      ValueError: a negative or zero count or period (``max_to_keep=0`` keeps all, as in TF).
+
+    >>> Policy(max_to_keep=0).max_to_keep is None
+    True
     """
 
     max_to_keep: int | None = None

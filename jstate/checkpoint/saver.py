@@ -1,16 +1,15 @@
 """`Saver`: TensorFlow's ``tf.train.Saver`` on top of Orbax, with name mapping and retention.
 
-The Saver chooses what to save under which names (`_mapping`) and what to delete
-(`_retention`); writing is `_writer`'s, reading `_restore`'s.
+The Saver chooses what to save under which names (`mapping`) and what to delete
+(`retention`); a pytree becomes the State it saves or restores in `adapters`, writing is
+`writer`'s, restoring `restore`'s, finding checkpoints `lookup`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import operator
 import os
-import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,13 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from .. import transforms as transforms_
-from ..core import tree as _tree
-from ..core.errors import CheckpointError, InvalidNameError, MappingError, UninitializedError, shorten
-from ..core.names import check_name, join
-from ..core.tree import path_name
+from ..core.errors import CheckpointError, MappingError, UninitializedError, shorten
+from ..core.names import check_name
 from ..formats import commit as _commit
 from ..formats import pack as _pack
-from ..formats import safetensors as _safetensors
 from ..formats.base import Checkpoint
 from ..formats.manifest import Manifest
 from ..formats.native import NativeCheckpoint
@@ -35,6 +31,7 @@ from ..storage.store import as_path
 from . import lookup as _checkpoint
 from . import restore as _restore
 from . import retention as _retention
+from .adapters import as_state, like
 from .mapping import VarList, compile_var_list
 from .writer import Writer
 
@@ -44,7 +41,7 @@ T = TypeVar("T")
 class Saver:
     """Saves and restores a State's variables, all or some, under chosen names.
 
-    Valid forms of `var_list` (see `jstate._mapping` for details):
+    Valid forms of `var_list` (see `checkpoint.mapping` for details):
 
       Saver()                                 every initialized variable, under its own name
       Saver(["weights", "biases"])            a subset; ``"encoder/"`` names a whole scope
@@ -315,7 +312,9 @@ class Saver:
             restored = _checkpoint.reading(path, read, self._timeout, "Saver.restore")
         return restored if isinstance(target, State) else like(target, restored)
 
-    def plan(self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False) -> _restore.Plan:
+    def plan(
+        self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False
+    ) -> _restore.RestorePlan:
         """What `restore` would do, from the checkpoint's metadata alone: a table of each variable
         it fills, the entries it comes from, the transform and dtype conversion applied; then the
         target's variables nothing fills, the checkpoint entries nothing uses, and every problem
@@ -350,76 +349,3 @@ def _own(prefix: Path) -> list[NativeCheckpoint]:
         for c in _checkpoint.checkpoints(prefix)
         if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix.name and c.step is not None
     ]
-
-
-def _is_leaf(x: Any) -> bool:
-    return isinstance(x, (State, jax.ShapeDtypeStruct)) or _is_nnx(x)
-
-
-def _is_nnx(x: Any) -> bool:
-    """An NNX state or module (whose variables are named as `jstate.from_nnx` names them)."""
-    nnx = sys.modules.get("flax.nnx")  # not imported here: a program without NNX has none
-    return nnx is not None and isinstance(x, (nnx.State, nnx.Module))
-
-
-def as_state(tree: Any) -> State:
-    """Any pytree as one State: leaves named by tree path, a State's variables under its key.
-
-    >>> as_state({"model": state, "step": 3}).specs.keys()
-    dict_keys(['model/biases', 'model/layer1/kernel', 'model/w2', 'model/weights', 'step'])
-    """
-    if isinstance(tree, State):
-        return tree
-    if _is_nnx(tree):
-        return State.from_nnx(tree)
-    parts, leaves, names = [], {}, []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]:
-        prefix = path_name(path)
-        if _is_nnx(leaf):
-            leaf = State.from_nnx(leaf)
-        if isinstance(leaf, State):
-            parts.append(leaf.rename({n: join(prefix, n) for n in leaf.specs}))
-            names += parts[-1].specs
-        else:
-            leaves[prefix] = leaf
-            names.append(prefix)
-    twice = [n for n, count in collections.Counter(names).items() if count > 1]
-    if twice:  # {"a/b": x, "a": {"b": y}}: one name for two leaves would lose one
-        raise InvalidNameError(
-            f"Two leaves of the tree are both named '{twice[0]}' (a key holding '/' and a nested path). "
-            "Rename one: every leaf needs a name of its own."
-        )
-    return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
-
-
-def like(target: T, restored: State) -> T:
-    """`restored` in the structure of `target` (see `as_state`); leaves it lacks stay as they are."""
-
-    def leaf(path: jax.tree_util.KeyPath, x: Any) -> Any:
-        prefix = path_name(path)
-        if _is_nnx(x):  # a new nnx.State with the restored values, its Variable types kept
-            from flax import nnx
-
-            state = jax.tree.map(lambda v: v, nnx.state(x) if isinstance(x, nnx.Module) else x)
-            mine = {n: restored[join(prefix, n)] for n in _tree.from_nnx(x) if join(prefix, n) in restored}
-            nnx.replace_by_pure_dict(state, _tree.to_nnx_pure(mine))
-            return state
-        if isinstance(x, State):
-            return x._replace_values({n: restored[join(prefix, n)] for n in x.specs if join(prefix, n) in restored})
-        return restored.get(prefix, x)
-
-    if _is_nnx(target):
-        return leaf((), target)
-    return jax.tree_util.tree_map_with_path(leaf, target, is_leaf=_is_leaf)
-
-
-def save_safetensors(state: State, path: str | os.PathLike) -> str:
-    """Export the State's initialized variables, under their names, to one ``.safetensors`` file.
-
-    Written atomically (temporary file, fsync, rename). Needs ``pip install jstate[safetensors]``.
-    Read it back with ``Saver().restore(path, target)`` or `jstate.load_variable`.
-
-    >>> jstate.save_safetensors(state, "model.safetensors")
-    'model.safetensors'
-    """
-    return str(_safetensors.save(state, path))

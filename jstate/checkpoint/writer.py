@@ -1,4 +1,4 @@
-"""Writing one jstate checkpoint under the commit rule of `_commit`: the arrays through Orbax
+"""Writing one jstate checkpoint under the commit rule of `formats.commit`: the arrays through Orbax
 into a directory of the save's own, their checksums, then the manifest; in the caller's thread
 or in the background.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -23,7 +24,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 
@@ -35,8 +35,8 @@ from ..formats import orbax as _orbax
 from ..formats import pack as _pack
 from ..formats.manifest import Manifest, Variable
 from ..storage import deadlines as _limits
-from ..storage import local as _files
 from ..storage import store as _storage
+from ..storage import tokens as _tokens
 
 log = logging.getLogger("jstate")
 
@@ -100,7 +100,13 @@ class Writer:
     Args:
       compression: zstd-compress arrays.
       timeout: seconds that processes of a multi-process save wait for each other.
-      pack: variables of at most this many bytes are packed together (`_pack`); 0 packs none.
+      pack: variables of at most this many bytes are packed together (`formats.pack`); 0 packs none.
+
+    >>> writer = Writer(compression=False, timeout=60.0)
+    >>> writer.save({"w": jnp.ones(3)}, Path("ckpt/model-1"), 1, "model", blocking=False)
+    >>> writer.wait()
+    >>> jstate.list_variables("ckpt/model-1")
+    [('w', (3,), dtype('float32'))]
     """
 
     def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD):
@@ -129,8 +135,22 @@ class Writer:
         A save that takes over 2 s is logged at INFO; `progress` shows a bar as its arrays are
         packed and written.
 
+        Args:
+          arrays: the arrays to save, by checkpoint name.
+          final: the checkpoint's path.
+          step: its step, if any.
+          prefix: the name the Saver was given, when it saved with a step (for retention).
+          blocking: finish before returning (False: in a background thread).
+          committed: called with the manifest once the checkpoint is committed (process 0 only).
+          progress: show a progress bar.
+
         Raises:
-          CheckpointError: the save failed; earlier checkpoints are intact.
+          CheckpointError: the save failed (or an earlier background one did); earlier
+            checkpoints are intact.
+
+        >>> Writer(False, 60.0).save({"w": jnp.ones(3)}, Path("ckpt/w"), None, None, blocking=True)
+        >>> jstate.open_checkpoint("ckpt/w").entries["w"].shape
+        (3,)
         """
         with _limits.timeout(self._timeout):  # no request to an object store waits longer
             self._save(arrays, final, step, prefix, blocking, committed, progress)
@@ -148,8 +168,8 @@ class Writer:
             # Known before `prepare` makes it: an interrupt may land right after.
             with _limits.deadline(self._timeout):
                 created = jax.process_index() == 0 and not _storage.exists(final)
-            token = _orbax.share(f"{name}:token", _files.token, self._timeout)
-            _files.begin(token)
+            token = _orbax.share(f"{name}:token", _tokens.token, self._timeout)
+            _tokens.begin(token)
             if jax.process_index() == 0:
                 with _limits.deadline(self._timeout):  # all of it: each request alone may be slow but not stuck
                     _commit.prepare(final, token)
@@ -162,10 +182,9 @@ class Writer:
             stored = {n: a for n, a in arrays.items() if a.size}
             small = {n: a for n, a in stored.items() if _pack.packable(a, self._pack)}
             large = {n: a for n, a in stored.items() if n not in small}
-            shapes = {n: (tuple(a.shape), a.dtype, keys.get(n)) for n, a in arrays.items()}
             packed, slots = _pack.pack(small) if small else ({}, {})
             digests = {  # each packed variable checksummed alone, as stored
-                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, shapes[n][0]))
+                n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, tuple(arrays[n].shape)))
                 for n, slot in slots.items()
             }
             tracker.advance(sum(a.nbytes for a in packed.values()))
@@ -179,10 +198,19 @@ class Writer:
             # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
             # arrays themselves, which the caller holds until `save` returns: the values at call time.
             digests |= {n: _integrity.array_digests(a) for n, a in large.items()}
-            layout = _Layout(shapes, slots, {a: (v.shape, v.dtype) for a, v in packed.items()})
-            finish = functools.partial(
-                self._finish, final, data, token, step, prefix, layout, digests, barrier, committed, tracker
+            # The manifest but for what only the end of the save knows: the files written, the
+            # time of the commit, and the digests of the other processes' shards.
+            draft = Manifest(
+                {
+                    n: Variable(tuple(a.shape), a.dtype, digests.get(n, {}), keys.get(n), slots.get(n))
+                    for n, a in arrays.items()
+                },
+                step,
+                arrays=data.name,
+                prefix=prefix,
+                packed={a: Variable(v.shape, v.dtype) for a, v in packed.items()},
             )
+            finish = functools.partial(self._finish, final, data, token, draft, barrier, committed, tracker)
             if blocking:
                 finish()
         except BaseException as e:
@@ -203,40 +231,42 @@ class Writer:
         self._pending = background
         _unfinished.add(self)
 
-    def _finish(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker) -> None:
+    def _finish(self, final, data, token, draft, barrier, committed, tracker) -> None:
         try:
-            self._write_and_commit(final, data, token, step, prefix, layout, digests, barrier, committed, tracker)
+            self._write_and_commit(final, data, token, draft, barrier, committed, tracker)
         except BaseException:
             tracker.close(ok=False)
             raise
         tracker.close()
 
-    def _write_and_commit(self, final, data, token, step, prefix, layout, digests, barrier, committed, tracker):
+    def _write_and_commit(self, final, data, token, draft, barrier, committed, tracker):
         if self._orbax is not None:
             self._orbax.wait()
         tracker.advance(tracker.total - tracker.done)
         process = jax.process_index()
         if jax.process_count() > 1:
+            digests = {n: v.digests for n, v in draft.variables.items() if v.digests}
             _storage.write_bytes(final / f".digests-{process}.{token}.tmp", json.dumps(digests).encode())
         barrier("written")
         if process == 0:
             with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
-                self._publish(final, data, token, step, prefix, layout, digests, committed)
+                self._publish(final, data, token, draft, committed)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
-        _files.end(token)
+        _tokens.end(token)
 
-    def _publish(self, final, data, token, step, prefix, layout, digests, committed) -> None:
+    def _publish(self, final, data, token, draft, committed) -> None:
         """Process 0's part once every process has written: the manifest (the commit), then retention."""
+        others: dict[str, dict[str, int]] = {}  # the digests of regions only other processes hold
         for other in range(1, jax.process_count()):
             part = final / f".digests-{other}.{token}.tmp"
             for n, regions in json.loads(_storage.read_bytes(part)).items():
-                digests[n].update(regions)
+                others.setdefault(n, {}).update(regions)
             _storage.unlink(part)
-        variables = {
-            n: Variable(shape, dtype, digests.get(n, {}), key, layout.slots.get(n))
-            for n, (shape, dtype, key) in layout.shapes.items()
+        # Only variables with regions elsewhere are made again: a one-process save makes each once.
+        variables = draft.variables | {
+            n: dataclasses.replace(draft.variables[n], digests=draft.variables[n].digests | regions)
+            for n, regions in others.items()
         }
-        packed = {a: Variable(shape, dtype) for a, (shape, dtype) in layout.packed.items()}
         files = {}
         if _storage.exists(data):
             # The flush waits on the disk, the file checksums on the CPU: both at once.
@@ -244,7 +274,7 @@ class Writer:
                 synced = flusher.submit(_storage.sync_tree, data)
                 files = _integrity.file_records(data, _checksummed(data))
                 synced.result()
-        manifest = Manifest(variables, step, time.time(), files, data.name, prefix, packed)
+        manifest = dataclasses.replace(draft, variables=variables, created=time.time(), files=files)
         _commit.commit(final, manifest, token)
         committed(manifest)
 
@@ -256,7 +286,7 @@ class Writer:
             with contextlib.suppress(BaseException):  # let Orbax's own thread stop writing first
                 self._orbax.wait()
         if token is not None:
-            _files.end(token)
+            _tokens.end(token)
         self._orbax = None
         if jax.process_index() == 0:
             with contextlib.suppress(Exception), _limits.deadline(self._timeout):
@@ -268,6 +298,12 @@ class Writer:
         """Block until a background save is on disk; re-raise its error, if any.
 
         Interrupted (Ctrl-C), the save goes on, and the interpreter finishes it at exit.
+
+        Raises:
+          CheckpointError: the background save failed or was interrupted.
+
+        >>> writer = Writer(False, 60.0)
+        >>> writer.wait()  # no save in flight: returns at once
         """
         pending = self._pending
         if pending is None:
@@ -281,27 +317,28 @@ class Writer:
             raise CheckpointError(f"Saving checkpoint {pending.path} was interrupted; earlier checkpoints are intact.")
 
     def join(self) -> None:
-        """Block until a background save is done, keeping its error for `wait`."""
+        """Block until a background save is done, keeping its error for `wait` (a restore waits
+        for a save in flight, and leaves reporting its failure to the save's own caller).
+
+        >>> writer = Writer(False, 60.0)
+        >>> writer.save({"w": jnp.ones(3)}, Path("ckpt/w"), None, None, blocking=False)
+        >>> writer.join(); writer.wait()
+        """
         if self._pending is not None:
             self._pending.done.wait()
 
     def finish_at_exit(self) -> None:
         """Finish a background save as the interpreter exits; a failure is one line on stderr
-        (and a record of the `jstate` logger)."""
+        (and a record of the `jstate` logger).
+
+        >>> Writer(False, 60.0).finish_at_exit()  # nothing in flight: nothing to say
+        """
         try:
             self.wait()
         except CheckpointError as e:
             log.error("%s", e)
             if not _logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
                 print(f"jstate: {e}", file=sys.stderr)
-
-
-class _Layout(NamedTuple):
-    """What the manifest records of where a save put its variables."""
-
-    shapes: dict[str, tuple]  # name -> (shape, dtype, PRNG key implementation or None)
-    slots: dict[str, _pack.Slot]  # packed variables
-    packed: dict[str, tuple]  # packed array -> (shape, dtype)
 
 
 def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
@@ -327,7 +364,7 @@ def _checksummed(data: Path) -> Callable[[str], bool]:
     """Which files of a save's arrays get a CRC32C in the manifest: all of them locally; on an
     object store only the metadata, since hashing the data would download it all again (the
     array digests already cover every byte of it)."""
-    if _storage.is_remote(data):
+    if _storage.store_for(data).round_trips:
         return lambda rel: not _orbax.is_data_file(rel)
     return lambda rel: True
 
@@ -346,7 +383,19 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 def save_failed(path: Path | None, error: BaseException) -> CheckpointError:
     """One short error for a failed save that keeps the OS's reason whole; Orbax's own messages
-    can hold whole arrays, so only their first line is kept."""
+    can hold whole arrays, so only their first line is kept.
+
+    Args:
+      path: the checkpoint that was being saved.
+      error: what the save raised.
+
+    Returns:
+      A CheckpointError (a `StoreError` where a store's error caused it, so that
+      ``except TimeoutError`` still works), or `error` itself if it is a CheckpointError already.
+
+    >>> save_failed(Path("ckpt/model"), OSError(28, "No space left on device"))
+    CheckpointError('Saving checkpoint ckpt/model failed (OSError: [Errno 28] No space left on device). Earlier checkpoints are intact, and nothing of this save is listed.')
+    """
     if isinstance(error, CheckpointError) and not isinstance(error, StoreError):
         return error  # (a store's error says what failed, not that the save did: kept whole below)
     os_error = next((e for e in _causes(error) if isinstance(e, OSError)), None)

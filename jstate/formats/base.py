@@ -1,19 +1,21 @@
-"""`Checkpoint`: the one interface every checkpoint format implements.
+"""`Checkpoint`: the one interface every checkpoint format implements, and its `Entry`.
 
 A format is a module with ``load(path) -> Checkpoint | None`` (None: not this format) and a
 `Checkpoint` subclass that knows its entries from metadata alone and reads some of them:
 
-  _native.py        jstate's own checkpoints (a manifest over an Orbax checkpoint)
-  _orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax, CheckpointManager steps)
-  _tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
-  _safetensors.py   ``.safetensors`` files
+  native.py        jstate's own checkpoints (a manifest over an Orbax checkpoint)
+  orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax, CheckpointManager steps)
+  tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
+  safetensors.py   ``.safetensors`` files
 
-`_checkpoint.py` finds a checkpoint and asks each format in turn; nothing else knows a format.
+`checkpoint/lookup.py` finds a checkpoint and asks each format in turn; nothing else knows a
+format.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -23,13 +25,35 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, Damaged, not_in_checkpoint
 from ..core.progress import Progress
+from ..core.shaped import Shaped
 from ..core.table import Table, human_bytes
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
 
 T = TypeVar("T")
 _GROUP_BYTES = 512 * 1024 * 1024  # a progress bar advances once per this many bytes read
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry(Shaped):
+    """One array a checkpoint holds: where its format keeps it, and what it is.
+
+    Attributes:
+      keypath: its path in the checkpoint's tree (Orbax), or ``(name,)`` for flat formats.
+      shape: its shape.
+      dtype: its dtype.
+      size, nbytes: its number of elements and the bytes its values take (`core.shaped.Shaped`).
+
+    >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
+    >>> ckpt.entries["biases"]
+    Entry(keypath=('biases',), shape=(200,), dtype=dtype('float32'))
+    >>> ckpt.entries["biases"].nbytes
+    800
+    """
+
+    keypath: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
 class Checkpoint(abc.ABC):
@@ -54,7 +78,7 @@ class Checkpoint(abc.ABC):
 
     writer: str = ""
     checksums: bool = False
-    noun: str = "variable"  # what the format calls an entry, for messages
+    _noun: str = "variable"  # what the format calls an entry, for messages
 
     def __init__(
         self,
@@ -87,7 +111,7 @@ class Checkpoint(abc.ABC):
             return found
         if name in self.skipped:
             raise CheckpointError(f"Checkpoint {self.path}: jstate cannot read '{name}' ({self.skipped[name]}).")
-        raise not_in_checkpoint(f"Checkpoint {self.path}", [name], self.entries, self.noun)
+        raise not_in_checkpoint(f"Checkpoint {self.path}", [name], self.entries, self._noun)
 
     def read(
         self, wanted: Mapping[str, jax.ShapeDtypeStruct], *, verify: bool = True, progress: bool = False
@@ -185,24 +209,24 @@ class Checkpoint(abc.ABC):
         when the files pass them (or the format keeps no checksums)."""
         return None
 
-    def changed(self) -> bool:
+    def _changed(self) -> bool:
         """Whether the checkpoint was re-saved or deleted since it was opened (formats that are
-        never re-saved in place say False).
+        never re-saved in place say False): `checkpoint.lookup` then opens it again.
 
         >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
         >>> _ = jstate.Saver().save(state, "ckpt/model")  # replaces it
-        >>> ckpt.changed()
+        >>> ckpt._changed()
         True
         """
         return False
 
     @classmethod
-    def latest_in(cls, directory: Path) -> Path | None:
+    def _latest_in(cls, directory: Path) -> Path | None:
         """The checkpoint this format's own bookkeeping in `directory` names as the latest
         (TensorFlow's ``checkpoint`` state file), or None to go by step and time.
 
         >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
-        >>> print(type(ckpt).latest_in(Path("ckpt")))  # jstate's own checkpoints keep no such file
+        >>> print(type(ckpt)._latest_in(Path("ckpt")))  # jstate's own checkpoints keep no such file
         None
         """
         return None
@@ -232,15 +256,37 @@ class Checkpoint(abc.ABC):
 
 
 def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    """A host array on its target's sharding and dtype. Every process holds the whole array, so
-    this works for shardings over several processes too."""
+    """A host array on its target's sharding and dtype.
+
+    Every process holds the whole array, so this works for shardings over several processes too.
+
+    Args:
+      host: the whole array, in host memory.
+      target: the dtype to cast to, and the sharding to put it on (None: the default device).
+
+    Returns:
+      The array, cast and placed (`own` of `host`: never a view into a larger buffer).
+
+    >>> mesh = jax.make_mesh((8,), ("x",))
+    >>> target = jax.ShapeDtypeStruct((16,), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("x")))
+    >>> placed = place(np.arange(16.0), target)
+    >>> placed.dtype, len(placed.sharding.device_set)
+    (dtype(bfloat16), 8)
+    """
     return jax.device_put(own(host.astype(target.dtype, copy=False)), or_default(target.sharding))
 
 
 def own(host: np.ndarray) -> np.ndarray:
-    """`host`, copied if it is a view into a larger buffer: JAX on the CPU adopts an aligned host
-    buffer without copying it, and would keep all of it alive for as long as the array lives (a
-    restored slice of a split, or one variable of a packed array, pinning the whole)."""
+    """`host`, copied if it is a view into a larger buffer.
+
+    JAX on the CPU adopts an aligned host buffer without copying it, and would keep all of it
+    alive for as long as the array lives (a restored slice of a split, or one variable of a
+    packed array, pinning the whole).
+
+    >>> whole = np.zeros(1024)
+    >>> own(whole) is whole, own(whole[:4]).base is None
+    (True, True)
+    """
     base = host
     while isinstance(base.base, np.ndarray):
         base = base.base

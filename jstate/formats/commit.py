@@ -2,7 +2,7 @@
 
 A checkpoint at ``ckpt/model-1000`` is a directory:
 
-  jstate.json             the manifest (`_manifest`), written last in one atomic step
+  jstate.json             the manifest (`manifest`), written last in one atomic step
   arrays-<token>/         the arrays of one save (an Orbax checkpoint), under the save's token
 
 A save writes its arrays under a token no other save uses, then the manifest naming them: a
@@ -12,10 +12,11 @@ step, after which the replaced arrays are removed. Deleting a checkpoint removes
 first. Object stores (gs://, s3://) keep this same rule: writing one object is atomic there,
 renaming a directory is not, and nothing here renames a checkpoint or its arrays (on a local
 disk only a new, still empty checkpoint directory is renamed into place, holding its save's
-marker). All I/O is `_storage`'s.
+marker). All I/O is `storage`'s: where the rule depends on the store, it asks what the store can
+do (`Store.renames`, `Store.shared`), never which kind it is.
 
 Leftovers (arrays no manifest names, temporary files, directories left empty) are removed by
-`clean` only once their writer is gone (`_files.alive`), and an arrays directory only after
+`clean` only once their writer is gone (`tokens.alive`), and an arrays directory only after
 its writer is known to be done *and* the manifest, read after that, does not name it: a
 finished save's arrays can stop being named, never start, so that order is race-free. (One
 exception: a deletion that took a manifest re-saved since it was chosen puts it back; while a
@@ -25,13 +26,12 @@ deletion is in flight, a missing manifest is not taken as final.)
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..core.errors import CheckpointError
-from ..storage import local as _files
 from ..storage import store as _storage
+from ..storage import tokens as _tokens
 from .manifest import ARRAYS, FILE, Manifest
 
 _DATA = ARRAYS + "-"
@@ -43,17 +43,18 @@ _LONGEST = len(_DATA) + 80 + len(_ORBAX_TMP) + 20
 
 
 def data_dir(final: Path, token: str) -> Path:
-    """Where a save with `token` writes the arrays of checkpoint `final`."""
+    """Where a save with `token` writes the arrays of checkpoint `final`.
+
+    >>> data_dir(Path("ckpt/model-1"), "host-1-abc")
+    PosixPath('ckpt/model-1/arrays-host-1-abc')
+    """
     return final / f"{_DATA}{token}"
 
 
 def _token_of(name: str) -> str | None:
-    """The writer token in the name of a file a save puts in a checkpoint directory."""
-    if name.startswith(_DATA):
-        # Tokens hold no ".": whatever suffix Orbax adds while it writes is not part of one
-        # (read as part of the host, it made a killed save's files another host's, kept a day).
-        return name[len(_DATA) :].split(".", 1)[0]
-    return _files.temporary_token(name)
+    """The writer token in the name of a file a save puts in a checkpoint directory: its arrays
+    (with whatever suffix Orbax adds while it writes), a temporary file, a marker."""
+    return _tokens.token_in(name, _DATA)
 
 
 def prepare(final: Path, token: str) -> None:
@@ -77,31 +78,9 @@ def prepare(final: Path, token: str) -> None:
         )
     _storage.check_name_lengths(final)
     _storage.check_name_lengths(final / "x", _LONGEST)
-    if _storage.is_remote(final):
-        _storage.touch(_marker(final, token))  # the marker creates the prefix: one object
-    else:
-        _storage.makedirs(final.parent)
-        _make_marked(final, token)
+    _storage.create_marked(final, _marker(final, token).name)
     # Before writing, not after: a killed save's leftovers may be what fills the disk.
     clean(final.parent)
-
-
-def _make_marked(final: Path, token: str) -> None:
-    """Create local directory `final` already holding its marker: a save killed at any moment
-    leaves nothing or a marked directory, never an empty one that nothing would remove. The new
-    directory is made beside `final` and renamed into place (an empty directory being created:
-    no checkpoint is ever renamed); an existing `final` just gets the marker."""
-    marker = _marker(final, token)
-    if not final.is_dir():
-        staging = final.parent / marker.name  # a dead writer's is removed by `clean`, as any marker
-        staging.mkdir()
-        (staging / marker.name).touch()
-        try:
-            os.rename(staging, final)
-        except OSError:  # another writer made `final` meanwhile (with entries: no replace)
-            _storage.remove(staging)
-        _files.sync_dir(final.parent)
-    marker.touch()
 
 
 def _marker(final: Path, token: str) -> Path:
@@ -109,14 +88,22 @@ def _marker(final: Path, token: str) -> Path:
 
 
 def is_ours(path: Path) -> bool:
-    """Whether `path` is a directory holding only what jstate saves put there."""
+    """Whether `path` is a directory holding only what jstate saves put there.
+
+    >>> is_ours(Path(jstate.Saver().save(state, "ckpt/model"))), is_ours(Path("ckpt"))
+    (True, False)
+    """
     if not _storage.is_dir(path) or _storage.is_symlink(path):
         return False
     return only_ours(_storage.listdir(path))
 
 
 def only_ours(names: Iterable[str]) -> bool:
-    """Whether the names in a directory are all ones that jstate saves put there."""
+    """Whether the names in a directory are all ones that jstate saves put there.
+
+    >>> only_ours(["jstate.json", "arrays"]), only_ours(["jstate.json", "notes.txt"])
+    (True, False)
+    """
     return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in names)
 
 
@@ -135,42 +122,58 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     """Delete checkpoint `path`: its manifest first (it stops being listed), then its files.
 
     With `expected`, only if its manifest is still that one: a checkpoint re-saved since it was
-    chosen for deletion is kept. Returns whether it was deleted.
+    chosen for deletion is kept.
+
+    Returns:
+      Whether it was deleted (False: it was re-saved since, or is gone already).
+
+    >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
+    >>> delete(path, expected=Manifest({})), delete(path), path.exists()
+    (False, True, False)
     """
-    manifest_path = path / FILE
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
-    if _storage.is_remote(path):
-        # No rename takes exactly one version of an object: the manifest just compared is
-        # deleted. (A re-save of this very path landing between the two requests is lost: see
-        # the README's section on object storage.) The arrays it named are a finished save's,
-        # so they go at once; other writers' leftovers wait for `clean` and their age.
-        current = expected if expected is not None else Manifest.read(path)
-        if current is None:
-            return False
-        _storage.unlink(manifest_path)
-        _storage.remove(path / current.arrays)
+    deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
+    if deleted:
         clean_checkpoint(path)
-        return True
-    name = _files.token()
+    return deleted
+
+
+def _take(path: Path, expected: Manifest | None) -> bool:
+    """Unlist `path` by renaming its manifest away, which takes exactly one version of it; put
+    it back if that version is not `expected`."""
+    manifest_path = path / FILE
+    name = _tokens.token()
     # The token names the taken manifest (so a killed deletion's file is removed once it is
     # dead) and is live while the manifest may be put back: `clean_checkpoint` waits for it.
     taken = path / f"{_DELETING}{name}.tmp"
-    with _files.writing(name):
+    with _tokens.writing(name):
         try:
-            os.rename(manifest_path, taken)  # atomic: takes exactly one version of the manifest
+            _storage.rename(manifest_path, taken)
         except FileNotFoundError:
             return False
         if expected is not None and Manifest.read_file(taken, path) != expected:
             # Re-saved in between: put it back, unless a newer one has arrived meanwhile.
             with contextlib.suppress(FileExistsError):
-                os.link(taken, manifest_path)
-            taken.unlink(missing_ok=True)
-            _files.sync_dir(path)
+                _storage.link(taken, manifest_path)
+            _storage.unlink(taken)
+            _storage.sync_dir(path)
             return False
-        _files.sync_dir(path)
-        taken.unlink(missing_ok=True)
-    clean_checkpoint(path)
+        _storage.sync_dir(path)
+        _storage.unlink(taken)
+    return True
+
+
+def _unlist(path: Path, expected: Manifest | None) -> bool:
+    """Unlist `path` where no rename takes exactly one version of an object: the manifest just
+    compared is deleted. (A re-save of this very path landing between the two requests is lost:
+    see the README's section on object storage.) The arrays it named are a finished save's, so
+    they go at once; other writers' leftovers wait for `clean` and their age."""
+    current = expected if expected is not None else Manifest.read(path)
+    if current is None:
+        return False
+    _storage.unlink(path / FILE)
+    _storage.remove(path / current.arrays)
     return True
 
 
@@ -179,8 +182,8 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     manifest does not name, temporary files; and `path` itself if that leaves it empty.
     `names` are those in `path`, where the caller has listed them."""
     entries = _storage.iterdir(path) if names is None else [path / n for n in names]
-    shared = _storage.is_remote(path)
-    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _files.alive(t, shared=shared)]
+    shared = _storage.store_for(path).shared
+    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _tokens.alive(t, shared=shared)]
     legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
     if not done and not legacy:
         return
@@ -207,8 +210,8 @@ def _may_come_back(path: Path) -> bool:
         names = _storage.listdir(path)
     except OSError:
         return True  # not knowing, nothing is removed
-    shared = _storage.is_remote(path)
-    if any(n.startswith(_DELETING) and _files.alive(_token_of(n) or "", shared=shared) for n in names):
+    shared = _storage.store_for(path).shared
+    if any(n.startswith(_DELETING) and _tokens.alive(_token_of(n) or "", shared=shared) for n in names):
         return True
     return _storage.exists(path / FILE)
 
@@ -217,18 +220,18 @@ def clean(directory: Path, prefix: str | None = None) -> None:
     """`clean_checkpoint` every jstate checkpoint directory in `directory` (named
     ``<prefix>...`` if given): leftovers of killed and failed saves and deletions.
 
-    On an object store, one listing of everything under `directory` tells which children are
-    jstate's and what is in them: a save beside N checkpoints makes no request per checkpoint
-    unless it has leftovers to remove."""
-    shared = _storage.is_remote(directory)
-    if shared:
-        listed = _storage.by_child(_storage.files(directory, prefix or ""))
+    Where each request is a round trip (an object store), one listing of everything under
+    `directory` tells which children are jstate's and what is in them: a save beside N
+    checkpoints makes no request per checkpoint unless it has leftovers to remove."""
+    store = _storage.store_for(directory)
+    if store.round_trips:
+        listed = _storage.by_child(store.files(directory, prefix or ""))
         children = {directory / name: {below.split("/", 1)[0] for below in objects} for name, objects in listed.items()}
     else:
         children = {c: None for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)}
     for child, names in children.items():
-        token = _files.temporary_token(child.name)
-        if token is not None and not _files.alive(token, shared=shared):
+        token = _tokens.token_in(child.name)
+        if token is not None and not _tokens.alive(token, shared=store.shared):
             _storage.remove(child)  # a dead save's temporary file, or its directory being made
         elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
             clean_checkpoint(child, names)

@@ -33,6 +33,11 @@ UNRECORDED = -1  # a file's CRC32C that was not taken
 
 
 def checksum(data: np.ndarray | bytes | mmap.mmap) -> int:
+    """The CRC32C of `data`: of an array's bytes in C order, whatever its strides.
+
+    >>> checksum(b"jstate") == checksum(np.frombuffer(b"jstate", np.uint8))
+    True
+    """
     if isinstance(data, np.ndarray):
         data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     return crc32c.crc32c(data)
@@ -50,7 +55,12 @@ def _parse_key(key: str) -> tuple[slice, ...]:
 
 
 def array_digests(array: jax.Array) -> dict[str, int]:
-    """CRC32C of each distinct shard this process holds, keyed by the region it covers."""
+    """CRC32C of each distinct shard this process holds, keyed by the region it covers.
+
+    >>> mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    >>> sorted(array_digests(jax.device_put(np.zeros((4, 3), np.float32), jax.NamedSharding(mesh, jax.P("x")))))
+    ['0:2,0:3', '2:4,0:3']
+    """
     return {
         _slice_key(shard.index, array.shape): checksum(np.asarray(shard.data))
         for shard in array.addressable_shards
@@ -82,6 +92,18 @@ def verify_arrays(
     are copied with numpy, never sliced with JAX indexing, which explicit mesh axes refuse.
     Device-to-host copies start at once and checksums run in a thread pool (crc32c releases the
     GIL), so on accelerators the copies overlap the hashing.
+
+    Args:
+      arrays: the restored arrays, by name.
+      digests: ``{name: {region: crc32c}}`` recorded at save.
+      elsewhere: where to add the regions this process must check on the host (None: skip them).
+
+    Returns:
+      ``(name, region)`` of the first mismatch, or None when all match.
+
+    >>> x = jnp.arange(6.0)
+    >>> verify_arrays({"x": x}, {"x": array_digests(x)}), verify_arrays({"x": x}, {"x": {"0:6": 0}})
+    (None, ('x', '0:6'))
     """
     jobs = []
     for name, array in arrays.items():
@@ -129,7 +151,12 @@ def _owner(name: str, key: str, region: Bounds, array: jax.Array) -> int | None:
 
 
 def verify_host(arrays: dict[str, np.ndarray], digests: dict[str, dict[str, int]]) -> tuple[str, str] | None:
-    """`verify_arrays` for whole arrays in host memory: every recorded region is checked."""
+    """`verify_arrays` for whole arrays in host memory: every recorded region is checked.
+
+    >>> x = np.arange(6.0)
+    >>> verify_host({"x": x}, {"x": whole_digest(x)}), verify_host({"x": x}, {"x": {"2:4": 0}})
+    (None, ('x', '2:4'))
+    """
     for name, array in arrays.items():
         for key, expected in digests.get(name, {}).items():
             if checksum(array[_parse_key(key)]) != expected:
@@ -164,7 +191,8 @@ class Running:
                 self._runs[key] = [start, start + math.prod(lengths) * itemsize, 0]
 
     def feed(self, start: int, block: memoryview) -> None:
-        """The array's bytes from byte `start` on (blocks must come in order)."""
+        """Take the array's bytes from byte `start` on (blocks must come in order); the class's
+        example feeds one."""
         end = start + len(block)
         for run in self._runs.values():
             if run[0] < run[1] and start <= run[0] < end:
@@ -173,7 +201,8 @@ class Running:
                 run[0] = stop
 
     def finish(self, array: np.ndarray) -> str | None:
-        """The key of the first region of `array` that does not match its digest, or None."""
+        """The key of the first region of `array` that does not match its digest, or None (the
+        class's example finds one)."""
         for key, expected in self._digests.items():
             run = self._runs.get(key)
             found = run[2] if run is not None and run[0] == run[1] else checksum(array[_parse_key(key)])
@@ -213,19 +242,25 @@ def _size(bounds: Bounds | None) -> int:
 
 
 def file_checksum(path: Path) -> int:
-    """CRC32C of a file, through mmap: no copy into fresh memory (slow on these machines)."""
-    if _storage.is_remote(path):
-        return checksum(_storage.read_bytes(path))
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return checksum(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return checksum(view)
+    """CRC32C of a file: mapped into memory locally, no copy into fresh memory (slow on these
+    machines); downloaded from an object store.
+
+    >>> _ = Path("f").write_bytes(b"jstate")
+    >>> file_checksum(Path("f")) == checksum(b"jstate")
+    True
+    """
+    with _storage.mapped(path) as data:
+        return checksum(data)
 
 
 def file_records(directory: Path, contents: Callable[[str], bool] = lambda rel: True) -> dict[str, list[int]]:
     """``{relative path: [size, crc32c]}`` for every file under `directory` (files in parallel);
-    the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others)."""
+    the CRC32C only of files whose relative path `contents` accepts (`UNRECORDED` for others).
+
+    >>> Path("d/sub").mkdir(parents=True); _ = Path("d/sub/f").write_bytes(b"jstate")
+    >>> file_records(Path("d")) == {"sub/f": [6, checksum(b"jstate")]}, file_records(Path("d"), lambda rel: False)
+    (True, {'sub/f': [6, -1]})
+    """
     found = _storage.files(directory)  # on GCS with the store's own CRC32C: nothing to read back
     wanted = [rel for rel, file in found.items() if file.crc32c is None and contents(rel)]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -243,74 +278,45 @@ def check_files(
     """Every recorded file exists with its recorded size; those named in `contents` also with
     their recorded checksum. Raises CorruptCheckpointError naming the first damaged file.
 
-    `listed` is `_storage.files(directory)` where the caller has it; on an object store it is
-    listed here otherwise (one request, not one per file)."""
+    `listed` is `_storage.files(directory)` where the caller has it; it is listed here
+    otherwise (on an object store one request, not one per file). A recorded file the listing
+    lacks (locally: one reached through a symbolic link) is looked for by itself, through
+    `safe_join`'s check."""
     contents = set(contents)
-    remote = _storage.is_remote(directory)
-    if listed is None and remote:
+    if listed is None:
         listed = _storage.files(directory)
-    plain = {} if remote else _plain_sizes(directory)
     for rel, (size, _) in records.items():
         path = directory / rel
         try:
-            if rel in plain:
-                actual = plain[rel]
+            if rel in listed:
+                actual = listed[rel].size
             else:
-                path = safe_join(directory, rel, checkpoint)
-                actual = _storage.size(path) if listed is None else listed[rel].size
-        except (FileNotFoundError, KeyError):
+                path = _storage.safe_join(directory, rel, checkpoint)
+                actual = _storage.size(path)
+        except FileNotFoundError:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {path} is missing.") from None
         if actual != size:
             raise CorruptCheckpointError(
                 f"Checkpoint {checkpoint} is damaged: {path} has {actual} bytes, {size} were written."
             )
     hashed = [(rel, directory / rel) for rel in records if rel in contents and records[rel][1] != UNRECORDED]
-    if remote:  # in parallel: each is a request, and their latency adds up
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(hashed)))) as pool:
-            crcs = list(pool.map(_limits.bounded(lambda item: _crc(item[1], item[0], listed)), hashed))
-    else:  # small metadata files: starting threads would cost more
-        try:
-            crcs = [file_checksum(path) for _, path in hashed]
-        except FileNotFoundError as e:  # deleted since its size was checked (a re-save retiring it)
-            raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {e.filename} is missing.") from None
+    try:  # where each is a request, in parallel: their latency adds up
+        crcs = _storage.store_for(directory).map(lambda item: _crc(item[1], item[0], listed), hashed)
+    except FileNotFoundError as e:  # deleted since its size was checked (a re-save retiring it)
+        raise CorruptCheckpointError(f"Checkpoint {checkpoint} is incomplete: {e.filename or e} is missing.") from None
     for (rel, path), crc in zip(hashed, crcs):
         if crc != records[rel][1]:
             raise CorruptCheckpointError(f"Checkpoint {checkpoint} is damaged: {path} does not match its checksum.")
 
 
-def _plain_sizes(directory: Path) -> dict[str, int]:
-    """``{relative path: size}`` of the regular files under local `directory` reached through no
-    symbolic link, in one walk. Those are inside it: only other files need `safe_join`'s check,
-    which resolves every component of the path (for a checkpoint of 20 files, 3 ms a restore)."""
-    out: dict[str, int] = {}
-    pending = [("", os.fspath(directory))]
-    while pending:
-        prefix, folder = pending.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.is_symlink():
-                continue
-            if entry.is_dir():
-                pending.append((f"{prefix}{entry.name}/", entry.path))
-            elif entry.is_file():
-                try:
-                    out[prefix + entry.name] = entry.stat().st_size
-                except OSError:  # deleted meanwhile (a re-save retiring it): the slow path says so
-                    continue
-    return out
-
-
 def damaged_files(directory: Path, records: dict[str, list[int]], checkpoint: Path) -> list[str]:
     """The recorded files whose contents no longer match (slow: reads them all)."""
     bad = []
-    listed = _storage.files(directory) if _storage.is_remote(directory) else None
+    listed = _storage.files(directory)
     for rel, (size, crc) in records.items():
-        path = safe_join(directory, rel, checkpoint)
+        path = _storage.safe_join(directory, rel, checkpoint)
         try:
-            if (rel not in listed) if listed is not None else not _storage.is_file(path):
+            if rel not in listed and not _storage.is_file(path):
                 bad.append(str(path))
             elif crc == UNRECORDED:
                 if _storage.size(path) != size:
@@ -327,23 +333,3 @@ def _crc(path: Path, rel: str, listed: dict | None) -> int:
     (`_storage.files` of the directory), where it keeps one; else computed from the bytes."""
     crc = listed[rel].crc32c if listed is not None and rel in listed else None
     return file_checksum(path) if crc is None else crc
-
-
-def safe_join(directory: Path, rel: str, checkpoint: Path, resolve: bool = True) -> Path:
-    """`directory / rel`, refusing paths that would leave `directory` (a crafted manifest).
-
-    Symbolic links are followed only inside the checkpoint: `resolve` (the default) refuses a
-    path whose real location is outside. (Object stores have no links.)
-    """
-    path = directory / rel
-    resolve = resolve and not _storage.is_remote(path)
-    if (
-        rel.startswith("/")
-        or ".." in rel.split("/")
-        or (resolve and not path.resolve().is_relative_to(Path(checkpoint).resolve()))
-    ):
-        raise CorruptCheckpointError(
-            f"Checkpoint {checkpoint}: its manifest names the file {rel!r}, outside the checkpoint. "
-            "It was not written by jstate; refusing to read it."
-        )
-    return path

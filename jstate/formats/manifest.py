@@ -2,9 +2,9 @@
 jstate reader, and nowhere else.
 
 A jstate checkpoint is a directory holding an Orbax PyTree checkpoint keyed by variable name
-(``arrays-<token>/``, see `_commit`) and this manifest: each variable's shape, dtype and the
+(``arrays-<token>/``, see `commit`) and this manifest: each variable's shape, dtype and the
 CRC32C of every saved region, the size and CRC32C of every file of the arrays, and which
-directory holds them; small variables are packed together (`_pack`), and the manifest says where
+directory holds them; small variables are packed together (`pack`), and the manifest says where
 each one lives. Writing the manifest commits the checkpoint. The manifest checksums itself:
 it is one JSON object whose first member is the CRC32C of the bytes after it, so it is checked
 without re-serializing it: ``{"checksum":"1a2b3c4d", ...rest}``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, StoreError
-from ..model.spec import Entry
+from ..core.shaped import Shaped
 from ..storage import store as _storage
+from .base import Entry
 from .integrity import checksum
 from .pack import Slot
 
@@ -41,16 +41,21 @@ _HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
 
 
 @dataclasses.dataclass(frozen=True)
-class Variable:
-    """One saved variable.
+class Variable(Shaped):
+    """One saved variable, as its manifest records it.
 
     Attributes:
       shape: its shape.
       dtype: its dtype.
+      size, nbytes: its number of elements and the bytes its values take (`core.shaped.Shaped`).
       digests: CRC32C of each saved region, keyed by region (``"0:16,0:32"``).
       key: for a PRNG key array, its implementation (``"threefry2x32"``): the shape and
         dtype above are then those of its key data (`jax.random.key_data`).
-      packed: where it lives in a packed array (`_pack`), or None: stored under its own name.
+      packed: where it lives in a packed array (`pack`), or None: stored under its own name.
+
+    >>> v = Variable((2, 3), np.dtype("float32"), {"0:2,0:3": 7})
+    >>> v.size, v.nbytes
+    (6, 24)
     """
 
     shape: tuple[int, ...]
@@ -58,10 +63,6 @@ class Variable:
     digests: dict[str, int] = dataclasses.field(default_factory=dict)
     key: str | None = None
     packed: Slot | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Manifest:
       arrays: the directory beside the manifest that holds the arrays.
       prefix: the name the Saver was given, when it saved with a step (``model`` for
         ``model-1000``): retention deletes only checkpoints of its own prefix.
-      packed: the packed arrays (``_pack.KEY/<name>``), each a 1-D `Variable` without digests
+      packed: the packed arrays (``pack.KEY/<name>``), each a 1-D `Variable` without digests
         (its variables carry their own).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
@@ -95,13 +96,22 @@ class Manifest:
     @functools.cached_property
     def entries(self) -> dict[str, Entry]:
         """What a restore sees of each variable, by name: a PRNG key array for one saved as key
-        data. Computed once per manifest (`decode` shares the manifests of equal bytes)."""
+        data. Computed once per manifest (`decode` shares the manifests of equal bytes).
+
+        >>> m = Manifest({"k": Variable((4, 2), np.dtype("uint32"), key="threefry2x32")})
+        >>> m.entries["k"].shape, m.entries["k"].dtype
+        ((4,), key<fry>)
+        """
         return {
             n: Entry((n,), v.shape, v.dtype) if v.key is None else _key_entry(n, v) for n, v in self.variables.items()
         }
 
     def encode(self) -> bytes:
-        """The manifest as checksummed JSON bytes."""
+        """The manifest as checksummed JSON bytes (`encode`); `decode` reads them back.
+
+        >>> Manifest({}, step=3).encode()[:51]
+        b'{"checksum":"...","format":"jstate.checkpoint"'
+        """
         return encode(
             {
                 "format": FORMAT,
@@ -125,8 +135,23 @@ class Manifest:
     def decode(cls, data: bytes, where: str | Path) -> Manifest:
         """Parse and validate manifest bytes of the checkpoint at `where`.
 
+        Args:
+          data: the bytes of a manifest file.
+          where: the checkpoint, for messages.
+
+        Returns:
+          The manifest; equal bytes give the same (immutable) object.
+
         Raises:
           CorruptCheckpointError: the bytes fail their checksum or are not a valid manifest.
+          CheckpointError: a newer jstate wrote it (a manifest version this one does not read).
+
+        >>> Manifest.decode(Manifest({}, step=3).encode(), "ckpt").step
+        3
+        >>> Manifest.decode(b"{}", "ckpt")
+        Traceback (most recent call last):
+        ...
+        jstate.core.errors.CorruptCheckpointError: Checkpoint ckpt: its manifest ckpt/jstate.json is damaged (ValueError: checksum mismatch). ...
         """
         try:
             return _decoded(cls, data)
@@ -180,7 +205,13 @@ class Manifest:
         )
 
     def write(self, directory: Path) -> None:
-        """Write the manifest into `directory`, atomically and flushed to disk."""
+        """Write the manifest into `directory`, atomically and flushed to disk (this commits a
+        checkpoint: `commit.commit`).
+
+        >>> Path("ckpt").mkdir(); Manifest({}, step=3).write(Path("ckpt"))
+        >>> Manifest.read(Path("ckpt")).step
+        3
+        """
         _storage.write_bytes(_storage.as_path(directory) / FILE, self.encode())
 
     @classmethod
@@ -190,13 +221,26 @@ class Manifest:
         Raises:
           CheckpointError: it cannot be read (naming the OS's reason).
           CorruptCheckpointError: it is damaged.
+
+        >>> Manifest.read(Path(jstate.Saver().save(state, "ckpt/model"))).variables["biases"].shape
+        (200,)
+        >>> print(Manifest.read(Path(".")))
+        None
         """
         directory = _storage.as_path(directory)
         return cls.read_file(directory / FILE, directory)
 
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
-        """The manifest in file `path` of checkpoint `where`, None if the file does not exist."""
+        """The manifest in file `path` of checkpoint `where`, None if the file does not exist.
+
+        Raises:
+          CheckpointError, CorruptCheckpointError: as `read`.
+
+        >>> path = jstate.Saver().save(state, "ckpt/model")
+        >>> Manifest.read_file(Path(path) / FILE, path) == Manifest.read(Path(path))
+        True
+        """
         try:
             data = _storage.read_bytes(_storage.as_path(path))
         except (FileNotFoundError, NotADirectoryError):
@@ -209,7 +253,11 @@ class Manifest:
 
 
 def encode(raw: dict[str, Any]) -> bytes:
-    """A JSON object as manifest bytes: its own CRC32C first, then the rest."""
+    """A JSON object as manifest bytes: its own CRC32C first, then the rest.
+
+    >>> encode({"format": "x"})
+    b'{"checksum":"...","format":"x"}'
+    """
     rest = json.dumps({k: v for k, v in raw.items() if k != "checksum"}, separators=(",", ":"))[1:].encode()
     return _HEAD + b"%08x" % checksum(rest) + b'",' + rest
 
@@ -262,7 +310,7 @@ def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) ->
             raise ValueError(
                 f"variable {name!r} is packed into {v.packed.array!r}, which holds no {v.dtype.name} array"
             )
-        if v.packed.offset < 0 or v.packed.offset + math.prod(v.shape) > array.shape[0] or not v.nbytes:
+        if v.packed.offset < 0 or v.packed.offset + v.size > array.shape[0] or not v.nbytes:
             raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
 
 

@@ -1,14 +1,13 @@
-"""Reading jstate's own checkpoints: a manifest (`_manifest`) over an Orbax checkpoint, every
+"""Reading jstate's own checkpoints: a manifest (`manifest`) over an Orbax checkpoint, every
 array verified against the checksums recorded at save.
 
-Packed variables (`_pack`) are read by reading the packed arrays that hold them into host
+Packed variables (`pack`) are read by reading the packed arrays that hold them into host
 memory once, checking each variable's own checksum, and putting each variable onto its target's
 sharding from there: they are small, so a host copy costs little, and it works for any sharding.
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,14 +16,13 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
 from . import commit as _commit
 from . import integrity as _integrity
 from . import ocdbt as _ocdbt
 from . import orbax as _orbax
 from . import pack as _pack
-from .base import Checkpoint, own, place
+from .base import Checkpoint, Entry, own, place
 from .manifest import ARRAYS, FILE, Manifest, Variable
 
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
@@ -36,9 +34,17 @@ _READERS = 4  # threads reading and checking arrays at once: reads from the page
 class NativeCheckpoint(Checkpoint):
     """A checkpoint jstate wrote: entries named by checkpoint name, every region checksummed.
 
+    Args:
+      path: the checkpoint directory.
+      manifest: its manifest, read and checked (`load` opens one).
+
     Attributes:
       manifest: its `Manifest`.
       arrays: the Orbax checkpoint holding its arrays.
+
+    >>> ckpt = load(Path(jstate.Saver().save(state, "ckpt/model", step=7)))
+    >>> ckpt.step, ckpt.manifest.step, ckpt.arrays.name.startswith("arrays-")
+    (7, 7, True)
     """
 
     writer = "jstate"
@@ -47,13 +53,11 @@ class NativeCheckpoint(Checkpoint):
     def __init__(self, path: Path, manifest: Manifest):
         super().__init__(path, manifest.entries, step=manifest.step, created=manifest.created)
         self.manifest = manifest
-        self.arrays = path / manifest.arrays
-        if not _storage.is_remote(path):
-            self.arrays = self.arrays.absolute()  # as Orbax takes it
+        self.arrays = _storage.absolute(path / manifest.arrays)  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
-        self._where: dict[str, _ocdbt.Located] | None = None  # where `_ocdbt` can read arrays, found on first use
+        self._where: dict[str, _ocdbt.Located] | None = None  # where `ocdbt` can read arrays, found on first use
 
-    def changed(self) -> bool:
+    def _changed(self) -> bool:
         try:
             return Manifest.read(self.path) != self.manifest
         except CheckpointError:
@@ -118,7 +122,7 @@ class NativeCheckpoint(Checkpoint):
     def _unpacked(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
         """The packed variables `names` in their stored dtype (a PRNG key as its key data), each
         checked when `verify`. Only the packed arrays holding them are read, once each, and the
-        variables are views into them; where they fill half of one or less and `_ocdbt` locates
+        variables are views into them; where they fill half of one or less and `ocdbt` locates
         it, just their own bytes are read instead."""
         variables, records = self.manifest.variables, self.manifest.packed
         located = self._located()
@@ -133,7 +137,7 @@ class NativeCheckpoint(Checkpoint):
                 through_orbax[array] = entry
             elif len(found.chunks) == 1 and 2 * sum(variables[n].nbytes for n in inside) <= entry.nbytes:
                 # Half of it or less: just their bytes.
-                slots = [(variables[n].packed.offset, math.prod(variables[n].shape)) for n in inside]
+                slots = [(variables[n].packed.offset, variables[n].size) for n in inside]
                 parts = found.read_slices([(start, start + size) for start, size in slots])
                 out |= {n: part.reshape(variables[n].shape) for n, part in zip(inside, parts)}
             else:
@@ -209,7 +213,7 @@ class NativeCheckpoint(Checkpoint):
         """The names of `todo` that a restore reads into host memory and puts on the devices from
         there (`_read_through_host`); Orbax reads the others straight onto their shardings.
 
-        With one process: arrays whose files `_ocdbt` can read (one copy, where Orbax makes
+        With one process: arrays whose files `ocdbt` can read (one copy, where Orbax makes
         three), and every array of a target on accelerators, where reading onto the devices
         would bring the bytes back to the host for their checksums (on an H200 that made a
         verified 1 GiB restore cost 3.2x an unverified one). With several processes, Orbax reads
@@ -235,7 +239,7 @@ class NativeCheckpoint(Checkpoint):
 
     def _fetch(self, entries: dict[str, Entry], verify: bool, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
         """`entries` (unpacked variables) in host memory in their stored dtype, each checked
-        against its checksums when `verify`: those `_ocdbt` locates are read in `pool`, each
+        against its checksums when `verify`: those `ocdbt` locates are read in `pool`, each
         checked right after its read; the others through Orbax."""
         located = self._located()
         direct = {n for n, e in entries.items() if _fits(located.get(n), e)}
@@ -311,6 +315,11 @@ def load(path: Path) -> NativeCheckpoint | None:
       CorruptCheckpointError: it is one, but incomplete or damaged (a missing or truncated file
         counts: sizes are checked on every open, which costs one `stat` per file locally, one
         listing on an object store).
+
+    >>> load(Path(jstate.Saver().save(state, "ckpt/model"))).writer
+    'jstate'
+    >>> print(load(Path(jstate.save_safetensors(state, "model.safetensors"))))  # another format's
+    None
     """
     manifest = Manifest.read(path)  # first: on an object store, one request answers most calls
     if manifest is None:
@@ -340,12 +349,24 @@ _REOPEN = 5
 
 def load_listed(path: Path, listed: dict[str, _storage.File]) -> NativeCheckpoint | None:
     """`load` of a checkpoint on an object store whose directory holds a manifest in a listing
-    taken moments ago (`listed`: `_storage.files(path)`): its files are checked against that
-    listing, so opening it costs one request, its manifest. Where the two disagree (re-saved
-    or deleted since the listing), `load` looks again.
+    taken moments ago (`listed`: `storage.store.files(path)`): its files are checked against
+    that listing, so opening it costs one request, its manifest. Where the two disagree
+    (re-saved or deleted since the listing), `load` looks again.
 
     Its `created` is when the store wrote the manifest, by the store's clock, which every
-    writer shares: lookups and retention order checkpoints by it, whatever each writer's clock."""
+    writer shares: lookups and retention order checkpoints by it, whatever each writer's clock.
+
+    Returns:
+      The checkpoint, or None: its manifest was deleted since the listing.
+
+    Raises:
+      CheckpointNotFoundError, CorruptCheckpointError: as `load`.
+
+    >>> from jstate.storage import store
+    >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
+    >>> load_listed(path, store.files(path)).manifest == load(path).manifest
+    True
+    """
     manifest = Manifest.read(path)
     if manifest is None:
         return None  # deleted since
@@ -363,10 +384,10 @@ def _checked(path: Path, manifest: Manifest, listed: dict[str, _storage.File] | 
     """The checkpoint `manifest` describes, once its files are found as recorded: listed in
     `listed` (its arrays directory's listing), or else asked for (on an object store, in one
     listing)."""
-    arrays = _integrity.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
-    _integrity.safe_join(path, FILE, path)
-    if listed is None and _storage.is_remote(path):
-        listed = _storage.files(arrays)
+    arrays = _storage.safe_join(path, manifest.arrays, path)  # (links are followed inside only)
+    _storage.safe_join(path, FILE, path)
+    if listed is None and _storage.store_for(path).round_trips:
+        listed = _storage.files(arrays)  # one request for what would be a few
     if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays, listed):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
     _integrity.check_files(arrays, manifest.files, path, listed=listed)

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.errors import CorruptCheckpointError, Damaged
+from ..core.shaped import Shaped
 from ..storage import store as _storage
-from .integrity import safe_join
 
 _ALIGNMENT = 64  # bytes: what XLA's CPU client needs to adopt a host buffer without copying it
 _BLOCK = 2 * 1024 * 1024  # bytes read at a time when each block is fed on: fits in a core's cache
@@ -59,7 +59,16 @@ class Chunk:
     inline: bytes | None = None
 
     def read_into(self, *parts: tuple[memoryview, int]) -> None:
-        """Fill each ``(buffer, start)`` of `parts` with this chunk's bytes from byte `start` on."""
+        """Fill each ``(buffer, start)`` of `parts` with this chunk's bytes from byte `start` on.
+
+        Raises:
+          Damaged: the file ends before the bytes asked for.
+
+        >>> out = bytearray(3)
+        >>> Chunk(None, 0, 5, inline=b"abcde").read_into((memoryview(out), 1))
+        >>> bytes(out)
+        b'bcd'
+        """
         if self.inline is not None:
             for out, start in parts:
                 out[:] = self.inline[start : start + len(out)]
@@ -81,8 +90,9 @@ class Chunk:
 
 
 @dataclasses.dataclass(frozen=True)
-class Located:
-    """A stored array whose chunks can be read straight into host memory."""
+class Located(Shaped):
+    """A stored array whose chunks can be read straight into host memory (`locate` finds them;
+    the module's example reads one)."""
 
     name: str  # Orbax's name for it
     shape: tuple[int, ...]
@@ -95,8 +105,19 @@ class Located:
 
         Args:
           feed: called with (byte offset, bytes) for consecutive blocks of the array's bytes as
-            they are read, where its chunks span whole rows (`_integrity.Running` checksums
+            they are read, where its chunks span whole rows (`integrity.Running` checksums
             them while they are in the cache); not called otherwise.
+
+        Returns:
+          The array, in its stored shape and dtype.
+
+        Raises:
+          Damaged: a data file ends before a chunk does, or a bool holds a byte other than 0 or 1.
+
+        >>> located = locate(jstate.open_checkpoint(jstate.Saver(pack=False).save(state, "ckpt")).arrays)
+        >>> fed = []
+        >>> located["biases"].read(lambda at, block: fed.append((at, len(block)))).shape, fed
+        ((200,), [(0, 800)])
         """
         out = _aligned(self.shape, self.dtype)
         # Chunks spanning whole rows are contiguous runs of `out`: read in place. Others (split
@@ -123,7 +144,16 @@ class Located:
 
     def read_slices(self, slices: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Elements ``[start, stop)`` of a 1-D array held in one chunk (a packed array), for each
-        ``(start, stop)`` of `slices`, each in a new buffer."""
+        ``(start, stop)`` of `slices`, each in a new buffer.
+
+        Raises:
+          ValueError: the array is not 1-D in one chunk, or a slice does not fit in it.
+          Damaged: as `read`.
+
+        >>> located = locate(jstate.open_checkpoint(jstate.Saver(pack=False).save(state, "ckpt")).arrays)
+        >>> [a.shape for a in located["biases"].read_slices([(0, 2), (10, 15)])]
+        [(2,), (5,)]
+        """
         if len(self.shape) != 1 or len(self.chunks) != 1:
             raise ValueError(f"{self.name} is not a 1-D array in one chunk: read it whole")
         if not all(0 <= start <= stop <= self.shape[0] for start, stop in slices):
@@ -146,9 +176,16 @@ class Located:
 
 def locate(directory: Path) -> dict[str, Located]:
     """The arrays of the local Orbax checkpoint `directory` that `Located.read` can read, by
-    Orbax's name for each (its tree path joined by "."); empty if there are none. The result is
-    shared: do not change it."""
-    if _storage.is_remote(directory):
+    Orbax's name for each (its tree path joined by "."); empty if there are none.
+
+    The result is remembered for the directory's OCDBT manifest as it is now, and shared: do
+    not change it. The module's example reads one.
+
+    >>> locate(Path("no-such-checkpoint"))
+    {}
+    """
+    directory = _storage.local_path(directory)  # (tensorstore's file driver: local files only)
+    if directory is None:
         return {}
     try:
         found = os.stat(directory / "manifest.ocdbt")
@@ -240,7 +277,7 @@ def _chunk(directory: Path, entry: dict[str, Any] | None, length: int, files: di
     if file_id not in files:
         base, _, relative = file_id.partition(":")
         try:  # a hostile index cannot point outside the checkpoint
-            files[file_id] = safe_join(directory, base + relative, directory)
+            files[file_id] = _storage.safe_join(directory, base + relative, directory)
         except CorruptCheckpointError:
             files[file_id] = None
     file = files[file_id]

@@ -5,15 +5,13 @@ that just initializes a model never pays Orbax's import time. What jstate asks o
 flat dict of arrays, read some of them back onto given shardings, read a checkpoint's metadata,
 and a barrier between processes.
 
-Orbax writes ``gs://`` itself. For ``s3://``, Orbax 0.12.8 needs help, given by `_s3_shim`
-(see there): jstate never lets it fall back to writing a local directory named ``s3:``.
+Orbax writes ``gs://`` itself. For ``s3://``, Orbax 0.12.8 needs help, given by `orbax_s3`:
+jstate never lets it fall back to writing a local directory named ``s3:``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -22,12 +20,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..core.errors import CheckpointError, CorruptCheckpointError
+from ..core.errors import CorruptCheckpointError
 from ..core.tree import path_name
 from ..model.placement import or_default
-from ..model.spec import Entry
 from ..storage import store as _storage
-from .base import Checkpoint
+from . import orbax_s3 as _s3
+from .base import Checkpoint, Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
@@ -43,10 +41,9 @@ def _ocp() -> ModuleType:
 
 
 def check_store(directory: Path) -> None:
-    """Raise CheckpointError if Orbax cannot write `directory`'s store (s3:// on an Orbax the shim
-    does not know): called before a save writes anything."""
-    if _storage.scheme(directory) == "s3":
-        _s3_shim()
+    """Raise CheckpointError if Orbax cannot write `directory`'s store (``s3://`` on an Orbax
+    that `orbax_s3` cannot adapt): called before a save writes anything."""
+    _s3.adapt(directory)
 
 
 def _path(directory: Path) -> Any:
@@ -54,103 +51,19 @@ def _path(directory: Path) -> Any:
     from etils import epath
 
     check_store(directory)
-    if _storage.is_remote(directory):
-        return epath.Path(str(directory))
-    return epath.Path(os.path.abspath(directory))
-
-
-# -- s3:// -----------------------------------------------------------------------------------
-# Orbax 0.12.8 treats only gs:// as remote. Given s3://, `_normalize_path` makes it "s3:/..."
-# (os.path.normpath), `_use_gcs_driver` says no, so tensorstore gets a `file` kvstore: with
-# OCDBT the save fails late ("Checkpoint path should be absolute"), without it the arrays go
-# to a local directory named "s3:" while the metadata goes to S3. Three functions decide the
-# kvstore; the shim wraps them to give tensorstore its own `s3` driver, with the endpoint and
-# region from the environment (tensorstore's s3 driver ignores AWS_ENDPOINT_URL), and leaves
-# every other path to the originals. Orbax's own rename-based commit cannot work on S3
-# either: the Writer commits with a commit file there (`_atomicity`). Each wrapped function is
-# checked to exist before anything is patched; a newer Orbax that lacks one gets a clear
-# error instead of a silent local write, and tests/test_cloud_checkpoints.py checks the shim
-# against the Orbax installed.
-_S3_SHIM_TESTED = "0.12.8"
-
-
-@functools.cache
-def _s3_shim() -> None:
-    from orbax.checkpoint._src.path import gcs_utils
-    from orbax.checkpoint._src.serialization import tensorstore_utils
-
-    targets = (
-        (tensorstore_utils, "_normalize_path"),
-        (tensorstore_utils, "_use_gcs_driver"),
-        (gcs_utils, "get_kvstore_for_gcs"),
-    )
-    missing = [f"{m.__name__}.{name}" for m, name in targets if not callable(getattr(m, name, None))]
-    if missing:
-        raise CheckpointError(
-            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED} (jstate adapts its S3 paths), "
-            f"but the installed {_ocp().__version__} lacks {', '.join(missing)}. Install "
-            f"`orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local path. Nothing was written."
-        )
-    normalize, use_gcs, kvstore = (getattr(m, name) for m, name in targets)
-
-    def _normalize_path(path: str) -> str:
-        return "s3://" + os.path.normpath(path[len("s3://") :]) if str(path).startswith("s3://") else normalize(path)
-
-    def _use_gcs_driver(directory: str) -> bool:
-        return str(directory).startswith("s3://") or use_gcs(directory)
-
-    def get_kvstore_for_gcs(path: str) -> dict[str, Any]:
-        return s3_kvstore(path) if str(path).startswith("s3://") else kvstore(path)
-
-    tensorstore_utils._normalize_path = _normalize_path
-    tensorstore_utils._use_gcs_driver = _use_gcs_driver
-    gcs_utils.get_kvstore_for_gcs = get_kvstore_for_gcs
-    # Proof that Orbax builds its kvstores through these functions still: else a local write.
-    try:
-        specs = [tensorstore_utils.build_kvstore_tspec("s3://bucket/x", use_ocdbt=o) for o in (False, True)]
-        took = "file" not in json.dumps(specs) and '"s3"' in json.dumps(specs)
-    except Exception:  # an Orbax whose internals moved: it cannot be trusted with s3:// either
-        took = False
-    if not took:
-        raise CheckpointError(
-            f"s3:// checkpoints need orbax-checkpoint {_S3_SHIM_TESTED}: the installed {_ocp().__version__} "
-            "builds its tensorstore paths elsewhere, so jstate cannot point it at S3 (it would write a local "
-            f"directory named 's3:'). Install `orbax-checkpoint=={_S3_SHIM_TESTED}`, or use gs:// or a local "
-            "path. Nothing was written."
-        )
-
-
-def s3_kvstore(path: str) -> dict[str, Any]:
-    """tensorstore's kvstore spec for ``s3://bucket/key``: endpoint and region from the
-    environment as boto3 reads them (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
-    ``AWS_REGION``, ``AWS_DEFAULT_REGION``); without an endpoint, tensorstore's default (AWS).
-    Credentials: from ``AWS_ACCESS_KEY_ID`` and its siblings where set, else AWS's default chain.
-
-    >>> s3_kvstore("s3://bucket/ckpt/a")["path"]
-    'ckpt/a'
-    """
-    bucket, _, key = str(path)[len("s3://") :].partition("/")
-    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": key}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        spec["endpoint"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        spec["aws_region"] = region
-    if os.environ.get("AWS_ACCESS_KEY_ID"):  # straight to them: the default chain logs each provider it tries
-        spec["aws_credentials"] = {"type": "environment"}
-    return spec
+    return epath.Path(str(_storage.absolute(directory)))
 
 
 def _atomicity(directory: Path) -> Any:
-    """How Orbax commits its own directory. Locally: into a temporary directory it renames.
-    On object stores, where renaming a directory is a copy, a commit file written last (what
-    Orbax chooses for gs:// by itself). jstate's manifest is the commit that counts either way.
+    """How Orbax commits its own directory: into a temporary directory it renames, where a rename
+    is atomic (`Store.renames`); elsewhere (object stores, where renaming a directory is a copy)
+    with a commit file written last, what Orbax chooses for gs:// by itself. jstate's manifest is
+    the commit that counts either way.
     """
     ocp = _ocp()
-    if _storage.is_remote(directory):
-        return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-    return None
+    if _storage.store_for(directory).renames:
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
 class Writer:
@@ -162,20 +75,20 @@ class Writer:
 
     def __init__(self, compression: bool, timeout: float):
         self._compression, self._timeout = compression, timeout
-        self._checkpointers: dict[bool, Any] = {}  # by whether the directory is remote
+        self._checkpointers: dict[bool, Any] = {}  # by whether the store renames (`_atomicity`)
 
     def _checkpointer(self, directory: Path) -> Any:
-        remote = _storage.is_remote(directory)
-        if remote not in self._checkpointers:
+        renames = _storage.store_for(directory).renames
+        if renames not in self._checkpointers:
             ocp = _ocp()
             handler = ocp.PyTreeCheckpointHandler(use_compression=self._compression)
             # Directories are created before `save` returns: created asynchronously, a failure leaves
             # Orbax's write thread waiting `timeout` seconds for a signal that never comes.
             options = ocp.options.AsyncOptions(timeout_secs=int(self._timeout), create_directories_asynchronously=False)
-            self._checkpointers[remote] = ocp.AsyncCheckpointer(
+            self._checkpointers[renames] = ocp.AsyncCheckpointer(
                 handler, async_options=options, atomicity_options=_atomicity(directory)
             )
-        return self._checkpointers[remote]
+        return self._checkpointers[renames]
 
     def save(self, directory: Path, arrays: Mapping[str, jax.Array]) -> None:
         path = _path(directory)

@@ -65,6 +65,9 @@ def packable(array: jax.Array, limit: int) -> bool:
     Packing gathers a variable's value on the host. With one process every array is whole
     here; with several, only a fully replicated one is the same whole value in every process
     (so every process packs it alike, and process 0 writes it). Others are stored by name.
+
+    >>> packable(jnp.ones(4), THRESHOLD), packable(jnp.ones(0), THRESHOLD), packable(jnp.ones(4), 8)
+    (True, False, False)
     """
     if not 0 < array.nbytes <= limit:
         return False

@@ -1,4 +1,5 @@
-"""Reading and writing ``.safetensors`` files (Hugging Face's flat format) with the `safetensors` package.
+"""Reading and writing ``.safetensors`` files (Hugging Face's flat format) with the `safetensors` package:
+`SafetensorsCheckpoint` reads one, `save_safetensors` (``jstate.save_safetensors``) writes one.
 
 A ``.safetensors`` file is a JSON header (name -> dtype, shape, byte range) followed by the raw
 arrays. It holds no checksums: a damaged array is only caught when its header no longer adds up.
@@ -21,9 +22,8 @@ import ml_dtypes
 import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
-from ..model.spec import Entry
 from ..storage import store as _storage
-from .base import Checkpoint, place
+from .base import Checkpoint, Entry, place
 
 SUFFIX = ".safetensors"
 
@@ -49,12 +49,30 @@ _SAVED = set(_DTYPES.values())
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """A ``.safetensors`` file: entries named as in its header, no checksums."""
+    """A ``.safetensors`` file: entries named as in its header, no checksums.
+
+    Arrays of a dtype the safetensors package cannot read into numpy (its float8 types) are in
+    `skipped`, with the reason.
+
+    Args:
+      path: the file, local or on an object store (downloaded to read it).
+
+    Raises:
+      CheckpointNotFoundError: `path` does not exist.
+      CorruptCheckpointError: its header is truncated or garbled, or the file is shorter than
+        the header says.
+      CheckpointError: the `safetensors` package is not installed.
+
+    >>> path = jstate.save_safetensors(state, "model.safetensors")
+    >>> SafetensorsCheckpoint(Path(path)).entries["biases"].shape
+    (200,)
+    """
 
     writer = "safetensors"
-    noun = "array"
+    _noun = "array"
 
     def __init__(self, path: Path):
+        path = _storage.as_path(path)
         header = _header(path)
         found = {
             name: Entry((name,), shape, _DTYPES[dtype]) for name, (dtype, shape) in header.items() if dtype in _DTYPES
@@ -71,31 +89,19 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 def load(path: Path) -> SafetensorsCheckpoint | None:
-    """`path` as a ``.safetensors`` file, None if it is not one."""
+    """`path` as a ``.safetensors`` file, None if it is not one (no such file, or another suffix).
+
+    Raises:
+      CorruptCheckpointError, CheckpointError: as `SafetensorsCheckpoint`.
+
+    >>> print(load(Path("model.npz")))
+    None
+    """
     return SafetensorsCheckpoint(path) if path.suffix == SUFFIX and _storage.is_file(path) else None
 
 
-def entries(path: Path) -> dict[str, Entry]:
-    """Every array of the file that jstate can read, by name, from its header only.
-
-    Raises:
-      CheckpointNotFoundError: if `path` does not exist.
-      CorruptCheckpointError: if its header is truncated or garbled, or the file is shorter
-        than the header says.
-    """
-    return {
-        name: Entry((name,), shape, _DTYPES[dtype])
-        for name, (dtype, shape) in _header(_storage.as_path(path)).items()
-        if dtype in _DTYPES
-    }
-
-
-def skipped(path: Path) -> dict[str, str]:
-    """The arrays of the file that jstate cannot read, by name, each with the reason."""
-    return {name: _why(dtype) for name, (dtype, _) in _header(_storage.as_path(path)).items() if dtype not in _DTYPES}
-
-
 def _why(dtype: str) -> str:
+    """Why an array of safetensors dtype `dtype` is skipped."""
     return f"of dtype {dtype}, which the safetensors package cannot read into numpy"
 
 
@@ -110,6 +116,7 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _package():
+    """The `safetensors` package, imported on first use (an optional extra)."""
     try:
         import safetensors.numpy
     except ImportError as e:
@@ -147,6 +154,9 @@ def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     Raises:
       CheckpointError: for a name the file lacks or holds in a dtype jstate cannot read.
       CorruptCheckpointError: for a damaged or truncated file.
+
+    >>> read(Path(jstate.save_safetensors(state, "model.safetensors")), ["biases"])["biases"].shape
+    (200,)
     """
     path = _storage.as_path(path)
     header = _header(path)
@@ -169,26 +179,29 @@ def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return {name: out[name] for name in names}
 
 
-def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
-    """Export the initialized variables of `state` to one ``.safetensors`` file at `path`.
+def save_safetensors(state: Mapping[str, jax.Array], path: str | os.PathLike) -> str:
+    """Export the State's initialized variables, under their names, to one ``.safetensors`` file.
 
     The file is written under a temporary name beside `path`, flushed to disk, and renamed into
     place: `path` is either the old file or the complete new one, never half written. Variables
-    are gathered to the host first, so the whole State must fit in host memory.
+    are gathered to the host first, so the whole State must fit in host memory. Needs
+    ``pip install jstate[safetensors]``. Read it back with ``Saver().restore(path, target)`` or
+    `jstate.load_variable`.
 
     Args:
-      state: the variables to write, under their own names; uninitialized ones are left out.
-      path: the file to write (replaced if it exists).
+      state: the variables to write, under their own names (a State, or any mapping of names to
+        arrays); a State's uninitialized ones are left out.
+      path: the file to write (replaced if it exists), local or ``gs://``/``s3://``.
 
     Returns:
       The path written.
 
     Raises:
       CheckpointError: for a variable whose dtype safetensors cannot hold (or jstate cannot
-        read back), naming it.
+        read back), naming it; or without the `safetensors` package.
 
-    >>> save(state, "model.safetensors")
-    PosixPath('model.safetensors')
+    >>> jstate.save_safetensors(state, "model.safetensors")
+    'model.safetensors'
     """
     path = _storage.as_path(path)
     arrays = {}
@@ -204,4 +217,4 @@ def save(state: Mapping[str, jax.Array], path: str | os.PathLike) -> Path:
     _storage.makedirs(path.parent)
     with _storage.atomic(path) as tmp:
         safetensors.numpy.save_file(arrays, tmp, metadata={"writer": "jstate"})
-    return path
+    return str(path)

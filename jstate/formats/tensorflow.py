@@ -9,14 +9,14 @@ Both write a "tensor bundle" (TF's V2 checkpoint format) under a prefix such as 
   checkpoint                        (beside it, optional) a text ``CheckpointState`` naming the
                                     latest prefix
 
-The table is read by `_sstable`; its protobufs and the state file are parsed with the protobuf
-package, from TensorFlow's message definitions copied here (so TensorFlow is not needed). TF1's
-older V1 format (one ``model.ckpt`` file, no ``.index``) is not read.
+The table is read by `tf_table`, its protobufs parsed with the protobuf package from
+TensorFlow's message definitions copied into `tf_proto` (so TensorFlow is not needed); the
+files' names and the state file are `tf_files`'. TF1's older V1 format (one ``model.ckpt``
+file, no ``.index``) is not read.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,18 +26,15 @@ import crc32c
 import jax
 import ml_dtypes
 import numpy as np
-from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, closest, shorten
-from ..model.spec import Entry
+from ..core.shaped import Shaped
 from ..storage import store as _storage
 from . import tf_proto as _tfproto
 from . import tf_table as _sstable
-from .base import Checkpoint, place
-
-STATE_FILE = "checkpoint"
-_DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
+from .base import Checkpoint, Entry, place
+from .tf_files import data_file, find, index_file, latest
 
 # TensorFlow's DataType enum (types.proto) -> numpy dtype, for the dtypes jstate reads.
 _DTYPES: dict[int, np.dtype] = {
@@ -63,22 +60,19 @@ _UNREAD |= {20: "DT_RESOURCE", 21: "DT_VARIANT", 24: "DT_FLOAT8_E5M2", 25: "DT_F
 _UNREAD |= {30: "DT_UINT4"}
 _MAX_RANK = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's limit; TensorFlow's is 254
 
-_BundleHeaderProto, _BundleEntryProto, _CheckpointState = (
-    _tfproto.BundleHeaderProto,
-    _tfproto.BundleEntryProto,
-    _tfproto.CheckpointState,
-)
+_BundleHeaderProto, _BundleEntryProto = _tfproto.BundleHeaderProto, _tfproto.BundleEntryProto
 
 
 @dataclass(frozen=True)
-class _BundleEntry:
-    """One tensor's ``BundleEntryProto``: where its bytes are and how to check them."""
+class _BundleEntry(Shaped):
+    """One tensor's ``BundleEntryProto``: what it is, where its bytes are and how to check them."""
 
-    dtype: int  # TF DataType enum
+    datatype: int  # TF's DataType enum
+    dtype: np.dtype | None  # its numpy dtype; None where there is none (`_reason` says why)
     shape: tuple[int, ...]
     shard: int
     offset: int
-    size: int
+    length: int  # bytes in its data file (TF's `size`, which is no element count)
     crc32c: int  # masked, as TF stores it
     slices: int  # number of TensorSliceProtos: > 0 for a partitioned variable
 
@@ -91,107 +85,11 @@ class _Bundle:
     tensors: dict[str, _BundleEntry]
 
 
-# -- finding checkpoints ----------------------------------------------------------------------
-def find(path: Path) -> Path | None:
-    """The prefix of the TensorFlow checkpoint that `path` names, or None if it names none.
-
-    Valid forms of `path`:
-
-      ckpt/model.ckpt-1000                         the prefix (``model.ckpt-1000.index`` exists)
-      ckpt/model.ckpt-1000.index                   its index file
-      ckpt/model.ckpt-1000.data-00000-of-00001     one of its data files
-
-    A directory is not a checkpoint here: `latest` finds the one its state file names.
-    """
-    path = Path(path)
-    if not path.name:  # "." or "/": a directory, never a prefix
-        return None
-    if path.name.endswith(".index") and path.is_file():
-        return path.with_name(path.name[: -len(".index")])
-    m = _DATA_FILE.fullmatch(path.name)
-    if m and _index_file(path.with_name(m.group(1))).is_file():
-        return path.with_name(m.group(1))
-    return path if _index_file(path).is_file() else None
-
-
-def latest(directory: Path) -> Path | None:
-    """The prefix that TensorFlow's ``checkpoint`` state file in `directory` names as the latest.
-
-    A relative ``model_checkpoint_path`` is taken relative to `directory` (as TF does). A name
-    that leads outside `directory` (symlinks resolved) is never followed: an absolute path
-    elsewhere, as after the directory was moved or copied from another machine, or ``../``. Its
-    last component is looked for inside `directory` instead, so a moved directory still works
-    and a state file cannot point at checkpoints elsewhere.
-
-    Returns:
-      The prefix, as `directory` joined with the name (or its last component); None if there is
-      no state file, it does not parse, it names nothing, or the named checkpoint's ``.index``
-      is missing.
-
-    >>> Path("train").mkdir(); Path("train/model.ckpt-20.index").touch()
-    >>> _ = Path("train/checkpoint").write_text('model_checkpoint_path: "model.ckpt-20"')
-    >>> latest(Path("train"))
-    PosixPath('train/model.ckpt-20')
-    """
-    directory = Path(directory)
-    try:
-        text = (directory / STATE_FILE).read_text(encoding="utf-8")
-        # Unknown fields skipped: a newer TensorFlow may add some, and only the path matters here.
-        name = text_format.Parse(text, _CheckpointState(), allow_unknown_field=True).model_checkpoint_path
-    except (OSError, UnicodeDecodeError, text_format.ParseError):
-        return None
-    if not name:
-        return None
-    try:
-        root = directory.resolve()
-        for prefix in (directory / name, directory / Path(name).name):
-            # Strictly below: a name that resolves to `directory` itself would put its .index beside it.
-            if root in prefix.resolve().parents and _index_file(prefix).is_file():
-                return prefix
-    except (OSError, ValueError, RuntimeError):  # a NUL byte in the name, a symlink loop
-        return None
-    return None
-
-
-def _index_file(prefix: Path) -> Path:
-    return prefix.with_name(prefix.name + ".index")
-
-
-def _data_file(prefix: Path, shard: int, num_shards: int) -> Path:
-    return prefix.with_name(f"{prefix.name}.data-{shard:05d}-of-{num_shards:05d}")
-
-
 # -- what a checkpoint holds ------------------------------------------------------------------
-def entries(prefix: Path) -> dict[str, Entry]:
-    """Every tensor of the checkpoint that jstate can read, by name, from its index only.
-
-    Names are TensorFlow's, unchanged: ``layer1/weights`` (TF1) or
-    ``model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE`` (TF2). Tensors that cannot be read are
-    listed by `skipped` instead.
-
-    Raises:
-      CheckpointNotFoundError: if ``<prefix>.index`` does not exist.
-      CorruptCheckpointError: if it is truncated or garbled.
-      CheckpointError: if it was written big-endian or by a newer, incompatible TensorFlow.
-    """
-    bundle = _read_index(Path(prefix))
-    return {name: Entry((name,), t.shape, _DTYPES[t.dtype]) for name, t in bundle.tensors.items() if _reason(t) is None}
-
-
-def skipped(prefix: Path) -> dict[str, str]:
-    """The tensors of the checkpoint that jstate cannot read, by name, each with the reason.
-
-    Strings (TF2's ``_CHECKPOINTABLE_OBJECT_GRAPH`` among them), resources, variants,
-    quantized and 4-bit types, and partitioned variables (stored as slices) are skipped.
-    """
-    bundle = _read_index(Path(prefix))
-    reasons = {name: _reason(t) for name, t in bundle.tensors.items()}
-    return {name: reason for name, reason in reasons.items() if reason is not None}
-
-
 def _reason(t: _BundleEntry) -> str | None:
-    if t.dtype not in _DTYPES:
-        kind = _UNREAD.get(t.dtype, f"DataType {t.dtype}")
+    """Why jstate cannot read tensor `t`, or None: it can."""
+    if t.dtype is None:
+        kind = _UNREAD.get(t.datatype, f"DataType {t.datatype}")
         what = "a string tensor" if kind == "DT_STRING" else "a tensor"
         return f"{what} of dtype {kind}, which has no JAX equivalent"
     if len(t.shape) > _MAX_RANK:
@@ -212,8 +110,8 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
     the arrays returned.
 
     Args:
-      prefix: the checkpoint prefix (see `find`).
-      names: tensor names, as `entries` lists them.
+      prefix: the checkpoint prefix (see `tf_files.find`).
+      names: tensor names, as `TensorFlowCheckpoint.entries` lists them.
 
     Returns:
       ``{name: array}`` with TensorFlow's shape and dtype (bfloat16 as ``ml_dtypes.bfloat16``).
@@ -222,6 +120,10 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
       CheckpointError: for a name the checkpoint lacks or holds in a form jstate cannot read.
       CorruptCheckpointError: for a missing, truncated or altered index or data file; the
         message names the file and the tensor.
+
+    >>> DATA = Path(jstate.__file__).parents[1] / "tests/data/tensorflow"  # written by TensorFlow
+    >>> read(DATA / "guide/model.ckpt", ["v1"])
+    {'v1': array([1., 1., 1.], dtype=float32)}
     """
     prefix = Path(prefix)
     bundle = _read_index(prefix)
@@ -240,7 +142,7 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
         by_shard.setdefault(bundle.tensors[name].shard, []).append(name)
     out = {}
     for shard, shard_names in sorted(by_shard.items()):
-        path = _data_file(prefix, shard, bundle.num_shards)
+        path = data_file(prefix, shard, bundle.num_shards)
         shard_names.sort(key=lambda n: bundle.tensors[n].offset)
         try:
             with open(path, "rb") as f:
@@ -258,22 +160,21 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _read_tensor(f, file_size: int, prefix: Path, path: Path, name: str, t: _BundleEntry) -> np.ndarray:
-    dtype = _DTYPES[t.dtype]
-    expected = math.prod(t.shape) * dtype.itemsize
-    if t.size != expected:
+    """Tensor `name` (entry `t`) from the open data file `f` at `path`, its CRC32C checked."""
+    if t.length != t.nbytes:
         raise CorruptCheckpointError(
-            f"TensorFlow checkpoint index {_index_file(prefix)} is damaged: tensor '{name}' is recorded "
-            f"as {t.size} bytes, but shape {t.shape} of {dtype.name} takes {expected}."
+            f"TensorFlow checkpoint index {index_file(prefix)} is damaged: tensor '{name}' is recorded "
+            f"as {t.length} bytes, but shape {t.shape} of {t.dtype.name} takes {t.nbytes}."
         )
-    if t.offset + t.size > file_size:  # checked first: a garbled entry must not allocate terabytes
+    if t.offset + t.length > file_size:  # checked first: a garbled entry must not allocate terabytes
         raise CorruptCheckpointError(
-            f"Data file {path} is truncated: tensor '{name}' needs bytes {t.offset}-{t.offset + t.size}, "
+            f"Data file {path} is truncated: tensor '{name}' needs bytes {t.offset}-{t.offset + t.length}, "
             f"but the file ends at byte {file_size}."
         )
-    array = np.empty(t.shape, dtype)
+    array = np.empty(t.shape, t.dtype)
     raw = memoryview(array.reshape(-1).view(np.uint8))  # plain bytes: numpy cannot export bfloat16 buffers
     f.seek(t.offset)
-    if f.readinto(raw) != t.size:
+    if f.readinto(raw) != t.length:
         raise CorruptCheckpointError(f"Data file {path} changed while tensor '{name}' was read from it.")
     actual = _sstable.mask(crc32c.crc32c(raw))
     if actual != t.crc32c:
@@ -286,7 +187,8 @@ def _read_tensor(f, file_size: int, prefix: Path, path: Path, name: str, t: _Bun
 
 # -- the index file: an SSTable of protobufs --------------------------------------------------
 def _read_index(prefix: Path) -> _Bundle:
-    path = _index_file(prefix)
+    """The index of checkpoint `prefix`, parsed and checked (errors name the index file)."""
+    path = index_file(prefix)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -304,6 +206,7 @@ def _read_index(prefix: Path) -> _Bundle:
 
 
 def _parse_bundle(data: bytes) -> _Bundle:
+    """An index file's bytes as a `_Bundle` (`_sstable.Garbled` or `Unsupported` if they are not one)."""
     header = None
     tensors = {}
     for key, value in _sstable.table(data):
@@ -326,7 +229,7 @@ def _parse_bundle(data: bytes) -> _Bundle:
             "version 1 (what TensorFlow 1.x and 2.x write)."
         )
     for name, t in tensors.items():
-        if not 0 <= t.shard < header.num_shards or t.offset < 0 or t.size < 0 or not _fits(t):
+        if not 0 <= t.shard < header.num_shards or t.offset < 0 or t.length < 0 or not _fits(t):
             raise _sstable.Garbled(
                 f"tensor '{name}' has shard {t.shard} of {header.num_shards}, offset {t.offset}, shape {t.shape}"
             )
@@ -334,6 +237,7 @@ def _parse_bundle(data: bytes) -> _Bundle:
 
 
 def _parse(message_class: type[Message], data: bytes, what: str) -> Message:
+    """`data` as a `message_class`, `what` naming it if it is not one."""
     try:
         return message_class.FromString(data)
     except DecodeError:
@@ -341,12 +245,14 @@ def _parse(message_class: type[Message], data: bytes, what: str) -> Message:
 
 
 def _entry(proto: Message) -> _BundleEntry:
+    """A ``BundleEntryProto`` as a `_BundleEntry`."""
     return _BundleEntry(
-        dtype=proto.dtype,
+        datatype=proto.dtype,
+        dtype=_DTYPES.get(proto.dtype),
         shape=tuple(dim.size for dim in proto.shape.dim),
         shard=proto.shard_id,
         offset=proto.offset,
-        size=proto.size,
+        length=proto.size,
         crc32c=proto.crc32c,
         slices=len(proto.slices),
     )
@@ -358,7 +264,7 @@ def _fits(t: _BundleEntry) -> bool:
     numpy refuses a negative dimension, and a shape whose bytes, counting each empty dimension
     as 1, overflow its index type: even an empty array, such as one of shape ``(0, 2**62)``.
     """
-    total = _DTYPES[t.dtype].itemsize if t.dtype in _DTYPES else 1  # 1 for the skipped: only listed
+    total = 1 if t.dtype is None else t.dtype.itemsize  # 1 for the skipped: only listed
     for size in t.shape:
         total *= max(size, 1)
         if size < 0 or total > np.iinfo(np.intp).max:  # stops early: a long shape of huge sizes costs nothing
@@ -369,22 +275,41 @@ def _fits(t: _BundleEntry) -> bool:
 # -- the reader -------------------------------------------------------------------------------
 class TensorFlowCheckpoint(Checkpoint):
     """A TensorFlow tensor bundle: entries named as TensorFlow named them, each tensor verified
-    against the CRC32C its index records as it is read."""
+    against the CRC32C its index records as it is read.
+
+    Names are TensorFlow's, unchanged: ``layer1/weights`` (TF1) or
+    ``model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE`` (TF2). Strings (TF2's
+    ``_CHECKPOINTABLE_OBJECT_GRAPH`` among them), resources, variants, quantized and 4-bit types,
+    and partitioned variables (stored as slices) are in `skipped`, with the reason.
+
+    Args:
+      prefix: the checkpoint's prefix (`tf_files.find`).
+
+    Raises:
+      CheckpointNotFoundError: ``<prefix>.index`` does not exist.
+      CorruptCheckpointError: it is truncated or garbled.
+      CheckpointError: it was written big-endian or by a newer, incompatible TensorFlow.
+
+    >>> DATA = Path(jstate.__file__).parents[1] / "tests/data/tensorflow"  # written by TensorFlow
+    >>> ckpt = TensorFlowCheckpoint(DATA / "train/model.ckpt-20")
+    >>> ckpt.step, ckpt.entries["layer1/weights"].shape
+    (20, (4, 8))
+    """
 
     writer = "tensorflow"
     checksums = True
-    noun = "tensor"
+    _noun = "tensor"
 
     def __init__(self, prefix: Path):
         bundle = _read_index(prefix)
         reasons = {name: _reason(t) for name, t in bundle.tensors.items()}
-        found = {n: Entry((n,), t.shape, _DTYPES[t.dtype]) for n, t in bundle.tensors.items() if reasons[n] is None}
+        found = {n: Entry((n,), t.shape, t.dtype) for n, t in bundle.tensors.items() if reasons[n] is None}
         step = re.search(r"-(\d+)$", prefix.name)
         super().__init__(
             prefix,
             found,
             step=int(step.group(1)) if step else None,
-            created=_index_file(prefix).stat().st_mtime,
+            created=index_file(prefix).stat().st_mtime,
             skipped={n: why for n, why in reasons.items() if why is not None},
         )
 
@@ -396,14 +321,25 @@ class TensorFlowCheckpoint(Checkpoint):
         return {name: place(host.pop(name), target) for name, target in wanted.items()}
 
     @classmethod
-    def latest_in(cls, directory: Path) -> Path | None:
+    def _latest_in(cls, directory: Path) -> Path | None:
         return latest(directory)
 
 
 def load(path: Path) -> TensorFlowCheckpoint | None:
     """`path` as a TensorFlow checkpoint (its prefix or one of its files), None if it is not one.
-    Local files only: TensorFlow checkpoints on gs:// or s3:// are not read (copy them first)."""
-    if _storage.is_remote(path):
+
+    Local files only: TensorFlow checkpoints on gs:// or s3:// are not read (copy them first).
+
+    Raises:
+      CorruptCheckpointError, CheckpointError: as `TensorFlowCheckpoint`.
+
+    >>> DATA = Path(jstate.__file__).parents[1] / "tests/data/tensorflow"  # written by TensorFlow
+    >>> load(DATA / "train/model.ckpt-20.index").path.name
+    'model.ckpt-20'
+    >>> print(load(DATA / "train"))  # a directory: `tf_files.latest` finds the prefix its state file names
+    None
+    """
+    if _storage.local_path(path) is None:
         return None
     prefix = find(path)
     return None if prefix is None else TensorFlowCheckpoint(prefix)

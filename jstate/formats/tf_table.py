@@ -27,12 +27,23 @@ class Unsupported(Exception):
 
 
 def mask(crc: int) -> int:
-    """TF stores CRCs masked, so that a CRC of data that holds CRCs is not degenerate."""
+    """`crc` masked, as TF stores CRCs, so that a CRC of data that holds CRCs is not degenerate.
+
+    >>> hex(mask(0))
+    '0xa282ead8'
+    """
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + CRC_MASK_DELTA) & 0xFFFFFFFF
 
 
 def varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The unsigned varint at `pos` (block handles and entry lengths) and the position after it."""
+    """The unsigned varint at `pos` (block handles and entry lengths) and the position after it.
+
+    Raises:
+      Garbled: it runs past the end of `data`, or past 64 bits.
+
+    >>> varint(b"\\x00\\x96\\x01", 1)
+    (150, 3)
+    """
     result = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -55,6 +66,11 @@ def table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     Raises:
       Garbled: for a truncated or damaged table, or an index whose data blocks overlap.
       Unsupported: for a compressed block.
+
+    >>> from pathlib import Path
+    >>> index = Path(jstate.__file__).parents[1] / "tests/data/tensorflow/guide/my_v2.ckpt.index"
+    >>> [key for key, _ in table(index.read_bytes())]  # the header, then each tensor
+    [b'', b'my_v2']
     """
     if len(data) < FOOTER_SIZE:
         raise Garbled(f"{len(data)} bytes is shorter than a table footer")
@@ -78,7 +94,17 @@ def table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def block(data: bytes, offset: int, size: int) -> Iterator[tuple[bytes, bytes]]:
-    """Every (key, value) of the block at `offset`, after checking its checksum and compression."""
+    """Every (key, value) of the block of `size` bytes at `offset` of `data` (a table), after
+    checking its checksum and compression.
+
+    Raises:
+      Garbled, Unsupported: as `table`.
+
+    >>> list(block(b"\\x00" * 60, 0, 4))  # an empty block: no restart points, then a bad checksum
+    Traceback (most recent call last):
+    ...
+    jstate.formats.tf_table.Garbled: the block at bytes 0-4 fails its checksum
+    """
     end = offset + size
     if end + TRAILER_SIZE > len(data) - FOOTER_SIZE or size < 4:
         raise Garbled(f"a block at bytes {offset}-{end} runs past the table")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import numpy as np
 
+from ..core.shaped import Shaped
 from .placement import DEFAULT, Placement
 
 
@@ -24,7 +24,7 @@ def dtype_of(value: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class VariableSpec:
+class VariableSpec(Shaped):
     """A declared variable: everything about it but its value.
 
     Attributes:
@@ -34,6 +34,7 @@ class VariableSpec:
       placement: where it lives (see `Placement`).
       options: extra keyword options given at declaration, as sorted (key, value) pairs.
       trainable: whether `State.trainable` holds it (``s.variable(..., trainable=False)``).
+      size, nbytes: its number of elements and the bytes its value takes (`core.shaped.Shaped`).
 
     >>> spec = state.spec("layer1/kernel")
     >>> spec.name, spec.shape, spec.dtype, spec.nbytes
@@ -49,15 +50,8 @@ class VariableSpec:
 
     @property
     def sharding(self) -> jax.sharding.Sharding | None:
+        """Its placement's sharding (None where it has no placement)."""
         return self.placement.sharding
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
 
     def struct(self) -> jax.ShapeDtypeStruct:
         """The variable as a `jax.ShapeDtypeStruct` (with its sharding, if placed).
@@ -66,22 +60,3 @@ class VariableSpec:
         ShapeDtypeStruct(shape=(200,), dtype=float32)
         """
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One array a checkpoint holds: where its format keeps it, and what it is.
-
-    Attributes:
-      keypath: its path in the checkpoint's tree (Orbax), or ``(name,)`` for flat formats.
-      shape: its shape.
-      dtype: its dtype.
-    """
-
-    keypath: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize

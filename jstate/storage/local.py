@@ -1,91 +1,164 @@
-"""Durable, atomic operations on the local file system (`_storage`'s local half), and the
-tokens that tell a live writer's files from a dead one's.
-
-Nothing here knows what a checkpoint looks like; that is `_commit`'s.
+"""The local file system as a `Store`, with the durable, atomic operations a commit needs:
+every file written is flushed and renamed into place, every directory created or changed is
+flushed into its parent, so a power loss keeps what a save reported saved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
-import secrets
-import socket
-import threading
-import time
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-# Other hosts' leftovers are removed only when they are this old: a live writer on another
-# host cannot be asked whether it is alive.
-STALE_AFTER = 24 * 3600.0
-_HOST = socket.gethostname().replace("_", "-").replace(".", "-")[:32] or "host"  # no "_" or "." in tokens
-# Tokens of this process's writes in flight: its other tokens are leftovers of its own
-# interrupted or failed saves.
-_active: set[str] = set()
-_mine: set[str] = set()  # every token this process began, in flight or not
-_active_lock = threading.Lock()
+from . import tokens as _tokens
+from .base import File, Store
 
 
-def token() -> str:
-    """A name no other write, in any process on any host, uses: ``<time>_<pid>_<random>_<host>``."""
-    return f"{int(time.time()):x}_{os.getpid()}_{secrets.token_hex(4)}_{_HOST}"
+class LocalStore(Store):
+    """Files on this machine's file system (`pathlib.Path`)."""
+
+    scheme = "file"
+    renames = True
+    shared = False  # (a network file system would say True)
+    round_trips = False
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def is_file(self, path: Path) -> bool:
+        return path.is_file()
+
+    def is_symlink(self, path: Path) -> bool:
+        return path.is_symlink()
+
+    def listdir(self, path: Path) -> list[str]:
+        try:
+            return os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def read_bytes(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def size(self, path: Path) -> int:
+        return path.stat().st_size
+
+    def mtime(self, path: Path) -> float:
+        return path.stat().st_mtime
+
+    def files(self, directory: Path, prefix: str = "") -> dict[str, File]:
+        return {rel: File(stat.st_size, None, stat.st_mtime) for rel, stat in walk(directory, prefix)}
+
+    @contextlib.contextmanager
+    def mapped(self, path: Path) -> Iterator[bytes | mmap.mmap]:
+        # mmap: no copy into fresh memory (slow on these machines); mmap refuses an empty file.
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                yield b""
+                return
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                yield view
+
+    @contextlib.contextmanager
+    def local_copy(self, path: Path) -> Iterator[Path]:
+        yield path
+
+    def local_path(self, path: Path) -> Path | None:
+        return path
+
+    def atomic(self, path: Path) -> contextlib.AbstractContextManager[Path]:
+        return atomic(path)
+
+    def touch(self, path: Path) -> None:
+        path.touch()
+
+    def create_marked(self, directory: Path, marker: str) -> None:
+        # The new directory is made beside `directory`, named as the marker (a dead writer's is
+        # removed by whoever cleans leftovers by their token), and renamed into place: an empty
+        # directory being created, never a checkpoint.
+        makedirs(directory.parent)
+        if not directory.is_dir():
+            staging = directory.parent / marker
+            staging.mkdir()
+            (staging / marker).touch()
+            try:
+                os.rename(staging, directory)
+            except OSError:  # another writer made `directory` meanwhile (with entries: no replace)
+                self.remove(staging)
+            sync_dir(directory.parent)
+        (directory / marker).touch()
+
+    def makedirs(self, directory: Path) -> None:
+        makedirs(directory)
+
+    def sync_dir(self, directory: Path) -> None:
+        sync_dir(directory)
+
+    def sync_tree(self, directory: Path) -> None:
+        sync_tree(directory)
+
+    def check_name_lengths(self, path: Path, longest_extra: int = 0) -> None:
+        check_name_lengths(path, longest_extra)
+
+    def rename(self, source: Path, target: Path) -> None:
+        os.rename(source, target)
+
+    def link(self, source: Path, target: Path) -> None:
+        os.link(source, target)
+
+    def unlink(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def remove(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def remove_empty_dir(self, directory: Path) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(directory)
+            sync_dir(directory.parent)
+
+    def absolute(self, path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    def inside(self, path: Path, directory: Path) -> bool:
+        return path.resolve().is_relative_to(Path(directory).resolve())
 
 
-def begin(name: str) -> None:
-    """Mark token `name` as a write in flight of this process, until `end`."""
-    with _active_lock:
-        _active.add(name)
-        _mine.add(name)
+# The durable operations, module functions so that tests can watch every flush.
+def walk(directory: Path, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:
+    """``(relative path, stat)`` of each regular file under `directory` reached through no
+    symbolic link (whose first part below `directory` starts with `prefix`), in one walk.
 
-
-def end(name: str) -> None:
-    with _active_lock:
-        _active.discard(name)
-
-
-@contextlib.contextmanager
-def writing(name: str) -> Iterator[None]:
-    """Mark token `name` as a write in flight of this process while the block runs."""
-    begin(name)
-    try:
-        yield
-    finally:
-        end(name)
-
-
-def alive(name: str, now: float | None = None, *, shared: bool = False) -> bool:
-    """Whether the writer of token `name` may still be writing.
-
-    This process's tokens are alive while `writing`; another process on this host while it
-    runs; another host's until `STALE_AFTER` seconds after the token was made. A name that is
-    no token is alive: what jstate does not recognize, it never deletes.
-
-    With `shared` (files on an object store, which processes of many machines write), only
-    this process's own tokens are judged by its bookkeeping; every other writer's by age
-    alone: a pid names a process on one machine, and host names can repeat across machines
-    (containers), so a pid looked up here could be anyone's.
+    >>> _ = Path("d/e").mkdir(parents=True), Path("d/e/f").write_text("abc")
+    >>> [(rel, stat.st_size) for rel, stat in walk(Path("d"))]
+    [('e/f', 3)]
     """
-    try:
-        started, pid, _, host = name.split("_", 3)
-        started, pid = int(started, 16), int(pid)
-    except ValueError:
-        return True
-    if shared and name in _mine:  # (another machine's writer may have our pid and host name)
-        with _active_lock:
-            return name in _active
-    if shared or host != _HOST:
-        return (time.time() if now is None else now) - started < STALE_AFTER
-    if pid == os.getpid():
-        with _active_lock:
-            return name in _active
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # a process we may not signal is alive
-    return True
+    pending = [("", os.fspath(directory))]
+    while pending:
+        below, folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink() or (not below and not entry.name.startswith(prefix)):
+                continue
+            if entry.is_dir():
+                pending.append((f"{below}{entry.name}/", entry.path))
+            elif entry.is_file():
+                try:
+                    yield below + entry.name, entry.stat()
+                except OSError:  # deleted meanwhile (a re-save retiring it)
+                    continue
 
 
 @contextlib.contextmanager
@@ -101,9 +174,9 @@ def atomic(path: Path) -> Iterator[Path]:
     'hello'
     """
     path = Path(path)
-    name = token()
+    name = _tokens.token()
     tmp = path.parent / f".{path.name}.{name}.tmp"
-    with writing(name):
+    with _tokens.writing(name):
         try:
             yield tmp
             sync_file(tmp)
@@ -112,14 +185,6 @@ def atomic(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
             raise
     sync_dir(path.parent)
-
-
-def temporary_token(name: str) -> str | None:
-    """The token in the name of an `atomic` temporary file, or None if `name` is not one."""
-    if not (name.startswith(".") and name.endswith(".tmp")):
-        return None
-    parts = name[:-4].rsplit(".", 1)
-    return parts[1] if len(parts) == 2 else None
 
 
 def makedirs(directory: Path) -> None:

@@ -25,8 +25,9 @@ from emulators import objects
 import jstate
 from jstate.checkpoint.inspect import inspect_checkpoint
 from jstate.formats import orbax as _orbax
-from jstate.storage import local as _files
+from jstate.formats import orbax_s3
 from jstate.storage import store as _storage
+from jstate.storage import tokens as _tokens
 
 
 def model(s):
@@ -176,7 +177,7 @@ jstate.Saver().save(jstate.State.from_tree({"x": jnp.ones(4)}), root + "/model",
 def test_save_killed_mid_way_is_never_listed(root, cloud_env, tmp_path, monkeypatch):
     """A process killed after writing its arrays, before its manifest: never listed, the earlier
     checkpoint is latest. Its leftovers are another process's: kept while younger than
-    `_files.STALE_AFTER` (a writer on another machine may still be at work), removed by the next
+    `_tokens.STALE_AFTER` (a writer on another machine may still be at work), removed by the next
     save into the directory after that."""
     completed = subprocess.run(
         [sys.executable, "-c", KILLED_SAVE, root],
@@ -195,7 +196,7 @@ def test_save_killed_mid_way_is_never_listed(root, cloud_env, tmp_path, monkeypa
 
     jstate.Saver().save(make_state(3), f"{root}/model", step=3)  # a young leftover: kept
     assert any(n.startswith("model-2/") for n in objects(root))
-    monkeypatch.setattr(_files, "STALE_AFTER", 0.0)
+    monkeypatch.setattr(_tokens, "STALE_AFTER", 0.0)
     jstate.Saver().save(make_state(4), f"{root}/model", step=4)
     assert not any(n.startswith("model-2/") for n in objects(root))
     assert [row[0] for row in jstate.list_checkpoints(root)] == [f"{root}/model-{s}" for s in (1, 3, 4)]
@@ -203,10 +204,10 @@ def test_save_killed_mid_way_is_never_listed(root, cloud_env, tmp_path, monkeypa
 
 def test_object_store_liveness_is_by_age_for_every_other_writer():
     """On a shared store a pid means nothing: even a dead pid of this host counts as alive until stale."""
-    dead = f"{int(__import__('time').time()):x}_999999999_deadbeef_{_files._HOST}"
-    assert not _files.alive(dead) and _files.alive(dead, shared=True)
-    old = f"{int(__import__('time').time() - _files.STALE_AFTER - 10):x}_1_deadbeef_otherhost"
-    assert not _files.alive(old, shared=True)
+    dead = f"{int(__import__('time').time()):x}_999999999_deadbeef_{_tokens._HOST}"
+    assert not _tokens.alive(dead) and _tokens.alive(dead, shared=True)
+    old = f"{int(__import__('time').time() - _tokens.STALE_AFTER - 10):x}_1_deadbeef_otherhost"
+    assert not _tokens.alive(old, shared=True)
 
 
 # -- paths -------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_s3_shim_gives_tensorstore_the_s3_driver(s3, cloud_env):
     emulator's endpoint, with and without OCDBT; gs:// and local paths are left to Orbax."""
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
-    _orbax._s3_shim()
+    orbax_s3.apply()
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/ckpt/arrays-x", use_ocdbt=False)
     assert spec == {"driver": "s3", "bucket": "bucket", "path": "ckpt/arrays-x", "endpoint": s3.endpoint,
                     "aws_region": emulators.REGION, "aws_credentials": {"type": "environment"}}  # fmt: skip
@@ -276,7 +277,7 @@ def test_killing_one_process_mid_save_to_gcs_leaves_the_previous_checkpoint(gcs,
 def test_orbax_unpatched_writes_s3_locally_and_jstate_refuses_an_orbax_it_cannot_patch(s3, cloud_env, tmp_path):
     """Why the shim exists, checked against the Orbax installed: plain Orbax, given s3:// without
     OCDBT, writes its arrays under a local directory named ``s3:`` (if a future Orbax stops, this
-    fails, and the shim in jstate/_orbax.py can go). And an Orbax whose internals the shim does not
+    fails, and the shim in jstate/formats/orbax_s3.py can go). And an Orbax whose internals the shim does not
     find gets jstate's error, with nothing written anywhere."""
     code = textwrap.dedent(
         """

@@ -30,6 +30,7 @@ from emulators import objects, small
 
 import jstate
 from jstate.checkpoint import writer as _writer
+from jstate.storage import remote as _remote
 from jstate.storage import store as _storage
 
 pytestmark = pytest.mark.slow  # timeouts waited out, subprocesses, a thousand objects
@@ -322,7 +323,7 @@ def test_a_metadata_update_on_an_old_manifest_does_not_make_it_the_newest(store,
 
     with through(store) as proxy:
         proxy.rule = rule
-        fs, key = _storage._fs(_storage.as_path(paths[0]))
+        fs, key = _remote._fs(_storage.as_path(paths[0]))
         fs.setxattrs(f"{key}/jstate.json", reviewed="yes")  # e.g. a tool marking the checkpoint it evaluated
         assert list(patched) == [f"{key}/jstate.json".split("/", 1)[1]]
         latest = jstate.latest_checkpoint(root)
@@ -534,7 +535,7 @@ def test_lookups_beside_thousands_of_junk_objects_and_look_alikes(store, root):
     marker and arrays, no manifest), leftover arrays only (model-95), a manifest under another
     name (model-96). latest is the newest complete checkpoint, list_checkpoints lists exactly
     the complete ones in commit order, with the prefix form too."""
-    fs, key = _storage._fs(_storage.as_path(root))
+    fs, key = _remote._fs(_storage.as_path(root))
     foreign = [f"{root}/params"] if store.scheme == "gs" else []  # plain Orbax cannot write s3:// unaided
     for url in foreign:
         emulators.orbax_save(url, {"a": jnp.ones(3)})

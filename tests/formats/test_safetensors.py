@@ -1,6 +1,7 @@
 """Reading and exporting ``.safetensors`` files, against files the safetensors package writes itself."""
 
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import jstate
 from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from jstate import initializers as inits
 from jstate.formats import safetensors as st
-from jstate.model.spec import Entry
+from jstate.formats.base import Entry
 
 ARRAYS = {
     "layer1/kernel": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -44,11 +45,11 @@ def test_load_accepts_safetensors_files_only(file, tmp_path):
 
 
 def test_entries_come_from_the_header(file):
-    entries = st.entries(file)
+    entries = st.SafetensorsCheckpoint(file).entries
     assert entries == {n: Entry((n,), a.shape, a.dtype) for n, a in ARRAYS.items()}
     assert entries["layer1/bias"].dtype == np.dtype(ml_dtypes.bfloat16)
     assert entries["step"].shape == ()
-    assert st.skipped(file) == {}
+    assert st.SafetensorsCheckpoint(file).skipped == {}
 
 
 def test_read_returns_exactly_the_arrays_asked_for(file):
@@ -67,15 +68,15 @@ def test_reading_an_unknown_name_suggests_the_closest(file):
 def test_float8_arrays_are_skipped_with_a_reason(tmp_path):
     path = tmp_path / "f8.safetensors"
     safetensors.numpy.save_file({"x": np.zeros(4, ml_dtypes.float8_e4m3fn), "y": np.ones(2, np.float32)}, path)
-    assert set(st.entries(path)) == {"y"}
-    assert "F8_E4M3" in st.skipped(path)["x"]
+    assert set(st.SafetensorsCheckpoint(path).entries) == {"y"}
+    assert "F8_E4M3" in st.SafetensorsCheckpoint(path).skipped["x"]
     with pytest.raises(CheckpointError, match=r"array 'x' cannot be read: its dtype F8_E4M3"):
         st.read(path, ["x"])
 
 
 def test_a_missing_file_is_not_found(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match=r"No safetensors file at .*nope\.safetensors"):
-        st.entries(tmp_path / "nope.safetensors")
+        st.SafetensorsCheckpoint(tmp_path / "nope.safetensors")
 
 
 @pytest.mark.parametrize("keep", [0, 7, 20, -3])
@@ -90,7 +91,7 @@ def test_a_garbled_header_is_corrupt(file):
     data[8:12] = b"\xff\xfe{]"
     file.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is damaged"):
-        st.entries(file)
+        st.SafetensorsCheckpoint(file)
 
 
 # -- exporting a State ------------------------------------------------------------------------
@@ -104,9 +105,9 @@ def model(s):
 def test_save_exports_initialized_variables_and_reads_back(tmp_path):
     values = {"weights": np.linspace(-1, 1, 128, dtype=np.float32).reshape(16, 8), "step": np.int32(3)}
     state = jstate.abstract(model).assign({**values, "biases": jnp.full(8, 0.25, jnp.bfloat16)})
-    path = st.save(state, tmp_path / "out" / "model.safetensors")
+    path = Path(st.save_safetensors(state, tmp_path / "out" / "model.safetensors"))
     assert path == tmp_path / "out" / "model.safetensors"
-    assert st.entries(path) == {n: Entry((n,), a.shape, a.dtype) for n, a in state.items()}
+    assert st.SafetensorsCheckpoint(path).entries == {n: Entry((n,), a.shape, a.dtype) for n, a in state.items()}
     values = st.read(path, list(state))
     for name, value in values.items():
         np.testing.assert_array_equal(value, np.asarray(state[name]))
@@ -118,14 +119,14 @@ def test_save_gathers_sharded_variables(tmp_path):
     mesh = jax.make_mesh((8,), ("x",))
     kernel = jax.device_put(jnp.arange(64.0, dtype=jnp.float32).reshape(16, 4), NamedSharding(mesh, P("x")))
     state = jstate.State({"kernel": kernel})
-    path = st.save(state, tmp_path / "sharded.safetensors")
+    path = st.save_safetensors(state, tmp_path / "sharded.safetensors")
     np.testing.assert_array_equal(st.read(path, ["kernel"])["kernel"], np.arange(64.0).reshape(16, 4))
 
 
 def test_save_replaces_an_existing_file_whole(file):
     state = jstate.State({"only": jnp.ones(3)})
-    st.save(state, file)
-    assert set(st.entries(file)) == {"only"}
+    st.save_safetensors(state, file)
+    assert set(st.SafetensorsCheckpoint(file).entries) == {"only"}
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary(file):
@@ -133,13 +134,13 @@ def test_a_failed_save_leaves_the_old_file_and_no_temporary(file):
     with pytest.raises(
         CheckpointError, match=r"Cannot export variable 'nibbles' to .*model\.safetensors: its dtype int4"
     ):
-        st.save(state, file)
-    assert st.entries(file) == {n: Entry((n,), a.shape, a.dtype) for n, a in ARRAYS.items()}
+        st.save_safetensors(state, file)
+    assert st.SafetensorsCheckpoint(file).entries == {n: Entry((n,), a.shape, a.dtype) for n, a in ARRAYS.items()}
     assert os.listdir(file.parent) == ["model.safetensors"]
 
 
 def test_save_leaves_the_state_unchanged(tmp_path):
     state = jstate.State({"a": jnp.arange(4.0)})
     before = state["a"]
-    st.save(state, tmp_path / "a.safetensors")
+    st.save_safetensors(state, tmp_path / "a.safetensors")
     assert state["a"] is before and list(state) == ["a"]

@@ -18,8 +18,9 @@ import pytest
 
 from jstate import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from jstate.formats import tensorflow as tf_ckpt
+from jstate.formats import tf_files
 from jstate.formats import tf_table as _sstable
-from jstate.model.spec import Entry
+from jstate.formats.base import Entry
 
 DATA = Path(__file__).parents[1] / "data" / "tensorflow"
 INDEX = json.loads((DATA / "values" / "index.json").read_text())
@@ -43,7 +44,7 @@ def copy(tmp_path: Path, checkpoint: str) -> Path:
 # -- values -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("checkpoint", sorted(INDEX))
 def test_every_value_equals_what_tensorflow_saved(checkpoint):
-    entries = tf_ckpt.entries(DATA / checkpoint)
+    entries = tf_ckpt.TensorFlowCheckpoint(DATA / checkpoint).entries
     readable = {n for n, info in INDEX[checkpoint].items() if info["file"] and not info["partitioned"]}
     assert set(entries) == readable
     values = tf_ckpt.read(DATA / checkpoint, sorted(entries))
@@ -60,11 +61,13 @@ def test_tf1_guide_variables_hold_their_values_after_the_assign_ops():
     np.testing.assert_array_equal(values["v1"], np.ones(3, np.float32))
     np.testing.assert_array_equal(values["v2"], -np.ones(5, np.float32))
     assert values["weights"].shape == (100, 20) and values["biases"].shape == (20,)
-    assert tf_ckpt.entries(DATA / "guide/my_v2.ckpt") == {"my_v2": Entry(("my_v2",), (5,), np.dtype(np.float32))}
+    assert tf_ckpt.TensorFlowCheckpoint(DATA / "guide/my_v2.ckpt").entries == {
+        "my_v2": Entry(("my_v2",), (5,), np.dtype(np.float32))
+    }
 
 
 def test_every_dtype_maps_to_its_numpy_dtype():
-    entries = tf_ckpt.entries(DATA / "dtypes/model.ckpt")
+    entries = tf_ckpt.TensorFlowCheckpoint(DATA / "dtypes/model.ckpt").entries
     for name, info in INDEX["dtypes/model.ckpt"].items():
         assert entries[name].dtype.name == info["dtype"], name
     assert entries["bfloat16"].dtype == np.dtype(ml_dtypes.bfloat16)
@@ -103,11 +106,11 @@ def test_reading_one_shard_opens_only_its_data_file(tmp_path):
 
 
 def test_tf2_object_graph_names_are_listed_as_they_are():
-    entries = tf_ckpt.entries(DATA / "tf2/ckpt-1")
+    entries = tf_ckpt.TensorFlowCheckpoint(DATA / "tf2/ckpt-1").entries
     assert "model/layers/0/kernel/.ATTRIBUTES/VARIABLE_VALUE" in entries
     assert entries["model/scale/.ATTRIBUTES/VARIABLE_VALUE"].shape == ()
     assert "_CHECKPOINTABLE_OBJECT_GRAPH" not in entries
-    assert "DT_STRING" in tf_ckpt.skipped(DATA / "tf2/ckpt-1")["_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert "DT_STRING" in tf_ckpt.TensorFlowCheckpoint(DATA / "tf2/ckpt-1").skipped["_CHECKPOINTABLE_OBJECT_GRAPH"]
     step = tf_ckpt.read(DATA / "tf2/ckpt-1", ["step/.ATTRIBUTES/VARIABLE_VALUE"])
     assert step["step/.ATTRIBUTES/VARIABLE_VALUE"] == 7
 
@@ -115,18 +118,18 @@ def test_tf2_object_graph_names_are_listed_as_they_are():
 # -- finding checkpoints ----------------------------------------------------------------------
 def test_find_accepts_the_prefix_its_index_or_a_data_file():
     prefix = DATA / "train/model.ckpt-10"
-    assert tf_ckpt.find(prefix) == prefix
-    assert tf_ckpt.find(DATA / "train/model.ckpt-10.index") == prefix
-    assert tf_ckpt.find(DATA / "train/model.ckpt-10.data-00000-of-00001") == prefix
-    assert tf_ckpt.find(DATA / "train/model.ckpt-30") is None
-    assert tf_ckpt.find(DATA / "train") is None
-    assert tf_ckpt.find(DATA / "train/checkpoint") is None
+    assert tf_files.find(prefix) == prefix
+    assert tf_files.find(DATA / "train/model.ckpt-10.index") == prefix
+    assert tf_files.find(DATA / "train/model.ckpt-10.data-00000-of-00001") == prefix
+    assert tf_files.find(DATA / "train/model.ckpt-30") is None
+    assert tf_files.find(DATA / "train") is None
+    assert tf_files.find(DATA / "train/checkpoint") is None
 
 
 def test_latest_follows_the_state_file():
-    assert tf_ckpt.latest(DATA / "train") == DATA / "train/model.ckpt-20"
-    assert tf_ckpt.latest(DATA / "tf2") == DATA / "tf2/ckpt-1"
-    assert tf_ckpt.latest(DATA / "guide") is None  # saved with write_state=False
+    assert tf_files.latest(DATA / "train") == DATA / "train/model.ckpt-20"
+    assert tf_files.latest(DATA / "tf2") == DATA / "tf2/ckpt-1"
+    assert tf_files.latest(DATA / "guide") is None  # saved with write_state=False
 
 
 def test_latest_finds_a_moved_checkpoint_whose_state_file_has_absolute_paths(tmp_path):
@@ -135,14 +138,14 @@ def test_latest_finds_a_moved_checkpoint_whose_state_file_has_absolute_paths(tmp
         'model_checkpoint_path: "/old/machine/train/model.ckpt-10"\n'
         'all_model_checkpoint_paths: "/old/machine/train/model.ckpt-10"\n'
     )
-    assert tf_ckpt.latest(tmp_path) == tmp_path / "model.ckpt-10"
+    assert tf_files.latest(tmp_path) == tmp_path / "model.ckpt-10"
 
 
 def test_latest_is_none_when_the_named_checkpoint_is_gone(tmp_path):
     (tmp_path / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-99"\n')
-    assert tf_ckpt.latest(tmp_path) is None
+    assert tf_files.latest(tmp_path) is None
     (tmp_path / "checkpoint").write_text("garbage\n")
-    assert tf_ckpt.latest(tmp_path) is None
+    assert tf_files.latest(tmp_path) is None
 
 
 def state_file_elsewhere(tmp_path: Path) -> tuple[Path, list[str]]:
@@ -167,7 +170,7 @@ def test_state_file_naming_a_path_outside_its_directory_is_not_followed(tmp_path
     train, names = state_file_elsewhere(tmp_path)
     for name in [*names, "..", "/", "."]:
         (train / "checkpoint").write_text(f'model_checkpoint_path: "{name}"\n')
-        assert tf_ckpt.latest(train) is None, name
+        assert tf_files.latest(train) is None, name
 
 
 def test_state_file_naming_a_path_outside_its_directory_falls_back_to_its_last_component_inside(tmp_path):
@@ -175,7 +178,7 @@ def test_state_file_naming_a_path_outside_its_directory_falls_back_to_its_last_c
     copy(train, "train/model.ckpt-10")
     for name in names:
         (train / "checkpoint").write_text(f'model_checkpoint_path: "{name}"\n')
-        assert tf_ckpt.latest(train) == train / "model.ckpt-10", name
+        assert tf_files.latest(train) == train / "model.ckpt-10", name
 
 
 def test_state_file_may_name_a_checkpoint_below_its_directory_or_reached_through_a_symlink(tmp_path):
@@ -183,12 +186,12 @@ def test_state_file_may_name_a_checkpoint_below_its_directory_or_reached_through
     (train / "sub").mkdir(parents=True)
     copy(train / "sub", "train/model.ckpt-10")
     (train / "checkpoint").write_text('model_checkpoint_path: "sub/model.ckpt-10"\n')
-    assert tf_ckpt.latest(train) == train / "sub/model.ckpt-10"
+    assert tf_files.latest(train) == train / "sub/model.ckpt-10"
     (train / "checkpoint").write_text(f'model_checkpoint_path: "{train}/sub/model.ckpt-10"\n')
-    assert tf_ckpt.latest(train) == train / "sub/model.ckpt-10"
+    assert tf_files.latest(train) == train / "sub/model.ckpt-10"
     (tmp_path / "alias").symlink_to(train)  # the directory itself a symlink: its names are still inside it
     (train / "checkpoint").write_text('model_checkpoint_path: "sub/model.ckpt-10"\n')
-    assert tf_ckpt.latest(tmp_path / "alias") == tmp_path / "alias/sub/model.ckpt-10"
+    assert tf_files.latest(tmp_path / "alias") == tmp_path / "alias/sub/model.ckpt-10"
 
 
 def test_state_file_fields_a_newer_tensorflow_may_add_are_ignored(tmp_path):
@@ -196,18 +199,18 @@ def test_state_file_fields_a_newer_tensorflow_may_add_are_ignored(tmp_path):
     (tmp_path / "checkpoint").write_text(
         'model_checkpoint_path: "model.ckpt-10"\nsome_future_field: 3\nall_model_checkpoint_timestamps: 1.5\n'
     )
-    assert tf_ckpt.latest(tmp_path) == tmp_path / "model.ckpt-10"
+    assert tf_files.latest(tmp_path) == tmp_path / "model.ckpt-10"
 
 
 # -- what cannot be read ----------------------------------------------------------------------
 def test_strings_and_partitioned_variables_are_skipped_with_reasons():
     prefix = DATA / "skipped/model.ckpt"
-    assert set(tf_ckpt.entries(prefix)) == {"plain"}
-    reasons = tf_ckpt.skipped(prefix)
+    assert set(tf_ckpt.TensorFlowCheckpoint(prefix).entries) == {"plain"}
+    reasons = tf_ckpt.TensorFlowCheckpoint(prefix).skipped
     assert set(reasons) == {"words", "embedding"}
     assert "string tensor of dtype DT_STRING" in reasons["words"]
     assert "partitioned variable, saved as 2 slices" in reasons["embedding"]
-    assert tf_ckpt.skipped(DATA / "guide/model.ckpt") == {}
+    assert tf_ckpt.TensorFlowCheckpoint(DATA / "guide/model.ckpt").skipped == {}
 
 
 def test_reading_a_skipped_tensor_names_it_and_the_reason():
@@ -269,7 +272,7 @@ def flip_byte_of(prefix: Path, name: str) -> None:
     tensor = tf_ckpt._read_index(prefix).tensors[name]
     data_file = prefix.with_name(prefix.name + ".data-00000-of-00001")
     data = bytearray(data_file.read_bytes())
-    data[tensor.offset + tensor.size // 2] ^= 0x01
+    data[tensor.offset + tensor.length // 2] ^= 0x01
     data_file.write_bytes(bytes(data))
 
 
@@ -303,21 +306,21 @@ def test_a_truncated_index_is_corrupt(tmp_path, keep):
     index = tmp_path / "model.ckpt.index"
     index.write_bytes(index.read_bytes()[:keep])
     with pytest.raises(CorruptCheckpointError, match=r"index .*model\.ckpt\.index is damaged"):
-        tf_ckpt.entries(prefix)
+        tf_ckpt.TensorFlowCheckpoint(prefix)
 
 
 def test_every_flipped_byte_of_an_index_is_caught_or_harmless(tmp_path):
     prefix = copy(tmp_path, "guide/model.ckpt")
     index = tmp_path / "model.ckpt.index"
     original = index.read_bytes()
-    expected = tf_ckpt.entries(DATA / "guide/model.ckpt")
+    expected = tf_ckpt.TensorFlowCheckpoint(DATA / "guide/model.ckpt").entries
     harmless = []
     for i in range(len(original)):
         damaged = bytearray(original)
         damaged[i] ^= 0x20
         index.write_bytes(bytes(damaged))
         try:
-            entries = tf_ckpt.entries(prefix)
+            entries = tf_ckpt.TensorFlowCheckpoint(prefix).entries
         except CorruptCheckpointError:
             continue
         assert entries == expected, f"byte {i}"
@@ -358,7 +361,7 @@ def test_garbage_that_passes_the_block_checksums_is_refused_or_read(tmp_path):
         data[offset + size + 1 : offset + size + 5] = trailer.to_bytes(4, "little")
         index.write_bytes(bytes(data))
         with contextlib.suppress(CheckpointError):
-            tf_ckpt.read(prefix, list(tf_ckpt.entries(prefix)))
+            tf_ckpt.read(prefix, list(tf_ckpt.TensorFlowCheckpoint(prefix).entries))
 
 
 @pytest.mark.parametrize("times", [2, 5000])
@@ -367,7 +370,9 @@ def test_an_index_listing_one_block_many_times_is_corrupt_and_parses_it_once(tmp
     index = tmp_path / "model.ckpt.index"
     entries = dict(_sstable.table(index.read_bytes()))
     index.write_bytes(sstable(entries))
-    assert tf_ckpt.entries(prefix) == tf_ckpt.entries(DATA / "guide/model.ckpt")  # the table built here reads
+    assert (
+        tf_ckpt.TensorFlowCheckpoint(prefix).entries == tf_ckpt.TensorFlowCheckpoint(DATA / "guide/model.ckpt").entries
+    )  # the table built here reads
     index.write_bytes(sstable(entries, listed=times))
     parsed = []
     block = _sstable.block
@@ -378,7 +383,7 @@ def test_an_index_listing_one_block_many_times_is_corrupt_and_parses_it_once(tmp
 
     monkeypatch.setattr(_sstable, "block", counted_block)
     with pytest.raises(CorruptCheckpointError, match=r"model\.ckpt\.index is damaged \(the index lists blocks twice"):
-        tf_ckpt.entries(prefix)
+        tf_ckpt.TensorFlowCheckpoint(prefix)
     assert len(parsed) == 2  # the index block and the data block, once each, however often it is listed
 
 
@@ -389,7 +394,7 @@ def test_a_tensor_of_a_shape_no_array_can_have_is_corrupt(tmp_path, shape):
     rewrite_entry(prefix, "v1", shape, size=min(max(math.prod(shape), 0) * 4, 2**63 - 1))
     damaged = rf"\.index is damaged \(tensor 'v1' has shard 0 of 1, offset \d+, shape {re.escape(str(shape))}"
     with pytest.raises(CorruptCheckpointError, match=damaged):
-        tf_ckpt.entries(prefix)
+        tf_ckpt.TensorFlowCheckpoint(prefix)
     with pytest.raises(CorruptCheckpointError, match=damaged):
         tf_ckpt.read(prefix, ["v1"])
 
@@ -397,8 +402,8 @@ def test_a_tensor_of_a_shape_no_array_can_have_is_corrupt(tmp_path, shape):
 def test_a_tensor_of_more_dimensions_than_numpy_allows_is_skipped_with_the_reason(tmp_path):
     prefix = copy(tmp_path, "guide/model.ckpt")
     rewrite_entry(prefix, "v1", (1,) * 65 + (3,))
-    assert "v1" not in tf_ckpt.entries(prefix)
-    assert "a tensor of rank 66; numpy arrays have at most" in tf_ckpt.skipped(prefix)["v1"]
+    assert "v1" not in tf_ckpt.TensorFlowCheckpoint(prefix).entries
+    assert "a tensor of rank 66; numpy arrays have at most" in tf_ckpt.TensorFlowCheckpoint(prefix).skipped["v1"]
     with pytest.raises(CheckpointError, match=r"tensor 'v1' cannot be read: it is a tensor of rank 66"):
         tf_ckpt.read(prefix, ["v1"])
 
@@ -415,7 +420,7 @@ def test_a_missing_index_is_not_found(tmp_path):
     with pytest.raises(
         CheckpointNotFoundError, match=r"No TensorFlow checkpoint at .*model\.ckpt: .*\.index does not exist"
     ):
-        tf_ckpt.entries(tmp_path / "model.ckpt")
+        tf_ckpt.TensorFlowCheckpoint(tmp_path / "model.ckpt")
 
 
 def test_a_compressed_index_is_refused_clearly(tmp_path):
@@ -434,4 +439,4 @@ def test_a_compressed_index_is_refused_clearly(tmp_path):
     data[size + 1 : size + 5] = _sstable.mask(crc32c.crc32c(bytes(data[: size + 1]))).to_bytes(4, "little")
     index.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.ckpt\.index: its block at bytes 0-\d+ is compressed \(snappy\)"):
-        tf_ckpt.entries(prefix)
+        tf_ckpt.TensorFlowCheckpoint(prefix)

@@ -36,6 +36,7 @@ from jstate.formats import commit as _commit
 from jstate.formats import integrity as _integrity
 from jstate.formats.manifest import FILE, Manifest, Variable
 from jstate.storage import local as _files
+from jstate.storage import tokens as _tokens
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -451,7 +452,7 @@ def test_cleaning_and_retention_never_follow_links_out_of_a_checkpoint(tmp_path)
     outside = tmp_path / "precious"
     outside.mkdir()
     (outside / "data").write_text("keep me")
-    dead = f"{int(time.time()):x}_999999999_deadbeef_{_files._HOST}"  # a token of no live process
+    dead = f"{int(time.time()):x}_999999999_deadbeef_{_tokens._HOST}"  # a token of no live process
     saver = jstate.Saver(max_to_keep=1)
     first = Path(saver.save(make_state(1), tmp_path / "ckpt" / "model", step=1))
     (first / f"arrays-{dead}").symlink_to(outside.resolve(), target_is_directory=True)
@@ -1162,7 +1163,7 @@ def test_a_save_stopped_while_making_its_directory_leaves_nothing_behind(tmp_pat
     into place): stopped at any moment, a save leaves nothing or a marked directory, which the
     next save removes; never an empty directory that nothing would remove (CI saw one)."""
     from jstate.formats import commit as _commit
-    from jstate.storage import local as _files
+    from jstate.storage import tokens as _tokens
 
     real_mkdir, real_touch = Path.mkdir, Path.touch
 
@@ -1177,7 +1178,7 @@ def test_a_save_stopped_while_making_its_directory_leaves_nothing_behind(tmp_pat
     monkeypatch.setattr(Path, "mkdir", stop_after(real_mkdir, "staging made"))
     monkeypatch.setattr(Path, "touch", stop_after(real_touch, "marker made"))
     with pytest.raises(KeyboardInterrupt):
-        _commit.prepare(tmp_path / "model-1", _files.token())  # a token of no save in flight: dead
+        _commit.prepare(tmp_path / "model-1", _tokens.token())  # a token of no save in flight: dead
     monkeypatch.undo()
     assert not (tmp_path / "model-1").exists() or os.listdir(tmp_path / "model-1")
     jstate.Saver().save(make_state(0), tmp_path / "other")  # the next save into the directory cleans
