@@ -91,8 +91,10 @@ def run_save():
 def run_kill():
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     state = jstate.init(model, jax.random.key(0), mesh=mesh, rules=RULES)
+    # The first save has both processes: no short timeout, which a loaded machine could spend at a
+    # barrier. The second, whose peer dies, must fail within the short one.
+    jstate.Saver().save(state, f"{workdir}/model", step=1)
     saver = jstate.Saver(timeout=float(os.environ.get("JSTATE_TEST_KILL_TIMEOUT", "15")))
-    saver.save(state, f"{workdir}/model", step=1)
     print(json.dumps({"saved": 1}), flush=True)
     sharding = jax.sharding.NamedSharding(mesh, P("data"))
     rows = int(os.environ.get("JSTATE_TEST_KILL_ROWS", "64"))  # of 4 MiB each
