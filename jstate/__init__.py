@@ -23,6 +23,7 @@ from .core.errors import StoreTimeoutError as StoreTimeoutError
 from .core.errors import UninitializedError as UninitializedError
 from .core.errors import UnknownVariableError as UnknownVariableError
 from .core.table import Table as Table
+from .core.tree import to_nnx as to_nnx
 from .formats.base import Checkpoint as Checkpoint
 from .formats.safetensors import save_safetensors as save_safetensors
 from .model.balance import round_robin as round_robin
@@ -38,6 +39,5 @@ from .model.spec import VariableSpec as VariableSpec
 from .model.state import State as State
 from .model.state import from_nnx as from_nnx
 from .model.state import report_uninitialized as report_uninitialized
-from .model.state import to_nnx as to_nnx
 
 __version__ = "0.1.0"

@@ -9,7 +9,6 @@ contributes its own names under its key: ``{"model": state}`` holds ``"model/wei
 
 from __future__ import annotations
 
-import collections
 import functools
 import sys
 from typing import Any, TypeVar
@@ -17,7 +16,6 @@ from typing import Any, TypeVar
 import jax
 
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError
 from ..core.names import join
 from ..core.tree import path_name
 from ..model.state import State
@@ -67,12 +65,7 @@ def as_state(tree: Any) -> State:
         else:
             leaves[prefix] = leaf
             names.append(prefix)
-    twice = [n for n, count in collections.Counter(names).items() if count > 1]
-    if twice:  # {"a/b": x, "a": {"b": y}}: one name for two leaves would lose one
-        raise InvalidNameError(
-            f"Two leaves of the tree are both named '{twice[0]}' (a key holding '/' and a nested path). "
-            "Rename one: every leaf needs a name of its own."
-        )
+    _tree.check_unique(names)
     return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
 
 

@@ -22,7 +22,7 @@ from ..core.errors import (
     shorten,
 )
 from ..core.table import Table
-from ..formats.base import Checkpoint, place
+from ..formats.base import Checkpoint, from_host
 from ..model.placement import uncommitted
 from ..model.state import State
 from .mapping import NameMap
@@ -348,7 +348,7 @@ def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: S
         memo: dict = {}
         for n in group:
             value = T.evaluate(transforms[n], host.__getitem__, np, memo)
-            out[n] = place(np.asarray(value), _struct(target, n))
+            out[n] = from_host(np.asarray(value), _struct(target, n))
         del host, memo
     return out
 

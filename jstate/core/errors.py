@@ -148,16 +148,17 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class Damaged(Exception):
-    """Raised inside a format's reader for bytes that cannot be what the checkpoint says they
-    are; `Checkpoint.read` reports it as one CorruptCheckpointError naming the checkpoint, the
+    """Bytes that cannot be what the checkpoint says they are, raised inside a format's reader.
+
+    `Checkpoint.read` reports it as one CorruptCheckpointError naming the checkpoint, the
     variable and the damaged file. Not public: users see the CorruptCheckpointError."""
 
 
 class StoreError(CheckpointError, OSError):
-    """An object store (gs://, s3://) cannot be reached: nothing is known about the checkpoint,
-    so no lookup takes it for a missing one (`latest_checkpoint` raises it, never returns None).
+    """An object store (gs://, s3://) cannot be reached; also an `OSError`.
 
-    Also an `OSError`.
+    Nothing is known about the checkpoint then, so no lookup takes it for a missing one
+    (`latest_checkpoint` raises it, never returns None).
 
     >>> issubclass(jstate.StoreError, (jstate.CheckpointError, OSError))
     True
@@ -165,8 +166,9 @@ class StoreError(CheckpointError, OSError):
 
 
 class StoreTimeoutError(StoreError, TimeoutError):
-    """An object store did not answer within the time allowed (a `timeout=`): also a
-    `TimeoutError`, so ``except TimeoutError`` catches it.
+    """An object store did not answer within the time allowed (a `timeout=`).
+
+    Also a `TimeoutError`, so ``except TimeoutError`` catches it.
 
     >>> try:
     ...     raise jstate.StoreTimeoutError("gs://bucket/run: the object store did not answer within 1 s.")
@@ -177,7 +179,16 @@ class StoreTimeoutError(StoreError, TimeoutError):
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
-    """A short "did you mean" phrase for `name`, or "" when nothing is close."""
+    """A short "did you mean" phrase for `name`, or "" when nothing is close.
+
+    Args:
+      name: the name asked for.
+      candidates: the names there are.
+      n: at most this many suggestions.
+
+    >>> closest("weight", ["weights", "biases"])
+    " Did you mean 'weights'?"
+    """
     matches = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
     if not matches:
         return ""
@@ -185,7 +196,15 @@ def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
 
 
 def shorten(names: Iterable[str], limit: int = 8) -> str:
-    """`names` quoted and comma-separated, with "and N more" past `limit`."""
+    """`names` quoted and comma-separated, with "and N more" past `limit`.
+
+    Args:
+      names: the names.
+      limit: at most this many are shown.
+
+    >>> shorten(["a", "b", "c"], limit=2)
+    "'a', 'b' and 1 more"
+    """
     names = list(names)
     shown = ", ".join(f"'{n}'" for n in names[:limit])
     if len(names) > limit:
@@ -193,8 +212,33 @@ def shorten(names: Iterable[str], limit: int = 8) -> str:
     return shown
 
 
+def uninitialized(name: str) -> UninitializedError:
+    """The one error for reading a declared variable that holds no value, and how to give it one.
+
+    >>> print(uninitialized("weights"))
+    Variable 'weights' is declared but not initialized. Initialize it with `jstate.init(model, key, state=state)` ...
+    """
+    return UninitializedError(
+        f"Variable '{name}' is declared but not initialized. Initialize it with "
+        "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
+    )
+
+
 def unknown_names(kind: str, names: Iterable[str], known: Iterable[str], hint: str) -> UnknownVariableError:
-    """One error for a batch of undeclared names, with suggestions for the first."""
+    """One error for a batch of undeclared names, with suggestions for the first.
+
+    Args:
+      kind: what they are, starting the message (``"Variable"``, ``"Cannot assign: variable"``).
+      names: the undeclared names.
+      known: the declared ones.
+      hint: the sentence that says how to proceed.
+
+    Returns:
+      The error, to raise.
+
+    >>> print(unknown_names("Variable", ["weight"], ["weights"], "Declare it first."))
+    Variable 'weight' is not declared. Did you mean 'weights'? Declare it first.
+    """
     names, known = sorted(names), sorted(known)
     return UnknownVariableError(
         f"{kind} {shorten(names)} {'is' if len(names) == 1 else 'are'} not declared.{closest(names[0], known)} {hint}"
@@ -205,6 +249,12 @@ def not_in_checkpoint(
     where: str, names: Iterable[str], known: Iterable[str], kind: str = "variable"
 ) -> CheckpointError:
     """The one error for names a checkpoint does not hold, with the closest ones it does.
+
+    Args:
+      where: the checkpoint, starting the message.
+      names: the names it lacks.
+      known: the names it holds.
+      kind: what they are ("variable").
 
     >>> print(not_in_checkpoint("Checkpoint ckpt/m-1", ["weight"], ["weights", "biases"]))
     Checkpoint ckpt/m-1 holds no variable 'weight'. Did you mean 'weights'? `jstate.list_variables(path)` lists them.

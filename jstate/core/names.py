@@ -13,7 +13,21 @@ SEP = "/"
 
 
 def check_part(part: str, where: str) -> None:
-    """Validate one name component (a variable or scope name)."""
+    """Check one variable or scope name (it may hold "/"; no empty, "." or ".." parts).
+
+    Args:
+      part: the name.
+      where: what is named, for the error (``"Variable 'a'"``, ``"Scope 'layer1'"``).
+
+    Raises:
+      InvalidNameError: `part` is not a str or not a valid name, saying why.
+
+    >>> check_part("layer1/kernel", "Variable")
+    >>> check_part("a.b", "Variable")
+    Traceback (most recent call last):
+    ...
+    jstate.core.errors.InvalidNameError: Variable: invalid name 'a.b': '.' is not allowed in a name ...
+    """
     if not isinstance(part, str):
         raise InvalidNameError(f"{where}: a name must be a str, got {type(part).__name__} {part!r}.")
     problem = _problem(part)
@@ -40,16 +54,29 @@ def _problem(name: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """Return `name` if it is a valid full variable name, else raise `InvalidNameError`."""
+    """`name`, checked as a full variable name (see `check_part`).
+
+    Raises:
+      InvalidNameError: naming the variable and what is wrong.
+
+    >>> check_name("layer1/kernel")
+    'layer1/kernel'
+    """
     check_part(name, f"Variable {name!r}")
     return name
 
 
 def select(requested: Iterable[str], declared: Mapping[str, object] | Iterable[str], what: str) -> list[str]:
-    """The `declared` names that `requested` lists: a name, or a scope ending in "/" for every
-    variable in it (as a Saver's ``var_list``), in the order given, each once.
+    """The `declared` names that `requested` lists, in the order given, each once.
+
+    Args:
+      requested: names, and scopes ending in "/" for every variable in them (as a Saver's
+        ``var_list``).
+      declared: the names there are.
+      what: what asks, for errors (``"`subset`"``).
 
     Raises:
+      TypeError: `requested` is one string, not a list of them.
       UnknownVariableError: a name is not declared, or a scope holds no variable.
 
     >>> select(["layer1/", "w"], ["layer1/b", "layer1/k", "layer2/k", "w"], "`subset`")
@@ -81,6 +108,11 @@ def select(requested: Iterable[str], declared: Mapping[str, object] | Iterable[s
 
 
 def join(prefix: str, name: str) -> str:
+    """`name` inside scope `prefix` ("" for none).
+
+    >>> join("layer1", "kernel"), join("", "kernel")
+    ('layer1/kernel', 'kernel')
+    """
     return f"{prefix}{SEP}{name}" if prefix else name
 
 
@@ -89,6 +121,9 @@ def name_hash(name: str) -> np.ndarray:
 
     Python's ``hash`` is salted per process, so a cryptographic digest is used: a variable's
     random key must be the same in every process and every run.
+
+    >>> name_hash("weights").dtype, name_hash("weights").shape
+    (dtype('uint32'), (2,))
     """
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return np.frombuffer(digest, dtype=np.uint32).copy()

@@ -15,6 +15,8 @@ import time
 from types import TracebackType
 from typing import Any
 
+from .table import human_bytes
+
 log = logging.getLogger("jstate")
 
 SLOW = 2.0  # seconds: work shorter than this is not logged
@@ -48,7 +50,7 @@ class Progress:
         self._start = time.perf_counter()
 
     def advance(self, nbytes: int) -> None:
-        """Count `nbytes` more as done."""
+        """Count `nbytes` more as done (see the class example)."""
         self.done += nbytes
         if self._bar is not None:
             self._bar.update(nbytes)
@@ -60,8 +62,13 @@ class Progress:
         self.close(ok=kind is None)
 
     def close(self, ok: bool = True) -> None:
-        """Close the bar and, if the work succeeded (`ok`) and was slow, log it. Only the first
-        call does anything."""
+        """Close the bar and, if the work succeeded (`ok`) and was slow, log it.
+
+        Only the first call does anything; leaving the ``with`` block calls it.
+
+        >>> p = Progress("Read", "ckpt/model", total=0, arrays=0)
+        >>> p.close(); p.close()
+        """
         if self._closed:
             return
         self._closed = True
@@ -73,24 +80,11 @@ class Progress:
                 "%s %s: %s in %d arrays in %.1f s (%s/s)",
                 self.what,
                 self.where,
-                size(self.total),
+                human_bytes(self.total),
                 self.arrays,
                 seconds,
-                size(self.total / seconds),
+                human_bytes(self.total / seconds),
             )
-
-
-def size(nbytes: float) -> str:
-    """Bytes for people.
-
-    >>> size(512), size(3 * 2**20), size(1.5 * 2**30)
-    ('512 B', '3.0 MiB', '1.50 GiB')
-    """
-    if nbytes < 1024:
-        return f"{nbytes:.0f} B"
-    if nbytes < 2**30:
-        return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB"
-    return f"{nbytes / 2**30:.2f} GiB"
 
 
 def _bar(what: str, where: Any, total: int) -> Any:

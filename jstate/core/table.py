@@ -6,7 +6,18 @@ import html
 from collections.abc import Sequence
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people, in powers of 1024: the one byte formatter of jstate's tables and logs.
+
+    Args:
+      n: bytes (a float for rates such as bytes per second).
+
+    Returns:
+      Whole bytes below 1 KiB, else one decimal in KiB, MiB or GiB.
+
+    >>> human_bytes(512), human_bytes(3 * 2**20), human_bytes(1.5 * 2**30)
+    ('512 B', '3.0 MiB', '1.5 GiB')
+    """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

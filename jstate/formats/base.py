@@ -255,7 +255,7 @@ class Checkpoint(abc.ABC):
         return self.table()._repr_html_()
 
 
-def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+def from_host(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
     """A host array on its target's sharding and dtype.
 
     Every process holds the whole array, so this works for shardings over several processes too.
@@ -269,7 +269,7 @@ def place(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
 
     >>> mesh = jax.make_mesh((8,), ("x",))
     >>> target = jax.ShapeDtypeStruct((16,), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("x")))
-    >>> placed = place(np.arange(16.0), target)
+    >>> placed = from_host(np.arange(16.0), target)
     >>> placed.dtype, len(placed.sharding.device_set)
     (dtype(bfloat16), 8)
     """

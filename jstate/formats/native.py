@@ -22,7 +22,7 @@ from . import integrity as _integrity
 from . import ocdbt as _ocdbt
 from . import orbax as _orbax
 from . import pack as _pack
-from .base import Checkpoint, Entry, own, place
+from .base import Checkpoint, Entry, from_host, own
 from .manifest import ARRAYS, FILE, Manifest, Variable
 
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
@@ -70,7 +70,7 @@ class NativeCheckpoint(Checkpoint):
             _integrity.check_files(self.arrays, files, self.path, contents=metadata)
         variables = self.manifest.variables
         packed = [n for n in wanted if variables[n].packed is not None]
-        out = self._place(self._unpacked(packed, verify), wanted) if packed else {}
+        out = self._put_all(self._unpacked(packed, verify), wanted) if packed else {}
         # 64-bit values in a process without x64: JAX would truncate them before the checksums,
         # so they are read and checked on the host, then cast and placed.
         narrowed = [
@@ -78,7 +78,7 @@ class NativeCheckpoint(Checkpoint):
             for n in wanted
             if n not in out and jax.dtypes.canonicalize_dtype(variables[n].dtype) != variables[n].dtype
         ]
-        out |= {n: place(a, wanted[n]) for n, a in self._read_host(narrowed, verify).items()} if narrowed else {}
+        out |= {n: from_host(a, wanted[n]) for n, a in self._read_host(narrowed, verify).items()} if narrowed else {}
         todo = {}
         for n, target in wanted.items():
             if n in out:
@@ -91,7 +91,7 @@ class NativeCheckpoint(Checkpoint):
             if v.nbytes:
                 todo[n] = (Entry((n,), v.shape, v.dtype), stored)
             else:  # zero-size arrays hold no data (Orbax cannot even store them): made, not read
-                out[n] = place(np.zeros(v.shape, v.dtype), stored)
+                out[n] = from_host(np.zeros(v.shape, v.dtype), stored)
         through_host = self._through_host(todo)
         self._read_through_host({n: item for n, item in todo.items() if n in through_host}, out, verify)
         todo = {n: item for n, item in todo.items() if n not in through_host}
@@ -155,7 +155,7 @@ class NativeCheckpoint(Checkpoint):
                 self._mismatch(*bad)
         return out
 
-    def _place(self, host: dict[str, np.ndarray], wanted: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    def _put_all(self, host: dict[str, np.ndarray], wanted: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
         """Host values onto their targets' shardings in their stored dtype, in one
         `jax.device_put` (one call for many small arrays costs far less than one call each).
         `_as_target` then casts with JAX, as for every other variable: NumPy's casts of NaN or
@@ -235,7 +235,7 @@ class NativeCheckpoint(Checkpoint):
         with ThreadPoolExecutor(_READERS) as pool:
             for batch in _batches(todo):
                 host = self._fetch({n: entry for n, (entry, _) in batch.items()}, verify, pool)
-                out.update(self._place(host, {n: struct for n, (_, struct) in batch.items()}))
+                out.update(self._put_all(host, {n: struct for n, (_, struct) in batch.items()}))
 
     def _fetch(self, entries: dict[str, Entry], verify: bool, pool: ThreadPoolExecutor) -> dict[str, np.ndarray]:
         """`entries` (unpacked variables) in host memory in their stored dtype, each checked

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
 from ..storage import store as _storage
-from .base import Checkpoint, Entry, place
+from .base import Checkpoint, Entry, from_host
 
 SUFFIX = ".safetensors"
 
@@ -85,7 +85,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         host = read(self.path, list(wanted))
-        return {name: place(host.pop(name), target) for name, target in wanted.items()}
+        return {name: from_host(host.pop(name), target) for name, target in wanted.items()}
 
 
 def load(path: Path) -> SafetensorsCheckpoint | None:

@@ -33,7 +33,7 @@ from ..core.shaped import Shaped
 from ..storage import store as _storage
 from . import tf_proto as _tfproto
 from . import tf_table as _sstable
-from .base import Checkpoint, Entry, place
+from .base import Checkpoint, Entry, from_host
 from .tf_files import data_file, find, index_file, latest
 
 # TensorFlow's DataType enum (types.proto) -> numpy dtype, for the dtypes jstate reads.
@@ -318,7 +318,7 @@ class TensorFlowCheckpoint(Checkpoint):
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
         host = read(self.path, list(wanted))  # each tensor's CRC is checked whatever `verify` says: it is free
-        return {name: place(host.pop(name), target) for name, target in wanted.items()}
+        return {name: from_host(host.pop(name), target) for name, target in wanted.items()}
 
     @classmethod
     def _latest_in(cls, directory: Path) -> Path | None:

@@ -2,7 +2,7 @@
 parameter-server tasks one after another (or, with ``GreedyLoadBalancingStrategy``, each onto the
 least-loaded task by bytes).
 
-This module only chooses among the devices it is given; `_placement` turns the choice into a
+This module only chooses among the devices it is given; `placement` turns the choice into a
 `Sharding`. Nothing here is global: the loads live in one trace of one model.
 """
 
@@ -20,7 +20,11 @@ _BY = ("order", "size")
 
 @dataclasses.dataclass(frozen=True)
 class RoundRobin:
-    """Devices that variables are spread over, one after another; see `round_robin`."""
+    """Devices that variables are spread over, one after another; see `round_robin`.
+
+    >>> str(jstate.round_robin(["cpu:0", "cpu:1"], by="size"))
+    'round-robin by size'
+    """
 
     devices: tuple[str | jax.Device, ...]
     by: str = "order"
@@ -79,7 +83,12 @@ def round_robin(devices: Sequence[str | jax.Device], by: str = "order") -> Round
 
 
 class Loads:
-    """How much each round-robin has placed on each of its devices so far, in one trace."""
+    """How much each round-robin has placed on each of its devices so far, in one trace.
+
+    >>> loads, spread = Loads(), jstate.round_robin(["cpu:0", "cpu:1"])
+    >>> [loads.pick(spread, nbytes=4) for _ in range(3)]
+    ['cpu:0', 'cpu:1', 'cpu:0']
+    """
 
     __slots__ = ("_loads",)
 
@@ -87,7 +96,12 @@ class Loads:
         self._loads: dict[RoundRobin, list[int]] = {}
 
     def pick(self, spread: RoundRobin, nbytes: int) -> str | jax.Device:
-        """The device the next variable (of `nbytes` bytes) goes to, counted as placed there."""
+        """The device the next variable goes to, counted as placed there (see the class example).
+
+        Args:
+          spread: the round-robin.
+          nbytes: the variable's size, counted by a round-robin ``by="size"``.
+        """
         loads = self._loads.setdefault(spread, [0] * len(spread.devices))
         # Counting variables instead of bytes makes the least-loaded device the next in turn.
         i = loads.index(min(loads))

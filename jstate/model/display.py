@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 
 from ..core.table import Table, human_bytes
-from .placement import describe, device_bytes
+from .devices import describe, device_bytes
 from .spec import VariableSpec
 
 MAX_ROWS = 60
@@ -14,6 +14,10 @@ MAX_ROWS = 60
 
 def state_table(specs: Mapping[str, VariableSpec], initialized: Container[str]) -> Table:
     """A State's variables as a `Table`: name, shape, dtype, sharding, bytes, initialized.
+
+    Args:
+      specs: every declared variable, by name.
+      initialized: the names that hold a value.
 
     >>> s = jstate.State({"w": jnp.zeros(3)})
     >>> print(state_table(s.specs, s))
@@ -36,7 +40,13 @@ def state_table(specs: Mapping[str, VariableSpec], initialized: Container[str]) 
 
 
 def placement_table(specs: Iterable[VariableSpec]) -> Table:
-    """Where each variable lives: name, shape, dtype, sharding, bytes per device, and what placed it."""
+    """Where each variable lives: name, shape, dtype, sharding, bytes per device, and what placed it.
+
+    >>> print(placement_table([state.spec("biases")]))
+    name    shape   dtype    sharding  bytes/device  source
+    ------  ------  -------  --------  ------------  -------
+    biases  (200,)  float32  default   800 B         default
+    """
     rows = [
         (
             s.name,

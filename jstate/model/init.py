@@ -16,10 +16,11 @@ from jax.sharding import Mesh
 from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ..core.table import Table
 from . import placement as _placement
+from .devices import describe
 from .display import placement_table
 from .scope import Record, Scope
 from .spec import VariableSpec
-from .state import State, _Layout
+from .state import State, StateDef
 
 Model = Callable[[Scope], Any]
 
@@ -31,7 +32,7 @@ class _Plan:
     specs: tuple[VariableSpec, ...]  # declaration order
     steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
     jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
-    layout: _Layout  # every variable declared, none initialized
+    layout: StateDef  # every variable declared, none initialized
     unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
 
 
@@ -103,7 +104,7 @@ def _trace(
         raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
     specs = tuple(record.specs.values())
     unused = _placement.unused_rules(rules, [s.name for s in specs])
-    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()), unused)
+    return _Plan(specs, tuple(record.steps), jaxpr, StateDef({s.name: s for s in specs}, ()), unused)
 
 
 def init(
@@ -174,7 +175,7 @@ def init(
     values.update(kept)
     values = dict(sorted(values.items()))
     specs = declared if state is None else {**declared, **state._layout.specs}
-    return State._make(_Layout(specs, values), values)
+    return State._make(StateDef(specs, values), values)
 
 
 def abstract(
@@ -288,7 +289,7 @@ def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array])
                         needed.add(v)
         placed = {names[v]: known[v].sharding for v in reads if known[v].committed}
         if len({frozenset(s.device_set) for s in placed.values()}) > 1:
-            shown = ", ".join(f"'{n}' on {_placement.describe(s)}" for n, s in sorted(placed.items()))
+            shown = ", ".join(f"'{n}' on {describe(s)}" for n, s in sorted(placed.items()))
             return PlacementError(
                 f"Cannot compute the initial value of variable '{plan.specs[i].name}': it is computed from "
                 f"variables on different devices ({shown}), which JAX cannot combine in one computation. "

@@ -1,12 +1,9 @@
-"""Device specs, sharding rules, and resolving them into a `jax.sharding.Sharding`.
+"""Where each variable lives: its own spec, the innermost placement block, then the first
+matching rule, resolved into a `jax.sharding.Sharding`; and re-placing a State.
 
-Valid device specs (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
+Valid placements (anything a ``device=``, ``sharding=``, ``s.placement(...)`` or rule accepts):
 
-  "/cpu:0", "cpu:0", "cpu"          CPU device 0 (index among that platform's devices)
-  "/gpu:1", "/device:GPU:1"         GPU device 1
-  "tpu:3"                           TPU device 3
-  "/job:ps/task:7"                  the first device of JAX process 7
-  "/job:w/task:1/device:GPU:2"      GPU 2 of process 1 (index among that process's GPUs)
+  "cpu:0", "/job:ps/task:7", ...    a device string (valid forms: `jstate.model.devices`)
   jax.devices()[3]                  that device
   NamedSharding(mesh, P("x"))       any `jax.sharding.Sharding`, as it is
   P("data", "model")                a `PartitionSpec` over the `mesh=` passed to init
@@ -29,19 +26,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from ..core.errors import PlacementError
 from .balance import Loads, RoundRobin
-
-_PLATFORMS = ("cpu", "gpu", "tpu", "cuda", "rocm")
+from .devices import NoDeviceError, describe, parse_device
 
 Rules = tuple[tuple[re.Pattern, Any], ...]
-
-
-class NoDeviceError(PlacementError):
-    """A well-formed device spec that names no device of this machine (soft placement's case)."""
 
 
 class Origin(enum.Enum):
@@ -84,9 +77,14 @@ class Placement:
 
     @property
     def source(self) -> str:
-        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback:
-        ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin by size"``,
-        ``"device=, soft placement: '/gpu:0' matches no device"``."""
+        """`origin` as text, naming the rule, a round-robin and a soft-placement fallback.
+
+        For example ``"device="``, ``"rule 0 ('.*/kernel$')"``, ``"placement block, round-robin
+        by size"``, ``"device=, soft placement: '/gpu:0' matches no device"``.
+
+        >>> jstate.abstract(model, rules=[("kernel", "cpu:1")]).placement("layer1/kernel").source
+        "rule 0 ('kernel')"
+        """
         if self.origin is Origin.RULE and self.rule is not None:
             text = f"rule {self.rule[0]} ({self.rule[1]!r})"
         else:
@@ -99,7 +97,11 @@ class Placement:
 
     @property
     def declared(self) -> bool:
-        """Whether the model itself asked for it (not a rule or the default)."""
+        """Whether the model itself asked for it (not a rule or the default).
+
+        >>> jstate.Placement(origin=jstate.Origin.RULE).declared
+        False
+        """
         return self.origin in (Origin.DEVICE, Origin.SHARDING, Origin.BLOCK)
 
     def __str__(self) -> str:
@@ -113,7 +115,20 @@ NO_BLOCK = object()
 
 
 def compile_rules(rules: Sequence[tuple[str, Any]] | None) -> Rules:
-    """Check and compile ``[(regex, spec), ...]``; the first rule whose regex matches wins."""
+    """Check and compile placement rules; the first rule whose regex matches a name wins.
+
+    Args:
+      rules: ``[(regex, placement), ...]`` or a dict of them; None for no rules.
+
+    Returns:
+      ``((compiled regex, placement), ...)``.
+
+    Raises:
+      PlacementError: a rule is not a pair, or its regex does not compile (naming the rule).
+
+    >>> [p.pattern for p, _ in compile_rules({"kernel$": "cpu:1"})]
+    ['kernel$']
+    """
     if rules is None:
         return ()
     if isinstance(rules, dict):
@@ -147,9 +162,22 @@ def choose(
 ) -> Placement:
     """The placement of one variable: its own spec, then the innermost block, then the rules.
 
-    `block` is the innermost ``s.placement(...)`` spec (None: JAX's default device), or
-    `NO_BLOCK`. `loads` counts what round-robins placed so far (`nbytes` is this variable's size); with
-    `soft`, a device string that matches no device falls back to the default device.
+    Args:
+      name: the variable's full name, which rules match.
+      shape: its shape, which a PartitionSpec must divide.
+      own: ``(Origin.DEVICE or Origin.SHARDING, request)`` from its declaration, or None.
+      block: the innermost ``s.placement(...)`` request (None: JAX's default device), or `NO_BLOCK`.
+      rules: from `compile_rules`.
+      mesh: what PartitionSpecs are bound to.
+      nbytes: the variable's size, for round-robins by size.
+      loads: what round-robins placed so far in this trace.
+      soft: a device string that matches no device falls back to the default device.
+
+    Raises:
+      PlacementError: the request is malformed or does not fit (see `resolve`).
+
+    >>> str(choose("layer1/kernel", (200, 10), None, NO_BLOCK, compile_rules([("kernel", "cpu:1")]), None))
+    "cpu:1 (from rule 0 ('kernel'))"
     """
     rule = None
     if own is not None:
@@ -163,10 +191,10 @@ def choose(
                 break
         else:
             return DEFAULT
-    return _place(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
+    return _from_request(origin, request, rule, name, shape, mesh, nbytes, loads or Loads(), soft)
 
 
-def _place(
+def _from_request(
     origin: Origin,
     request: Any,
     rule: tuple[int, str] | None,
@@ -177,6 +205,9 @@ def _place(
     loads: Loads,
     soft: bool,
 ) -> Placement:
+    """The `Placement` `request` gives variable `name`: a round-robin's pick, resolved.
+
+    With `soft`, a device string that names no device gives JAX's default device and a warning."""
     target = loads.pick(request, nbytes) if isinstance(request, RoundRobin) else request
     try:
         sharding = None if target is None else resolve(target, name, shape, mesh)
@@ -198,7 +229,11 @@ _SOFT_HINT = (
 
 
 def unused_rules(rules: Rules, names: Sequence[str]) -> tuple[tuple[int, str], ...]:
-    """``(index, pattern)`` of each rule whose regex matches none of `names`."""
+    """``(index, pattern)`` of each rule whose regex matches none of `names`.
+
+    >>> unused_rules(compile_rules([("kernel", "cpu:0"), ("bias", "cpu:1")]), ["layer1/kernel"])
+    ((1, 'bias'),)
+    """
     return tuple((i, p.pattern) for i, (p, _) in enumerate(rules) if not any(p.search(n) for n in names))
 
 
@@ -208,7 +243,23 @@ def replace(
     """`specs` re-placed for `mesh` and `rules`, and `values` moved to their new shardings.
 
     Placements the model declared are kept, with PartitionSpecs re-bound to the new mesh; every
-    other variable follows the new rules.
+    other variable follows the new rules (`State.replace_placement`'s work).
+
+    Args:
+      specs: every declared variable, by name.
+      values: the initialized ones' values.
+      mesh: the new mesh, or None.
+      rules: the new ``[(regex, placement), ...]``.
+
+    Returns:
+      The new specs and the moved values (uncommitted where a variable has no placement).
+
+    Raises:
+      PlacementError: a placement does not fit on the new mesh.
+
+    >>> specs, values = replace(state.specs, dict(state), None, [("weights", "cpu:3")])
+    >>> str(specs["weights"].placement), values["weights"].devices()
+    ("cpu:3 (from rule 0 ('weights'))", {CpuDevice(id=3)})
     """
     compiled = compile_rules(rules)
     loads = Loads()  # round-robins spread again, in name order
@@ -217,7 +268,9 @@ def replace(
         p = spec.placement
         if p.declared:
             # A variable placed softly once stays soft: its model opted in.
-            p = _place(p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None)
+            p = _from_request(
+                p.origin, p.request, None, n, spec.shape, mesh, spec.nbytes, loads, p.fallback is not None
+            )
         else:
             p = choose(n, spec.shape, None, NO_BLOCK, compiled, mesh, nbytes=spec.nbytes, loads=loads)
         new[n] = dataclasses.replace(spec, placement=p)
@@ -234,6 +287,18 @@ def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[in
     A declared or rule-given spec is resolved again for the new shape (a PartitionSpec over the
     mesh it was bound to); a device already chosen (one device, a round-robin's pick, a soft
     fallback) holds any shape and is kept.
+
+    Args:
+      placement: the variable's placement.
+      name: the variable, for errors.
+      old: its declared shape.
+      new: its new shape.
+
+    Raises:
+      PlacementError: the placement cannot hold the new shape (naming both shapes).
+
+    >>> str(reshape(state.placement("biases"), "biases", (200,), (300,)))
+    'default (from default)'
     """
     sharding = placement.sharding
     if sharding is None or isinstance(sharding, SingleDeviceSharding) or placement.fallback is not None:
@@ -251,7 +316,26 @@ def reshape(placement: Placement, name: str, old: tuple[int, ...], new: tuple[in
 
 
 def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) -> Sharding:
-    """Turn one device spec into a `Sharding` for variable `name` of `shape`, checking it fits."""
+    """The `Sharding` one placement request gives variable `name` of `shape`, checked to fit.
+
+    Args:
+      request: a device string, `jax.Device`, `Sharding` or `PartitionSpec` (module docstring).
+      name: the variable, for errors.
+      shape: its shape, which a PartitionSpec's mesh axes must divide.
+      mesh: what a PartitionSpec is bound to.
+
+    Raises:
+      PlacementError: a PartitionSpec without a mesh or that does not fit; a request of
+        another type; a malformed device string.
+      NoDeviceError: a device string that names no device (soft placement's case).
+
+    >>> resolve("cpu:2", "w", (3,), None).device_set
+    {CpuDevice(id=2)}
+    >>> resolve(jax.sharding.PartitionSpec("x"), "w", (3,), jax.make_mesh((8,), ("x",)))
+    Traceback (most recent call last):
+    ...
+    jstate.core.errors.PlacementError: Variable 'w' of shape (3,): dimension 0 (size 3) is not divisible by 8, ...
+    """
     if isinstance(request, PartitionSpec):
         if mesh is None:
             raise PlacementError(
@@ -276,9 +360,11 @@ def resolve(request: Any, name: str, shape: tuple[int, ...], mesh: Mesh | None) 
 
 
 def _canonical(spec: PartitionSpec, mesh: Mesh, ndim: int) -> PartitionSpec:
-    """The spec in the form `jax.jit` gives its outputs, so a State that goes through a jitted
-    step compares equal to its placement and does not recompile the step: full rank on meshes
-    with explicit axes (the sharding is part of the type), no trailing Nones on auto ones."""
+    """The spec in the form `jax.jit` gives its outputs.
+
+    So a State that goes through a jitted step compares equal to its placement and does not
+    compile the step again: full rank on meshes with explicit axes (the sharding is part of the
+    type), no trailing Nones on auto ones."""
     parts = list(spec)
     if jax.sharding.AxisType.Explicit in mesh.axis_types:
         parts += [None] * (ndim - len(parts))
@@ -313,53 +399,43 @@ def _check_fits(spec: PartitionSpec, mesh: Mesh, name: str, shape: tuple[int, ..
             )
 
 
-_PART = re.compile(r"^(job|replica|task|device|cpu|gpu|tpu|cuda|rocm)(?::(.*))?$", re.IGNORECASE)
-
-
-def parse_device(spec: str, name: str = "") -> jax.Device:
-    """The `jax.Device` a TensorFlow-style device string names (see the module docstring)."""
-    where = f"Variable '{name}': device" if name else "Device"
-    task = platform = index = None
-    for part in spec.strip().strip("/").split("/"):
-        m = _PART.match(part.strip())
-        if not m:
-            raise PlacementError(
-                f"{where} spec {spec!r} is not understood (at {part!r}). Valid forms: 'cpu:0', "
-                "'/gpu:1', '/device:GPU:0', '/job:ps/task:7', 'tpu'."
-            )
-        key, value = m.group(1).lower(), m.group(2)
-        try:
-            if key == "task":
-                task = int(value)
-            elif key == "device":
-                platform, _, idx = (value or "").partition(":")
-                platform, index = platform.lower(), (int(idx) if idx else None)
-            elif key in _PLATFORMS:
-                platform, index = key, (int(value) if value else None)
-        except ValueError:
-            raise PlacementError(f"{where} spec {spec!r}: {part!r} needs a whole number.") from None
-    try:
-        devices = jax.devices(platform) if platform else jax.devices()
-    except RuntimeError:
-        devices = []
-    if task is not None:
-        devices = [d for d in devices if d.process_index == task]
-    if index is None and devices:
-        return devices[0]
-    if index is not None and 0 <= index < len(devices):
-        return devices[index]
-    raise NoDeviceError(f"{where} spec {spec!r} matches no device. Devices: {list_devices()}.")
-
-
-def list_devices() -> str:
-    devices = jax.devices()
-    shown = ", ".join(f"{d.platform}:{d.id} (process {d.process_index})" for d in devices[:16])
-    return shown + (f" and {len(devices) - 16} more" if len(devices) > 16 else "")
-
-
 def or_default(sharding: Sharding | None) -> Sharding:
-    """`sharding`, or this process's first device for a variable with no placement."""
+    """`sharding`, or this process's first device for a variable with no placement.
+
+    >>> or_default(None).device_set
+    {CpuDevice(id=0)}
+    """
     return sharding or SingleDeviceSharding(jax.local_devices()[0])
+
+
+def constrain(value: Any, sharding: Sharding | None) -> Any:
+    """`value` on `sharding`: an eager value moved there, a traced one constrained to it.
+
+    What keeps every value a State takes (`assign`, `merge`, `constrain`) where its variable is
+    declared, eagerly and under `jax.jit`. With no sharding, a traced value is left as it is and an
+    eager one made a JAX array.
+
+    Args:
+      value: an array, a tracer, or anything `jnp.asarray` takes.
+      sharding: the variable's sharding, or None (no placement).
+
+    Returns:
+      The value on `sharding`; unchanged (not copied) if it is there already.
+
+    >>> constrain(jnp.zeros(8), jax.sharding.SingleDeviceSharding(jax.devices()[2])).devices()
+    {CpuDevice(id=2)}
+    """
+    if isinstance(value, jax.core.Tracer):
+        if sharding is None:
+            return value
+        if isinstance(sharding, NamedSharding) and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types:
+            return jax.sharding.reshard(value, sharding)  # explicit axes: sharding is in the type
+        return jax.lax.with_sharding_constraint(value, sharding)
+    if sharding is None:
+        return value if isinstance(value, jax.Array) else jnp.asarray(value)
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    return jax.device_put(value, sharding)
 
 
 def uncommitted(value: jax.Array) -> jax.Array:
@@ -390,23 +466,3 @@ def uncommitted(value: jax.Array) -> jax.Array:
         return type(value)(value.aval, value.sharding, value._arrays, committed=False)
     except (AttributeError, TypeError):  # a JAX whose arrays are built differently: copy instead
         return jax.device_put(np.asarray(value))
-
-
-def describe(sharding: Sharding | None) -> str:
-    """A short human form: 'cpu:0', "P('data', 'model') over mesh(data=4, model=2)"."""
-    if sharding is None:
-        return "default"
-    if isinstance(sharding, SingleDeviceSharding):
-        (device,) = sharding.device_set
-        return f"{device.platform}:{device.id}"
-    if isinstance(sharding, NamedSharding):
-        axes = ", ".join(f"{k}={v}" for k, v in sharding.mesh.shape.items())
-        return f"{sharding.spec} over mesh({axes})"
-    return str(sharding)
-
-
-def device_bytes(nbytes: int, shape: tuple[int, ...], sharding: Sharding | None) -> int:
-    """Bytes one device holds of a variable of `shape` taking `nbytes` in all."""
-    if sharding is None or not shape:
-        return nbytes
-    return nbytes * math.prod(sharding.shard_shape(shape)) // max(math.prod(shape), 1)

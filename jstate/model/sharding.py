@@ -1,4 +1,19 @@
-"""The shardings of a training pytree, for `jax.jit`'s ``in_shardings`` and ``out_shardings``."""
+"""The shardings of a training pytree, for `jax.jit`'s ``in_shardings`` and ``out_shardings``.
+
+Why a training step needs them (the one place jstate says this): inside `jax.jit`, XLA
+chooses the sharding of every value the program computes and of every result the shardings
+are not given for. An optax update can hand back parameters and moments sharded unlike their
+declaration, and a variable with no placement comes back wherever XLA put it (on a mesh
+computation, usually replicated over the mesh); the next call, given those, compiles again.
+Three ways keep every step after the first on the compiled program:
+
+  ``out_shardings=jstate.shardings(train_state)``  a whole training pytree (optax states too)
+  ``out_shardings=state.shardings()``              one State
+  ``return state.constrain()`` inside the step     each variable constrained to its declaration
+
+and for variables with no placement, a last rule ``(".*", P())`` or ``default=NamedSharding(mesh,
+P())`` pins them too (None, "unspecified" to `jax.jit`, lets XLA choose).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +25,11 @@ from .state import State
 
 
 def shardings(tree: Any, *, default: jax.sharding.Sharding | None = None) -> Any:
-    """The sharding of every leaf of `tree`, in `tree`'s structure: what `jax.jit` needs as
-    ``in_shardings`` and ``out_shardings`` to keep a training state where it lives, step after
-    step, with nothing recompiled.
+    """The sharding of every leaf of `tree`, in `tree`'s structure, for `jax.jit`.
 
-    Inside `jax.jit`, XLA chooses the sharding of every result the shardings are not given for:
-    an optax update can return parameters and moments sharded unlike their declaration, and the
-    next call, given those, compiles again.
+    What `jax.jit` needs as ``in_shardings`` and ``out_shardings`` to keep a training state
+    where it lives, step after step, with nothing compiled again (why: the
+    `jstate.model.sharding` module docstring).
 
     Valid leaves, and what each gives:
 
@@ -28,6 +41,13 @@ def shardings(tree: Any, *, default: jax.sharding.Sharding | None = None) -> Any
     and a State's variables with no placement get `default` too. None, the default, is
     "unspecified" to `jax.jit`; a sharding such as ``NamedSharding(mesh, P())`` (replicated)
     pins those leaves as well.
+
+    Args:
+      tree: any pytree: States, arrays, structs, optax states, Python numbers.
+      default: the sharding of leaves that have none.
+
+    Returns:
+      A pytree of `tree`'s structure (a State gives a State) of shardings or `default`.
 
     >>> mesh = jax.make_mesh((8,), ("x",))
     >>> P, NamedSharding = jax.sharding.PartitionSpec, jax.sharding.NamedSharding

@@ -9,12 +9,11 @@ import jax
 import numpy as np
 
 from ..core.shaped import Shaped
-from .placement import DEFAULT, Placement
+from .placement import DEFAULT, Origin, Placement
 
 
 def dtype_of(value: Any) -> Any:
-    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys (``key<fry>``), which NumPy
-    cannot represent.
+    """`value`'s dtype: a NumPy dtype, or JAX's own for PRNG keys, which NumPy cannot represent.
 
     >>> dtype_of(jnp.zeros(2)), dtype_of(jax.random.key(0))
     (dtype('float32'), key<fry>)
@@ -60,3 +59,26 @@ class VariableSpec(Shaped):
         ShapeDtypeStruct(shape=(200,), dtype=float32)
         """
         return jax.ShapeDtypeStruct(self.shape, self.dtype, sharding=self.sharding)
+
+
+def spec_of(name: str, leaf: jax.Array | jax.ShapeDtypeStruct) -> VariableSpec:
+    """The declaration a value implies: its shape, dtype, and the sharding it was placed on.
+
+    A committed array's sharding, or a struct's if it has one, becomes the placement;
+    uncommitted and traced arrays have none. How `State.from_tree` declares each leaf.
+
+    Args:
+      name: the variable's name.
+      leaf: its value, or a `jax.ShapeDtypeStruct` for an uninitialized variable.
+
+    >>> str(spec_of("w", jax.device_put(jnp.zeros(2), jax.devices()[1])).placement)
+    'cpu:1 (from sharding=)'
+    >>> str(spec_of("w", jnp.zeros(2)).placement)
+    'default (from default)'
+    """
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+    else:
+        sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
+    placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
+    return VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)

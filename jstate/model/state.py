@@ -1,4 +1,9 @@
-"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree."""
+"""`State`: an immutable mapping from variable names to arrays, and a JAX pytree.
+
+A State is its `StateDef` (the declarations: static, the pytree's aux data) and its values (the
+leaves). The rules of an update live in `updates`, placement in `placement`, and the pytree <->
+name conversions (NNX's included) in `jstate.core.tree`; the methods here put them together.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +17,30 @@ import jax.numpy as jnp
 
 from ..core import names as _names
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError, SpecMismatchError, UninitializedError, unknown_names
+from ..core.errors import InvalidNameError, uninitialized, unknown_names
 from ..core.table import Table
 from . import display as _display
 from . import placement as _placement
-from . import values as _values
-from .placement import DEFAULT, Origin, Placement
-from .spec import VariableSpec, dtype_of
-
-_UNINITIALIZED = (
-    "Variable '{name}' is declared but not initialized. Initialize it with "
-    "`jstate.init(model, key, state=state)` or restore it with `Saver.restore`."
-)
+from . import updates as _updates
+from .placement import Placement
+from .spec import VariableSpec, spec_of
 
 
-class _Layout:
-    """The static part of a State: every declared variable, and which ones hold values.
+class StateDef:
+    """The static part of a State (as NNX's ``GraphDef`` is a module's): its declarations.
+
+    Every declared variable, and which ones hold values.
 
     It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
     equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
     than a dict of its arrays.
+
+    Args:
+      specs: every declared variable, by name.
+      names: the names of those that hold a value.
+
+    >>> StateDef(state.specs, state) == StateDef(state.specs, list(state))
+    True
     """
 
     __slots__ = ("specs", "names", "_hash")
@@ -45,11 +54,11 @@ class _Layout:
         return self._hash
 
     def __repr__(self) -> str:
-        return f"Layout({len(self.specs)} variables, {len(self.names)} initialized)"
+        return f"StateDef({len(self.specs)} variables, {len(self.names)} initialized)"
 
     def __eq__(self, other: object) -> bool:
         return self is other or (
-            isinstance(other, _Layout)
+            isinstance(other, StateDef)
             and self._hash == other._hash
             and self.names == other.names
             and self.specs == other.specs
@@ -82,10 +91,26 @@ class State(Mapping[str, jax.Array]):
         self._layout, self._values = other._layout, other._values
 
     @classmethod
-    def _make(cls, layout: _Layout, values: dict[str, Any]) -> State:
+    def _make(cls, layout: StateDef, values: dict[str, Any]) -> State:
+        """The State of `layout` holding `values`, in `layout.names` order (unchecked)."""
         state = object.__new__(cls)
         state._layout, state._values = layout, values
         return state
+
+    @classmethod
+    def _build(cls, specs: Mapping[str, VariableSpec], values: Mapping[str, Any]) -> State:
+        """The State declaring `specs` and holding `values` (unchecked)."""
+        values = dict(sorted(values.items()))
+        return cls._make(StateDef(specs, values), values)
+
+    def _holding(self, values: dict[str, Any]) -> State:
+        """This State's declarations holding `values` (unchecked).
+
+        `values` is `_values` updated in its order, then any newly initialized names; the
+        `StateDef` is new only if the names changed."""
+        if len(values) == len(self._values):
+            return State._make(self._layout, values)
+        return State._build(self._layout.specs, values)
 
     # -- reading ---------------------------------------------------------------------------
     def __getitem__(self, name: str) -> jax.Array:
@@ -96,7 +121,7 @@ class State(Mapping[str, jax.Array]):
 
     def _missing(self, name: str) -> KeyError:
         if name in self._layout.specs:
-            return UninitializedError(_UNINITIALIZED.format(name=name))
+            return uninitialized(name)
         return unknown_names("Variable", [name], self._layout.specs, "`state.specs` lists every declared variable.")
 
     def __iter__(self) -> Iterator[str]:
@@ -113,19 +138,27 @@ class State(Mapping[str, jax.Array]):
 
     @property
     def specs(self) -> Mapping[str, VariableSpec]:
-        """Every declared variable's `VariableSpec`, initialized or not, by name (an initialized
-        one's dtype is its value's: see the class docstring)."""
+        """Every declared variable's `VariableSpec`, initialized or not, by name.
+
+        An initialized variable's dtype is its value's (see the class docstring).
+
+        >>> list(jstate.abstract(model).specs)
+        ['biases', 'layer1/kernel', 'w2', 'weights']
+        """
         values = self._values
-        return {n: _values.current(s, values.get(n)) for n, s in self._layout.specs.items()}
+        return {n: _updates.current(s, values.get(n)) for n, s in self._layout.specs.items()}
 
     def spec(self, name: str) -> VariableSpec:
         """The declaration of variable `name` (shape, dtype, placement).
+
+        Raises:
+          UnknownVariableError: `name` is not declared (with the closest declared names).
 
         >>> state.spec("layer1/kernel").shape
         (200, 10)
         """
         try:
-            return _values.current(self._layout.specs[name], self._values.get(name))
+            return _updates.current(self._layout.specs[name], self._values.get(name))
         except KeyError:
             raise self._missing(name) from None
 
@@ -163,16 +196,19 @@ class State(Mapping[str, jax.Array]):
         return {n: s.struct() for n, s in self.specs.items()}
 
     def shardings(self, default: jax.sharding.Sharding | None = None) -> State:
-        """Each initialized variable's declared sharding, as a State of the same structure: the
-        ``in_shardings`` / ``out_shardings`` of a `jax.jit` function taking or returning this State.
+        """Each initialized variable's declared sharding, as a State of the same structure.
 
-        A variable with no placement gets `default`. None, the default, is "unspecified" to
-        `jax.jit`: the argument is taken where it is and XLA places the result (on a mesh
-        computation, usually replicated over the mesh), so the second call compiles again for
-        results that the first placed. Give every variable a placement (a last rule
-        ``(".*", P())``), or pass ``default=NamedSharding(mesh, P())``, so that every step
-        after the first reuses the compiled one. `jstate.shardings` covers a whole training
-        pytree (optax states too).
+        The ``in_shardings`` / ``out_shardings`` of a `jax.jit` step taking or returning this
+        State, so that every call after the first reuses the compiled step (why: the
+        `jstate.model.sharding` module docstring). `jstate.shardings` covers a whole training
+        pytree, optax states too.
+
+        Args:
+          default: the sharding of variables with no placement; None is "unspecified" to
+            `jax.jit`, which then lets XLA place them.
+
+        Returns:
+          A State of shardings (or `default`), with this State's declarations.
 
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> P = jax.sharding.PartitionSpec
@@ -188,12 +224,11 @@ class State(Mapping[str, jax.Array]):
     def constrain(self) -> State:
         """A State whose every variable is on its declared sharding, eagerly or under `jax.jit`.
 
-        Inside `jax.jit`, XLA chooses the sharding of every value the program computes: an
-        optax update can hand back parameters sharded differently from their declaration, and
-        the next call, given those, compiles again. ``state.constrain()`` before returning
-        (or ``out_shardings=state.shardings()``) keeps each variable where it was declared, as
-        `assign` does. Eagerly it moves values that are elsewhere. Variables with no placement
-        are left where they are. The original State is unchanged; use the return value.
+        Under `jax.jit`, ``return state.constrain()`` keeps each variable where it was declared
+        (as `assign` does), so the next call does not compile again (why: the
+        `jstate.model.sharding` module docstring); eagerly it moves values that are elsewhere.
+        Variables with no placement are left where they are. The original State is unchanged;
+        use the return value.
 
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> P = jax.sharding.PartitionSpec
@@ -203,7 +238,9 @@ class State(Mapping[str, jax.Array]):
         True
         """
         specs = self._layout.specs
-        return State._make(self._layout, {n: _values.place(v, specs[n].sharding) for n, v in self._values.items()})
+        return State._make(
+            self._layout, {n: _placement.constrain(v, specs[n].sharding) for n, v in self._values.items()}
+        )
 
     # -- functional updates -----------------------------------------------------------------
     def assign(self, name: str | Mapping[str, Any], value: Any = None) -> State:
@@ -213,6 +250,13 @@ class State(Mapping[str, jax.Array]):
         keeps the dtype (``1`` into a float variable, not ``1.5`` into an int one). The result
         lives on the variable's device or sharding, eagerly and under `jax.jit`. Assigning an
         uninitialized variable initializes it. The original State is unchanged.
+
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: its new value (an array or Python scalar); None with a dict.
+
+        Returns:
+          A new State holding the new values.
 
         Raises:
           SpecMismatchError: for a wrong shape or dtype (names the variable, declared vs given).
@@ -226,7 +270,14 @@ class State(Mapping[str, jax.Array]):
         return self._update(name, value, None, "assign")
 
     def assign_add(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` added to variable `name` (see `assign`).
+        """A new State with `value` added to variable `name` (arguments and errors: see `assign`).
+
+        A Python scalar or an array that broadcasts to the variable's shape is added, if it keeps
+        the dtype. The variable must hold a value (`UninitializedError` otherwise).
+
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: what to add; None with a dict.
 
         >>> state.assign_add("biases", 2.0)["biases"][:3]
         Array([2., 2., 2.], dtype=float32)
@@ -234,7 +285,11 @@ class State(Mapping[str, jax.Array]):
         return self._update(name, value, operator.add, "assign_add")
 
     def assign_sub(self, name: str | Mapping[str, Any], value: Any = None) -> State:
-        """A new State with `value` subtracted from variable `name` (see `assign`).
+        """A new State with `value` subtracted from variable `name` (see `assign_add`).
+
+        Args:
+          name: a variable's name, or a dict ``{name: value}`` of several updates.
+          value: what to subtract; None with a dict.
 
         >>> state.assign_sub("biases", jnp.full(200, 0.5))["biases"][:3]
         Array([-0.5, -0.5, -0.5], dtype=float32)
@@ -248,30 +303,22 @@ class State(Mapping[str, jax.Array]):
             updates = name
         else:
             updates = {name: value}
-        specs, values = self._layout.specs, dict(self._values)
-        for n, v in updates.items():
-            spec = specs.get(n)
-            if spec is None:
-                raise unknown_names("Cannot assign: variable", [n], specs, "Declare it in the model first.")
-            spec = _values.current(spec, self._values.get(n))
-            v = _values.coerce(spec, v, broadcast=op is None, verb=verb)
-            if op is not None:
-                v = op(self[n], v)
-            values[n] = _values.place(v, spec.sharding)
-        if len(values) == len(self._values):
-            return State._make(self._layout, values)
-        return State._make(_Layout(specs, values), dict(sorted(values.items())))
+        return self._holding(_updates.assign(self._layout.specs, self._values, updates, op, verb))
 
     def _replace_values(self, updates: Mapping[str, jax.Array]) -> State:
         """A State with `updates` as values of declared variables, unchecked (for restores)."""
-        values = dict(sorted({**self._values, **updates}.items()))
-        layout = self._layout if len(values) == len(self._values) else _Layout(self._layout.specs, values)
-        return State._make(layout, values)
+        return self._holding({**self._values, **updates})
 
     # -- whole-State operations -------------------------------------------------------------
     def subset(self, names: Iterable[str]) -> State:
-        """A State with only the variables `names` (declared ones; initialized or not). A name
-        ending in "/" selects every variable in that scope, as in a Saver's ``var_list``.
+        """A State with only the variables `names`, declared ones, initialized or not.
+
+        Args:
+          names: variable names; one ending in "/" selects every variable in that scope, as in a
+            Saver's ``var_list``.
+
+        Raises:
+          UnknownVariableError: a name is not declared.
 
         >>> list(state.subset(["weights", "biases"]))
         ['biases', 'weights']
@@ -280,8 +327,7 @@ class State(Mapping[str, jax.Array]):
         """
         names = _names.select(names, self._layout.specs, "`subset`")
         specs = {n: self._layout.specs[n] for n in names}
-        values = {n: self._values[n] for n in sorted(specs) if n in self._values}
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, {n: self._values[n] for n in specs if n in self._values})
 
     def trainable(self) -> State:
         """The variables declared trainable (the default), as a State: what `jax.grad` takes.
@@ -309,13 +355,16 @@ class State(Mapping[str, jax.Array]):
         return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
 
     def redeclare(self, name: str, value: Any) -> State:
-        """A new State in which variable `name` is declared anew with `value`'s shape and dtype,
-        and holds `value` (TF's reshaping of a ``validate_shape=False`` variable).
+        """A new State in which variable `name` has `value`'s shape and dtype, and holds `value`.
 
-        `assign` never changes a shape or dtype: this is the one explicit way. The placement is
+        TF's reshaping of a ``validate_shape=False`` variable. `assign` never changes a shape or dtype: this is the one explicit way. The placement is
         derived again for the new shape: a PartitionSpec or sharding (declared, or from a rule)
         is checked against it, and a single device is kept. It works eagerly and under
         `jax.jit`. The original State is unchanged; use the return value.
+
+        Args:
+          name: a declared variable.
+          value: its new value, of any shape and dtype.
 
         Raises:
           UnknownVariableError: `name` is not declared.
@@ -325,16 +374,8 @@ class State(Mapping[str, jax.Array]):
         >>> wider.spec("biases").shape, state.spec("biases").shape
         ((300,), (200,))
         """
-        spec = self.spec(name)
-        if not isinstance(value, jax.Array):  # numpy and Python values take JAX's dtypes
-            value = jnp.asarray(value)
-        if getattr(value, "weak_type", False):
-            value = jax.lax.convert_element_type(value, value.dtype)
-        shape = tuple(value.shape)
-        placement = _placement.reshape(spec.placement, name, spec.shape, shape)
-        new = dataclasses.replace(spec, shape=shape, dtype=dtype_of(value), placement=placement)
-        values = dict(sorted({**self._values, name: _values.place(value, placement.sharding)}.items()))
-        return State._make(_Layout({**self._layout.specs, name: new}, values), values)
+        spec, value = _updates.redeclare(self.spec(name), value)
+        return State._build({**self._layout.specs, name: spec}, {**self._values, name: value})
 
     def merge(self, other: State) -> State:
         """A State with the variables of both; where both hold a value, `other`'s wins.
@@ -345,6 +386,9 @@ class State(Mapping[str, jax.Array]):
         ``state.merge(jstate.State({"biases": b}))`` keeps ``"biases"`` where the model placed
         it. Variables only `other` declares keep `other`'s declaration.
 
+        Args:
+          other: any State (its variables may be uninitialized).
+
         Raises:
           SpecMismatchError: a variable both declare has another shape or dtype in each.
 
@@ -352,30 +396,14 @@ class State(Mapping[str, jax.Array]):
         >>> list(merged), merged["biases"][:3]
         (['biases', 'layer1/kernel', 'step', 'w2', 'weights'], Array([1., 1., 1.], dtype=float32))
         """
-        specs, values = dict(self._layout.specs), dict(self._values)
-        for n, spec in other._layout.specs.items():
-            mine = specs.get(n)
-            if mine is None:
-                specs[n] = spec
-                if n in other._values:
-                    values[n] = other._values[n]
-                continue
-            mine, theirs = _values.current(mine, self._values.get(n)), _values.current(spec, other._values.get(n))
-            if (mine.shape, mine.dtype) != (theirs.shape, theirs.dtype):
-                raise SpecMismatchError(
-                    f"Cannot merge: variable '{n}' is declared with shape {mine.shape} and dtype "
-                    f"{mine.dtype.name} here but shape {theirs.shape} and dtype {theirs.dtype.name} in the other State."
-                )
-            value = other._values.get(n)
-            if isinstance(value, jax.Array):  # (a State of structs or shardings holds no arrays)
-                values[n] = _values.place(value, mine.sharding)
-            elif n in other._values:
-                values[n] = value
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(*_updates.merge(self._layout.specs, self._values, other._layout.specs, other._values))
 
     def rename(self, mapping: Mapping[str, str]) -> State:
         """A State whose variables are renamed by ``{old: new}``; names not in `mapping` stay.
+
+        Raises:
+          UnknownVariableError: an old name is not declared.
+          InvalidNameError: a new name is malformed, or two variables would share one.
 
         >>> list(state.rename({"w2": "copy/weights"}))
         ['biases', 'copy/weights', 'layer1/kernel', 'weights']
@@ -391,8 +419,7 @@ class State(Mapping[str, jax.Array]):
             specs[new] = dataclasses.replace(spec, name=new)
             if n in self._values:
                 values[new] = self._values[n]
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, values)
 
     def replace_placement(self, mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> State:
         """A State re-placed for `mesh` and `rules`, values moved to their new shardings.
@@ -400,20 +427,30 @@ class State(Mapping[str, jax.Array]):
         Placements a model declared (``device=``, ``sharding=``, ``s.placement``) are kept, with
         PartitionSpecs re-bound to the new mesh; every other variable follows the new rules.
 
+        Args:
+          mesh: the mesh PartitionSpecs are bound to (None: no mesh).
+          rules: ``[(regex, placement), ...]``, as `jstate.init` takes them.
+
+        Raises:
+          PlacementError: a placement does not fit its variable on the new mesh.
+
         >>> mesh = jax.make_mesh((8,), ("x",))
         >>> placed = state.replace_placement(mesh, rules=[("weights|w2", jax.sharding.PartitionSpec("x"))])
         >>> placed.placement("weights").source, len(placed["weights"].sharding.device_set)
         ("rule 0 ('weights|w2')", 8)
         """
-        specs, values = _placement.replace(self._layout.specs, self._values, mesh, rules)
-        return State._make(_Layout(specs, values), values)
+        return State._build(*_placement.replace(self._layout.specs, self._values, mesh, rules))
 
-    # -- conversions (the work is in `_tree`, which knows nothing of States) -------------------
+    # -- conversions (the work is in `core.tree`, which knows nothing of States) ---------------
     def tree(self, like: Any = None) -> Any:
         """The initialized variables as a nested dict, flax-params style: ``{"layer1": {"kernel": x}}``.
 
-        With `like` (any pytree, e.g. an optax state), the result has its structure instead,
-        each leaf taken from the variable its path names: the inverse of `State.from_tree`.
+        Args:
+          like: any pytree (e.g. an optax state): the result has its structure instead, each
+            leaf taken from the variable its path names; the inverse of `State.from_tree`.
+
+        Raises:
+          InvalidNameError: without `like`, a name is also the scope of another ("a", "a/b").
 
         >>> jstate.State({"a/b": jnp.ones(2)}).tree()
         {'a': {'b': Array([1., 1.], dtype=float32)}}
@@ -426,8 +463,14 @@ class State(Mapping[str, jax.Array]):
 
         Tree paths joined by "/" become names (``{"a": {"b": x}}`` -> ``"a/b"``, list items by
         index, named tuples by field). A `jax.ShapeDtypeStruct` leaf declares an uninitialized
-        variable (its sharding, if any, becomes the placement). With ``flat=True``, `tree` is
-        ``{name: array}`` already.
+        variable (its sharding, if any, becomes the placement).
+
+        Args:
+          tree: the pytree (arrays, NumPy values, Python numbers, `jax.ShapeDtypeStruct`).
+          flat: `tree` is ``{name: array}`` already.
+
+        Raises:
+          InvalidNameError: a name is malformed, or two leaves have the same name.
 
         >>> jstate.State.from_tree({"a": {"b": jnp.ones(2)}, "c": [jnp.zeros(())]}).specs.keys()
         dict_keys(['a/b', 'c/0'])
@@ -437,20 +480,15 @@ class State(Mapping[str, jax.Array]):
             _names.check_name(name)
             if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
                 leaf = jnp.asarray(leaf)
-            # A sharding the leaf was placed on is its placement: uncommitted (and traced) arrays have none.
-            if isinstance(leaf, jax.ShapeDtypeStruct):
-                sharding = leaf.sharding
-            else:
-                sharding = leaf.sharding if not isinstance(leaf, jax.core.Tracer) and leaf.committed else None
-            placement = Placement(sharding, Origin.SHARDING, sharding) if sharding is not None else DEFAULT
-            specs[name] = VariableSpec(name, tuple(leaf.shape), dtype_of(leaf), placement)
+            specs[name] = spec_of(name, leaf)
             if isinstance(leaf, jax.Array):
                 values[name] = leaf
-        values = dict(sorted(values.items()))
-        return State._make(_Layout(specs, values), values)
+        return State._build(specs, values)
 
     def to_nnx(self) -> Any:
-        """The initialized variables as an `nnx.State`; the same as ``jstate.to_nnx(state)``.
+        """The initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
+
+        The same as ``jstate.to_nnx(state)``, which does the work (`jstate.core.tree`).
 
         >>> state.to_nnx()["layer1"]["kernel"].shape
         (200, 10)
@@ -459,7 +497,9 @@ class State(Mapping[str, jax.Array]):
 
     @classmethod
     def from_nnx(cls, source: Any) -> State:
-        """A State from an NNX module or `nnx.State`; the same as ``jstate.from_nnx(source)``.
+        """A State from an NNX module or `nnx.State`, its variables named by their paths.
+
+        ``jstate.from_nnx`` is this method.
 
         >>> from flax import nnx
         >>> list(jstate.State.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
@@ -494,7 +534,7 @@ def _flatten_with_keys(state: State):
     return tuple((jax.tree_util.DictKey(n), v) for n, v in state._values.items()), state._layout
 
 
-def _unflatten(layout: _Layout, leaves: Iterable[Any]) -> State:
+def _unflatten(layout: StateDef, leaves: Iterable[Any]) -> State:
     return State._make(layout, dict(zip(layout.names, leaves)))
 
 
@@ -502,8 +542,9 @@ jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _
 
 
 def report_uninitialized(state: State) -> list[str]:
-    """Names of the State's declared variables that hold no value (TF's
-    ``report_uninitialized_variables``).
+    """Names of the State's declared variables that hold no value, sorted.
+
+    TF's ``report_uninitialized_variables``; the same as ``state.uninitialized()``.
 
     >>> jstate.report_uninitialized(jstate.abstract(lambda s: s.variable("w", jnp.zeros(2))))
     ['w']
@@ -511,25 +552,5 @@ def report_uninitialized(state: State) -> list[str]:
     return state.uninitialized()
 
 
-def to_nnx(state: Mapping[str, jax.Array]) -> Any:
-    """A State's initialized variables as an `nnx.State`, for ``nnx.update(module, ...)``.
-
-    Path parts that are numbers (``"layers/0/kernel"``) become ints, as NNX expects.
-
-    >>> from flax import nnx
-    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-    >>> nnx.update(layer, jstate.to_nnx(jstate.from_nnx(layer).assign("bias", 1.0)))
-    >>> layer.bias[...]
-    Array([1., 1., 1.], dtype=float32)
-    """
-    return _tree.to_nnx(state)
-
-
-def from_nnx(source: Any) -> State:
-    """A State from an NNX module or `nnx.State`, its variables named by their paths.
-
-    >>> from flax import nnx
-    >>> jstate.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0))).spec("kernel").shape
-    (2, 3)
-    """
-    return State.from_nnx(source)
+# `jstate.from_nnx`: the same conversion as the method (and `jstate.to_nnx` is `core.tree.to_nnx`).
+from_nnx = State.from_nnx

@@ -45,9 +45,9 @@ def on_host(request, monkeypatch):
         monkeypatch.setattr(_ocdbt, "locate", lambda directory: {})
     monkeypatch.setattr(_orbax, "read", lambda *a, **k: pytest.fail("the device path must not be taken"))
     placed = []
-    real = NativeCheckpoint._place
+    real = NativeCheckpoint._put_all
     monkeypatch.setattr(
-        NativeCheckpoint, "_place", lambda self, host, w: placed.append(sorted(host)) or real(self, host, w)
+        NativeCheckpoint, "_put_all", lambda self, host, w: placed.append(sorted(host)) or real(self, host, w)
     )
     return placed
 

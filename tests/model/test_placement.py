@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import initializers as inits
-from jstate.model.placement import parse_device
+from jstate.model.devices import parse_device
 
 KEY = jax.random.key(0)
 RULES = [(r".*/kernel$", P("data", "model")), (r".*", P())]
