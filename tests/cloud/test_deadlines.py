@@ -242,7 +242,9 @@ def _run_all(root: str, timeout: float) -> dict:
             result = call(root, timeout)
             out[name] = {"returned": repr(result)[:200]}
         except Exception as e:
-            out[name] = {"type": f"{type(e).__module__}.{type(e).__name__}", "message": str(e)[:400],
+            public = getattr(jstate, type(e).__name__, None) is type(e)  # jstate's errors by their public name
+            kind = f"jstate.{type(e).__name__}" if public else f"{type(e).__module__}.{type(e).__name__}"
+            out[name] = {"type": kind, "message": str(e)[:400],
                          "store_error": isinstance(e, jstate.StoreError)}  # fmt: skip
         out[name]["seconds"] = round(time.monotonic() - start, 2)
     return out
