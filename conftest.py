@@ -12,8 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-# `--doctest-modules` imports every module it finds: not these scripts (TensorFlow, a worker).
-collect_ignore = ["tests/data", "tests/multihost_worker.py", "benchmarks"]
+# `--doctest-modules` imports every module it finds: not these scripts (TensorFlow, a worker), nor the
+# tests' conftest.py files, which pytest loads itself (several share the module name "conftest").
+collect_ignore = ["tests/data", "tests/multihost_worker.py", "tests/preemption_worker.py", "benchmarks"]
+collect_ignore_glob = ["tests/*conftest.py"]
 
 
 def readme_model(s):

@@ -20,10 +20,10 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "cloud"))
 
 import _harness  # noqa: E402
-import cloud  # noqa: E402  (the tests' emulator harness)
+import emulators as cloud  # noqa: E402  (the tests' emulator harness)
 
 
 def measure(run: str, tree: dict, abstract: dict, rounds: int) -> tuple[dict, dict]:

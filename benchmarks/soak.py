@@ -4,7 +4,7 @@ save that returned is checked, and what the killed saves left behind is counted.
 
     python benchmarks/soak.py                          # 4 writers x 2 Savers, 60 s, a local directory
     python benchmarks/soak.py --seconds 840            # the 14 minutes of issue 23
-    python benchmarks/soak.py --store gs --seconds 180 # fake-gcs-server on 127.0.0.1 (tests/cloud.py)
+    python benchmarks/soak.py --store gs --seconds 180 # fake-gcs-server on 127.0.0.1 (tests/cloud/emulators.py)
     python benchmarks/soak.py --store s3               # moto's S3 server
 
 Prints saves returned, signals sent and kills that took effect, reads, violations and leftovers;
@@ -15,7 +15,7 @@ checkpoint that restores a mix of saves, or a value never saved to that path; a 
 directories a writer killed right after making them (the next save removes everything else);
 on an object store, everything a killed save left (removed by a later save once a day old).
 
-Each writer cycles through Saver kinds, `--savers` of them (the chaos of tests/test_stress.py,
+Each writer cycles through Saver kinds, `--savers` of them (the chaos of tests/reliability/test_stress.py,
 kept running): prefix ``k<i>`` keeps every checkpoint (its steps collide across writers: the
 same paths re-saved at once); ``k<i>-1`` keeps one, and must never take ``k<i>``'s step 1 with
 it; ``r<i>`` keeps 1 to 3, its steps jumping back and forth like resumed runs. Saves are
@@ -364,8 +364,8 @@ def store_root(store: str, directory: str | None) -> Iterator[tuple[str, dict[st
             root = directory or stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-ckpt-"))
             yield str(Path(root) / "ckpt"), None
         return
-    sys.path.insert(0, str(REPO / "tests"))
-    import cloud  # tests/cloud.py: the emulators the tests use
+    sys.path.insert(0, str(REPO / "tests" / "cloud"))
+    import emulators as cloud  # tests/cloud/emulators.py: the emulators the tests use
 
     start = {"gs": cloud.fake_gcs_server, "s3": cloud.moto_s3_server}[store]
     with start() as emulator:

@@ -1,7 +1,30 @@
-"""The tests' settings (8 CPU devices) are in the repository's root conftest.py, shared with the
-docstring examples."""
+"""Fixtures shared by the tests. The tests' settings (8 CPU devices) are in the repository's root
+conftest.py, shared with the docstring examples."""
 
 import pytest
+
+
+@pytest.fixture
+def mesh():
+    """The 8 CPU devices as a 4 x 2 mesh with axes "data" and "model"."""
+    import jax
+
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """Reading any array from a jstate or TensorFlow checkpoint fails the test: for errors that
+    must come before anything is read."""
+    from jstate.formats.native import NativeCheckpoint
+    from jstate.formats.tensorflow import TensorFlowCheckpoint
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an array was read")
+
+    for cls in (NativeCheckpoint, TensorFlowCheckpoint):
+        monkeypatch.setattr(cls, "_read", fail)
+        monkeypatch.setattr(cls, "_read_host", fail)
 
 
 @pytest.fixture

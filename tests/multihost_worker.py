@@ -1,4 +1,5 @@
-"""One JAX process of a multi-process test (started by tests/test_multihost.py).
+"""One JAX process of a multi-process test (started by `multihost.run_processes`, for
+tests/checkpoint/test_multihost.py and tests/cloud/test_cloud_checkpoints.py).
 
 Usage: python multihost_worker.py PORT PROCESS_ID NUM_PROCESSES SCENARIO WORKDIR
 Prints one JSON line of results on success.
@@ -90,8 +91,10 @@ def run_save():
 def run_kill():
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     state = jstate.init(model, jax.random.key(0), mesh=mesh, rules=RULES)
+    # The first save has both processes: no short timeout, which a loaded machine could spend at a
+    # barrier. The second, whose peer dies, must fail within the short one.
+    jstate.Saver().save(state, f"{workdir}/model", step=1)
     saver = jstate.Saver(timeout=float(os.environ.get("JSTATE_TEST_KILL_TIMEOUT", "15")))
-    saver.save(state, f"{workdir}/model", step=1)
     print(json.dumps({"saved": 1}), flush=True)
     sharding = jax.sharding.NamedSharding(mesh, P("data"))
     rows = int(os.environ.get("JSTATE_TEST_KILL_ROWS", "64"))  # of 4 MiB each

@@ -1,4 +1,4 @@
-"""A training loop under `jstate.Preemption` (started by tests/test_preemption.py), and the
+"""A training loop under `jstate.Preemption` (started by tests/reliability/test_preemption.py), and the
 training step the tests replay to compare with it.
 
 Usage:

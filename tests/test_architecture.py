@@ -69,6 +69,7 @@ def test_only_the_orbax_modules_import_orbax():
     ]
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():
     code = (
         "import sys, jstate; print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'safetensors', 'flax'}))"

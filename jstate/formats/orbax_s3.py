@@ -18,7 +18,7 @@ before a save writes anything, and before every Orbax read). Orbax reads these f
 module attributes while its background threads write, so the patch cannot be confined to one
 call: it stays for the rest of the process. Each function is checked to exist, and Orbax is
 checked to build its kvstores through them, before jstate lets it near S3: an Orbax whose
-internals moved gets a clear error instead of a silent local write. tests/test_cloud_checkpoints.py
+internals moved gets a clear error instead of a silent local write. tests/cloud/test_cloud_checkpoints.py
 checks the patch against the Orbax installed.
 
 Orbax's own rename-based commit cannot work on S3 either: `orbax.Writer` commits with a commit

@@ -1,0 +1,35 @@
+"""The README runs as written: its example, and the commands it names."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+@pytest.mark.slow  # the whole README example
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python example"
+    code = blocks[0].replace("/tmp/jstate-readme", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {})
+    assert "('biases', (200,)" in capsys.readouterr().out
+
+
+def test_readme_names_the_commands_ci_runs():
+    text = README.read_text()
+    assert 'pip install -e ".[dev]" && python -m jstate tour' in text
+    assert 'pip install -e ".[dev]" && pytest' in text
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install -e ".[dev]"' in ci and "\npytest" in ci
+
+
+def test_the_tour_the_readme_names_runs(capsys):
+    """``python -m jstate tour``, the README's first command, walks the guide section by section."""
+    from jstate.__main__ import main
+
+    assert main(["tour"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n== ") == 10 and "== Inspecting a checkpoint ==" in out, out[-2000:]
