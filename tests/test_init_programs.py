@@ -155,3 +155,51 @@ def test_legacy_keys_give_the_initializers_own_values(name):
     key = jax.random.PRNGKey(3)
     state = jstate.init(lambda s: s.variable(name, init, shape, dtype), key)
     np.testing.assert_array_equal(state[name], own_value(name, init, shape, dtype, key))
+
+
+# -- Flax models: one program, created in place ---------------------------------------------
+
+
+def flax_mlp(features: int, partitioned: bool):
+    from flax import linen as nn
+
+    wrap = (lambda init: nn.with_partitioning(init, (None, "model"))) if partitioned else (lambda init: init)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = nn.Dense(features, kernel_init=wrap(nn.initializers.lecun_normal()), name=f"dense{i}")(x)
+            return nn.LayerNorm()(x)
+
+    return MLP()
+
+
+def test_flax_model_values_are_module_init_of_the_derived_key():
+    module, x = flax_mlp(16, False), jnp.ones((1, 16))
+    state = jstate.init(jstate.flax_model(module, x), KEY)
+    root = jax.random.fold_in(programs.fold(KEY, name_hash("flax")), 0x726E67)  # `s.make_rng("flax")`
+    expected = module.init(root, x)["params"]
+    np.testing.assert_allclose(state["params/dense1/kernel"], expected["dense1"]["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(state["params/LayerNorm_0/scale"], expected["LayerNorm_0"]["scale"])
+
+
+def test_a_sharded_flax_model_is_created_in_place(monkeypatch):
+    from jstate.model import init as init_module
+
+    monkeypatch.setattr(programs, "POOL_MAX", 256)  # the kernels are drawn by partitionable threefry
+    mesh = jax.make_mesh((8,), ("model",))
+    module, x = flax_mlp(512, True), jnp.ones((1, 512))
+    model = jstate.flax_model(module, x)
+    state = jstate.init(model, KEY, mesh=mesh)
+    kernel = state["params/dense0/kernel"]
+    assert {s.data.shape for s in kernel.addressable_shards} == {(512, 64)}
+    (plan,) = init_module._plans[model].values()
+    # one program for the sharded kernels, one for what lives on the default device
+    memory = [program.lower(KEY, []).compile().memory_analysis() for program in plan.derive.values()]
+    full = sum(state.spec(n).nbytes for n in state)
+    kernels = sum(state.spec(n).nbytes for n in state if n.endswith("kernel"))
+    assert kernels > 0.99 * full  # the kernels are (almost) all of it, and split 8 ways
+    assert sum(m.output_size_in_bytes for m in memory) < full / 8 + 64 * 1024  # (+ the biases and LayerNorm)
+    # threefry's temporaries for a device's shards, never a whole kernel (nor a pool of every bit)
+    assert max(m.temp_size_in_bytes for m in memory) < state.spec("params/dense0/kernel").nbytes

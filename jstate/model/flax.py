@@ -48,22 +48,26 @@ def flax_model(
 
     Initial values: by default ``module.init`` gets a key derived from init's key and the
     scope the model runs in (``s.make_rng("flax")``), so two Flax models in one jstate model get
-    different keys, and the values differ from ``module.init(key, *args)``'s. With
-    ``exact_init=True`` it gets init's key itself: ``jstate.init(model, key)`` holds exactly
-    ``module.init(key, *args)``, bit for bit. Either way Flax derives each value's key from that
-    one by its own scheme (module path and call order), not from the jstate name as jstate's own
-    initializers do.
+    different keys, and the values differ from ``module.init(key, *args)``'s. Flax derives each
+    value's key from that one by its own scheme (module path and call order), not from the
+    jstate name as jstate's own initializers do.
 
-    The values are computed on the default device and then moved to their shardings (they are
-    array values to jstate, not initializer calls), so a model too large for one device should
-    be restored from a checkpoint rather than initialized this way.
+    Where the values are made: by default the whole of ``module.init`` runs as one compiled
+    program whose outputs are created on their shardings (``out_shardings``), so no device holds
+    more than its own shards plus temporaries, and every random draw of the module is taken from
+    one threefry op (so the program compiles in about the time of one draw, not one per
+    parameter). Its values are those of ``jax.jit(module.init)`` up to XLA's rounding (a last bit
+    may differ). With ``exact_init=True`` it gets init's key itself and is computed op by op, as
+    ``module.init`` computes eagerly: ``jstate.init(model, key)`` holds exactly
+    ``module.init(key, *args)``, bit for bit, computed on the default device and then moved to
+    the shardings (so a model too large for one device needs the default).
 
     Args:
       module: a Flax linen Module.
       *args: example inputs of its call.
       method: the method ``module.init`` calls, if not ``__call__``.
       logical_axis_rules: ``[(logical_name, mesh_axis or None), ...]``, as Flax's.
-      exact_init: give ``module.init`` init's key unchanged.
+      exact_init: give ``module.init`` init's key unchanged, and compute it op by op.
       **kwargs: keyword arguments of its call.
 
     Raises:
@@ -90,6 +94,7 @@ def flax_model(
         inputs = [jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args]
         init_kwargs = {"method": method} if method is not None else {}
         key = s._key if exact_init else s.make_rng("flax")
+        s._record.eager |= exact_init
         variables = module.init(key, *inputs, **kwargs, **init_kwargs)
         boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
         for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables), is_leaf=boxed)[0]:

@@ -37,6 +37,7 @@ class _Plan:
     layout: _Layout  # every variable declared, none initialized
     unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
     reads: _freshness.Reads  # the globals the model and its initializers read when traced
+    eager: bool  # values computed from others are computed op by op (see `Record.eager`)
     # Compiled programs for values computed from others, by (derived, known) variable indices.
     derive: dict = dataclasses.field(default_factory=dict, compare=False)
 
@@ -118,7 +119,8 @@ def _trace(
     specs = tuple(record.specs.values())
     unused = _placement.unused_rules(rules, [s.name for s in specs])
     reads = _freshness.Reads.of([model, *record.initializers])
-    return _Plan(specs, tuple(record.steps), jaxpr, _Layout({s.name: s for s in specs}, ()), unused, reads)
+    layout = _Layout({s.name: s for s in specs}, ())
+    return _Plan(specs, tuple(record.steps), jaxpr, layout, unused, reads, record.eager)
 
 
 def init(
@@ -289,16 +291,8 @@ def _devices(sharding: Any) -> Any:
 
 def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
     """`members` in declaration order, cut into pools of bounded variables and random words."""
-    chunks: list[list[int]] = [[]]
-    words = 0
-    for i in members:
-        n = max(plan.steps[i][0].words, plan.steps[i][0].size)
-        if chunks[-1] and (len(chunks[-1]) >= _programs.CHUNK_VARIABLES or words + n > _programs.CHUNK_ELEMENTS):
-            chunks.append([])
-            words = 0
-        chunks[-1].append(i)
-        words += n
-    return [c for c in chunks if c]
+    sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
+    return _programs.chunk(members, sizes)
 
 
 def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array]) -> None:
@@ -310,7 +304,7 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
     for i in derived:
         groups.setdefault(_devices(plan.specs[i].sharding), []).append(i)
     for members in groups.values():
-        program = _derive_program(plan, tuple(members), known)
+        program = None if plan.eager else _derive_program(plan, tuple(members), known)
         if program is not None:
             program, inputs = program
             try:
@@ -349,12 +343,19 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
     if program is None:
         consts = dict(zip(j.constvars, plan.jaxpr.consts))
 
+        # One pool for every draw the values make (Flax's `module.init` draws once per
+        # parameter), unless a key is computed from drawn bits.
+        pool = _programs.poolable_key_type(j.invars[0].aval) and not _programs.keys_from_draws_in(eqns)
+
         def run(key, args):
-            env = dict(consts)
-            env.update(zip(j.invars, [key]))
-            env.update(zip(inputs, args))
-            _run_eqns(eqns, env)
-            return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
+            def once(draw):
+                env = dict(consts)
+                env.update(zip(j.invars, [key]))
+                env.update(zip(inputs, args))
+                _programs.run_eqns(eqns, env, draw)
+                return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
+
+            return _programs.pooled_trace(once) if pool else once(None)
 
         out = None if all(s is None for s in shardings) else shardings
         program = plan.derive.setdefault(cache_key, jax.jit(run, out_shardings=out))
@@ -378,18 +379,6 @@ def _schedule(jaxpr: ClosedJaxpr, outputs: list[Any], known: set) -> tuple[list,
                     else:
                         needed.add(v)
     return list(reversed(schedule)), list(dict.fromkeys(reads))
-
-
-def _run_eqns(eqns: list, env: dict) -> None:
-    for eqn in eqns:
-        args = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
-        params = eqn.primitive.get_bind_params(eqn.params)
-        if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
-            subfuns, params = params
-            args = [*subfuns, *args]
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(*args, **params)
-        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
 
 
 def _evaluate_eagerly(
@@ -445,5 +434,5 @@ def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dic
     env.update(zip(j.constvars, jaxpr.consts))
     env.update(zip(j.invars, [key]))
     eqns, _ = _schedule(jaxpr, outputs, set(known))
-    _run_eqns(eqns, env)
+    _programs.run_eqns(eqns, env)
     return [v.val if isinstance(v, Literal) else env[v] for v in outputs]

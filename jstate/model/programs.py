@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import math
 import threading
+import types
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -109,7 +110,7 @@ def fold(key: jax.Array, words: jax.Array) -> jax.Array:
 
 def evaluate(traced: Traced, key: jax.Array, draw: Callable | None = None) -> jax.Array:
     """The value `traced` computes from `key`; with `draw`, its random bits come from
-    ``draw(bit_width, shape)`` instead of from the key."""
+    ``draw(key, bit_width, shape)`` instead of from the key."""
     return _eval(traced.jaxpr.jaxpr, traced.jaxpr.consts, [key], draw)[0]
 
 
@@ -119,6 +120,18 @@ def single_program(traced: Traced, sharding: Any) -> Callable:
     return _cached(
         cache_key, lambda: jax.jit(lambda key, words: evaluate(traced, fold(key, words)), out_shardings=sharding)
     )
+
+
+def initializer_program(initializer: Callable, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Callable:
+    """The program of one variable of this initializer, shape, dtype and sharding, for a typed
+    key (what a variable too large for a pool runs): ``program(key, key_words) -> value``.
+
+    >>> program = initializer_program(jstate.initializers.ones, (2,), jnp.float32, None)
+    >>> program(jax.random.key(0), np.zeros(2, np.uint32))
+    Array([1., 1.], dtype=float32)
+    """
+    key_type = jax.eval_shape(lambda: jax.random.key(0))
+    return single_program(trace(initializer, tuple(shape), np.dtype(dtype), key_type), sharding)
 
 
 def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any]) -> Callable:
@@ -142,46 +155,97 @@ def poolable_key(key: jax.Array) -> bool:
     )
 
 
+def poolable_key_type(aval: Any) -> bool:
+    """Whether a trace whose key has this type may pool its draws: a jaxpr of init's key
+    draws from scalar threefry keys only if init's key is one (with partitionable threefry)."""
+    return _pooled_draw(aval) and bool(jax.config.jax_threefry_partitionable)
+
+
+def keys_from_draws_in(eqns: Sequence[Any]) -> bool:
+    """`keys_from_draws` for a list of equations."""
+    return keys_from_draws(types.SimpleNamespace(eqns=eqns))[0]
+
+
 def _pooled(traceds: tuple[Traced, ...], key: jax.Array, words: jax.Array) -> list[jax.Array]:
     keys = jax.vmap(fold, in_axes=(None, 0))(key, words)
-    requests = [(i, bits, shape) for i, t in enumerate(traceds) for bits, shape in t.draws]
-    sizes = [math.prod(shape) for _, _, shape in requests]
+    owners = [i for i, t in enumerate(traceds) for _ in t.draws]
+    shapes = [shape for t in traceds for _, shape in t.draws]
+    slices = iter(_pool(jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None, shapes))
+    draw = lambda key, bit_width, shape: _as_bits(next(slices), bit_width, shape)  # noqa: E731
+    return [evaluate(t, keys[i], draw) for i, t in enumerate(traceds)]
+
+
+def pooled_trace(run: Callable[[Callable | None], Any]) -> Any:
+    """``run(draw)`` with every random draw it makes from a scalar threefry key taken from one pool.
+
+    `run` evaluates a jaxpr with `evaluate_all`. It runs twice inside the caller's trace: first
+    to learn each draw's key and shape (the values of that run are dropped, and XLA removes
+    them), then with every draw sliced from one threefry op over all of them.
+    """
+    requests: list[tuple[Any, int, tuple[int, ...]]] = []
+
+    def record(key, bit_width, shape):
+        requests.append((key, bit_width, shape))
+        return jnp.zeros(shape, np.dtype(f"uint{bit_width}"))
+
+    run(record)
+    # Large draws stay draws of their own (threefry is partitionable: each device then computes
+    # just its shards); the small ones share pools of bounded size.
+    pooled = [i for i, (_, _, shape) in enumerate(requests) if math.prod(shape) <= POOL_MAX]
+    if not pooled:
+        return run(None)
+    slices: dict[int, jax.Array] = {}
+    for part in chunk(pooled, [math.prod(requests[i][2]) for i in pooled]):
+        data = jnp.stack([jax.random.key_data(requests[i][0]) for i in part])
+        slices.update(zip(part, _pool(data, [requests[i][2] for i in part])))
+    counter = iter(range(len(requests)))
+
+    def take(key, bit_width, shape):
+        i = next(counter)
+        return _as_bits(slices[i], bit_width, shape) if i in slices else None
+
+    return run(take)
+
+
+def chunk(items: list[int], sizes: list[int]) -> list[list[int]]:
+    """`items` in order, cut into runs of at most CHUNK_VARIABLES items and CHUNK_ELEMENTS words."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for item, n in zip(items, sizes):
+        if chunks[-1] and (len(chunks[-1]) >= CHUNK_VARIABLES or total + n > CHUNK_ELEMENTS):
+            chunks.append([])
+            total = 0
+        chunks[-1].append(item)
+        total += n
+    return [c for c in chunks if c]
+
+
+def _pool(data: jax.Array | None, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+    """Flat 32-bit random words for each shape, drawn with key ``data[i]`` (two uint32 words)
+    in one threefry op: the words `jax.random.bits` gives that key and shape."""
+    sizes = [math.prod(shape) for shape in shapes]
     rows = [-(-n // _ROW) for n in sizes]
-    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) * _ROW if rows else []
-    pool = None
-    if sum(rows):
-        # Row r holds counters base[r] .. base[r] + _ROW - 1 of its variable's key: the flat
-        # indices `jax.random.bits` gives the variable's elements (the high word is 0: a pool
-        # holds fewer than 2**32 words).
-        owner = np.repeat([i for i, _, _ in requests], rows)
-        base = np.concatenate([np.arange(r, dtype=np.uint32) * _ROW for r in rows])
-        data = jax.random.key_data(keys)[owner]
-        counters = jnp.asarray(base)[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
-        k1 = jnp.broadcast_to(data[:, :1], counters.shape)
-        k2 = jnp.broadcast_to(data[:, 1:], counters.shape)
-        b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
-        # The barrier keeps XLA from fusing the threefry into every slice (one copy per variable).
-        pool = jax.lax.optimization_barrier(b1 ^ b2).reshape(-1)
-    values, q = [], 0
-    for i, t in enumerate(traceds):
-        mine = [
-            jax.lax.slice(pool, (int(starts[q + d]),), (int(starts[q + d]) + sizes[q + d],))
-            for d in range(len(t.draws))
-        ]
-        q += len(t.draws)
-        values.append(evaluate(t, keys[i], _drawer(mine)))
-    return values
+    if not sum(rows):
+        return [jnp.zeros((0,), np.uint32) for _ in sizes]
+    # Row r holds counters base[r] .. base[r] + _ROW - 1 of its draw's key: the flat indices
+    # `jax.random.bits` gives the draw's elements (the high word is 0: fewer than 2**32 words).
+    owner = np.repeat(np.arange(len(sizes)), rows)
+    base = np.concatenate([np.arange(r, dtype=np.uint32) * _ROW for r in rows])
+    data = data[owner]
+    counters = jnp.asarray(base)[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
+    k1 = jnp.broadcast_to(data[:, :1], counters.shape)
+    k2 = jnp.broadcast_to(data[:, 1:], counters.shape)
+    b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
+    # The barrier keeps XLA from fusing the threefry into every slice (one copy per variable).
+    pool = jax.lax.optimization_barrier(b1 ^ b2).reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
+    return [jax.lax.slice(pool, (int(s),), (int(s) + n,)) for s, n in zip(starts, sizes)]
 
 
-def _drawer(slices: list[jax.Array]) -> Callable:
-    it = iter(slices)
-
-    def draw(bit_width: int, shape: tuple[int, ...]) -> jax.Array:
-        bits = next(it).reshape(shape)
-        # As `jax.random.bits` does for 8 and 16 bits under partitionable threefry.
-        return bits if bit_width == 32 else jax.lax.convert_element_type(bits, np.dtype(f"uint{bit_width}"))
-
-    return draw
+def _as_bits(words: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+    bits = words.reshape(shape)
+    # As `jax.random.bits` does for 8 and 16 bits under partitionable threefry.
+    return bits if bit_width == 32 else jax.lax.convert_element_type(bits, np.dtype(f"uint{bit_width}"))
 
 
 def _draws(jaxpr: Jaxpr, keys: set) -> list | None:
@@ -197,8 +261,9 @@ def _draws(jaxpr: Jaxpr, keys: set) -> list | None:
             out.append((eqn.params["bit_width"], tuple(eqn.params["shape"])))
         elif name in _CALLS and uses:
             inner = _inner(eqn)
-            if inner is None or any(v in keys for v in eqn.outvars):
+            if inner is None or inner[1] or any(v in keys for v in eqn.outvars):
                 return None
+            inner = inner[0]
             sub = _draws(inner, {iv for iv, v in zip(inner.invars, eqn.invars) if isinstance(v, Var) and v in keys})
             if sub is None:
                 return None
@@ -210,31 +275,64 @@ def _draws(jaxpr: Jaxpr, keys: set) -> list | None:
     return out
 
 
-def _inner(eqn) -> Jaxpr | None:
+def _inner(eqn) -> tuple[Jaxpr, Sequence[Any]] | None:
     inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
     if isinstance(inner, ClosedJaxpr):
-        return inner.jaxpr if not inner.consts else None
-    return inner if isinstance(inner, Jaxpr) else None
+        return inner.jaxpr, inner.consts
+    return (inner, ()) if isinstance(inner, Jaxpr) else None
 
 
-def _eval(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callable | None, keys: set | None = None):
+ANY_KEY = None  # `_eval`'s `keys` for "every scalar threefry key"
+
+
+def _pooled_draw(aval: Any) -> bool:
+    return aval.shape == () and str(aval.dtype) == "key<fry>"
+
+
+def evaluate_all(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callable | None) -> list[Any]:
+    """Evaluate `jaxpr`; with `draw`, every 8-, 16- or 32-bit draw from a scalar threefry key
+    comes from ``draw(key, bit_width, shape)`` (see `pooled_trace`)."""
+    return _eval(jaxpr, consts, args, draw, ANY_KEY)
+
+
+def _eval(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callable | None, keys: Any = ()) -> list:
     """Evaluate `jaxpr` (the interpreter of JAX's "Writing custom interpreters"); with `draw`,
-    the random_bits of the key (its first argument, or the variables in `keys`) come from `draw`."""
+    the random_bits of the key (its first argument, the variables in `keys`, or any scalar
+    threefry key with `ANY_KEY`) come from ``draw(key, bit_width, shape)``."""
     env: dict[Var, Any] = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    if keys is None:
+    if keys == ():
         keys = {jaxpr.invars[0]} if draw is not None and jaxpr.invars else set()
+    run_eqns(jaxpr.eqns, env, draw, keys)
+    return [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars]
+
+
+def run_eqns(eqns: Sequence[Any], env: dict, draw: Callable | None = None, keys: Any = ANY_KEY) -> None:
+    """Evaluate `eqns` in order, reading and writing their variables in `env` (see `_eval`)."""
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         args_in = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
-        touches = any(isinstance(v, Var) and v in keys for v in eqn.invars)
-        if touches and name == "random_bits":
-            out = draw(eqn.params["bit_width"], tuple(eqn.params["shape"]))
-        elif touches and name in _CALLS:
-            inner = _inner(eqn)
-            inner_keys = {iv for iv, v in zip(inner.invars, eqn.invars) if isinstance(v, Var) and v in keys}
-            out = _eval(inner, [], args_in, draw, inner_keys)
+        mine = keys is ANY_KEY or any(isinstance(v, Var) and v in keys for v in eqn.invars)
+        touches = draw is not None and mine
+        inner = _inner(eqn) if touches and name in _CALLS else None
+        if (
+            touches
+            and name == "random_bits"
+            and eqn.params["bit_width"] in (8, 16, 32)
+            and (keys is not ANY_KEY or _pooled_draw(eqn.invars[0].aval))
+        ):
+            out = draw(args_in[0], eqn.params["bit_width"], tuple(eqn.params["shape"]))
+            if out is None:  # not pooled: drawn here
+                out = eqn.primitive.bind(*args_in, **eqn.params)
+        elif inner is not None:
+            sub, sub_consts = inner
+            sub_keys = (
+                keys
+                if keys is ANY_KEY
+                else {iv for iv, v in zip(sub.invars, eqn.invars) if isinstance(v, Var) and v in keys}
+            )
+            out = _eval(sub, sub_consts, args_in, draw, sub_keys)
         else:
             params = eqn.primitive.get_bind_params(eqn.params)
             if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
@@ -243,7 +341,28 @@ def _eval(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callab
             with eqn.ctx.manager:
                 out = eqn.primitive.bind(*args_in, **params)
         env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
-    return [read(v) for v in jaxpr.outvars]
+
+
+def keys_from_draws(jaxpr: Jaxpr, tainted: set | None = None) -> tuple[bool, set]:
+    """Whether any draw's key in `jaxpr` is computed from drawn bits (a pool cannot serve it:
+    it needs every key before drawing), and the outputs computed from drawn bits."""
+    tainted = set(tainted or ())
+    for eqn in jaxpr.eqns:
+        ins = [isinstance(v, Var) and v in tainted for v in eqn.invars]
+        inner = _inner(eqn) if eqn.primitive.name in _CALLS else None
+        if eqn.primitive.name == "random_bits":
+            if ins[0]:
+                return True, tainted
+            tainted.update(eqn.outvars)
+        elif inner is not None:
+            sub = inner[0]
+            bad, out = keys_from_draws(sub, {iv for iv, t in zip(sub.invars, ins) if t})
+            if bad:
+                return True, tainted
+            tainted.update(o for o, so in zip(eqn.outvars, sub.outvars) if so in out)
+        elif any(ins) or any(p for p in eqn.params.values() if isinstance(p, (ClosedJaxpr, Jaxpr))):
+            tainted.update(eqn.outvars)  # (a loop or branch may draw: taken as drawn)
+    return False, tainted
 
 
 def _fingerprint(closed: ClosedJaxpr) -> Hashable:

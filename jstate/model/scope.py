@@ -41,6 +41,9 @@ class Record:
     traced: dict[Any, tuple[_programs.Traced, Callable]] = dataclasses.field(default_factory=dict)
     initializers: list[Callable] = dataclasses.field(default_factory=list)  # one of each traced
     blocks: list[Any] = dataclasses.field(default_factory=list)
+    # Compute values from other values op by op, as eager JAX does (`flax_model(exact_init=True)`:
+    # XLA's fusion of a whole program may round differently in the last bit).
+    eager: bool = False
     declaring: str | None = None  # the variable whose declaration is running
     last: str | None = None  # the last variable fully declared
 
