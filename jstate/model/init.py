@@ -355,7 +355,7 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
                 _programs.run_eqns(eqns, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return _programs.pooled_trace(once) if pool else once(None)
+            return _programs.pooled_trace(once, _programs.mesh_of(shardings)) if pool else once(None)
 
         out = None if all(s is None for s in shardings) else shardings
         program = plan.derive.setdefault(cache_key, jax.jit(run, out_shardings=out))

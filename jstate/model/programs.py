@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
 from jax.extend.random import threefry2x32_p
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ..core.errors import InitializerError
 
@@ -141,7 +142,14 @@ def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any]) -> Calla
     """
     cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings))
     traceds = tuple(traceds)
-    return _cached(cache_key, lambda: jax.jit(functools.partial(_pooled, traceds), out_shardings=list(shardings)))
+    mesh = mesh_of(shardings)
+    out = None if all(s is None for s in shardings) else list(shardings)
+    return _cached(cache_key, lambda: jax.jit(functools.partial(_pooled, traceds, mesh), out_shardings=out))
+
+
+def mesh_of(shardings: Sequence[Any]) -> Any:
+    """The mesh a program's pool is spread over: that of its first `NamedSharding` output."""
+    return next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
 
 
 def poolable_key(key: jax.Array) -> bool:
@@ -166,16 +174,17 @@ def keys_from_draws_in(eqns: Sequence[Any]) -> bool:
     return keys_from_draws(types.SimpleNamespace(eqns=eqns))[0]
 
 
-def _pooled(traceds: tuple[Traced, ...], key: jax.Array, words: jax.Array) -> list[jax.Array]:
+def _pooled(traceds: tuple[Traced, ...], mesh: Any, key: jax.Array, words: jax.Array) -> list[jax.Array]:
     keys = jax.vmap(fold, in_axes=(None, 0))(key, words)
     owners = [i for i, t in enumerate(traceds) for _ in t.draws]
     shapes = [shape for t in traceds for _, shape in t.draws]
-    slices = iter(_pool(jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None, shapes))
+    data = jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None
+    slices = iter(_pool(data, shapes, mesh))
     draw = lambda key, bit_width, shape: _as_bits(next(slices), bit_width, shape)  # noqa: E731
     return [evaluate(t, keys[i], draw) for i, t in enumerate(traceds)]
 
 
-def pooled_trace(run: Callable[[Callable | None], Any]) -> Any:
+def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None) -> Any:
     """``run(draw)`` with every random draw it makes from a scalar threefry key taken from one pool.
 
     `run` evaluates a jaxpr with `evaluate_all`. It runs twice inside the caller's trace: first
@@ -197,7 +206,7 @@ def pooled_trace(run: Callable[[Callable | None], Any]) -> Any:
     slices: dict[int, jax.Array] = {}
     for part in chunk(pooled, [math.prod(requests[i][2]) for i in pooled]):
         data = jnp.stack([jax.random.key_data(requests[i][0]) for i in part])
-        slices.update(zip(part, _pool(data, [requests[i][2] for i in part])))
+        slices.update(zip(part, _pool(data, [requests[i][2] for i in part], mesh)))
     counter = iter(range(len(requests)))
 
     def take(key, bit_width, shape):
@@ -220,9 +229,11 @@ def chunk(items: list[int], sizes: list[int]) -> list[list[int]]:
     return [c for c in chunks if c]
 
 
-def _pool(data: jax.Array | None, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+def _pool(data: jax.Array | None, shapes: list[tuple[int, ...]], mesh: Any = None) -> list[jax.Array]:
     """Flat 32-bit random words for each shape, drawn with key ``data[i]`` (two uint32 words)
-    in one threefry op: the words `jax.random.bits` gives that key and shape."""
+    in one threefry op: the words `jax.random.bits` gives that key and shape. On a `mesh`, each
+    device draws its share of the rows (as `jax.random.bits` does under `out_shardings`: drawing
+    every word on every device costs as many times more as the mesh has devices)."""
     sizes = [math.prod(shape) for shape in shapes]
     rows = [-(-n // _ROW) for n in sizes]
     if not sum(rows):
@@ -231,8 +242,21 @@ def _pool(data: jax.Array | None, shapes: list[tuple[int, ...]]) -> list[jax.Arr
     # `jax.random.bits` gives the draw's elements (the high word is 0: fewer than 2**32 words).
     owner = np.repeat(np.arange(len(sizes)), rows)
     base = np.concatenate([np.arange(r, dtype=np.uint32) * _ROW for r in rows])
+    ways = 1 if mesh is None else mesh.size
+    if ways > 1 and len(base) % ways:  # whole rows on every device (the extra rows are dropped)
+        extra = ways - len(base) % ways
+        owner, base = (
+            np.concatenate([owner, np.zeros(extra, owner.dtype)]),
+            np.concatenate([base, np.zeros(extra, base.dtype)]),
+        )
     data = data[owner]
     counters = jnp.asarray(base)[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
+    if ways > 1:
+        # (over the same devices with Auto axes: a constraint may not name Explicit ones)
+        auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        rows_spread = NamedSharding(auto, PartitionSpec(tuple(mesh.axis_names)))
+        counters = jax.lax.with_sharding_constraint(counters, rows_spread)
+        data = jax.lax.with_sharding_constraint(data, rows_spread)
     k1 = jnp.broadcast_to(data[:, :1], counters.shape)
     k2 = jnp.broadcast_to(data[:, 1:], counters.shape)
     b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
