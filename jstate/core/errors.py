@@ -27,7 +27,7 @@ class InvalidNameError(JStateError, ValueError):
     >>> jstate.State({"a//b": jnp.ones(2)})
     Traceback (most recent call last):
     ...
-    jstate.InvalidNameError: Variable 'a//b': invalid name 'a//b': it has an empty part ('//').
+    jstate.core.errors.InvalidNameError: Variable 'a//b': invalid name 'a//b': it has an empty part ('//').
     """
 
 
@@ -37,7 +37,7 @@ class SpecMismatchError(JStateError, ValueError):
     >>> state.assign("biases", jnp.ones(3))
     Traceback (most recent call last):
     ...
-    jstate.SpecMismatchError: Cannot assign variable 'biases': declared shape (200,) and dtype float32,
+    jstate.core.errors.SpecMismatchError: Cannot assign variable 'biases': declared shape (200,) and dtype float32,
     given shape (3,) and dtype float32...
     """
 
@@ -48,7 +48,7 @@ class UninitializedError(JStateError, KeyError):
     >>> jstate.abstract(model)["weights"]
     Traceback (most recent call last):
     ...
-    jstate.UninitializedError: Variable 'weights' is declared but not initialized. Initialize it with
+    jstate.core.errors.UninitializedError: Variable 'weights' is declared but not initialized. Initialize it with
     `jstate.init(model, key, state=state)` or restore it with `Saver.restore`.
     """
 
@@ -62,7 +62,7 @@ class UnknownVariableError(JStateError, KeyError):
     >>> state["weight"]
     Traceback (most recent call last):
     ...
-    jstate.UnknownVariableError: Variable 'weight' is not declared. Did you mean 'weights'? ...
+    jstate.core.errors.UnknownVariableError: Variable 'weight' is not declared. Did you mean 'weights'? ...
     """
 
     def __str__(self) -> str:
@@ -75,7 +75,7 @@ class InitializerError(JStateError, ValueError):
     >>> jstate.abstract(lambda s: s.variable("w", jstate.initializers.zeros))
     Traceback (most recent call last):
     ...
-    jstate.InitializerError: Variable 'w': a shape is required with an initializer, e.g. ...
+    jstate.core.errors.InitializerError: Variable 'w': a shape is required with an initializer, e.g. ...
     """
 
 
@@ -88,7 +88,7 @@ class ModelError(JStateError, RuntimeError):
     >>> jstate.abstract(model)
     Traceback (most recent call last):
     ...
-    jstate.ModelError: Model `model` failed after declaring variable 'w' (the last one declared):
+    jstate.core.errors.ModelError: Model `model` failed after declaring variable 'w' (the last one declared):
     TypeError: dot_general requires contracting dimensions to have the same shape, got (2,) and (3,).
     """
 
@@ -99,7 +99,7 @@ class PlacementError(JStateError, ValueError):
     >>> jstate.abstract(lambda s: s.variable("w", jnp.zeros(2), device="cpu:99"))
     Traceback (most recent call last):
     ...
-    jstate.PlacementError: Variable 'w': device spec 'cpu:99' matches no device. Devices: cpu:0 ...
+    jstate.core.errors.PlacementError: Variable 'w': device spec 'cpu:99' matches no device. Devices: cpu:0 ...
     """
 
 
@@ -109,7 +109,7 @@ class MappingError(JStateError, ValueError):
     >>> jstate.Saver({"encoder/": "weights"})
     Traceback (most recent call last):
     ...
-    jstate.MappingError: Saver entry 'encoder/': 'weights': a scope (ending in '/') must map to a scope.
+    jstate.core.errors.MappingError: Saver entry 'encoder/': 'weights': a scope (ending in '/') must map to a scope.
     """
 
 
@@ -119,7 +119,7 @@ class CheckpointError(JStateError, ValueError):
     >>> jstate.load_variable(jstate.Saver().save(state, "ckpt/model"), "weight")
     Traceback (most recent call last):
     ...
-    jstate.CheckpointError: Checkpoint ckpt/model holds no variable 'weight'. Did you mean 'weights'? ...
+    jstate.core.errors.CheckpointError: Checkpoint ckpt/model holds no variable 'weight'. Did you mean 'weights'? ...
     """
 
 
@@ -129,7 +129,7 @@ class CheckpointNotFoundError(CheckpointError):
     >>> jstate.open_checkpoint("ckpt/model-1000")
     Traceback (most recent call last):
     ...
-    jstate.CheckpointNotFoundError: No checkpoint at ckpt/model-1000: it does not exist.
+    jstate.core.errors.CheckpointNotFoundError: No checkpoint at ckpt/model-1000: it does not exist.
     """
 
 
@@ -142,7 +142,7 @@ class CorruptCheckpointError(CheckpointError):
     >>> jstate.open_checkpoint(path)
     Traceback (most recent call last):
     ...
-    jstate.CorruptCheckpointError: Safetensors file model.safetensors is damaged or truncated (...).
+    jstate.core.errors.CorruptCheckpointError: Safetensors file model.safetensors is damaged or truncated (...).
     Restore or re-export it.
     """
 
@@ -174,27 +174,6 @@ class StoreTimeoutError(StoreError, TimeoutError):
     ...     print(isinstance(e, jstate.CheckpointError))
     True
     """
-
-
-# Tracebacks, reprs and the API reference name the public errors as users import them
-# (``jstate.CheckpointError``), not by the private module that defines them.
-for _error in (
-    JStateError,
-    InvalidNameError,
-    SpecMismatchError,
-    UninitializedError,
-    UnknownVariableError,
-    InitializerError,
-    ModelError,
-    PlacementError,
-    MappingError,
-    CheckpointError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    StoreError,
-    StoreTimeoutError,
-):
-    _error.__module__ = "jstate"
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

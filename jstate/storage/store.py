@@ -57,7 +57,7 @@ def as_path(path: str | os.PathLike) -> Path:
     (PosixPath('ckpt/model'), 'gs://bucket/ckpt')
     >>> as_path("hdfs://cluster/ckpt")
     Traceback (most recent call last):
-    jstate.CheckpointError: hdfs://cluster/ckpt: jstate reads and writes local paths, ...
+    jstate.core.errors.CheckpointError: hdfs://cluster/ckpt: jstate reads and writes local paths, ...
     """
     if is_remote(path):
         return path  # type: ignore[return-value]
