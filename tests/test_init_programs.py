@@ -12,7 +12,7 @@ import pytest
 import jstate
 from jstate import initializers as inits
 from jstate.core.names import name_hash
-from jstate.model import programs
+from jstate.model import draws, programs
 
 KEY = jax.random.key(0)
 
@@ -59,8 +59,8 @@ def test_variables_of_many_shapes_share_one_program():
 
 
 def test_big_variables_keep_programs_of_their_own(monkeypatch):
-    monkeypatch.setattr(programs, "POOL_MAX", 10)
-    monkeypatch.setattr(programs, "CHUNK_VARIABLES", 2)
+    monkeypatch.setattr(draws, "POOL_MAX", 10)
+    monkeypatch.setattr(draws, "CHUNK_VARIABLES", 2)
 
     def model(s):
         for i in range(5):
@@ -187,7 +187,7 @@ def test_flax_model_values_are_module_init_of_the_derived_key():
 def test_a_sharded_flax_model_is_created_in_place(monkeypatch):
     from jstate.model import init as init_module
 
-    monkeypatch.setattr(programs, "POOL_MAX", 256)  # the kernels are drawn by partitionable threefry
+    monkeypatch.setattr(draws, "POOL_MAX", 256)  # the kernels are drawn by partitionable threefry
     mesh = jax.make_mesh((8,), ("model",))
     module, x = flax_mlp(512, True), jnp.ones((1, 512))
     model = jstate.flax_model(module, x)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ..core.table import Table
+from . import draws as _draws
 from . import freshness as _freshness
 from . import placement as _placement
 from . import programs as _programs
@@ -260,7 +261,7 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
     values: dict[str, jax.Array] = {}
     derived: list[int] = []
     pools: dict[Any, list[int]] = {}  # poolable variables, by the devices they live on
-    poolable = _programs.poolable_key(key)
+    poolable = _draws.poolable_key(key)
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
             continue
@@ -268,7 +269,7 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
             derived.append(i)
             continue
         traced, key_words = step
-        if poolable and traced.draws is not None and traced.size <= _programs.POOL_MAX:
+        if poolable and traced.draws is not None and traced.size <= _draws.POOL_MAX:
             pools.setdefault(_devices(spec.sharding), []).append(i)
         else:
             values[spec.name] = _programs.single_program(traced, spec.sharding)(key, key_words)
@@ -292,7 +293,7 @@ def _devices(sharding: Any) -> Any:
 def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
     """`members` in declaration order, cut into pools of bounded variables and random words."""
     sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
-    return _programs.chunk(members, sizes)
+    return _draws.chunk(members, sizes)
 
 
 def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array]) -> None:
@@ -345,17 +346,17 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
 
         # One pool for every draw the values make (Flax's `module.init` draws once per
         # parameter), unless a key is computed from drawn bits.
-        pool = _programs.poolable_key_type(j.invars[0].aval) and not _programs.keys_from_draws_in(eqns)
+        pool = _draws.poolable_key_type(j.invars[0].aval) and not _draws.keys_from_draws_in(eqns)
 
         def run(key, args):
             def once(draw):
                 env = dict(consts)
                 env.update(zip(j.invars, [key]))
                 env.update(zip(inputs, args))
-                _programs.run_eqns(eqns, env, draw)
+                _draws.run_eqns(eqns, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return _programs.pooled_trace(once, _programs.mesh_of(shardings)) if pool else once(None)
+            return _draws.pooled_trace(once, _draws.mesh_of(shardings)) if pool else once(None)
 
         out = None if all(s is None for s in shardings) else shardings
         program = plan.derive.setdefault(cache_key, jax.jit(run, out_shardings=out))
@@ -434,5 +435,5 @@ def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dic
     env.update(zip(j.constvars, jaxpr.consts))
     env.update(zip(j.invars, [key]))
     eqns, _ = _schedule(jaxpr, outputs, set(known))
-    _programs.run_eqns(eqns, env)
+    _draws.run_eqns(eqns, env)
     return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
