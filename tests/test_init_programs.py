@@ -58,18 +58,6 @@ def test_variables_of_many_shapes_share_one_program():
     np.testing.assert_array_equal(state["w17"], own_value("w17", inits.glorot_normal(), (25, 20), jnp.float32))
 
 
-def test_equal_variables_share_one_transform_and_keep_their_own_values():
-    def model(s):
-        for i in range(30):
-            s.variable(f"w{i}", inits.truncated_normal(0.1), (5, 7))
-        s.variable("other", inits.uniform(), (5, 7))
-
-    state = jstate.init(model, KEY)
-    for name in ["w0", "w13", "w29"]:
-        np.testing.assert_array_equal(state[name], own_value(name, inits.truncated_normal(0.1), (5, 7), jnp.float32))
-    np.testing.assert_array_equal(state["other"], own_value("other", inits.uniform(), (5, 7), jnp.float32))
-
-
 def test_big_variables_keep_programs_of_their_own(monkeypatch):
     monkeypatch.setattr(draws, "POOL_MAX", 10)
     monkeypatch.setattr(draws, "CHUNK_VARIABLES", 2)

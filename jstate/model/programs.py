@@ -141,29 +141,8 @@ def _pooled(traceds: tuple[Traced, ...], mesh: Any, key: jax.Array, words: jax.A
     shapes = [shape for t in traceds for _, shape in t.draws]
     data = jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None
     slices = iter(_draws.pool(data, shapes, mesh))
-    bits = [[next(slices) for _ in t.draws] for t in traceds]
-    # Variables of one trace (1,000 equal layers) run it once, vmapped over their bits: one
-    # transform in the program rather than one per variable, which XLA would compile each.
-    groups: dict[Hashable, list[int]] = {}
-    for i, t in enumerate(traceds):
-        groups.setdefault(t.fingerprint, []).append(i)
-    values: list[Any] = [None] * len(traceds)
-    for members in groups.values():
-        t = traceds[members[0]]
-        if len(members) == 1:
-            values[members[0]] = _evaluate_on(t, keys[members[0]], bits[members[0]])
-            continue
-        stacked = [jnp.stack([bits[i][d] for i in members]) for d in range(len(t.draws))]
-        out = jax.vmap(functools.partial(_evaluate_on, t))(keys[np.asarray(members)], stacked)
-        for j, i in enumerate(members):
-            values[i] = out[j]
-    return values
-
-
-def _evaluate_on(traced: Traced, key: jax.Array, words: list[jax.Array]) -> jax.Array:
-    """`traced`'s value with its draws taken from `words` (one flat array per draw)."""
-    it = iter(words)
-    return evaluate(traced, key, lambda _, bit_width, shape: _draws.as_bits(next(it), bit_width, shape))
+    draw = lambda key, bit_width, shape: _draws.as_bits(next(slices), bit_width, shape)  # noqa: E731
+    return [evaluate(t, keys[i], draw) for i, t in enumerate(traceds)]
 
 
 def _fingerprint(closed: ClosedJaxpr) -> Hashable:
