@@ -274,12 +274,12 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
         else:
             values[spec.name] = _programs.single_program(traced, spec.sharding)(key, key_words)
     for members in pools.values():
-        for chunk in _chunks(plan, members):
+        for chunk in _padded(plan, _chunks(plan, members)):
             shardings = [plan.specs[i].sharding for i in chunk]
             program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings)
             key_words = np.stack([plan.steps[i][1] for i in chunk])
             for i, value in zip(chunk, program(key, key_words)):
-                values[plan.specs[i].name] = value
+                values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
         _derive(plan, key, derived, values)
     return values
@@ -294,6 +294,23 @@ def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
     """`members` in declaration order, cut into pools of bounded variables and random words."""
     sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
     return _draws.chunk(members, sizes)
+
+
+def _padded(plan: _Plan, chunks: list[list[int]]) -> list[list[int]]:
+    """A last, short run of equal variables padded (with its last variable again) to the length
+    of a full run of the same variables, so both share one compiled program (1,000 equal layers:
+    one program, not two)."""
+
+    def kind(chunk):
+        found = {(plan.steps[i][0].fingerprint, plan.specs[i].sharding) for i in chunk}
+        return found.pop() if len(found) == 1 else None
+
+    full = {kind(c): len(c) for c in chunks if len(c) == _draws.CHUNK_VARIABLES}
+    out = []
+    for c in chunks:
+        k = kind(c)
+        out.append(c + [c[-1]] * (full[k] - len(c)) if k is not None and len(c) < full.get(k, 0) else c)
+    return out
 
 
 def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array]) -> None:
