@@ -3,6 +3,9 @@
 Run on a machine with a GPU: ``python benchmarks/gpu_check.py``. Each init variant runs in its
 own process so that peak device memory (``memory_stats()["peak_bytes_in_use"]``) is its own.
 The init comparison repeats the issue's H200 baseline: 64 x 4096^2 float32 (1.07B parameters).
+`flax` and `flax_jit` compare a Flax linen model of 16 partitioned 4096^2 Dense kernels through
+`jstate.flax_model` (one program, created on its shardings: issue 21) with
+`jax.jit(module.init, out_shardings=...)`: peak device memory over parameter bytes should match.
 """
 
 import json
@@ -35,7 +38,11 @@ def child(variant: str) -> None:
     def eager(key):
         return {f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (DIM, DIM)) * 0.02 for i in range(LAYERS)}
 
-    run = {"jstate": lambda k: jstate.init(model, k), "hand_jit": hand_jit, "eager": eager}[variant]
+    run = {"jstate": lambda k: jstate.init(model, k), "hand_jit": hand_jit, "eager": eager}.get(variant)
+    if variant.startswith("flax"):
+        run, params = flax_variant(variant)
+    else:
+        params = LAYERS * DIM * DIM * 4
     times = []
     for i in range(4):
         t = time.perf_counter()
@@ -44,7 +51,6 @@ def child(variant: str) -> None:
         times.append(time.perf_counter() - t)
         del out
     stats = jax.devices()[0].memory_stats() or {}
-    params = LAYERS * DIM * DIM * 4
     print(
         json.dumps(
             {
@@ -55,6 +61,34 @@ def child(variant: str) -> None:
             }
         )
     )
+
+
+def flax_variant(variant: str):
+    """A partitioned Flax model through jstate.flax_model, or through jax.jit(module.init)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import jstate
+
+    layers = 4 if SMALL else 16
+    mesh = jax.make_mesh((len(jax.devices()),), ("model",))
+    kernel = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(layers):
+                x = nn.Dense(DIM, kernel_init=kernel, use_bias=False)(x)
+            return x
+
+    x = jnp.ones((1, DIM))
+    if variant == "flax":
+        model = jstate.flax_model(MLP(), x)
+        return (lambda k: jstate.init(model, k, mesh=mesh)), layers * DIM * DIM * 4
+    shardings = nn.get_sharding(jax.eval_shape(MLP().init, jax.random.key(0), x), mesh)
+    program = jax.jit(MLP().init, out_shardings=shardings)
+    return (lambda k: program(k, x)), layers * DIM * DIM * 4
 
 
 def checks() -> dict:
@@ -105,6 +139,6 @@ if __name__ == "__main__":
     print(json.dumps(checks(), indent=1), flush=True)
     if os.environ.get("GPU_CHECK_ONLY_PLACEMENT") == "1":
         sys.exit(0)
-    for variant in ("jstate", "hand_jit", "eager", "jstate", "hand_jit"):
+    for variant in ("jstate", "hand_jit", "eager", "jstate", "hand_jit", "flax", "flax_jit", "flax", "flax_jit"):
         res = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True)
         print(res.stdout.strip() or res.stderr[-2000:], flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,12 +10,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..core.errors import PlacementError
+from ..core.errors import PlacementError, shorten
 from ..core.tree import path_name
 from .scope import Scope
 
+log = logging.getLogger("jstate")
 LogicalRules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
 
+_NOT_APPLIED = (
+    "%s: no mesh was given, so the partitioning of %d parameter(s) (%s) was not applied: every "
+    "variable is on the default device. Pass `mesh=` to `jstate.init` or `jstate.abstract` to shard them."
+)
+_NO_MESH_AXIS = "Variable '{name}' is partitioned over mesh axis {axis!r}{source}, but the mesh has axes {axes}. {fix}"
 _NO_RULES = (
     "Variable '{name}' has logical axis names {names} (`nn.with_logical_partitioning`) but no logical "
     "axis rules map them to mesh axes. Pass `jstate.flax_model(module, ..., logical_axis_rules=[(logical, "
@@ -48,27 +55,35 @@ def flax_model(
 
     Initial values: by default ``module.init`` gets a key derived from init's key and the
     scope the model runs in (``s.make_rng("flax")``), so two Flax models in one jstate model get
-    different keys, and the values differ from ``module.init(key, *args)``'s. With
-    ``exact_init=True`` it gets init's key itself: ``jstate.init(model, key)`` holds exactly
-    ``module.init(key, *args)``, bit for bit. Either way Flax derives each value's key from that
-    one by its own scheme (module path and call order), not from the jstate name as jstate's own
-    initializers do.
+    different keys, and the values differ from ``module.init(key, *args)``'s. Flax derives each
+    value's key from that one by its own scheme (module path and call order), not from the
+    jstate name as jstate's own initializers do.
 
-    The values are computed on the default device and then moved to their shardings (they are
-    array values to jstate, not initializer calls), so a model too large for one device should
-    be restored from a checkpoint rather than initialized this way.
+    Where the values are made: by default the whole of ``module.init`` runs as one compiled
+    program whose outputs are created on their shardings (``out_shardings``), so no device holds
+    more than its own shards plus temporaries, and every random draw of the module is taken from
+    one threefry op (so the program compiles in about the time of one draw, not one per
+    parameter). Its values are those of ``jax.jit(module.init)`` up to XLA's rounding (a last bit
+    may differ). With ``exact_init=True`` it gets init's key itself and is computed op by op, as
+    ``module.init`` computes eagerly: ``jstate.init(model, key)`` holds exactly
+    ``module.init(key, *args)``, bit for bit, computed on the default device and then moved to
+    the shardings (so a model too large for one device needs the default).
 
     Args:
       module: a Flax linen Module.
       *args: example inputs of its call.
       method: the method ``module.init`` calls, if not ``__call__``.
       logical_axis_rules: ``[(logical_name, mesh_axis or None), ...]``, as Flax's.
-      exact_init: give ``module.init`` init's key unchanged.
+      exact_init: give ``module.init`` init's key unchanged, and compute it op by op.
       **kwargs: keyword arguments of its call.
 
+    Without a mesh (``jstate.abstract(model)``, evaluation on one device), partitioned
+    parameters go to the default device, and one INFO record of the ``jstate`` logger says the
+    partitioning was not applied.
+
     Raises:
-      PlacementError: a partitioned parameter on a model initialized without ``mesh=``, or a
-        logically partitioned one with no rules.
+      PlacementError: a logically partitioned parameter with no rules, or one partitioned over
+        a mesh axis the mesh lacks (the message names the rule and the axis to add).
 
     >>> from flax import linen as nn
     >>> model = jstate.flax_model(nn.Dense(3), jnp.ones((1, 4)))
@@ -90,22 +105,29 @@ def flax_model(
         inputs = [jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args]
         init_kwargs = {"method": method} if method is not None else {}
         key = s._key if exact_init else s.make_rng("flax")
+        s._record.eager |= exact_init
         variables = module.init(key, *inputs, **kwargs, **init_kwargs)
         boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+        unplaced = []
         for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables), is_leaf=boxed)[0]:
             name = path_name(path)
-            if isinstance(leaf, meta.Partitioned):
-                s.variable(name, leaf.value, sharding=_sharding(name, leaf, logical_axis_rules))
+            if isinstance(leaf, meta.Partitioned) and leaf.mesh is None and s._record.mesh is None:
+                unplaced.append(name)  # looking at a model needs no mesh: the default device
+                s.variable(name, leaf.value)
+            elif isinstance(leaf, meta.Partitioned):
+                s.variable(name, leaf.value, sharding=_sharding(name, leaf, logical_axis_rules, s._record.mesh))
             elif isinstance(leaf, meta.AxisMetadata):  # other metadata places nothing
                 s.variable(name, leaf.unbox())
             else:
                 s.variable(name, leaf)
+        if unplaced:  # once per trace of the model
+            log.info(_NOT_APPLIED, model.__qualname__, len(unplaced), shorten(unplaced))
 
     model.__qualname__ = f"flax_model({type(module).__name__})"
     return model
 
 
-def _sharding(name: str, box: Any, rules: LogicalRules | None) -> PartitionSpec | NamedSharding:
+def _sharding(name: str, box: Any, rules: LogicalRules | None, mesh: Any) -> PartitionSpec | NamedSharding:
     """The placement of a partitioned parameter: its names, mapped by logical rules if any."""
     from flax.linen import spmd
 
@@ -116,4 +138,23 @@ def _sharding(name: str, box: Any, rules: LogicalRules | None) -> PartitionSpec 
         if table is None:
             raise PlacementError(_NO_RULES.format(name=name, names=tuple(box.names)))
     spec = PartitionSpec(*box.names) if table is None else spmd.logical_to_mesh_axes(box.names, table)
+    _check_axes(name, box, spec, table, box.mesh if box.mesh is not None else mesh)
     return spec if box.mesh is None else NamedSharding(box.mesh, spec)
+
+
+def _check_axes(name: str, box: Any, spec: PartitionSpec, table: Any, mesh: Any) -> None:
+    """A mesh axis the mesh lacks: say which logical-axis rule produced it, and what to add."""
+    axes = tuple(mesh.axis_names)
+    for logical, entry in zip(box.names, spec):
+        for axis in entry if isinstance(entry, tuple) else (entry,):
+            if axis is None or axis in axes:
+                continue
+            if table is None:
+                source, fix = "", f"Add a mesh axis {axis!r}, or partition over one of {axes}."
+            else:
+                source = f" (logical axis {logical!r}, mapped by the rule ({logical!r}, {axis!r}))"
+                fix = (
+                    f"Add a mesh axis {axis!r}, or map logical axis {logical!r} to one of {axes} (or to None, "
+                    "to replicate it) in `logical_axis_rules`."
+                )
+            raise PlacementError(_NO_MESH_AXIS.format(name=name, axis=axis, source=source, axes=axes, fix=fix))

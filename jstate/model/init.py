@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -15,7 +16,10 @@ from jax.sharding import Mesh
 
 from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ..core.table import Table
+from . import draws as _draws
+from . import freshness as _freshness
 from . import placement as _placement
+from . import programs as _programs
 from .devices import describe
 from .display import placement_table
 from .scope import Record, Scope
@@ -30,15 +34,21 @@ class _Plan:
     """One trace of a model: its declarations, and how to compute each initial value."""
 
     specs: tuple[VariableSpec, ...]  # declaration order
-    steps: tuple[tuple[Callable, np.ndarray] | None, ...]  # (program, name hash) or None
+    steps: tuple[tuple[_programs.Traced, np.ndarray] | None, ...]  # (traced initializer, name hash) or None
     jaxpr: ClosedJaxpr  # key -> every initial value, for values computed from others
     layout: StateDef  # every variable declared, none initialized
     unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
+    reads: _freshness.Reads  # the globals the model and its initializers read when traced
+    eager: bool  # values computed from others are computed op by op (see `Record.eager`)
+    # Compiled programs for values computed from others, by (derived, known) variable indices.
+    derive: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 # Traces are cached per model function, like `jax.jit`'s: the model's Python runs once per
-# model, mesh, rules, soft placement and key type.
+# model, mesh, rules, soft placement and key type, and again if a global that the model or one
+# of its initializers read has been rebound since (unlike `jax.jit`, which keeps the old value).
 _plans: weakref.WeakKeyDictionary[Callable, dict] = weakref.WeakKeyDictionary()
+_plans_lock = threading.Lock()
 
 
 def _plan(
@@ -51,14 +61,20 @@ def _plan(
     patterns = tuple((p.pattern, p.flags, t) for p, t in compiled)
     cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft))
     try:
-        per_model = _plans.setdefault(model, {})
-        plan = per_model.get(cache_key)
+        with _plans_lock:
+            per_model = _plans.setdefault(model, {})
+            plan = per_model.get(cache_key)
     except TypeError:  # a model that cannot be weakly referenced, or an unhashable rule target
         per_model, plan = None, None
+    if plan is not None and not plan.reads.unchanged():
+        plan = None
     if plan is None:  # traced outside any `except`, so a model's error is not chained to a KeyError
+        # Traced outside the lock: threads tracing the same model at once each trace it (the
+        # traces are equal), rather than one waiting on a model that may call `init` itself.
         plan = _trace(model, key_type, mesh, compiled, bool(soft))
         if per_model is not None:
-            per_model[cache_key] = plan
+            with _plans_lock:
+                per_model[cache_key] = plan
     if plan.unused and unused_rules != "ignore":
         _unused_rules(model, plan, unused_rules)
     return plan
@@ -104,7 +120,9 @@ def _trace(
         raise ModelError(f"Model `{name}` failed {where}: {type(e).__name__}: {e}") from e
     specs = tuple(record.specs.values())
     unused = _placement.unused_rules(rules, [s.name for s in specs])
-    return _Plan(specs, tuple(record.steps), jaxpr, StateDef({s.name: s for s in specs}, ()), unused)
+    reads = _freshness.Reads.of([model, *record.initializers])
+    layout = StateDef({s.name: s for s in specs}, ())
+    return _Plan(specs, tuple(record.steps), jaxpr, layout, unused, reads, record.eager)
 
 
 def init(
@@ -243,34 +261,163 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
     """Initial values of the `wanted` variables, each created on its own sharding."""
     values: dict[str, jax.Array] = {}
     derived: list[int] = []
+    pools: dict[Any, list[int]] = {}  # poolable variables, by the devices they live on
+    poolable = _draws.poolable_key(key)
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
             continue
         if step is None:
             derived.append(i)
+            continue
+        traced, key_words = step
+        if poolable and traced.draws is not None and traced.size <= _draws.POOL_MAX:
+            pools.setdefault(_devices(spec.sharding), []).append(i)
         else:
-            program, key_words = step
-            values[spec.name] = program(key, key_words)
+            values[spec.name] = _programs.single_program(traced, spec.sharding)(key, key_words)
+    for members in pools.values():
+        for chunk in _padded(plan, _chunks(plan, members)):
+            shardings = [plan.specs[i].sharding for i in chunk]
+            program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings)
+            key_words = np.stack([plan.steps[i][1] for i in chunk])
+            for i, value in zip(chunk, program(key, key_words)):
+                values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
-        outvars = plan.jaxpr.jaxpr.outvars
-        known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
-        try:
-            results = _evaluate(plan.jaxpr, key, [outvars[i] for i in derived], known)
-        except ValueError as e:
-            error = _mixed_devices(plan, derived, known)
-            if error is None:
-                raise
-            raise error from e
+        _derive(plan, key, derived, values)
+    return values
+
+
+def _devices(sharding: Any) -> Any:
+    """Variables of one pooled program live on one set of devices (or all on the default one)."""
+    return None if sharding is None else tuple(sorted(d.id for d in sharding.device_set))
+
+
+def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
+    """`members` in declaration order, cut into pools of bounded variables and random words."""
+    sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
+    return _draws.chunk(members, sizes)
+
+
+def _padded(plan: _Plan, chunks: list[list[int]]) -> list[list[int]]:
+    """A last, short run of equal variables padded (with its last variable again) to the length
+    of a full run of the same variables, so both share one compiled program (1,000 equal layers:
+    one program, not two)."""
+
+    def kind(chunk):
+        found = {(plan.steps[i][0].fingerprint, plan.specs[i].sharding) for i in chunk}
+        return found.pop() if len(found) == 1 else None
+
+    full = {kind(c): len(c) for c in chunks if len(c) == _draws.CHUNK_VARIABLES}
+    out = []
+    for c in chunks:
+        k = kind(c)
+        out.append(c + [c[-1]] * (full[k] - len(c)) if k is not None and len(c) < full.get(k, 0) else c)
+    return out
+
+
+def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array]) -> None:
+    """Values computed from other values: one compiled program per set of devices, its outputs
+    created on their declared shardings (so no device holds a whole sharded value)."""
+    outvars = plan.jaxpr.jaxpr.outvars
+    known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
+    groups: dict[Any, list[int]] = {}
+    for i in derived:
+        groups.setdefault(_devices(plan.specs[i].sharding), []).append(i)
+    for members in groups.values():
+        program = None if plan.eager else _derive_program(plan, tuple(members), known)
+        if program is not None:
+            program, inputs = program
+            try:
+                results = program(key, [known[v] for v in inputs])
+            except ValueError as e:
+                error = _mixed_devices(plan, members, known)
+                if error is None:
+                    raise
+                raise error from e
+        else:
+            results = _evaluate_eagerly(plan, key, members, known, values)
         seen = {id(v) for v in values.values()}
-        for i, value in zip(derived, results):
+        for i, value in zip(members, results):
             if not isinstance(value, jax.Array):  # a literal or constant of the jaxpr
                 value = jax.numpy.asarray(value)
             elif id(value) in seen:  # `s.variable("w2", w)`: a leaf of its own, so donation works.
                 value = value.copy()
             seen.add(id(value))
-            sharding = plan.specs[i].sharding
-            values[plan.specs[i].name] = value if sharding is None else jax.device_put(value, sharding)
-    return values
+            values[plan.specs[i].name] = value
+
+
+def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.Array]):
+    """A jitted ``(key, inputs) -> values`` for the `members`, and the known variables it reads;
+    None where its inputs and outputs do not share one set of devices (JAX cannot compile that)."""
+    j = plan.jaxpr.jaxpr
+    outputs = [j.outvars[i] for i in members]
+    eqns, reads = _schedule(plan.jaxpr, outputs, set(known))
+    inputs = tuple(v for v in reads if v in known)
+    devices = {frozenset(known[v].sharding.device_set) for v in inputs if known[v].committed}
+    shardings = [plan.specs[i].sharding for i in members]
+    targets = {frozenset(s.device_set) for s in shardings if s is not None}
+    if len(devices | targets) > 1:
+        return None
+    cache_key = (members, inputs)
+    program = plan.derive.get(cache_key)
+    if program is None:
+        consts = dict(zip(j.constvars, plan.jaxpr.consts))
+
+        # One pool for every draw the values make (Flax's `module.init` draws once per
+        # parameter), unless a key is computed from drawn bits.
+        pool = _draws.poolable_key_type(j.invars[0].aval) and not _draws.keys_from_draws_in(eqns)
+
+        def run(key, args):
+            def once(draw):
+                env = dict(consts)
+                env.update(zip(j.invars, [key]))
+                env.update(zip(inputs, args))
+                _draws.run_eqns(eqns, env, draw)
+                return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
+
+            return _draws.pooled_trace(once, _draws.mesh_of(shardings)) if pool else once(None)
+
+        out = None if all(s is None for s in shardings) else shardings
+        program = plan.derive.setdefault(cache_key, jax.jit(run, out_shardings=out))
+    return program, inputs
+
+
+def _schedule(jaxpr: ClosedJaxpr, outputs: list[Any], known: set) -> tuple[list, list]:
+    """The equations `outputs` need, in order, given the `known` variables; and every variable read."""
+    j = jaxpr.jaxpr
+    have = known | set(j.constvars) | set(j.invars)
+    needed = {v for v in outputs if isinstance(v, Var) and v not in have}
+    reads = [v for v in outputs if isinstance(v, Var) and v in known]
+    schedule = []
+    for eqn in reversed(j.eqns):
+        if any(v in needed for v in eqn.outvars):
+            schedule.append(eqn)
+            for v in eqn.invars:
+                if isinstance(v, Var):
+                    if v in have:
+                        reads.append(v)
+                    else:
+                        needed.add(v)
+    return list(reversed(schedule)), list(dict.fromkeys(reads))
+
+
+def _evaluate_eagerly(
+    plan: _Plan, key: jax.Array, members: list[int], known: dict[Var, jax.Array], values: dict
+) -> list[jax.Array]:
+    """Values whose inputs live on other devices than they do: computed op by op where their
+    inputs are, then moved (JAX compiles no program across device sets)."""
+    outvars = plan.jaxpr.jaxpr.outvars
+    try:
+        results = _evaluate(plan.jaxpr, key, [outvars[i] for i in members], known)
+    except ValueError as e:
+        error = _mixed_devices(plan, members, known)
+        if error is None:
+            raise
+        raise error from e
+    moved = []
+    for i, value in zip(members, results):
+        sharding = plan.specs[i].sharding
+        moved.append(value if sharding is None or not isinstance(value, jax.Array) else jax.device_put(value, sharding))
+    return moved
 
 
 def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array]) -> PlacementError | None:
@@ -299,30 +446,12 @@ def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array])
 
 
 def _evaluate(jaxpr: ClosedJaxpr, key: jax.Array, outputs: list[Any], known: dict[Var, Any]) -> list[Any]:
-    """Evaluate just the equations of `jaxpr` that `outputs` need, one dispatch each.
-
-    Written by hand (the interpreter pattern of JAX's "Writing custom interpreters") because
-    `jax.core.eval_jaxpr` evaluates every equation, and `jax.jit` of the whole jaxpr would compile
-    one giant program: here unneeded variables are skipped and each initializer keeps its own
-    small compiled program.
-    """
+    """Evaluate just the equations of `jaxpr` that `outputs` need, one dispatch each (for values
+    computed from variables on other devices, which no one program can read)."""
     j = jaxpr.jaxpr
     env: dict[Var, Any] = dict(known)
     env.update(zip(j.constvars, jaxpr.consts))
     env.update(zip(j.invars, [key]))
-    needed = {v for v in outputs if isinstance(v, Var) and v not in env}
-    schedule = []
-    for eqn in reversed(j.eqns):
-        if any(v in needed for v in eqn.outvars):
-            schedule.append(eqn)
-            needed.update(v for v in eqn.invars if isinstance(v, Var) and v not in env)
-    for eqn in reversed(schedule):
-        args = [v.val if isinstance(v, Literal) else env[v] for v in eqn.invars]
-        params = eqn.primitive.get_bind_params(eqn.params)
-        if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
-            subfuns, params = params
-            args = [*subfuns, *args]
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(*args, **params)
-        env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+    eqns, _ = _schedule(jaxpr, outputs, set(known))
+    _draws.run_eqns(eqns, env)
     return [v.val if isinstance(v, Literal) else env[v] for v in outputs]

@@ -17,8 +17,8 @@ from jax.sharding import Mesh
 from ..core import names as _names
 from ..core.errors import InitializerError, InvalidNameError, PlacementError
 from . import placement as _placement
+from . import programs as _programs
 from .balance import Loads
-from .programs import initializer_program
 from .spec import VariableSpec
 
 _RNG_DOMAIN = 0x726E67  # "rng"
@@ -35,11 +35,32 @@ class Record:
     loads: Loads = dataclasses.field(default_factory=Loads)  # what round-robins placed so far
     specs: dict[str, VariableSpec] = dataclasses.field(default_factory=dict)
     values: list[jax.Array] = dataclasses.field(default_factory=list)
-    # Per variable: (program, name hash) for initializer variables, None for array values.
-    steps: list[tuple[Callable, np.ndarray] | None] = dataclasses.field(default_factory=list)
+    # Per variable: (traced initializer, name hash) for initializer variables, None for array values.
+    steps: list[tuple[_programs.Traced, np.ndarray] | None] = dataclasses.field(default_factory=list)
+    # Initializers traced so far, by (identity, shape, dtype): equal ones are traced once.
+    traced: dict[Any, tuple[_programs.Traced, Callable]] = dataclasses.field(default_factory=dict)
+    initializers: list[Callable] = dataclasses.field(default_factory=list)  # one of each traced
     blocks: list[Any] = dataclasses.field(default_factory=list)
+    # Compute values from other values op by op, as eager JAX does (`flax_model(exact_init=True)`:
+    # XLA's fusion of a whole program may round differently in the last bit).
+    eager: bool = False
     declaring: str | None = None  # the variable whose declaration is running
     last: str | None = None  # the last variable fully declared
+
+    def trace(
+        self, init: Callable, shape: tuple[int, ...], dtype: np.dtype, key: jax.Array
+    ) -> tuple[_programs.Traced, Callable]:
+        """`init` traced for this shape and dtype, and a jitted ``(key, key_words) -> value`` that
+        puts it into the model's trace as one call (re-binding its equations per variable would
+        cost more than the rest of the trace)."""
+        cache_key = (_programs.initializer_identity(init), shape, dtype, key.shape, key.dtype)
+        found = self.traced.get(cache_key)
+        if found is None:
+            self.initializers.append(init)
+            traced = _programs.trace(init, shape, dtype, jax.ShapeDtypeStruct(key.shape, key.dtype))
+            found = (traced, jax.jit(lambda k, words: _programs.evaluate(traced, _programs.fold(k, words))))
+            self.traced[cache_key] = found
+        return found
 
 
 class Scope:
@@ -178,10 +199,10 @@ class Scope:
         if callable(init):
             shape, dtype = _check_shape(full, shape), np.dtype(dtype or jnp.float32)
             placement = self._place(full, shape, dtype, own, block)
-            program = initializer_program(init, shape, dtype, placement.sharding)
             key_words = _names.name_hash(full)
             try:
-                value = program(self._key, key_words)
+                traced, value_of = record.trace(init, shape, dtype, self._key)
+                value = value_of(self._key, key_words)
             except InitializerError as e:
                 raise InitializerError(f"Variable '{full}': {e}") from None
             except Exception as e:
@@ -189,7 +210,7 @@ class Scope:
                     f"Variable '{full}': initializer {_short(init)} failed when called as "
                     f"`init(key, shape={shape}, dtype={dtype.name})`: {type(e).__name__}: {e}"
                 ) from e
-            step = (program, key_words)
+            step = (traced, key_words)
         else:
             value = _as_value(full, init, shape, dtype)
             shape, dtype = value.shape, value.dtype

@@ -100,9 +100,32 @@ def test_logical_names_without_rules_are_a_clear_error_or_take_flaxs_context_rul
     assert state.placement("params/Dense_0/kernel").request == P(None, "model")
 
 
-def test_a_partitioned_model_needs_a_mesh():
-    with pytest.raises(jstate.PlacementError, match="'params/Dense_0/kernel' is placed with PartitionSpec.*no mesh"):
-        jstate.init(jstate.flax_model(Sharded(), X), jax.random.key(0))
+def test_without_a_mesh_a_partitioned_model_lives_on_the_default_device(caplog):
+    # (This replaces a test that asked for an error here: issue 21 asks that looking at a model,
+    # or evaluating it on one device, need no mesh.)
+    model = jstate.flax_model(Logical(), X)  # logical names, and no rules either
+    with caplog.at_level("INFO", logger="jstate"):
+        abstract = jstate.abstract(model)
+        state = jstate.init(model, jax.random.key(0))
+    assert all(abstract.spec(n).sharding is None for n in abstract.specs)
+    assert all(state[n].devices() == {jax.devices()[0]} for n in state)
+    records = [r for r in caplog.records if "was not applied" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelname == "INFO"
+    assert "'params/Dense_0/kernel'" in records[0].getMessage()
+
+
+def test_a_mesh_without_an_axis_the_model_names_says_what_to_add():
+    data_only = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    with pytest.raises(
+        jstate.PlacementError, match=r"'params/Dense_0/kernel'.*mesh axis 'model'.*Add a mesh axis 'model'"
+    ):
+        jstate.abstract(jstate.flax_model(Sharded(), X), mesh=data_only)
+    logical = jstate.flax_model(Logical(), X, logical_axis_rules=LOGICAL_RULES)
+    with pytest.raises(
+        jstate.PlacementError,
+        match=r"logical axis 'mlp', mapped by the rule \('mlp', 'model'\).*map logical axis 'mlp' to one of \('data',\)",
+    ):
+        jstate.abstract(logical, mesh=data_only)
 
 
 def test_a_box_with_its_own_mesh_is_placed_on_it():

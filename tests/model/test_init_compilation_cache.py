@@ -1,0 +1,53 @@
+"""JAX's persistent compilation cache serves `jstate.init` in a new process (issue 21)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import json, sys
+import jax, numpy as np
+import jstate
+
+counts = {}
+jax.monitoring.register_event_listener(lambda event, **_: counts.__setitem__(event, counts.get(event, 0) + 1))
+# What the README asks of a user (jstate never changes JAX's configuration itself):
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+def model(s):
+    for i in range(12):
+        s.variable(f"layer{i}/kernel", jstate.initializers.glorot_uniform(), (16 + 8 * i, 24 + 8 * i))
+        s.variable(f"layer{i}/bias", jstate.initializers.zeros, (24 + 8 * i,))
+    s.variable("big", jstate.initializers.normal(), (64, 64))
+    s.variable("sum", s.scope("layer0").variable("copy", np.ones(3)) * 2)
+
+state = jstate.init(model, jax.random.key(0), mesh=jax.make_mesh((8,), ("x",)), rules=[("big", jax.P("x"))])
+print(json.dumps({
+    "requests": counts.get("/jax/compilation_cache/compile_requests_use_cache", 0),
+    "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
+    "checksum": float(sum(np.asarray(v, np.float64).sum() for v in state.values())),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_compiles_nothing_with_jaxs_persistent_cache(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["requests"] >= 2 and first["hits"] == 0
+    assert second["requests"] == first["requests"]
+    assert second["hits"] == second["requests"]  # every program came from the cache
+    assert second["checksum"] == first["checksum"]
