@@ -33,6 +33,14 @@ from ..transforms import Transform, count
 
 VarList = None | Iterable[Any] | Mapping[str, str]
 
+# A rule that matches nothing would restore nothing and say nothing (scope and name rules already
+# refuse to); the usual cause is writing the rule checkpoint-side first, as the dict form is.
+_REGEX_MATCHES_NOTHING = (
+    "The Saver's rule r'{pattern}' matches no variable of {what}. A (regex, template) rule matches "
+    "State names and makes checkpoint names (the State side comes first, unlike the dict form "
+    "{{checkpoint_name: state_name}}); `saver.plan(path, target)` shows what each rule does."
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
@@ -80,6 +88,8 @@ class NameMap:
                 raise unknown_names("The Saver names variable", [rule.state], declared, f"(looked in {what})")
             if rule.kind == "scope" and not any(n.startswith(rule.state) for n in names):
                 raise MappingError(f"The Saver's scope '{rule.state}' matches no variable of {what}.")
+            if rule.kind == "regex" and not any(rule.state.search(n) for n in names):
+                raise MappingError(_REGEX_MATCHES_NOTHING.format(pattern=rule.state.pattern, what=what))
         transformed = self.transforms()
         out: dict[str, str] = {}
         for n in names:
@@ -143,6 +153,11 @@ def compile_var_list(var_list: VarList) -> NameMap:
         raise MappingError(f"`var_list` is the string {var_list!r}; pass a list of names: [{var_list!r}].")
     if isinstance(var_list, State):  # a Mapping too, of names to arrays
         raise MappingError(_STATE_AS_VAR_LIST)
+    if not isinstance(var_list, Iterable):
+        raise MappingError(
+            f"`var_list` is {var_list!r}; pass None, a list of names, scopes and (regex, template) rules, "
+            "or a dict {checkpoint_name: state_name}."
+        )
     if isinstance(var_list, Mapping):
         rules = [_pair(ckpt, state) for ckpt, state in var_list.items()]
         seen: dict[str, str] = {}

@@ -1,5 +1,6 @@
 """Saver name mapping: pure functions over flat names, no Orbax."""
 
+import jax.numpy as jnp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -95,3 +96,20 @@ def test_rename_then_inverse_rename_is_identity(names):
 def test_one_variable_under_two_checkpoint_names_is_an_error():
     with pytest.raises(jstate.MappingError, match="maps State variable 'v2' to two checkpoint names"):
         compile_var_list({"a": "v2", "b": "v2"})
+
+
+def test_a_regex_rule_that_matches_no_variable_is_an_error_not_an_empty_restore(tmp_path):
+    """Written checkpoint-side first (as the dict form is), a rule matches nothing: the restore
+    must say so instead of returning a State with nothing restored."""
+    old = jstate.State({"encoder/w": jnp.ones(3)})
+    path = jstate.Saver().save(old, tmp_path / "m")
+    target = jstate.State({"model/w": jnp.zeros(3)})
+    with pytest.raises(jstate.MappingError, match=r"rule r'\^encoder/\(\.\*\)\$' matches no variable.*State side"):
+        jstate.Saver([(r"^encoder/(.*)$", r"model/\1")]).restore(path, target)
+    restored = jstate.Saver([(r"^model/(.*)$", r"encoder/\1")]).restore(path, target)
+    assert (restored["model/w"] == 1).all()
+
+
+def test_a_var_list_that_is_not_a_collection_is_a_mapping_error():
+    with pytest.raises(jstate.MappingError, match="`var_list` is 42; pass None, a list of names"):
+        jstate.Saver(42)
