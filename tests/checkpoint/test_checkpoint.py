@@ -135,6 +135,7 @@ def test_restore_reads_only_the_arrays_it_needs(state, tmp_path, array_reads):
     assert array_reads == ["biases"]
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_restore_into_six_layers_from_five_layer_checkpoint(tmp_path):
     five = jstate.init(layers(5), jax.random.key(1))
     path = jstate.Saver().save(five, tmp_path / "five")

@@ -11,6 +11,8 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
+
 import jstate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +95,7 @@ def test_every_documented_member_has_a_docstring():
     assert not bare, f"public names without a docstring (the API reference would leave them out): {bare}"
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_the_flax_guide_runs(tmp_path, monkeypatch):
     """The training recipe (moved from the README to docs/guides/flax.md), a crash and a resume."""
     cells = CODE_CELL.findall((DOCS / "guides" / "flax.md").read_text())

@@ -300,6 +300,7 @@ def train_step(state):
     return state.merge(params).assign_add("step", 1)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_a_training_step_differentiates_only_trainable_variables(jit):
     state = jstate.init(regression, KEY)

@@ -99,6 +99,7 @@ def _held_after(restore) -> float:
     return held / 2**20
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_a_slice_restored_through_a_transform_does_not_pin_its_whole_source(tmp_path, monkeypatch):
     """A transform that takes part of an entry (`split(...)[0]`) restores an array that owns only
     its own bytes: on the CPU `jax.device_put` adopts aligned host buffers without a copy, views
@@ -119,6 +120,7 @@ def test_a_slice_restored_through_a_transform_does_not_pin_its_whole_source(tmp_
     assert held < 4, f"a 128 KiB restored variable holds {held:.1f} MiB of host memory"
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_restored_packed_variables_do_not_pin_their_whole_packed_array(tmp_path, monkeypatch):
     """A restore that reads a packed array whole places copies of its variables, not views: one
     1 MiB variable kept from the restore holds under 4 MiB, not the whole 15 MiB packed array, as
@@ -220,6 +222,7 @@ def test_64_bit_values_without_x64_read_exactly_on_the_host(tmp_path):
             assert got.dtype == host[n].dtype and np.array_equal(got, host[n])
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_sharded_layouts_restore_exactly_onto_other_meshes_and_damage_names_the_variable(tmp_path):
     """Arrays saved sharded by rows, columns, both or replicated restore exactly onto other meshes;
     a flipped byte in any shard's chunk names the variable and the damaged file."""

@@ -61,6 +61,7 @@ def test_a_cast_restore_of_a_packed_variable_casts_as_an_unpacked_one_does(tmp_p
 DTYPES = ["int4", "int2", "float4_e2m1fn", "float8_e4m3fn", "float8_e5m2", "float16", "int16", "uint8", "complex64"]
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_packed_variables_of_narrow_and_complex_dtypes_round_trip(tmp_path):
     """int4, int2, float4, float8, float16, int16, uint8 and complex64 variables and scalars are
     all packed, and restore and load exactly, in their own dtypes."""
@@ -140,6 +141,7 @@ def test_packed_keys_scalars_and_narrow_dtypes_restore_onto_an_explicit_4x2_mesh
             np.testing.assert_array_equal(np.asarray(restored[n]), np.asarray(v.astype(jnp.float16)), err_msg=n)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_an_optax_state_of_packed_and_unpacked_leaves_round_trips_onto_a_mesh(tmp_path):
     """An adam train state, some leaves packed and one stored by name, resumes onto a mesh."""
     optax = pytest.importorskip("optax")

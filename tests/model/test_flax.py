@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -40,6 +41,7 @@ def test_linen_module_is_a_jstate_model_named_by_paths():
     assert y.shape == (2, 3)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_only_and_rules_work_on_flax_variables():
     model = jstate.flax_model(MLP(), jax.ShapeDtypeStruct((2, 8), jnp.float32))
     full = jstate.init(model, jax.random.key(0))
@@ -68,6 +70,7 @@ def test_state_to_and_from_nnx():
     np.testing.assert_array_equal(net.blocks[1].bias[...], 3.0)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_optax_state_checkpointed_next_to_params(tmp_path):
     model = jstate.flax_model(nn.Dense(3), X)
     params = jstate.init(model, jax.random.key(0))

@@ -44,6 +44,7 @@ MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisT
 LOGICAL_RULES = [("batch", "data"), ("embed", None), ("mlp", "model")]
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_with_partitioning_names_become_placements_on_the_mesh():
     state = jstate.init(jstate.flax_model(Sharded(), X), jax.random.key(0), mesh=MESH)
     assert list(state) == [
@@ -159,6 +160,7 @@ def test_exact_init_equals_module_init_bit_for_bit(key, mesh):
     np.testing.assert_array_equal(only[list(expected)[-1]], expected[list(expected)[-1]])
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_by_default_flax_gets_a_key_derived_from_inits_key():
     key = jax.random.key(7)
     derived = jstate.init(jstate.flax_model(nn.Dense(5), X), key)

@@ -170,6 +170,7 @@ def test_variables_share_programs_by_signature():
     extra=st.lists(st.sampled_from(["p", "q/r", "s"]), unique=True),
     seed=st.integers(0, 2**31 - 1),
 )
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_initial_values_do_not_depend_on_other_variables_or_order(names, extra, seed):
     def make(order):
         def model(s):

@@ -35,6 +35,7 @@ def own_value(name, init, shape, dtype, key=KEY):
     return init(programs.fold(key, name_hash(name)), shape, dtype)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_pooled_values_are_the_initializers_own_values_bit_for_bit():
     def model(s):
         for name, (init, shape, dtype) in INITIALIZERS.items():
@@ -47,6 +48,7 @@ def test_pooled_values_are_the_initializers_own_values_bit_for_bit():
         np.testing.assert_array_equal(np.asarray(state[name]), np.asarray(expected), err_msg=name)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_variables_of_many_shapes_share_one_program():
     def model(s):
         for i in range(40):
@@ -72,6 +74,7 @@ def test_big_variables_keep_programs_of_their_own(monkeypatch):
         np.testing.assert_array_equal(state[name], own_value(name, inits.normal(), shape, jnp.float32))
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_pooled_variables_are_created_on_their_shardings():
     mesh = jax.make_mesh((4, 2), ("a", "b"))
 
@@ -117,6 +120,7 @@ def test_an_initializer_reading_a_changed_closure_gets_the_new_value():
         assert np.signbit(value[0]) == np.signbit(scale)
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_threads_initializing_different_and_equal_models_at_once_get_the_right_values():
     def make(width):
         def model(s):
@@ -175,6 +179,7 @@ def flax_mlp(features: int, partitioned: bool):
     return MLP()
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_flax_model_values_are_module_init_of_the_derived_key():
     module, x = flax_mlp(16, False), jnp.ones((1, 16))
     state = jstate.init(jstate.flax_model(module, x), KEY)

@@ -88,6 +88,7 @@ def test_normal_takes_a_mean_as_tf_does(jit):
     assert abs(float(shifted.mean()) - 2.0) < 0.01 and abs(float(shifted.std()) - 0.35) < 0.01
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_defaults_are_tensorflows():
     np.testing.assert_array_equal(inits.normal()(KEY, (8,), jnp.float32), jax_inits.normal(1.0)(KEY, (8,), jnp.float32))
     np.testing.assert_array_equal(

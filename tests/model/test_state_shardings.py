@@ -124,6 +124,7 @@ def test_constrain_or_out_shardings_keep_every_leaf_declared_and_nothing_recompi
     assert off_declared(ts, replicated) == []
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_shardings_has_the_states_structure_with_none_for_unplaced_variables():
     m = mesh()
     model, rules = jstate.flax_model(MLP(), X), [("kernel", P(None, "model"))]
@@ -149,6 +150,7 @@ def test_jstate_shardings_of_an_eval_shape_training_state():
     assert shardings["opt"][0].count is None
 
 
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
 def test_constrain_eagerly_moves_values_back_and_leaves_unplaced_ones():
     m = mesh()
     model = jstate.flax_model(MLP(), X)
