@@ -112,6 +112,34 @@ class Transform:
         return f"{self.op}({', '.join(shown)})"
 
 
+def describe(t: Transform) -> str:
+    """`t` as its repr without the checkpoint entries it reads (a plan's table lists those in a
+    column of their own): each op once, with its parameters; an input that is an entry is ``_``,
+    and the inputs are left out where all are entries.
+
+    >>> T.describe(T.transpose(T.stack([f"layers_{i}/kernel" for i in range(24)]), (1, 0, 2)))
+    'transpose(stack(axis=0), axes=(1, 0, 2))'
+    >>> T.describe(T.split("attn/qkv", 3, axis=-1)[1]), T.describe(T.concat(["q", T.transpose("k")]))
+    ('split(3, axis=-1)[1]', 'concat([_, transpose], axis=0)')
+    """
+    if t.op == "entry":
+        return "_"
+    if t.op == "part":
+        return f"{describe(t.inputs[0])}[{t.args[0]}]"
+    shown = [] if all(i.op == "entry" for i in t.inputs) else [_described_inputs(t)]
+    shown += [f"{k}={v!r}" if k else repr(v) for k, v in _named_args(t)]
+    return f"{t.op}({', '.join(shown)})" if shown else t.op
+
+
+def _described_inputs(t: Transform) -> str:
+    inputs = [describe(i) for i in t.inputs]
+    if t.op not in ("stack", "concat"):
+        return inputs[0]
+    if len(inputs) > 3:  # long lists by count: a plan row stays one line
+        inputs = [inputs[0], f"... {len(inputs)} inputs"]
+    return "[" + ", ".join(inputs) + "]"
+
+
 def _named_args(t: Transform) -> list[tuple[str, Any]]:
     """The op's parameters as they are written, None ones left out."""
     names = _ARG_NAMES[t.op]
@@ -125,7 +153,7 @@ _ARG_NAMES = {
     "stack": ("axis",),
     "concat": ("axis", "sizes"),
     "split": ("", "axis"),
-    "unstack": ("axis",),
+    "unstack": ("axis", "parts"),
 }
 
 
@@ -224,14 +252,22 @@ def split(x: Input, sections: int | Sequence[int], axis: int = 0) -> Transform:
     return Transform("split", (_input(x),), (sections, operator.index(axis)))
 
 
-def unstack(x: Input, axis: int = 0) -> Transform:
+def unstack(x: Input, axis: int = 0, *, parts: int | None = None) -> Transform:
     """`x` cut along `axis` into its slices: a scanned array as per-layer variables. Rules take
     its parts: a tuple of State names, or ``unstack(...)[i]``.
 
+    `parts` (how many slices `x` has) is checked on restore, and needed to save through parts
+    named one by one: without it the save cannot know whether a slice is missing (a tuple of
+    State names says it: one per slice).
+
     >>> T.unstack("layers/kernel")[0]
     unstack('layers/kernel', axis=0)[0]
+    >>> T.unstack("layers/kernel", parts=4)[3]
+    unstack('layers/kernel', axis=0, parts=4)[3]
     """
-    return Transform("unstack", (_input(x),), (int(axis),))
+    if parts is not None and operator.index(parts) < 1:
+        raise ValueError(f"unstack: `parts` must be >= 1, got {parts}.")
+    return Transform("unstack", (_input(x),), (int(axis), None if parts is None else operator.index(parts)))
 
 
 # -- applying them: the same functions serve NumPy (restoring, on the host), jax.numpy (shapes,
@@ -290,6 +326,8 @@ def struct(t: Transform, entries: dict[str, jax.ShapeDtypeStruct], memo: dict) -
             lambda *xs: apply(t, jnp, list(xs)), *(jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in ins)
         )
         dtype = _dtype(t, [s.dtype for s in ins])
+        if t.op == "unstack" and t.args[1] is not None and t.args[1] != len(shapes):
+            raise ValueError(f"{t!r} expects {t.args[1]} parts, and its input has {len(shapes)} along axis {t.args[0]}")
         if t.multi:
             out = tuple(jax.ShapeDtypeStruct(s.shape, dtype) for s in shapes)
         else:
@@ -321,6 +359,7 @@ def invert(targets: dict[str, tuple[Transform, Any]]) -> dict[str, Any]:
     """
     out: dict[str, tuple[str, Any]] = {}  # entry: (the variable it comes from, value)
     parts: dict[Transform, dict[int, tuple[str, Any]]] = {}
+    named: dict[Transform, int | None] = {}  # how many parts the rules taking them name (a tuple: all)
     todo = [(t, value, name) for name, (t, value) in targets.items()]
     while todo:
         t, value, name = todo.pop()
@@ -332,32 +371,54 @@ def invert(targets: dict[str, tuple[Transform, Any]]) -> dict[str, Any]:
                 )
             out[t.args[0]] = (name, value)
         elif t.op == "part":
-            parent, index = t.inputs[0], t.args[0]
+            parent, (index, of) = t.inputs[0], t.args
             if index < 0:
-                raise NotInvertible(f"saving through {t!r} (for '{name}') needs a part index >= 0")
+                raise NotInvertible(f"saving through {t!r} (the rule for '{name}') needs a part index >= 0")
             got = parts.setdefault(parent, {})
             if index in got:
                 raise NotInvertible(
                     f"variables '{got[index][0]}' and '{name}' are both {t!r}; only one of them can be saved there"
                 )
             got[index] = (name, value)
+            named[parent] = named.get(parent) or of
         else:
             todo += [(i, v, name) for i, v in zip(t.inputs, _inverse(t, value))]
         if not todo:  # every single-output chain is done: join the parts that are complete
             for parent, got in list(parts.items()):
-                if sorted(got) == list(range(count(parent) or len(got))):
+                if sorted(got) == list(range(count(parent) or named[parent] or -1)):
                     del parts[parent]
                     joined = [got[i][1] for i in sorted(got)]
                     axis = parent.args[1] if parent.op == "split" else parent.args[0]
                     whole = jnp.concatenate(joined, axis) if parent.op == "split" else jnp.stack(joined, axis)
                     todo.append((parent.inputs[0], whole, got[0][0]))
     for parent, got in parts.items():
-        raise NotInvertible(f"saving through {parent!r} needs all its parts, and got only parts {sorted(got)}")
+        raise NotInvertible(_incomplete(parent, got, count(parent) or named[parent]))
     return {entry: value for entry, (_, value) in out.items()}
 
 
+def _incomplete(parent: Transform, got: dict[int, tuple[str, Any]], parts: int | None) -> str:
+    """Why saving through some of `parent`'s parts would lose the others: every part is needed to
+    write the entry whole (the tuple form names them all; parts named one by one may not)."""
+    have = ", ".join(f"[{i}] from '{got[i][0]}'" for i in sorted(got))
+    if parts is None:
+        return (
+            f"saving through {parent!r} writes its entry from the parts the rules name ({have}), and an "
+            "unstack's number of parts is known only from a checkpoint, so a missing slice would be dropped "
+            "silently. Give the count, `T.unstack(..., parts=N)`, or name every part in one rule: "
+            "`((name_0, ..., name_n), T.unstack(...))`"
+        )
+    missing = [i for i in range(parts) if i not in got]
+    return (
+        f"saving through {parent!r} needs all its parts, and got only parts {sorted(got)} ({have}): "
+        f"part(s) {missing} of {parts} missing. Add a rule for each missing part, or save the entry by name"
+    )
+
+
 def count(t: Transform) -> int | None:
-    """How many parts a split has (an unstack's count depends on its input's shape: None)."""
+    """How many parts a split or unstack has (an unstack's count, unless given as `parts`, depends
+    on its input's shape: None)."""
+    if t.op == "unstack":
+        return t.args[1]
     if t.op != "split":
         return None
     sections = t.args[0]

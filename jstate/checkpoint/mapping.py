@@ -266,3 +266,35 @@ def _check_one_to_one(mapping: Mapping[str, str]) -> None:
                 f"'{ckpt_name}'; each variable needs a name of its own."
             )
         seen[ckpt_name] = state_name
+
+
+def compile_ignore(ignore: Iterable[str] | None) -> tuple[re.Pattern, ...]:
+    """Check and compile a restore's ``ignore``: regular expressions searched in checkpoint
+    names (as a Saver's regex rules search State names), for the entries ``strict=True`` lets be.
+
+    Valid forms::
+
+      None                          nothing ignored
+      [r"/Adam(_1)?$"]              TF1's Adam slots: every 'layer/kernel/Adam', '.../Adam_1'
+      [r"^opt_state/", "^step$"]    a whole scope, one entry
+
+    Raises:
+      MappingError: a string instead of a list, or a pattern that does not compile.
+
+    >>> [p.pattern for p in compile_ignore([r"/Adam(_1)?$", "^global_step$"])]
+    ['/Adam(_1)?$', '^global_step$']
+    """
+    if ignore is None:
+        return ()
+    if isinstance(ignore, (str, re.Pattern)):
+        shown = ignore if isinstance(ignore, str) else ignore.pattern
+        raise MappingError(f"`ignore` is the pattern {shown!r} alone; pass a list of patterns: [{shown!r}].")
+    if not isinstance(ignore, Iterable):
+        raise MappingError(f"`ignore` is {_what(ignore)}; pass a list of regular expressions over checkpoint names.")
+    out = []
+    for pattern in ignore:
+        try:
+            out.append(re.compile(pattern))
+        except (re.error, TypeError) as e:
+            raise MappingError(f"`ignore` pattern {pattern!r} does not compile ({e}).") from None
+    return tuple(out)

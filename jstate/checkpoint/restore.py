@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,6 +30,10 @@ from ..model.placement import uncommitted
 from ..model.state import State
 from .mapping import NameMap
 
+log = logging.getLogger("jstate")
+
+WIDTH = 120  # a plan's table fits a terminal, a notebook cell and a log line
+
 
 @dataclasses.dataclass
 class RestorePlan:
@@ -44,8 +51,11 @@ class RestorePlan:
       names: ``{State name: checkpoint name}`` of the variables read as they are.
       transforms: ``{State name: transform}`` of the variables computed from entries.
       kept: target variables that nothing fills: the restore leaves them as they are.
-      unused: checkpoint entries that nothing reads (fine: a partial restore).
+      unused: checkpoint entries that nothing reads (fine: a partial restore), ignored ones too.
       problems: what makes the restore fail, in the order it would report them (empty: none).
+      ignored: the unused entries an ``ignore`` pattern matches (`strict` lets them be).
+      narrowed: ``{State name: checkpoint name}`` of the 64-bit entries read into the 32-bit
+        variables JAX holds with its 64-bit mode off: checked value by value when read.
 
     >>> path = jstate.Saver().save(state, "ckpt/model")
     >>> found = jstate.Saver({"biases": "b"}).plan(path, jstate.abstract(lambda s: s.variable("b", jstate.initializers.zeros, (200,))))
@@ -59,8 +69,11 @@ class RestorePlan:
     kept: list[str]
     unused: list[str]
     problems: list[JStateError]
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    narrowed: dict[str, str] = dataclasses.field(default_factory=dict)
     _rows: list[tuple] = dataclasses.field(default_factory=list, repr=False)
     _wanted: dict[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict, repr=False)
+    _loose: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)
 
     def check(self) -> None:
         """Raise the first problem, if any: before a restore reads anything.
@@ -80,7 +93,9 @@ class RestorePlan:
             raise self.problems[0]
 
     def table(self) -> Table:
-        """The variables filled, one row each: variable, from, transform, shape, dtype.
+        """The variables filled, one row each: variable, from, transform, shape, dtype; within
+        `WIDTH` columns (the entries read said once, a long list of them by count; a cell too long
+        for the rest shortened in its middle).
 
         >>> path = jstate.Saver(["biases"]).save(state, "ckpt/model")
         >>> print(jstate.Saver(["biases"]).plan(path, jstate.abstract(model)).table())
@@ -91,14 +106,17 @@ class RestorePlan:
         """
         n = len(self._rows)
         title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {n} variable{'s' * (n != 1)}"
-        return Table(("variable", "from", "transform", "shape", "dtype"), self._rows, title)
+        return Table(("variable", "from", "transform", "shape", "dtype"), _fit(self._rows, WIDTH), title)
 
     def _notes(self) -> list[tuple[str, str]]:
         notes = []
         if self.kept:
             notes.append(("Left as in the target (nothing fills them)", shorten(self.kept, 20)))
-        if self.unused:
-            notes.append(("Checkpoint entries nothing uses", shorten(self.unused, 20)))
+        unused = [e for e in self.unused if e not in set(self.ignored)]
+        if unused:
+            notes.append(("Checkpoint entries nothing uses", shorten(unused, 20)))
+        if self.ignored:
+            notes.append(("Ignored (`ignore=`)", _grouped(self.ignored)))
         for problem in self.problems:
             notes.append(("Problem", str(problem)))
         return notes
@@ -113,7 +131,16 @@ class RestorePlan:
         return self.table()._repr_html_() + notes
 
 
-def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, strict: bool) -> RestorePlan:
+def plan(
+    ckpt: Checkpoint,
+    name_map: NameMap,
+    target: State,
+    *,
+    cast: bool,
+    strict: bool,
+    ignore: Sequence[re.Pattern] = (),
+    loose: frozenset[str] = frozenset(),
+) -> RestorePlan:
     """The `RestorePlan` for restoring `target` from `ckpt` through `name_map` (`Saver.plan`).
 
     Problems are collected in the plan, not raised: a rule naming variables `target` does not
@@ -124,7 +151,10 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
       name_map: the Saver's names and transforms.
       target: the flat State to restore into.
       cast: allow stored dtypes that differ from the declared ones.
-      strict: count checkpoint entries nothing reads as a problem.
+      strict: count checkpoint entries nothing reads and no `ignore` pattern matches as a problem.
+      ignore: patterns (`re.search`) of checkpoint entries `strict` lets be (`compile_ignore`).
+      loose: variables that were Python numbers in the target: a 64-bit float narrowed into one
+        may round (as Python's float would hold it), not overflow.
 
     Returns:
       The plan: what each variable is read from, and every problem.
@@ -144,22 +174,27 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
     used = set(names.values()) | {e for t in transforms.values() for e in t.entries()}
     kept = sorted(set(declared) - set(names) - set(transforms))
     unused = sorted(set(ckpt.entries) - used)
-    out = RestorePlan(ckpt, names, transforms, kept, unused, [])
+    ignored = [e for e in unused if any(p.search(e) for p in ignore)]
+    out = RestorePlan(ckpt, names, transforms, kept, unused, [], ignored)
     out.problems += _missing(ckpt, names, transforms)
-    if strict and unused:
-        out.problems.append(
-            CheckpointError(
-                f"Checkpoint {ckpt.path} holds {len(unused)} variable(s) that the Saver does not restore: "
-                f"{shorten(unused)}. Pass `strict=False` to ignore them."
-            )
-        )
+    stray = [e for e in unused if e not in set(ignored)]
+    if strict and stray:
+        out.problems.append(CheckpointError(_STRAY.format(path=ckpt.path, n=len(stray), grouped=_grouped(stray))))
     for n in [*names, *transforms]:
         out.problems += _placeable(n, target)
     for n, c in names.items():
         if c in ckpt.entries:
             spec, entry = target.spec(n), ckpt.entries[c]
-            out._wanted[c] = _struct(target, n)
             out._rows.append((n, c, "", spec.shape, _dtypes(entry.dtype, spec.dtype)))
+            if (
+                entry.shape == spec.shape
+                and entry.dtype != spec.dtype
+                and not cast
+                and _narrows(entry.dtype, spec.dtype)
+            ):
+                out.narrowed[n] = c  # read through the host and checked value by value (`_narrow`)
+                continue
+            out._wanted[c] = _struct(target, n)
             if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
                 out.problems.append(
                     SpecMismatchError(
@@ -174,7 +209,45 @@ def plan(ckpt: Checkpoint, name_map: NameMap, target: State, *, cast: bool, stri
         if all(e in ckpt.entries for e in t.entries()):
             out.problems += _check_transform(ckpt, n, t, target, cast, memo, out._rows)
     out._rows.sort(key=lambda row: row[0])
+    out._loose = frozenset(loose)
     return out
+
+
+# TF1 checkpoints hold an optimizer's slots next to each variable (`*/Adam`, `*/Adam_1`): the
+# message groups entries by their last path component, so that a pattern per group is the fix.
+_STRAY = (
+    "Checkpoint {path} holds {n} variable(s) that the Saver does not restore: {grouped}. Pass "
+    "`ignore=[pattern, ...]` (regular expressions searched in checkpoint names, e.g. "
+    '`ignore=[r"/Adam(_1)?$"]`) to restore strictly without the entries they match, or `strict=False`.'
+)
+
+
+def _grouped(names: list[str], limit: int = 8) -> str:
+    """`names` for a message, grouped by their last path component where several share one:
+    ``*/Adam (4: 'layer1/biases/Adam', ...)``, then the rest by name.
+
+    >>> _grouped(["a/Adam", "b/Adam", "c/Adam", "global_step"])
+    "*/Adam (3: 'a/Adam', 'b/Adam' and 1 more), 'global_step'"
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rsplit("/", 1)[-1] if "/" in name else name, []).append(name)
+    shown, alone = [], []
+    for last, members in groups.items():
+        if len(members) > 1:
+            shown.append(f"*/{last} ({len(members)}: {shorten(members, 2)})")
+        else:
+            alone += members
+    return ", ".join([*shown[:limit], *([shorten(alone, limit)] if alone else [])]) + (
+        f", and {len(shown) - limit} more groups" if len(shown) > limit else ""
+    )
+
+
+def _narrows(stored: np.dtype, declared: np.dtype) -> bool:
+    """Whether `declared` is what JAX makes of the 64-bit `stored` with its 64-bit mode off
+    (int64 -> int32, uint64 -> uint32, float64 -> float32): read without `cast=True` when every
+    value converts exactly (a training step, a learning rate that a Python number held)."""
+    return stored != declared and jax.dtypes.canonicalize_dtype(stored) == declared
 
 
 def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Transform]) -> list[JStateError]:
@@ -192,7 +265,9 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
     missing = {n: c for n, c in names.items() if c not in ckpt.entries}
     if missing:
         first = next(iter(missing.values()))
-        shown = shorten(f"{c}" if c == n else f"{c} (for '{n}')" for n, c in missing.items())
+        # each name quoted once: 'model/attn/k' (for 'encoder/attn/k'), never quotes within quotes
+        named = [f"'{c}'" if c == n else f"'{c}' (for '{n}')" for n, c in missing.items()]
+        shown = ", ".join(named[:8]) + (f" and {len(named) - 8} more" if len(named) > 8 else "")
         problems.append(
             CheckpointError(
                 f"Checkpoint {ckpt.path} lacks {len(missing)} variable(s) the Saver restores: {shown}."
@@ -276,12 +351,12 @@ def _check_transform(
     try:
         got = T.struct(t, entries, memo)
     except (TypeError, ValueError, IndexError, OverflowError) as e:
-        rows.append((name, ", ".join(entries), repr(t), "?", "?"))
+        rows.append((name, _sources(list(entries)), T.describe(t), "?", "?"))
         shapes = ", ".join(f"'{n}' {s.shape}" for n, s in entries.items())
         return [
             MappingError(f"Saver rule for '{name}': {t!r} does not apply to checkpoint {ckpt.path} ({shapes}): {e}")
         ]
-    rows.append((name, ", ".join(entries), repr(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
+    rows.append((name, _sources(list(entries)), T.describe(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
     if got.shape != spec.shape or (got.dtype != spec.dtype and not cast):
         hint = " Pass `cast=True`, or add a `transforms.cast`." if got.shape == spec.shape else ""
         return [
@@ -297,6 +372,55 @@ def _dtypes(stored: np.dtype, declared: np.dtype) -> str:
     return declared.name if stored == declared else f"{stored.name} -> {declared.name}"
 
 
+def _sources(entries: list[str]) -> str:
+    """The entries a transform reads, for a plan's "from" cell: a few by name, numbered ones as a
+    range with their count, others as the first and a count.
+
+    >>> _sources(["a", "b"]), _sources([f"layers_{i}/kernel" for i in range(24)]), _sources(["x", "y", "z"])
+    ('a, b', 'layers_{0..23}/kernel (24)', 'x, ... 3 entries')
+    """
+    if len(entries) <= 2:
+        return ", ".join(entries)
+    parts = [re.split(r"(\d+)", e) for e in entries]
+    if all(len(p) == len(parts[0]) for p in parts):
+        differ = [i for i in range(1, len(parts[0]), 2) if len({p[i] for p in parts}) > 1]
+        same = all(p[i] == parts[0][i] for p in parts for i in range(len(p)) if i not in differ)
+        if len(differ) == 1 and same:
+            i = differ[0]
+            numbers = [int(p[i]) for p in parts]
+            if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+                head, tail = "".join(parts[0][:i]), "".join(parts[0][i + 1 :])
+                return f"{head}{{{numbers[0]}..{numbers[-1]}}}{tail} ({len(entries)})"
+    return f"{entries[0]}, ... {len(entries)} entries"
+
+
+def _fit(rows: list[tuple], width: int) -> list[tuple]:
+    """`rows` with their text cells (variable, from, transform) shortened in the middle, widest
+    first, until a table of them fits `width` columns (two spaces between columns)."""
+    cells = [[str(c) for c in r] for r in rows]
+    if not cells:
+        return rows
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_HEAD)]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        i = max(range(3), key=widths.__getitem__)  # the widest text column gives first
+        if widths[i] <= 16:
+            break  # every text cell at its floor: a longer line beats unreadable names
+        widths[i] -= 1
+    return [
+        tuple(_middle(str(c), widths[i]) if i < 3 and len(str(c)) > widths[i] else c for i, c in enumerate(r))
+        for r in rows
+    ]
+
+
+_HEAD = ("variable", "from", "transform", "shape", "dtype")
+
+
+def _middle(text: str, width: int) -> str:
+    """`text` in `width` characters: its start and end, "..." between (a name's ends tell most)."""
+    keep = width - 3
+    return text[: keep - keep // 2] + "..." + text[len(text) - keep // 2 :]
+
+
 def restore(
     ckpt: Checkpoint,
     name_map: NameMap,
@@ -306,6 +430,9 @@ def restore(
     strict: bool,
     verify: bool,
     progress: bool = False,
+    ignore: Sequence[re.Pattern] = (),
+    loose: frozenset[str] = frozenset(),
+    exact: dict[str, np.ndarray] | None = None,
 ) -> State:
     """`target` with the variables `name_map` selects read from `ckpt` (see `Saver.restore`).
 
@@ -313,29 +440,96 @@ def restore(
       ckpt: the checkpoint to read.
       name_map: the Saver's names and transforms.
       target: the flat State to restore into; it is left unchanged.
-      cast, strict: as `plan`.
+      cast, strict, ignore, loose: as `plan`.
       verify: check what is read against the checkpoint's checksums.
       progress: show a progress bar.
+      exact: filled, where given, with the values of the variables narrowed from 64 bits as
+        stored (``{State name: host array}``): what a Python number in the target gets back.
 
     Returns:
       A new State: `target` with the variables the map fills.
 
     Raises:
       JStateError: the plan's first problem (before anything is read), or a failed read.
+      SpecMismatchError: a 64-bit value that its 32-bit variable cannot hold (before the other
+        arrays are read).
 
     >>> from jstate.checkpoint.mapping import compile_var_list
     >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model"))
     >>> list(restore(ckpt, compile_var_list(["biases"]), jstate.abstract(model), cast=False, strict=False, verify=True))
     ['biases']
     """
-    found = plan(ckpt, name_map, target, cast=cast, strict=strict)
+    found = plan(ckpt, name_map, target, cast=cast, strict=strict, ignore=ignore, loose=loose)
     found.check()
+    values = _narrow(found, target, verify, {} if exact is None else exact)  # small, checked first
     arrays = ckpt.read(found._wanted, verify=verify, progress=progress) if found._wanted else {}
-    values = {n: arrays[c] for n, c in found.names.items()}
+    values |= {n: arrays[c] for n, c in found.names.items() if n not in found.narrowed}
     values |= _transformed(ckpt, found.transforms, target, verify)
     # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).
     values = {n: v if _struct(target, n).sharding is not None else uncommitted(v) for n, v in values.items()}
     return target._replace_values(values)
+
+
+_DOES_NOT_FIT = (
+    "Checkpoint {path}: variable '{c}' is {stored}, and its value {value!r} does not fit {declared}, "
+    "what '{n}' is with JAX's 64-bit mode off. Pass `cast=True` to convert it anyway, or enable 64-bit mode "
+    "(`jax.config.update('jax_enable_x64', True)`) and declare it {stored}."
+)
+
+
+def _narrow(found: RestorePlan, target: State, verify: bool, exact: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The variables `found` narrows from 64 bits, read to the host and checked value by value:
+    integers in the 32-bit range, floats whose float32 value is the same number (or, where the
+    target held a Python number, any float float32 does not overflow). One INFO record names them.
+
+    Raises:
+      SpecMismatchError: the first value that does not fit, naming its variable and `cast=True`.
+    """
+    if not found.narrowed:
+        return {}
+    ckpt = found.checkpoint
+    host = ckpt.read_host(sorted(set(found.narrowed.values())), verify=verify)
+    out = {}
+    for n, c in found.narrowed.items():
+        declared = target.spec(n).dtype
+        bad = _misfit(host[c], declared, n in found._loose)
+        if bad is not None:
+            raise SpecMismatchError(
+                _DOES_NOT_FIT.format(
+                    path=ckpt.path, c=c, n=n, value=bad, stored=host[c].dtype.name, declared=declared.name
+                )
+            )
+        exact[n] = host[c]
+        out[n] = from_host(host[c], _struct(target, n))
+    log.info(
+        "Restored %d variable(s) stored in 64 bits into 32 bits (JAX's 64-bit mode is off), every value fitting: %s",
+        len(found.narrowed),
+        ", ".join(
+            f"{n} ({ckpt.entries[c].dtype.name} -> {target.spec(n).dtype.name})" for n, c in found.narrowed.items()
+        ),
+    )
+    return out
+
+
+def _misfit(host: np.ndarray, declared: np.dtype, loose: bool) -> Any:
+    """The first value of `host` that `declared` cannot hold (as a Python number), None if all fit.
+
+    >>> _misfit(np.array([1, 2**31], np.int64), np.dtype(np.int32), False), _misfit(np.array([0.5, 0.1]), np.dtype(np.float32), False)
+    (2147483648, 0.1)
+    >>> _misfit(np.array([0.1, np.nan]), np.dtype(np.float32), True) is None
+    True
+    """
+    if np.issubdtype(host.dtype, np.integer):
+        info = np.iinfo(declared)
+        bad = (host < info.min) | (host > info.max)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            narrow = host.astype(declared)
+        overflow = np.isfinite(host) & ~np.isfinite(narrow)
+        # a Python float (`loose`) was a float64 anyway: rounding it to float32 is what JAX does to it
+        bad = overflow if loose else overflow | ~((narrow.astype(host.dtype) == host) | np.isnan(host))
+    where = np.flatnonzero(bad)
+    return host.flat[where[0]].item() if where.size else None
 
 
 def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: State, verify: bool) -> dict:

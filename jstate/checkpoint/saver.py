@@ -31,8 +31,8 @@ from ..storage.store import as_path
 from . import lookup as _checkpoint
 from . import restore as _restore
 from . import retention as _retention
-from .adapters import as_state, like
-from .mapping import VarList, compile_var_list
+from .adapters import as_state, like, python_numbers
+from .mapping import VarList, compile_ignore, compile_var_list
 from .writer import Writer
 
 T = TypeVar("T")
@@ -122,7 +122,8 @@ class Saver:
         state, a Flax ``TrainState``, an NNX state, with jax or NumPy arrays, Python numbers and
         PRNG keys as leaves. Leaves are named by their tree path joined with "/" (a State inside
         contributes its own names under its key: ``{"model": state}`` saves ``"model/weights"``),
-        and the Saver's `var_list` applies to those names.
+        and the Saver's `var_list` applies to those names. A bare array or number (a tree of one
+        leaf) is saved as the one entry ``"value"``, and restores into a bare array target.
 
         Returns the checkpoint's path. With ``blocking=False`` it returns as soon as the values
         are copied off the device (donating `state` right after is safe); `wait` finishes it, and
@@ -268,6 +269,7 @@ class Saver:
         *,
         cast: bool = False,
         strict: bool = False,
+        ignore: list[str] | None = None,
         verify: bool = True,
         progress: bool | None = None,
     ) -> T:
@@ -282,11 +284,21 @@ class Saver:
         arrays needed are read, each straight onto the target variable's sharding or device.
         `path` may also be a directory of checkpoints: its latest complete one is read.
 
+        With JAX's 64-bit mode off (its default), an int64, uint64 or float64 entry restores into
+        the int32, uint32 or float32 variable JAX holds it in without `cast`, when every value
+        converts exactly (a float: its float32 value is the same number; into a Python float, any
+        that float32 does not overflow), logged once at INFO; a value that does not fit is a
+        `SpecMismatchError`. A Python number in the target comes back as one, as Orbax returns it.
+
         Args:
           path: a checkpoint, or a directory of them.
           target: the State to restore into; it is left unchanged.
           cast: allow a checkpoint dtype that differs from the declaration (converted).
-          strict: fail if the checkpoint holds variables this Saver does not restore.
+          strict: fail if the checkpoint holds variables this Saver does not restore (and no
+            `ignore` pattern matches); the error lists them grouped (``*/Adam (4: ...)``).
+          ignore: regular expressions searched in checkpoint names (as the Saver's regex rules
+            search State names): the entries `strict` lets be, such as a TF1 optimizer's slots,
+            ``ignore=[r"/Adam(_1)?$", "^beta[12]_power$"]``.
           verify: check each array against the checksums recorded when it was saved.
           progress: show a progress bar (None: the Saver's `progress`). Restores over 2 s are
             logged at INFO either way.
@@ -295,6 +307,8 @@ class Saver:
           CheckpointNotFoundError, CorruptCheckpointError: for a missing or damaged checkpoint.
           CheckpointError: for variables missing from the checkpoint (with the closest names).
           SpecMismatchError: for a shape (or, without `cast`, dtype) that differs.
+          MappingError: for a malformed `ignore`.
+          TypeError: for a model function as `target` (`jstate.abstract(model)` belongs there).
 
         >>> _ = jstate.Saver().save(state, "ckpt/model", step=1000)
         >>> restored = jstate.Saver(["biases"]).restore("ckpt", jstate.abstract(model))  # the latest in ckpt/
@@ -302,23 +316,37 @@ class Saver:
         (['biases'], ['layer1/kernel', 'w2', 'weights'])
         """
         self._writer.join()  # a failed background save is reported by `wait` or the next `save`, not here
-        flat = as_state(target)
+        flat, patterns, loose = as_state(target), compile_ignore(ignore), python_numbers(target)
         bar = self._progress if progress is None else progress
+        exact: dict = {}  # 64-bit values as stored: a Python float target gets its float64 back
 
         def read(ckpt: Checkpoint) -> State:
-            return _restore.restore(ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar)
+            exact.clear()  # a retry of a checkpoint replaced meanwhile starts again
+            return _restore.restore(
+                ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar,
+                ignore=patterns, loose=loose, exact=exact,
+            )  # fmt: skip
 
         with _limits.timeout(self._timeout):  # no request to an object store waits longer
             restored = _checkpoint.reading(path, read, self._timeout, "Saver.restore")
-        return restored if isinstance(target, State) else like(target, restored)
+        return restored if isinstance(target, State) else like(target, restored, exact)
 
     def plan(
-        self, path: str | os.PathLike, target: Any, *, cast: bool = False, strict: bool = False
+        self,
+        path: str | os.PathLike,
+        target: Any,
+        *,
+        cast: bool = False,
+        strict: bool = False,
+        ignore: list[str] | None = None,
     ) -> _restore.RestorePlan:
         """What `restore` would do, from the checkpoint's metadata alone: a table of each variable
         it fills, the entries it comes from, the transform and dtype conversion applied; then the
         target's variables nothing fills, the checkpoint entries nothing uses, and every problem
-        that would make the restore fail (which it reports before reading anything).
+        that would make the restore fail (which it reports before reading anything). `cast`,
+        `strict` and `ignore` as `restore` takes them. The table fits 120 columns: a transform's
+        entries are in "from" (a numbered run of them as ``layers_{0..23}/kernel (24)``), its
+        operations in "transform".
 
         >>> from jstate import transforms as T
         >>> torch_layout = jstate.Saver(["biases", ("weights", T.transpose("linear/weight"))])
@@ -327,15 +355,18 @@ class Saver:
         [('biases', (200,), dtype('float32')), ('linear/weight', (200, 784), dtype('float32'))]
         >>> print(torch_layout.plan(path, jstate.abstract(model)))
         Restore from ckpt/torch (jstate): 2 variables
-        variable  from           transform                   shape       dtype
-        --------  -------------  --------------------------  ----------  -------
-        biases    biases                                     (200,)      float32
-        weights   linear/weight  transpose('linear/weight')  (784, 200)  float32
+        variable  from           transform  shape       dtype
+        --------  -------------  ---------  ----------  -------
+        biases    biases                    (200,)      float32
+        weights   linear/weight  transpose  (784, 200)  float32
         Left as in the target (nothing fills them): 'layer1/kernel', 'w2'
         """
         self._writer.join()
         ckpt = _checkpoint.reading(path, lambda ckpt: ckpt, self._timeout, "Saver.plan")
-        return _restore.plan(ckpt, self._names, as_state(target), cast=cast, strict=strict)
+        return _restore.plan(
+            ckpt, self._names, as_state(target), cast=cast, strict=strict, ignore=compile_ignore(ignore),
+            loose=python_numbers(target),
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"

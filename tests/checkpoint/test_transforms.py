@@ -186,8 +186,13 @@ def test_plan_lists_sources_transforms_unfilled_and_unused(old):
     plan = saver.plan(path, jstate.abstract(stacked))
     rows = {row[0]: row for row in plan.table()}
     assert set(rows) == {"layers/kernel", "attn/q", "attn/k", "attn/v"}
-    assert rows["layers/kernel"][1] == ", ".join(f"layers_{i}/kernel" for i in range(LAYERS))
-    assert rows["attn/k"][2] == "split('attn/qkv', 3, axis=-1)[1]" and rows["attn/k"][3] == (D, D)
+    # each entry read said once, in "from" (a numbered run as a range with its count), the
+    # transform's operations in "transform"
+    assert rows["layers/kernel"][1] == f"layers_{{0..{LAYERS - 1}}}/kernel ({LAYERS})"
+    assert rows["layers/kernel"][2] == "stack(axis=0)"
+    assert plan.transforms["layers/kernel"].entries() == [f"layers_{i}/kernel" for i in range(LAYERS)]
+    assert rows["attn/k"][1] == "attn/qkv" and rows["attn/k"][2] == "split(3, axis=-1)[1]"
+    assert rows["attn/k"][3] == (D, D)
     assert plan.kept == ["dense/kernel", "step"]
     assert plan.unused == ["linear/weight", "step"]
     assert plan.problems == []
