@@ -395,17 +395,20 @@ def _sources(entries: list[str]) -> str:
 
 
 def _fit(rows: list[tuple], width: int) -> list[tuple]:
-    """`rows` with their text cells (variable, from, transform) shortened in the middle, widest
-    first, until a table of them fits `width` columns (two spaces between columns)."""
+    """`rows` with their text cells (variable, from, transform) shortened in the middle until a
+    table of them fits `width` columns (two spaces between columns): the column furthest above
+    its floor gives first, variable names keeping the most (40), then entries (28), transforms
+    (24); past those floors, every text column down to 16."""
     cells = [[str(c) for c in r] for r in rows]
     if not cells:
         return rows
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_HEAD)]
-    while sum(widths) + 2 * (len(widths) - 1) > width:
-        i = max(range(3), key=widths.__getitem__)  # the widest text column gives first
-        if widths[i] <= 16:
-            break  # every text cell at its floor: a longer line beats unreadable names
-        widths[i] -= 1
+    for floors in ((40, 28, 24), (16, 16, 16)):
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            i = max(range(3), key=lambda i: widths[i] - floors[i])
+            if widths[i] <= floors[i]:
+                break
+            widths[i] -= 1
     return [
         tuple(_middle(str(c), widths[i]) if i < 3 and len(str(c)) > widths[i] else c for i, c in enumerate(r))
         for r in rows

@@ -220,6 +220,72 @@ def test_extra_names_are_ignored_unless_strict(state, tmp_path):
         jstate.Saver(["v2"]).restore(path, jstate.abstract(model), strict=True)
 
 
+TF_ADAM = os.path.join(os.path.dirname(__file__), "..", "data", "tensorflow", "train")  # TF1 graph mode, Adam
+
+
+def tf_model(s):
+    for layer, shape in (("layer1", (4, 8)), ("layer2", (8, 2))):
+        s.scope(layer).variable("weights", inits.zeros, shape)
+        s.scope(layer).variable("biases", inits.zeros, shape[1:])
+
+
+def test_strict_with_ignore_fails_only_on_entries_nothing_uses_and_nothing_ignores():
+    """A TF1 Adam checkpoint holds two slots per variable and the optimizer's powers: `strict`
+    lists them grouped by their last name (one pattern per group is the fix), and `ignore`
+    patterns take them out, so only an entry nothing uses and nothing ignores fails."""
+    saver = jstate.Saver()
+    with pytest.raises(jstate.CheckpointError) as raised:
+        saver.restore(TF_ADAM, jstate.abstract(tf_model), strict=True)
+    message = str(raised.value)
+    assert "holds 11 variable(s) that the Saver does not restore: */Adam (4: 'layer1/biases/Adam'" in message
+    assert "*/Adam_1 (4: 'layer1/biases/Adam_1'" in message and "'beta1_power', 'beta2_power', 'global_step'" in message
+    assert "`ignore=[" in message
+    with pytest.raises(
+        jstate.CheckpointError, match=r"holds 3 variable\(s\).*: 'beta1_power', 'beta2_power', 'global_step'\."
+    ):
+        saver.restore(TF_ADAM, jstate.abstract(tf_model), strict=True, ignore=[r"/Adam(_1)?$"])
+    ignore = [r"/Adam(_1)?$", r"^beta[12]_power$", "^global_step$"]
+    restored = saver.restore(TF_ADAM, jstate.abstract(tf_model), strict=True, ignore=ignore)
+    np.testing.assert_array_equal(restored["layer2/biases"], jstate.load_variable(TF_ADAM, "layer2/biases"))
+    plan = saver.plan(TF_ADAM, jstate.abstract(tf_model), strict=True, ignore=ignore)
+    assert plan.problems == [] and len(plan.ignored) == len(plan.unused) == 11
+    assert "Ignored (`ignore=`): */Adam (4: " in str(plan)
+    with pytest.raises(jstate.MappingError, match=r"pass a list of patterns: \['/Adam\$'\]"):
+        saver.restore(TF_ADAM, jstate.abstract(tf_model), strict=True, ignore="/Adam$")
+    with pytest.raises(jstate.MappingError, match=r"`ignore` pattern '\(' does not compile"):
+        saver.plan(TF_ADAM, jstate.abstract(tf_model), ignore=["("])
+
+
+def test_a_bare_array_or_number_saves_as_one_entry_named_value(tmp_path):
+    """A one-leaf pytree (Flax's ``save_checkpoint(target=array)``) is the entry "value"."""
+    array = jnp.arange(6.0).reshape(2, 3)
+    path = jstate.Saver().save(array, tmp_path / "array")
+    assert jstate.list_variables(path) == [("value", (2, 3), np.dtype("float32"))]
+    restored = jstate.Saver().restore(path, jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    np.testing.assert_array_equal(restored, array)
+    np.testing.assert_array_equal(jstate.Saver().restore(path, jnp.zeros((2, 3))), array)
+    path = jstate.Saver().save(7, tmp_path / "number")
+    assert jstate.Saver().restore(path, 0) == 7 and type(jstate.Saver().restore(path, 0)) is int
+    assert int(jstate.Saver().restore(path, {"value": jax.ShapeDtypeStruct((), jnp.int32)})["value"]) == 7
+
+
+def test_a_model_function_where_its_abstract_state_belongs_says_so(state, tmp_path):
+    path = jstate.Saver().save(state, tmp_path / "m")
+    with pytest.raises(TypeError, match=r"Got the function `model`.*Restore into `jstate.abstract\(model\)`"):
+        jstate.Saver().restore(path, model)
+    with pytest.raises(TypeError, match=r"Leaf 'net' is the function `model`"):
+        jstate.Saver().plan(path, {"net": model})
+    with pytest.raises(TypeError, match=r"save the State that `jstate.init\(model, key\)` returns"):
+        jstate.Saver().save(model, tmp_path / "f")
+
+
+def test_a_renamed_missing_variable_is_named_without_nested_quotes(state, tmp_path):
+    path = jstate.Saver().save(state, tmp_path / "m")
+    with pytest.raises(jstate.CheckpointError) as raised:
+        jstate.Saver({"enc/kk": "model/encoder/k"}).restore(path, jstate.abstract(model))
+    assert "restores: 'enc/kk' (for 'model/encoder/k')." in str(raised.value)
+
+
 def test_bad_mapping_fails_before_anything_is_written(state, tmp_path):
     with pytest.raises(jstate.MappingError):
         jstate.Saver([(r".*", "same")]).save(state, tmp_path / "x")

@@ -365,3 +365,39 @@ def test_a_plan_made_before_a_resave_does_not_bind_the_restore(tmp_path):
     with pytest.raises(jstate.SpecMismatchError, match=r"gives shape \(5, 4\).*declared with shape \(3, 2\)"):
         saver.restore(path, {"k": S((3, 2), jnp.float32)})
     assert (saver.restore(path, {"k": S((5, 4), jnp.float32)})["k"] == 1).all()
+
+
+def test_a_plan_of_stacked_transforms_over_many_layers_fits_120_columns(tmp_path):
+    """Each row says the entries once (a numbered run as a range with its count, other lists by
+    their first and a count) and the transform's operations once, so 24 stacked layers fit as
+    they are; names too long for 120 columns are shortened in their middle, never past it."""
+    layers, names = 24, ("attn/q", "attn/k", "mlp/w")
+    source = {f"encoder/layers_{i}/{n}": np.zeros((4, 2), np.float32) for i in range(layers) for n in names}
+    source |= {f"odd/{c}": np.zeros((2,), np.float32) for c in "xyzw"}
+    path = jstate.Saver().save(source, tmp_path / "per_layer")
+    stacked_rules = [
+        (f"model/layers/{n}", T.transpose(T.stack([f"encoder/layers_{i}/{n}" for i in range(layers)]), (1, 0, 2)))
+        for n in names
+    ]
+    rules = [*stacked_rules, ("model/odd", T.concat([f"odd/{c}" for c in "xyzw"]))]
+    target = {f"model/layers/{n}": S((4, layers, 2), jnp.float32) for n in names} | {"model/odd": S((8,), jnp.float32)}
+    plan = jstate.Saver(rules).plan(path, target)
+    assert plan.problems == []
+    text = str(plan.table())
+    assert max(map(len, text.splitlines())) <= 120, text
+    rows = {row[0]: row for row in plan.table()}
+    query = rows["model/layers/attn/q"]
+    assert query[1] == f"encoder/layers_{{0..{layers - 1}}}/attn/q ({layers})"
+    assert query[2] == "transpose(stack(axis=0), axes=(1, 0, 2))"
+    assert rows["model/odd"][1] == "odd/x, ... 4 entries" and rows["model/odd"][2] == "concat(axis=0)"
+    assert text.count("encoder/layers_") == 3  # once per row, never twice
+    # names of 60 and more characters: shortened in their middle, their ends kept
+    long = "model/" + "a_very_long_variable_name_" * 3 + "kernel"
+    rules = [(long, T.cast(T.reshape(f"encoder/layers_0/{names[2]}", (8,), saved_shape=(4, 2)), "bfloat16"))]
+    rules += [(n.replace("model/layers/", "model/stacked_encoder_transformer_layers/"), t) for n, t in stacked_rules]
+    target = {n.replace("model/layers/", "model/stacked_encoder_transformer_layers/"): s for n, s in target.items()}
+    plan = jstate.Saver(rules).plan(path, target | {long: S((8,), jnp.bfloat16)})
+    text = str(plan.table())
+    assert plan.problems == [] and max(map(len, text.splitlines())) <= 120, text
+    cut = [row[0] for row in plan.table() if "..." in row[0]]
+    assert cut and all(c.startswith("model/") and len(c) >= 40 for c in cut) and any(c.endswith("kernel") for c in cut)

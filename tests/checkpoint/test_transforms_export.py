@@ -103,3 +103,30 @@ def test_restoring_a_shared_entry_by_name_and_through_transforms(tmp_path):
     with pytest.raises(jstate.MappingError):
         saver.save(got, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_saving_through_unstack_parts_named_one_by_one_writes_every_part_or_names_the_missing(tmp_path):
+    """An unstack's parts named one by one restore a subset of a 4-layer stack; saving them back
+    would write a 2-layer entry, so it is a MappingError: with `parts=` it names the missing
+    parts, without it it says the count is unknown and how to give it. A split's parts the
+    same. Every part named writes the whole entry back."""
+    layers = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    path = jstate.Saver().save({"layers": layers}, tmp_path / "stack")
+    target = {f"b{i}": S((2, 3), jnp.float32) for i in range(4)}
+    for unstack in (T.unstack("layers"), T.unstack("layers", parts=4)):
+        two = jstate.Saver([("b0", unstack[0]), ("b1", unstack[1])])
+        restored = two.restore(path, {n: target[n] for n in ("b0", "b1")})
+        np.testing.assert_array_equal(restored["b1"], layers[1])
+        missing = r"part\(s\) \[2, 3\] of 4 missing" if unstack.args[1] else r"known only from a checkpoint.*parts=N"
+        with pytest.raises(jstate.MappingError, match=r"\[0\] from 'b0', \[1\] from 'b1'.*" + missing):
+            two.save(restored, tmp_path / "back")
+        assert not (tmp_path / "back").exists()
+    with pytest.raises(jstate.MappingError, match=r"part\(s\) \[2\] of 3 missing"):
+        jstate.Saver([("q", T.split("qkv", 3)[0]), ("k", T.split("qkv", 3)[1])]).save(
+            {"q": np.ones(2), "k": np.ones(2)}, tmp_path / "qkv"
+        )
+    every = jstate.Saver([(f"b{i}", T.unstack("layers", parts=4)[i]) for i in range(4)])
+    back = every.save(every.restore(path, target), tmp_path / "every")
+    np.testing.assert_array_equal(jstate.load_variable(back, "layers"), layers)
+    with pytest.raises(jstate.MappingError, match=r"expects 5 parts, and its input has 4"):
+        jstate.Saver([(f"b{i}", T.unstack("layers", parts=5)[i]) for i in range(4)]).restore(path, target)
