@@ -112,7 +112,8 @@ class RestorePlan:
         notes = []
         if self.kept:
             notes.append(("Left as in the target (nothing fills them)", shorten(self.kept, 20)))
-        unused = [e for e in self.unused if e not in set(self.ignored)]
+        ignored = set(self.ignored)
+        unused = [e for e in self.unused if e not in ignored]
         if unused:
             notes.append(("Checkpoint entries nothing uses", shorten(unused, 20)))
         if self.ignored:
@@ -175,9 +176,9 @@ def plan(
     kept = sorted(set(declared) - set(names) - set(transforms))
     unused = sorted(set(ckpt.entries) - used)
     ignored = [e for e in unused if any(p.search(e) for p in ignore)]
-    out = RestorePlan(ckpt, names, transforms, kept, unused, [], ignored)
+    out = RestorePlan(ckpt, names, transforms, kept, unused, [], ignored, _loose=frozenset(loose))
     out.problems += _missing(ckpt, names, transforms)
-    stray = [e for e in unused if e not in set(ignored)]
+    stray = sorted(set(unused) - set(ignored))
     if strict and stray:
         out.problems.append(CheckpointError(_STRAY.format(path=ckpt.path, n=len(stray), grouped=_grouped(stray))))
     for n in [*names, *transforms]:
@@ -186,12 +187,7 @@ def plan(
         if c in ckpt.entries:
             spec, entry = target.spec(n), ckpt.entries[c]
             out._rows.append((n, c, "", spec.shape, _dtypes(entry.dtype, spec.dtype)))
-            if (
-                entry.shape == spec.shape
-                and entry.dtype != spec.dtype
-                and not cast
-                and _narrows(entry.dtype, spec.dtype)
-            ):
+            if entry.shape == spec.shape and not cast and _narrows(entry.dtype, spec.dtype):
                 out.narrowed[n] = c  # read through the host and checked value by value (`_narrow`)
                 continue
             out._wanted[c] = _struct(target, n)
@@ -209,7 +205,6 @@ def plan(
         if all(e in ckpt.entries for e in t.entries()):
             out.problems += _check_transform(ckpt, n, t, target, cast, memo, out._rows)
     out._rows.sort(key=lambda row: row[0])
-    out._loose = frozenset(loose)
     return out
 
 
@@ -247,6 +242,8 @@ def _narrows(stored: np.dtype, declared: np.dtype) -> bool:
     """Whether `declared` is what JAX makes of the 64-bit `stored` with its 64-bit mode off
     (int64 -> int32, uint64 -> uint32, float64 -> float32): read without `cast=True` when every
     value converts exactly (a training step, a learning rate that a Python number held)."""
+    if not isinstance(stored, np.dtype) or stored.kind not in "iufc":  # PRNG keys, bfloat16: never
+        return False
     return stored != declared and jax.dtypes.canonicalize_dtype(stored) == declared
 
 
