@@ -263,7 +263,9 @@ def test_the_layouts_guide_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, str(guide), "exec"), scope)
-    assert "layers/kernel  layers_0/kernel, layers_1/kernel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"layers/kernel +layers_\{0\.\.3\}/kernel \(4\) +stack\(axis=0\) +\(4, 64, 64\)", out), out
+    assert max(len(line) for line in out.splitlines()) <= 120
     assert jstate.list_variables("ckpt/exported") == jstate.list_variables("ckpt/old")
     np.testing.assert_array_equal(
         jstate.load_variable("ckpt/exported", "attn/qkv"), jstate.load_variable("ckpt/old", "attn/qkv")
