@@ -180,7 +180,7 @@ def plan(
     out.problems += _missing(ckpt, names, transforms)
     stray = sorted(set(unused) - set(ignored))
     if strict and stray:
-        out.problems.append(CheckpointError(_STRAY.format(path=ckpt.path, n=len(stray), grouped=_grouped(stray))))
+        out.problems.append(_stray(ckpt.path, stray))
     for n in [*names, *transforms]:
         out.problems += _placeable(n, target)
     for n, c in names.items():
@@ -209,12 +209,29 @@ def plan(
 
 
 # TF1 checkpoints hold an optimizer's slots next to each variable (`*/Adam`, `*/Adam_1`): the
-# message groups entries by their last path component, so that a pattern per group is the fix.
+# message groups entries by their last path component, and suggests one pattern per group.
 _STRAY = (
-    "Checkpoint {path} holds {n} variable(s) that the Saver does not restore: {grouped}. Pass "
-    "`ignore=[pattern, ...]` (regular expressions searched in checkpoint names, e.g. "
-    '`ignore=[r"/Adam(_1)?$"]`) to restore strictly without the entries they match, or `strict=False`.'
+    "Checkpoint {path} holds {n} variable(s) that the Saver does not restore: {grouped}. To restore "
+    "strictly without them, pass `ignore=[{patterns}]` (regular expressions searched in checkpoint names); "
+    "or pass `strict=False`."
 )
+
+
+def _stray(path: Any, names: list[str]) -> CheckpointError:
+    groups, alone = _groups_of(names)
+    patterns = [f"/{re.escape(last)}$" for last in groups] + [f"^{re.escape(name)}$" for name in alone]
+    shown = ", ".join(f'r"{p}"' for p in patterns[:6]) + (", ..." if len(patterns) > 6 else "")
+    return CheckpointError(_STRAY.format(path=path, n=len(names), grouped=_grouped(names), patterns=shown))
+
+
+def _groups_of(names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """`names` by their last path component where several share one, and the rest."""
+    by_last: dict[str, list[str]] = {}
+    for name in names:
+        by_last.setdefault(name.rsplit("/", 1)[-1], []).append(name)
+    groups = {last: members for last, members in by_last.items() if len(members) > 1 and "/" in members[0]}
+    grouped = {n for members in groups.values() for n in members}
+    return groups, [n for n in names if n not in grouped]
 
 
 def _grouped(names: list[str], limit: int = 8) -> str:
@@ -224,18 +241,10 @@ def _grouped(names: list[str], limit: int = 8) -> str:
     >>> _grouped(["a/Adam", "b/Adam", "c/Adam", "global_step"])
     "*/Adam (3: 'a/Adam', 'b/Adam' and 1 more), 'global_step'"
     """
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(name.rsplit("/", 1)[-1] if "/" in name else name, []).append(name)
-    shown, alone = [], []
-    for last, members in groups.items():
-        if len(members) > 1:
-            shown.append(f"*/{last} ({len(members)}: {shorten(members, 2)})")
-        else:
-            alone += members
-    return ", ".join([*shown[:limit], *([shorten(alone, limit)] if alone else [])]) + (
-        f", and {len(shown) - limit} more groups" if len(shown) > limit else ""
-    )
+    groups, alone = _groups_of(names)
+    shown = [f"*/{last} ({len(members)}: {shorten(members, 2)})" for last, members in groups.items()]
+    more = f", and {len(shown) - limit} more groups" if len(shown) > limit else ""
+    return ", ".join([*shown[:limit], *([shorten(alone, limit)] if alone else [])]) + more
 
 
 def _narrows(stored: np.dtype, declared: np.dtype) -> bool:
