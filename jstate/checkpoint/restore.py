@@ -118,6 +118,8 @@ class RestorePlan:
             notes.append(("Checkpoint entries nothing uses", shorten(unused, 20)))
         if self.ignored:
             notes.append(("Ignored (`ignore=`)", _grouped(self.ignored)))
+        if self.narrowed:
+            notes.append(("Stored in 64 bits, read into 32 if every value fits", shorten(self.narrowed, 20)))
         for problem in self.problems:
             notes.append(("Problem", str(problem)))
         return notes
