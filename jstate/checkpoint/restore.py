@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +27,9 @@ from ..core.table import Table
 from ..formats.base import Checkpoint, from_host
 from ..model.placement import uncommitted
 from ..model.state import State
+from . import narrowing
 from .mapping import NameMap
-
-log = logging.getLogger("jstate")
-
-WIDTH = 120  # a plan's table fits a terminal, a notebook cell and a log line
+from .plan_text import HEAD, WIDTH, fit, grouped, sources, stray
 
 
 @dataclasses.dataclass
@@ -106,7 +103,7 @@ class RestorePlan:
         """
         n = len(self._rows)
         title = f"Restore from {self.checkpoint.path} ({self.checkpoint.writer}): {n} variable{'s' * (n != 1)}"
-        return Table(("variable", "from", "transform", "shape", "dtype"), _fit(self._rows, WIDTH), title)
+        return Table(HEAD, fit(self._rows, WIDTH), title)
 
     def _notes(self) -> list[tuple[str, str]]:
         notes = []
@@ -117,7 +114,7 @@ class RestorePlan:
         if unused:
             notes.append(("Checkpoint entries nothing uses", shorten(unused, 20)))
         if self.ignored:
-            notes.append(("Ignored (`ignore=`)", _grouped(self.ignored)))
+            notes.append(("Ignored (`ignore=`)", grouped(self.ignored)))
         if self.narrowed:
             notes.append(("Stored in 64 bits, read into 32 if every value fits", shorten(self.narrowed, 20)))
         for problem in self.problems:
@@ -180,17 +177,17 @@ def plan(
     ignored = [e for e in unused if any(p.search(e) for p in ignore)]
     out = RestorePlan(ckpt, names, transforms, kept, unused, [], ignored, _loose=frozenset(loose))
     out.problems += _missing(ckpt, names, transforms)
-    stray = sorted(set(unused) - set(ignored))
-    if strict and stray:
-        out.problems.append(_stray(ckpt.path, stray))
+    unread = sorted(set(unused) - set(ignored))
+    if strict and unread:
+        out.problems.append(stray(ckpt.path, unread))
     for n in [*names, *transforms]:
         out.problems += _placeable(n, target)
     for n, c in names.items():
         if c in ckpt.entries:
             spec, entry = target.spec(n), ckpt.entries[c]
             out._rows.append((n, c, "", spec.shape, _dtypes(entry.dtype, spec.dtype)))
-            if entry.shape == spec.shape and not cast and _narrows(entry.dtype, spec.dtype):
-                out.narrowed[n] = c  # read through the host and checked value by value (`_narrow`)
+            if entry.shape == spec.shape and not cast and narrowing.narrows(entry.dtype, spec.dtype):
+                out.narrowed[n] = c  # read through the host and checked value by value (`narrowing`)
                 continue
             out._wanted[c] = _struct(target, n)
             if entry.shape != spec.shape or (entry.dtype != spec.dtype and not cast):
@@ -208,54 +205,6 @@ def plan(
             out.problems += _check_transform(ckpt, n, t, target, cast, memo, out._rows)
     out._rows.sort(key=lambda row: row[0])
     return out
-
-
-# TF1 checkpoints hold an optimizer's slots next to each variable (`*/Adam`, `*/Adam_1`): the
-# message groups entries by their last path component, and suggests one pattern per group.
-_STRAY = (
-    "Checkpoint {path} holds {n} variable(s) that the Saver does not restore: {grouped}. To restore "
-    "strictly without them, pass `ignore=[{patterns}]` (regular expressions searched in checkpoint names); "
-    "or pass `strict=False`."
-)
-
-
-def _stray(path: Any, names: list[str]) -> CheckpointError:
-    groups, alone = _groups_of(names)
-    patterns = [f"/{re.escape(last)}$" for last in groups] + [f"^{re.escape(name)}$" for name in alone]
-    shown = ", ".join(f'r"{p}"' for p in patterns[:6]) + (", ..." if len(patterns) > 6 else "")
-    return CheckpointError(_STRAY.format(path=path, n=len(names), grouped=_grouped(names), patterns=shown))
-
-
-def _groups_of(names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """`names` by their last path component where several share one, and the rest."""
-    by_last: dict[str, list[str]] = {}
-    for name in names:
-        by_last.setdefault(name.rsplit("/", 1)[-1], []).append(name)
-    groups = {last: members for last, members in by_last.items() if len(members) > 1 and "/" in members[0]}
-    grouped = {n for members in groups.values() for n in members}
-    return groups, [n for n in names if n not in grouped]
-
-
-def _grouped(names: list[str], limit: int = 8) -> str:
-    """`names` for a message, grouped by their last path component where several share one:
-    ``*/Adam (4: 'layer1/biases/Adam', ...)``, then the rest by name.
-
-    >>> _grouped(["a/Adam", "b/Adam", "c/Adam", "global_step"])
-    "*/Adam (3: 'a/Adam', 'b/Adam' and 1 more), 'global_step'"
-    """
-    groups, alone = _groups_of(names)
-    shown = [f"*/{last} ({len(members)}: {shorten(members, 2)})" for last, members in groups.items()]
-    more = f", and {len(shown) - limit} more groups" if len(shown) > limit else ""
-    return ", ".join([*shown[:limit], *([shorten(alone, limit)] if alone else [])]) + more
-
-
-def _narrows(stored: np.dtype, declared: np.dtype) -> bool:
-    """Whether `declared` is what JAX makes of the 64-bit `stored` with its 64-bit mode off
-    (int64 -> int32, uint64 -> uint32, float64 -> float32): read without `cast=True` when every
-    value converts exactly (a training step, a learning rate that a Python number held)."""
-    if not isinstance(stored, np.dtype) or stored.kind not in "iufc":  # PRNG keys, bfloat16: never
-        return False
-    return stored != declared and jax.dtypes.canonicalize_dtype(stored) == declared
 
 
 def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Transform]) -> list[JStateError]:
@@ -359,12 +308,12 @@ def _check_transform(
     try:
         got = T.struct(t, entries, memo)
     except (TypeError, ValueError, IndexError, OverflowError) as e:
-        rows.append((name, _sources(list(entries)), T.describe(t), "?", "?"))
+        rows.append((name, sources(list(entries)), T.describe(t), "?", "?"))
         shapes = ", ".join(f"'{n}' {s.shape}" for n, s in entries.items())
         return [
             MappingError(f"Saver rule for '{name}': {t!r} does not apply to checkpoint {ckpt.path} ({shapes}): {e}")
         ]
-    rows.append((name, _sources(list(entries)), T.describe(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
+    rows.append((name, sources(list(entries)), T.describe(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
     if got.shape != spec.shape or (got.dtype != spec.dtype and not cast):
         hint = " Pass `cast=True`, or add a `transforms.cast`." if got.shape == spec.shape else ""
         return [
@@ -378,58 +327,6 @@ def _check_transform(
 
 def _dtypes(stored: np.dtype, declared: np.dtype) -> str:
     return declared.name if stored == declared else f"{stored.name} -> {declared.name}"
-
-
-def _sources(entries: list[str]) -> str:
-    """The entries a transform reads, for a plan's "from" cell: a few by name, numbered ones as a
-    range with their count, others as the first and a count.
-
-    >>> _sources(["a", "b"]), _sources([f"layers_{i}/kernel" for i in range(24)]), _sources(["x", "y", "z"])
-    ('a, b', 'layers_{0..23}/kernel (24)', 'x, ... 3 entries')
-    """
-    if len(entries) <= 2:
-        return ", ".join(entries)
-    parts = [re.split(r"(\d+)", e) for e in entries]
-    if all(len(p) == len(parts[0]) for p in parts):
-        differ = [i for i in range(1, len(parts[0]), 2) if len({p[i] for p in parts}) > 1]
-        same = all(p[i] == parts[0][i] for p in parts for i in range(len(p)) if i not in differ)
-        if len(differ) == 1 and same:
-            i = differ[0]
-            numbers = [int(p[i]) for p in parts]
-            if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
-                head, tail = "".join(parts[0][:i]), "".join(parts[0][i + 1 :])
-                return f"{head}{{{numbers[0]}..{numbers[-1]}}}{tail} ({len(entries)})"
-    return f"{entries[0]}, ... {len(entries)} entries"
-
-
-def _fit(rows: list[tuple], width: int) -> list[tuple]:
-    """`rows` with their text cells (variable, from, transform) shortened in the middle until a
-    table of them fits `width` columns (two spaces between columns): the column furthest above
-    its floor gives first, variable names keeping the most (40), then entries (28), transforms
-    (24); past those floors, every text column down to 16."""
-    cells = [[str(c) for c in r] for r in rows]
-    if not cells:
-        return rows
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(_HEAD)]
-    for floors in ((40, 28, 24), (16, 16, 16)):
-        while sum(widths) + 2 * (len(widths) - 1) > width:
-            i = max(range(3), key=lambda i: widths[i] - floors[i])
-            if widths[i] <= floors[i]:
-                break
-            widths[i] -= 1
-    return [
-        tuple(_middle(str(c), widths[i]) if i < 3 and len(str(c)) > widths[i] else c for i, c in enumerate(r))
-        for r in rows
-    ]
-
-
-_HEAD = ("variable", "from", "transform", "shape", "dtype")
-
-
-def _middle(text: str, width: int) -> str:
-    """`text` in `width` characters: its start and end, "..." between (a name's ends tell most)."""
-    keep = width - 3
-    return text[: keep - keep // 2] + "..." + text[len(text) - keep // 2 :]
 
 
 def restore(
@@ -472,75 +369,15 @@ def restore(
     """
     found = plan(ckpt, name_map, target, cast=cast, strict=strict, ignore=ignore, loose=loose)
     found.check()
-    values = _narrow(found, target, verify, {} if exact is None else exact)  # small, checked first
+    narrowed = {n: _struct(target, n) for n in found.narrowed}
+    exact = {} if exact is None else exact
+    values = narrowing.read(ckpt, found.narrowed, narrowed, found._loose, verify, exact)  # small: checked first
     arrays = ckpt.read(found._wanted, verify=verify, progress=progress) if found._wanted else {}
     values |= {n: arrays[c] for n, c in found.names.items() if n not in found.narrowed}
     values |= _transformed(ckpt, found.transforms, target, verify)
     # A variable with no placement is left uncommitted, as `init` leaves it (jit may move it).
     values = {n: v if _struct(target, n).sharding is not None else uncommitted(v) for n, v in values.items()}
     return target._replace_values(values)
-
-
-_DOES_NOT_FIT = (
-    "Checkpoint {path}: variable '{c}' is {stored}, and its value {value!r} does not fit {declared}, "
-    "what '{n}' is with JAX's 64-bit mode off. Pass `cast=True` to convert it anyway, or enable 64-bit mode "
-    "(`jax.config.update('jax_enable_x64', True)`) and declare it {stored}."
-)
-
-
-def _narrow(found: RestorePlan, target: State, verify: bool, exact: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """The variables `found` narrows from 64 bits, read to the host and checked value by value:
-    integers in the 32-bit range, floats whose float32 value is the same number (or, where the
-    target held a Python number, any float float32 does not overflow). One INFO record names them.
-
-    Raises:
-      SpecMismatchError: the first value that does not fit, naming its variable and `cast=True`.
-    """
-    if not found.narrowed:
-        return {}
-    ckpt = found.checkpoint
-    host = ckpt.read_host(sorted(set(found.narrowed.values())), verify=verify)
-    out = {}
-    for n, c in found.narrowed.items():
-        declared = target.spec(n).dtype
-        bad = _misfit(host[c], declared, n in found._loose)
-        if bad is not None:
-            raise SpecMismatchError(
-                _DOES_NOT_FIT.format(
-                    path=ckpt.path, c=c, n=n, value=bad, stored=host[c].dtype.name, declared=declared.name
-                )
-            )
-        exact[n] = host[c]
-        out[n] = from_host(host[c], _struct(target, n))
-    log.info(
-        "Restored %d variable(s) stored in 64 bits into 32 bits (JAX's 64-bit mode is off), every value fitting: %s",
-        len(found.narrowed),
-        ", ".join(
-            f"{n} ({ckpt.entries[c].dtype.name} -> {target.spec(n).dtype.name})" for n, c in found.narrowed.items()
-        ),
-    )
-    return out
-
-
-def _misfit(host: np.ndarray, declared: np.dtype, loose: bool) -> Any:
-    """The first value of `host` that `declared` cannot hold (as a Python number), None if all fit.
-
-    >>> _misfit(np.array([1, 2**31], np.int64), np.dtype(np.int32), False), _misfit(np.array([0.5, 0.1]), np.dtype(np.float32), False)
-    (2147483648, 0.1)
-    >>> _misfit(np.array([0.1, np.nan]), np.dtype(np.float32), True) is None
-    True
-    """
-    if np.issubdtype(host.dtype, np.integer):
-        info = np.iinfo(declared)
-        bad = (host < info.min) | (host > info.max)
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            narrow = host.astype(declared)
-        overflow = np.isfinite(host) & ~np.isfinite(narrow)
-        # a Python float (`loose`) was a float64 anyway: rounding it to float32 is what JAX does to it
-        bad = overflow if loose else overflow | ~((narrow.astype(host.dtype) == host) | np.isnan(host))
-    where = np.flatnonzero(bad)
-    return host.flat[where[0]].item() if where.size else None
 
 
 def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: State, verify: bool) -> dict:
