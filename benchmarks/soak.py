@@ -6,6 +6,7 @@ save that returned is checked, and what the killed saves left behind is counted.
     python benchmarks/soak.py --seconds 840            # the 14 minutes of issue 23
     python benchmarks/soak.py --store gs --seconds 180 # fake-gcs-server on 127.0.0.1 (tests/cloud/emulators.py)
     python benchmarks/soak.py --store s3               # moto's S3 server
+    python benchmarks/soak.py --rounds 40              # 40 chances to signal, paced by the writers
 
 Prints saves returned, signals sent and kills that took effect, reads, violations and leftovers;
 exits 1 on any violation or leftover the README does not allow. A violation is: a save that
@@ -21,7 +22,10 @@ same paths re-saved at once); ``k<i>-1`` keeps one, and must never take ``k<i>``
 it; ``r<i>`` keeps 1 to 3, its steps jumping back and forth like resumed runs. Saves are
 blocking or not at random. Values prove which save a restore read: ``x`` is filled with the
 save's number and ``y`` is ``arange + number``. The schedule (which writer, which signal) follows
-`--seed`; timing does not, so each run meets the saves at other moments.
+`--seed`; timing does not, so each run meets the saves at other moments. By default a signal
+comes every 0.2 to 1.2 s for `--seconds`; with `--rounds` it comes after 1 to 6 lines the writers
+report (a save begun or returned, a writer gone), `--rounds` times, so a slow machine gets the same
+chaos, only slower (tests/reliability/test_soak.py runs both).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import random
 import re
 import signal
@@ -139,10 +144,14 @@ class Report:
 
 
 class Child:
-    """A Python child process whose stdout lines are collected as they come."""
+    """A Python child process whose stdout lines are collected as they come, and put on `events`
+    (with "exited" when it ends) where one is given."""
 
-    def __init__(self, name: str, code: str, *args: str, env: Mapping[str, str], cwd: Path):
+    def __init__(
+        self, name: str, code: str, *args: str, env: Mapping[str, str], cwd: Path, events: queue.Queue | None = None
+    ):
         self.lines: list[str] = []
+        self.events = events
         with open(cwd / f"{name}.stderr", "w") as stderr:  # kept in the working directory, to look into
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code, *args],
@@ -161,7 +170,11 @@ class Child:
             self.lines.append(line)
             if line == "ready\n":
                 self.started.set()
+            if self.events is not None:
+                self.events.put(line)
         self.started.set()  # or it ended
+        if self.events is not None:
+            self.events.put("exited")
 
     @property
     def ready(self) -> bool:
@@ -191,13 +204,16 @@ def soak(
     writers: int = 4,
     savers: int = 2,
     seconds: float = 60,
+    rounds: int | None = None,
     seed: int = 0,
     env: Mapping[str, str] | None = None,
     workdir: Path | None = None,
 ) -> Report:
     """Run the soak against directory `root` (a local path or a ``gs://``/``s3://`` URL, empty or
-    new) and check it. `env`: the children's environment (an emulator's variables); `workdir`:
-    their working directory (a temporary one by default)."""
+    new) and check it. A chance to signal comes every 0.2 to 1.2 s for `seconds`, or, with
+    `rounds`, after every 1 to 6 lines the writers report, `rounds` times. `env`: the children's
+    environment (an emulator's variables); `workdir`: their working directory (a temporary one by
+    default)."""
     import jax.numpy as jnp
 
     import jstate
@@ -212,17 +228,33 @@ def soak(
         reader = Child("reader", READER, root, str(stop), env=env, cwd=cwd)
         done: list[Child] = []
         sent = {name: 0 for name in SIGNALS if name}
+        reports: queue.Queue[str] | None = None if rounds is None else queue.Queue()
         children = [
-            Child(f"writer{i}", WRITER, root, str(i), str(rng.randrange(2**31)), str(savers), env=env, cwd=cwd)
+            Child(
+                f"writer{i}",
+                WRITER,
+                root,
+                str(i),
+                str(rng.randrange(2**31)),
+                str(savers),
+                env=env,
+                cwd=cwd,
+                events=reports,
+            )
             for i in range(writers)
         ]
         started = time.monotonic()
         try:
             for child in [reader, *children]:  # the clock starts when all are at work (JAX starts slowly)
                 child.started.wait(timeout=600)
-            started = time.monotonic()
-            while time.monotonic() < started + seconds:
-                time.sleep(rng.uniform(0.2, 1.2))  # the chaos schedule, not a synchronization
+            started, chances = time.monotonic(), 0
+            while (time.monotonic() < started + seconds) if rounds is None else (chances < rounds):
+                chances += 1
+                if reports is None:
+                    time.sleep(rng.uniform(0.2, 1.2))  # the chaos schedule, not a synchronization
+                else:
+                    for _ in range(rng.randint(1, 6)):  # the writers report that many steps of their saves
+                        reports.get(timeout=600)
                 for child in [c for c in children if c.process.poll() is not None]:
                     children.remove(child)
                     done.append(child)
@@ -237,6 +269,7 @@ def soak(
                             str(savers),
                             env=env,
                             cwd=cwd,
+                            events=reports,
                         )
                     )
                 child = rng.choice(children)
@@ -382,6 +415,7 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=4, help="writer processes at any time (default 4)")
     parser.add_argument("--savers", type=int, default=2, help="Savers per writer (default 2)")
     parser.add_argument("--seconds", type=float, default=60, help="how long signals are sent (default 60)")
+    parser.add_argument("--rounds", type=int, help="instead: this many chances to signal, paced by the writers")
     parser.add_argument("--store", choices=["local", "gs", "s3"], default="local")
     parser.add_argument("--dir", help="local directory to soak in (default: a temporary one)")
     parser.add_argument("--workdir", help="the children's working directory, where each leaves its stderr")
@@ -394,6 +428,7 @@ def main() -> int:
             writers=args.writers,
             savers=args.savers,
             seconds=args.seconds,
+            rounds=args.rounds,
             seed=args.seed,
             env=env,
             workdir=args.workdir and Path(args.workdir),

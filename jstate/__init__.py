@@ -41,4 +41,57 @@ from .model.state import State as State
 from .model.state import from_nnx as from_nnx
 from .model.state import report_uninitialized as report_uninitialized
 
+# Every public name, as the API reference (docs/api/) groups them; tests/docs/test_docs_site.py
+# checks that the two agree.
+__all__ = [
+    # Models and State (docs/api/model.rst)
+    "Scope",
+    "State",
+    "VariableSpec",
+    "flax_model",
+    "to_nnx",
+    "from_nnx",
+    # Init and placement (docs/api/init.rst)
+    "init",
+    "abstract",
+    "report_uninitialized",
+    "shardings",
+    "explain_placement",
+    "round_robin",
+    "Placement",
+    "Origin",
+    # Initializers (docs/api/initializers.rst)
+    "initializers",
+    # Saver and checkpoints (docs/api/checkpoints.rst)
+    "Saver",
+    "Preemption",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "list_variables",
+    "load_variable",
+    "open_checkpoint",
+    "save_safetensors",
+    "Table",
+    # Transforms (docs/api/transforms.rst)
+    "transforms",
+    # Formats (docs/api/formats.rst)
+    "Checkpoint",
+    # Object storage (docs/api/storage.rst)
+    "StoreError",
+    "StoreTimeoutError",
+    # Errors (docs/api/errors.rst)
+    "JStateError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "SpecMismatchError",
+    "MappingError",
+    "UninitializedError",
+    "UnknownVariableError",
+    "InvalidNameError",
+    "InitializerError",
+    "ModelError",
+    "PlacementError",
+]
+
 __version__ = "0.1.0"

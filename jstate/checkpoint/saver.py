@@ -41,37 +41,11 @@ T = TypeVar("T")
 class Saver:
     """Saves and restores a State's variables, all or some, under chosen names.
 
-    Valid forms of `var_list` (see `checkpoint.mapping` for details):
-
-      Saver()                                 every initialized variable, under its own name
-      Saver(["weights", "biases"])            a subset; ``"encoder/"`` names a whole scope
-      Saver({"my_v2": "v2"})                  checkpoint name -> State name
-      Saver({"encoder/": "model/encoder/"})   checkpoint scope -> State scope
-      Saver([(r"^model/(.*)$", r"\\1")])        regex over State names -> checkpoint name
-
     Checkpoints are Orbax PyTree checkpoints (arrays keyed by checkpoint name, in
     ``arrays-<token>/``, `Checkpoint.arrays`) plus a small ``jstate.json`` manifest, whose
-    writing commits the save; plain Orbax can restore the arrays.
-
-    Args:
-      var_list: which variables, under which names.
-      max_to_keep: keep only the newest N checkpoints of a prefix (None or 0 keeps all).
-      keep_every_n_hours: also keep, for good, one checkpoint per N hours.
-      keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
-      compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
-      pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
-        packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
-        16 MiB instead of per variable. False (or 0) stores every variable under its own name,
-        as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables").
-      progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
-        and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
-        either way.
-      timeout: seconds that processes of a multi-process save wait for each other, and that
-        jstate waits on an object store (gs://, s3://) before a save or restore fails: for all
-        of each step that only reads or writes metadata (preparing a save, committing it with
-        retention, finding the checkpoint to restore), and for each request while arrays are
-        read. (Orbax and tensorstore write and read the arrays under their own retry policies.)
-      keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
+    writing commits the save; plain Orbax can restore the arrays. A Saver holds only its
+    settings and the prefixes it saved to (for retention); `save` and `restore` never change
+    the State they are given.
 
     >>> saver = jstate.Saver(max_to_keep=3)
     >>> path = saver.save(state, "ckpt/model", step=1000)
@@ -91,6 +65,46 @@ class Saver:
         timeout: float = 600.0,
         keep_checkpoint_every_n_hours: float | None = None,
     ):
+        """A Saver of the variables `var_list` names, keeping the checkpoints retention allows.
+
+        Valid forms of `var_list` (see `checkpoint.mapping` for details):
+
+          Saver()                                 every initialized variable, under its own name
+          Saver(["weights", "biases"])            a subset; ``"encoder/"`` names a whole scope
+          Saver({"my_v2": "v2"})                  checkpoint name -> State name
+          Saver({"encoder/": "model/encoder/"})   checkpoint scope -> State scope
+          Saver([(r"^model/(.*)$", r"\\1")])        regex over State names -> checkpoint name
+
+        Args:
+          var_list: which variables, under which names.
+          max_to_keep: keep only the newest N checkpoints of a prefix (None or 0 keeps all).
+          keep_every_n_hours: also keep, for good, one checkpoint per N hours.
+          keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
+          compression: zstd-compress arrays (Orbax's default; ~8% smaller float data, ~2x slower).
+          pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
+            packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
+            16 MiB instead of per variable. False (or 0) stores every variable under its own name,
+            as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables").
+          progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
+            and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
+            either way.
+          timeout: seconds that processes of a multi-process save wait for each other, and that
+            jstate waits on an object store (gs://, s3://) before a save or restore fails: for all
+            of each step that only reads or writes metadata (preparing a save, committing it with
+            retention, finding the checkpoint to restore), and for each request while arrays are
+            read. (Orbax and tensorstore write and read the arrays under their own retry policies.)
+          keep_checkpoint_every_n_hours: TensorFlow's name for `keep_every_n_hours`.
+
+        Raises:
+          MappingError: a `var_list` of no valid form (a string, a State, a regex that does not
+            compile); names it gives are checked against a State when it is saved or restored.
+          ValueError: a retention count or period that is not positive, or a `timeout` that is
+            not a finite positive number of seconds.
+          TypeError: both `keep_every_n_hours` and `keep_checkpoint_every_n_hours`.
+
+        >>> jstate.Saver(["weights", "biases"], max_to_keep=5, keep_every_n_steps=10_000)
+        Saver(max_to_keep=5, compression=False)
+        """
         if keep_checkpoint_every_n_hours is not None:  # TensorFlow's name for it
             if keep_every_n_hours is not None:
                 raise TypeError("Saver: give `keep_every_n_hours` or TF's `keep_checkpoint_every_n_hours`, not both.")

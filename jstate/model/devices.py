@@ -2,7 +2,7 @@
 shardings described in a few words.
 
 Valid device strings (``device=``, ``sharding=``, ``s.placement(...)`` and rules take them; see
-`jstate.model.placement` for everything else a placement may be):
+`jstate.model.requests` for everything else a placement may be):
 
   "/cpu:0", "cpu:0", "cpu"          CPU device 0 (index among that platform's devices)
   "/gpu:1", "/device:GPU:1"         GPU device 1

@@ -44,7 +44,7 @@ def _public() -> dict[str, object]:
     """Every public name, as users spell it: ``jstate.X``, ``jstate.X.method``,
     ``jstate.initializers.x`` and ``jstate.transforms.x``."""
     names: dict[str, object] = {}
-    exports = [(f"jstate.{n}", o) for n, o in vars(jstate).items() if not n.startswith("_") and not inspect.ismodule(o)]
+    exports = [(f"jstate.{n}", getattr(jstate, n)) for n in jstate.__all__ if not inspect.ismodule(getattr(jstate, n))]
     for module in (jstate.initializers, jstate.transforms):
         exports += [(f"{module.__name__}.{n}", getattr(module, n)) for n in module.__all__]
     for name, obj in exports:
@@ -87,6 +87,24 @@ def test_every_public_name_is_in_the_api_reference():
     )
     twice = sorted(name for name, pages in documented.items() if len(pages) > 1)
     assert not twice, f"documented on several pages of docs/api/: {twice}"
+
+
+def test_dunder_all_is_every_public_name_and_the_api_reference_its_top_level():
+    assert len(set(jstate.__all__)) == len(jstate.__all__), "a name is listed twice in jstate.__all__"
+    imported = {n for n, o in vars(jstate).items() if not n.startswith("_") and not inspect.ismodule(o)}
+    listed = {n for n in jstate.__all__ if not inspect.ismodule(getattr(jstate, n))}
+    assert listed == imported, f"jstate.__all__ lacks {sorted(imported - listed)}, or lists {sorted(listed - imported)}"
+    top = {
+        target.removeprefix("jstate.")
+        for page in (DOCS / "api").glob("*.rst")
+        for _, target, _ in DIRECTIVE.findall(page.read_text())
+    }
+    assert set(jstate.__all__) == top, (
+        f"only in __all__: {sorted(set(jstate.__all__) - top)}; only in docs/api: {sorted(top - set(jstate.__all__))}"
+    )
+    namespace: dict = {}
+    exec("from jstate import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(jstate.__all__)
 
 
 def test_every_documented_member_has_a_docstring():
