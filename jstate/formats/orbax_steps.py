@@ -54,7 +54,7 @@ class StepCheckpoint(Checkpoint):
       items: each tree item's own `OrbaxCheckpoint`, by item name.
       values: each JSON item's value, by item name (``{"metadata": {"step": 400}}``).
 
-    >>> import orbax.checkpoint as ocp
+    >>> import os, orbax.checkpoint as ocp
     >>> with ocp.CheckpointManager(os.path.abspath("mgr"), item_names=("params", "metadata")) as mgr:
     ...     _ = mgr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.ones(2)}),
     ...                                             metadata=ocp.args.JsonSave({"lr": 0.1})))
@@ -111,7 +111,7 @@ class StepCheckpoint(Checkpoint):
 
 
 def _kind(item: Path, handler: str | None) -> str:
-    """"tree" or "json" for an item jstate reads, else why it does not (for `skipped`).
+    """ "tree" or "json" for an item jstate reads, else why it does not (for `skipped`).
     Without a handler recorded, an item is what its files say it is."""
     if handler in _TREE_HANDLERS or (handler is None and _orbax.is_checkpoint(item)):
         return "tree"
