@@ -240,12 +240,13 @@ def _accepted(found: list[tuple[float, Checkpoint]]) -> list[tuple[float, Checkp
 
 
 def step_of(name: str, prefix: str) -> int | None:
-    """The step in a checkpoint name ``<prefix>-<step>``, or None.
+    """The step in a checkpoint name ``<prefix>-<step>`` (or Orbax's ``<prefix>_<step>``, what
+    `Saver(layout="orbax")` writes), or None.
 
-    >>> step_of("model-1000", "model"), step_of("model-2-7", "model")
-    (1000, None)
+    >>> step_of("model-1000", "model"), step_of("model_1000", "model"), step_of("model-2-7", "model")
+    (1000, 1000, None)
     """
-    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
+    m = re.fullmatch(re.escape(prefix) + r"[-_](\d+)", name)
     return int(m.group(1)) if m else None
 
 
