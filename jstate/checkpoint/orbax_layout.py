@@ -31,23 +31,26 @@ LAYOUTS = ("jstate", "orbax")
 STEP_SEPARATOR = "_"  # Orbax's: ``<step_prefix>_<step>`` (jstate's own layout names ``<prefix>-<step>``)
 
 
-def check_layout(layout: str, pack: bool | int | None) -> bool | int:
-    """The `pack` a Saver of `layout` uses (None: packing where the layout allows it).
+def check_layout(layout: str, pack: bool | int) -> bool | int:
+    """The `pack` a Saver of `layout` uses: in the Orbax layout every variable keeps its own key,
+    so nothing is packed (`pack` True, its default, packs nothing there).
 
     Raises:
-      ValueError: an unknown layout, or packing asked of the Orbax layout.
+      ValueError: an unknown layout, or a packing size asked of the Orbax layout.
 
-    >>> check_layout("orbax", None), check_layout("jstate", None)
+    >>> check_layout("orbax", True), check_layout("jstate", True)
     (False, True)
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Saver: `layout` is 'jstate' or 'orbax', got {layout!r}.")
-    if layout == "orbax" and pack:
+    if layout != "orbax":
+        return pack
+    if pack is not True and pack:
         raise ValueError(
-            "Saver(layout='orbax') stores each variable under its own key, as plain Orbax restores it; "
-            "packing (`pack`) would hide small ones in shared arrays. Leave `pack` out."
+            f"Saver(layout='orbax', pack={pack!r}): the Orbax layout stores each variable under its own key, "
+            "as plain Orbax restores it; packing would hide small ones in shared arrays. Leave `pack` out."
         )
-    return (layout == "jstate") if pack is None else pack
+    return False
 
 
 def nesting(saved: Any, names: dict[str, str], stored: list[str]) -> Callable[[dict[str, jax.Array]], Any]:

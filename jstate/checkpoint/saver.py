@@ -63,8 +63,8 @@ class Saver:
       pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
         packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
         16 MiB instead of per variable. False (or 0) stores every variable under its own name,
-        as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables"). None: True,
-        but False in the Orbax layout.
+        as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables"). The Orbax
+        layout packs nothing.
       layout: "jstate" (the default), or "orbax": checkpoints plain Orbax reads as its own,
         named ``<path>_<step>`` as a CheckpointManager with ``step_prefix=<path's name>`` names
         its steps, holding the tree that was saved (nested, unpacked) in ``default/``, which
@@ -94,7 +94,7 @@ class Saver:
         keep_every_n_hours: float | None = None,
         keep_every_n_steps: int | None = None,
         compression: bool = False,
-        pack: bool | int | None = None,
+        pack: bool | int = True,
         layout: str = "jstate",
         progress: bool = False,
         timeout: float = 600.0,
