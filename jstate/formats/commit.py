@@ -147,10 +147,25 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     """
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
+    arrays = _arrays_of(path, expected)
     deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
     if deleted:
+        if arrays == ORBAX_ARRAYS:  # no token says whose they are: the manifest just taken named them
+            _storage.remove(path / ORBAX_ARRAYS)
         clean_checkpoint(path)
+        if arrays == ORBAX_ARRAYS:  # an empty step directory would still be a step to Orbax
+            _storage.remove_empty_dir(path)
     return deleted
+
+
+def _arrays_of(path: Path, expected: Manifest | None) -> str | None:
+    """The arrays directory that the manifest of `path` (or `expected`) names, None if unknown."""
+    if expected is not None:
+        return expected.arrays
+    with contextlib.suppress(CheckpointError):
+        found = Manifest.read(path)
+        return None if found is None else found.arrays
+    return None
 
 
 def _take(path: Path, expected: Manifest | None) -> bool:
@@ -200,7 +215,10 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     tokens = {e: t for e in entries if (t := _token_of(e.name)) is not None}
     done = [e for e, t in tokens.items() if not _tokens.alive(t, shared=shared)]
     legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
-    fixed = [e for e in entries if _is_fixed(e.name)]  # the Orbax layout's: no token in the name
+    # The Orbax layout's arrays (no token in their name): ours only beside a marker or a manifest
+    # (`only_ours`); a failed save into an Orbax step must leave the step's own `default/` alone.
+    ours = bool(tokens) or any(e.name == FILE for e in entries)
+    fixed = [e for e in entries if _is_fixed(e.name)] if ours else []
     if not done and not legacy and not fixed:
         return
     try:  # read after the liveness checks: see the module docstring

@@ -122,3 +122,31 @@ def test_layout_arguments_are_checked():
         jstate.Saver(layout="flax")
     with pytest.raises(ValueError, match="Leave `pack` out"):
         jstate.Saver(layout="orbax", pack=1024)
+
+
+def test_what_a_killed_save_left_is_never_listed_and_is_replaced(saved, tmp_path):
+    import shutil
+    import time
+
+    from jstate.storage import tokens
+
+    directory, paths = saved
+    dead = f"{int(time.time()):x}_999999999_deadbeef_{tokens._HOST}"  # a token of no live process
+    left = directory / "model_400"  # arrays written, killed before the manifest
+    left.mkdir()
+    (left / f".saving.{dead}.tmp").write_bytes(b"")
+    shutil.copytree(f"{paths[-1]}/default", left / "default")
+    assert jstate.latest_checkpoint(directory) == paths[-1]
+    path = jstate.Saver(layout="orbax").save(training_tree(400), directory / "model", step=400)
+    assert sorted(os.listdir(path)) == ["default", "jstate.json"]
+    assert_tree_equal(jstate.Saver().restore(path, training_tree(0)), training_tree(400))
+
+
+def test_an_orbax_managers_own_step_is_never_taken_for_leftovers(tmp_path):
+    with ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(step_prefix="model")) as mgr:
+        mgr.save(400, args=ocp.args.StandardSave(PARAMS))
+    with pytest.raises(jstate.CheckpointError, match="not a jstate checkpoint"):
+        jstate.Saver(layout="orbax").save(training_tree(1), tmp_path / "ckpt" / "model", step=400)
+    jstate.Saver(layout="orbax").save(training_tree(1), tmp_path / "ckpt" / "model", step=500)  # cleans beside it
+    assert sorted(os.listdir(tmp_path / "ckpt" / "model_400" / "default"))  # untouched
+    assert jstate.open_checkpoint(tmp_path / "ckpt" / "model_400").writer == "orbax"
