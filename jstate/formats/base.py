@@ -4,7 +4,8 @@ A format is a module with ``load(path) -> Checkpoint | None`` (None: not this fo
 `Checkpoint` subclass that knows its entries from metadata alone and reads some of them:
 
   native.py        jstate's own checkpoints (a manifest over an Orbax checkpoint)
-  orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax, CheckpointManager steps)
+  orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax's ``checkpoint_<step>``)
+  orbax_steps.py   Orbax CheckpointManager steps: their items as one checkpoint
   tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
   safetensors.py   ``.safetensors`` files
 

@@ -278,4 +278,4 @@ def _settled(names: set[str]) -> bool:
     then the manifest names those arrays (it never names arrays that were not written, but for
     a checkpoint of zero-size arrays only, whose own commit removed what it replaced), nothing
     is to be removed, and its manifest need not be read to know it."""
-    return len(names) == 2 and FILE in names and any(n.startswith(_DATA) for n in names)
+    return len(names) == 2 and FILE in names and any(n.startswith(_DATA) or n == ORBAX_ARRAYS for n in names)
