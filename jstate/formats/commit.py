@@ -150,7 +150,8 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     arrays = _arrays_of(path, expected)
     deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
     if deleted:
-        if arrays == ORBAX_ARRAYS:  # no token says whose they are: the manifest just taken named them
+        if arrays == ORBAX_ARRAYS and _storage.store_for(path).renames:  # (`_unlist` removed them)
+            # No token says whose they are: the manifest just taken named them.
             _storage.remove(path / ORBAX_ARRAYS)
         clean_checkpoint(path)
         if arrays == ORBAX_ARRAYS:  # an empty step directory would still be a step to Orbax
