@@ -111,8 +111,8 @@ class StepCheckpoint(Checkpoint):
 
 
 def _kind(item: Path, handler: str | None) -> str:
-    """ "tree" or "json" for an item jstate reads, else why it does not (for `skipped`).
-    Without a handler recorded, an item is what its files say it is."""
+    """What `item` is: "tree" or "json" where jstate reads it, else why it does not (for
+    `skipped`). Without a handler recorded, an item is what its files say it is."""
     if handler in _TREE_HANDLERS or (handler is None and _orbax.is_checkpoint(item)):
         return "tree"
     if handler in _JSON_HANDLERS or (handler is None and len(_files(item)) == 1):
@@ -167,12 +167,14 @@ def load(path: Path) -> StepCheckpoint | None:
         return None
     names = set(_storage.listdir(path))
     step_file = STEP_METADATA in names
+    if not step_file and not path.name.isdigit():  # decided from the listing: a directory of many is no step
+        return None
     items = {
         n: path / n
         for n in sorted(names - {STEP_METADATA, _COMMIT_FILE})
         if not n.startswith(".") and _storage.is_dir(path / n)
     }
-    if not step_file and not (path.name.isdigit() and any(_orbax.is_checkpoint(p) for p in items.values())):
+    if not step_file and not any(_orbax.is_checkpoint(p) for p in items.values()):
         return None
     if _orbax.TMP in path.name or (not _storage.store_for(path).renames and _COMMIT_FILE not in names):
         # Where the store renames, Orbax writes under a temporary name; elsewhere it writes the
