@@ -36,12 +36,16 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
         print(list_checkpoints(path))
         return
     ckpt = open_checkpoint(path)  # a directory with `values` or `name`: its latest checkpoint
+    if name is not None and name in ckpt.values and name not in ckpt.entries:  # a JSON item of an Orbax step
+        print(f"value_name: {name}\n{ckpt.values[name]!r}")
+        return
     entries = ckpt.entries
     if name is not None:
         entries = {name: ckpt.entry(name)}
     if not values:
         table = ckpt.table()
-        table.rows = [r for r in table.rows if r[0] in entries]
+        if name is not None:
+            table.rows = [r for r in table.rows if r[0] == name]
         print(table)
         return
     for n, e in sorted(entries.items()):
@@ -51,3 +55,5 @@ def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: s
             print(f"key data ({jax.random.key_impl(value)}):")
             value = jax.random.key_data(value)
         print(np.asarray(value))
+    for n, value in sorted(ckpt.values.items()) if name is None else []:
+        print(f"value_name: {n}\n{value!r}")

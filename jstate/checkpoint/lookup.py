@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ..core.table import Table, human_bytes
 from ..formats import commit as _commit
 from ..formats import native as _native
 from ..formats import orbax as _orbax
+from ..formats import orbax_steps as _orbax_steps
 from ..formats import safetensors as _safetensors
 from ..formats import tensorflow as _tensorflow
 from ..formats.base import Checkpoint
@@ -27,9 +28,10 @@ from ..storage import deadlines as _limits
 from ..storage import store as _storage
 
 # Each format's ``load(path) -> Checkpoint | None``, asked in turn. jstate's own comes first:
-# its arrays are an Orbax checkpoint, which the plain Orbax reader would also claim.
+# its arrays are an Orbax checkpoint, which the plain Orbax reader would also claim; a PyTree
+# checkpoint before a CheckpointManager step (Flax's ``checkpoint_<step>`` is both).
 T = TypeVar("T")
-_FORMATS = (_native.load, _orbax.load, _tensorflow.load, _safetensors.load)
+_FORMATS = (_native.load, _orbax.load, _orbax_steps.load, _tensorflow.load, _safetensors.load)
 
 
 # Seconds a lookup on an object store may take by default, retries included.
@@ -90,7 +92,8 @@ def open_checkpoint(path: str | os.PathLike, *, timeout: float | None = LOOKUP_T
 
       ckpt/model-1000              a jstate checkpoint
       ckpt/flax_params             an Orbax PyTree checkpoint (plain Orbax, Flax)
-      ckpt/1000                    an Orbax CheckpointManager step with one item
+      ckpt/1000                    an Orbax CheckpointManager step (also ckpt/step_1000, ...): its
+                                   items as one checkpoint, named "<item>/<name>" when it has several
       old/model.ckpt-20            a TensorFlow checkpoint prefix (or its .index file)
       model.safetensors            a safetensors file (needs `jstate[safetensors]`)
       ckpt/                        a directory of any of these: its latest complete one
@@ -237,12 +240,13 @@ def _accepted(found: list[tuple[float, Checkpoint]]) -> list[tuple[float, Checkp
 
 
 def step_of(name: str, prefix: str) -> int | None:
-    """The step in a checkpoint name ``<prefix>-<step>``, or None.
+    """The step in a checkpoint name ``<prefix>-<step>`` (or Orbax's ``<prefix>_<step>``, what
+    `Saver(layout="orbax")` writes), or None.
 
-    >>> step_of("model-1000", "model"), step_of("model-2-7", "model")
-    (1000, None)
+    >>> step_of("model-1000", "model"), step_of("model_1000", "model"), step_of("model-2-7", "model")
+    (1000, 1000, None)
     """
-    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
+    m = re.fullmatch(re.escape(prefix) + r"[-_](\d+)", name)
     return int(m.group(1)) if m else None
 
 
@@ -390,9 +394,11 @@ def list_variables(
 
 def load_variable(
     path: str | os.PathLike, name: str, *, verify: bool = True, timeout: float | None = LOOKUP_TIMEOUT
-) -> np.ndarray:
+) -> np.ndarray | Any:
     """One variable of a checkpoint, reading only that array, as a NumPy array in the dtype it
     was stored in (TensorFlow's ``tf.train.load_variable``; a PRNG key comes back as a JAX key).
+    A JSON item of an Orbax CheckpointManager step (`Checkpoint.values`) comes back as the Python
+    value Orbax's ``JsonRestore`` returns.
 
     With `verify` (the default), it is checked against the checksum recorded at save. On an
     object store the whole call, reading included, takes at most `timeout` seconds (None: as
@@ -402,8 +408,14 @@ def load_variable(
     (200,)
     """
     return lookup(
-        path, timeout, "load_variable", lambda: reading(path, lambda ckpt: ckpt.read_host([name], verify=verify)[name])
+        path, timeout, "load_variable", lambda: reading(path, functools.partial(_value, name=name, verify=verify))
     )
+
+
+def _value(ckpt: Checkpoint, name: str, verify: bool) -> Any:
+    if name in ckpt.values and name not in ckpt.entries:
+        return ckpt.values[name]
+    return ckpt.read_host([name], verify=verify)[name]
 
 
 def checkpoints_table(directory: object, found: Iterable[Checkpoint]) -> Table:

@@ -29,6 +29,7 @@ from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage.store import as_path
 from . import lookup as _checkpoint
+from . import orbax_layout as _orbax_layout
 from . import restore as _restore
 from . import retention as _retention
 from .adapters import as_state, like, python_numbers
@@ -61,6 +62,7 @@ class Saver:
         keep_every_n_steps: int | None = None,
         compression: bool = False,
         pack: bool | int = True,
+        layout: str = "jstate",
         progress: bool = False,
         timeout: float = 600.0,
         keep_checkpoint_every_n_hours: float | None = None,
@@ -84,7 +86,14 @@ class Saver:
           pack: store variables of at most 1 MiB (True), or of at most this many bytes (an int),
             packed into a few flat arrays per dtype: Orbax's cost of ~2.5 ms per array is paid per
             16 MiB instead of per variable. False (or 0) stores every variable under its own name,
-            as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables").
+            as plain Orbax would (docs/guides/checkpoints.md, "Packed small variables"). The Orbax
+            layout packs nothing.
+          layout: "jstate" (the default), or "orbax": checkpoints plain Orbax reads as its own,
+            named ``<path>_<step>`` as a CheckpointManager with ``step_prefix=<path's name>`` names
+            its steps, holding the tree that was saved (nested, unpacked) in ``default/``, which
+            ``ocp.StandardCheckpointer().restore(f"{path}/default", target)`` restores
+            (docs/guides/foreign.md, "Back to plain Orbax"). jstate reads them with the same checks.
+            Each is written once, as Orbax writes a step: saving over one is refused.
           progress: show a progress bar (tqdm: the ``progress`` extra) for saves and restores; `save`
             and `restore` take it per call too. Those over 2 s are logged at INFO (logger ``jstate``)
             either way.
@@ -117,7 +126,9 @@ class Saver:
                 "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
             )
         self._compression, self._timeout = compression, float(timeout)
-        self._writer = Writer(compression, timeout, _pack.threshold(pack))
+        self._layout = layout
+        pack = _orbax_layout.check_layout(layout, pack)
+        self._writer = Writer(compression, timeout, _pack.threshold(pack), layout)
         self._progress = progress
 
     # -- saving ------------------------------------------------------------------------------
@@ -164,8 +175,8 @@ class Saver:
             if step < 0:
                 raise ValueError(f"Saver.save: `step` must be an integer >= 0, got {step!r}.")
         self._writer.wait()
-        state = as_state(state)
-        arrays = self._arrays(state)
+        saved, state = state, as_state(state)
+        arrays, names = self._arrays(state)
         if not arrays:
             raise CheckpointError(
                 f"Nothing to save to {path}: the Saver selects no initialized variable of the State "
@@ -177,16 +188,41 @@ class Saver:
                 f"{path}: a bucket alone is not a checkpoint path; name one inside it, e.g. {path}/model. "
                 "Nothing was written."
             )
-        final = path if step is None else path.with_name(f"{path.name}-{step}")
+        separator = _orbax_layout.STEP_SEPARATOR if self._layout == "orbax" else "-"
+        final = path if step is None else path.with_name(f"{path.name}{separator}{step}")
+        nest = None
+        if self._layout == "orbax":
+            nest = _orbax_layout.nesting(saved, names, list(arrays))
+            self._refuse_resave(final)
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
         if step is not None:
             self._prefixes[path] = None
         progress = self._progress if progress is None else progress  # a bar: the Saver's choice unless given
-        self._writer.save(arrays, final, step, prefix, blocking=blocking, committed=retire, progress=progress)
+        self._writer.save(
+            arrays, final, step, prefix, blocking=blocking, committed=retire, progress=progress, nest=nest
+        )
         return str(final)
 
-    def _arrays(self, state: State) -> dict[str, jax.Array]:
+    def _refuse_resave(self, final: Path) -> None:
+        """The Orbax layout's arrays live in a directory without a token (the one a
+        CheckpointManager reads): replacing them in place could not be atomic, so a checkpoint
+        of that layout is written once, as Orbax's CheckpointManager writes a step once."""
+        with _limits.deadline(self._timeout):
+            try:
+                found = Manifest.read(final) is not None
+            except CheckpointError:
+                found = True  # a damaged one: not ours to replace either
+        if found:
+            raise CheckpointError(
+                f"Cannot save to {final}: it holds a checkpoint, and a Saver(layout='orbax') writes each "
+                "checkpoint once (as Orbax's CheckpointManager writes a step once). Save another step, or "
+                "delete it first. Nothing was written."
+            )
+
+    def _arrays(self, state: State) -> tuple[dict[str, jax.Array], dict[str, str]]:
+        """The arrays to save by checkpoint name, and ``{State name: checkpoint name}`` of those
+        saved by name."""
         if self._names.rules is None:
             names = self._names.resolve(state.keys())
         else:
@@ -210,7 +246,7 @@ class Saver:
         arrays |= self._exported(state, set(arrays))
         for ckpt in arrays:
             check_name(ckpt)  # "." would let two names share storage in Orbax's files
-        return arrays
+        return arrays, dict(names)
 
     def _exported(self, state: State, taken: set[str]) -> dict[str, jax.Array]:
         """The checkpoint entries that restoring through this Saver's transforms turns into the

@@ -24,16 +24,18 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from ..core import progress as _progress
+from ..core import tree as _tree
 from ..core.errors import CheckpointError, StoreError
 from ..formats import commit as _commit
 from ..formats import integrity as _integrity
 from ..formats import orbax as _orbax
 from ..formats import pack as _pack
-from ..formats.manifest import Manifest, Variable
+from ..formats.manifest import ORBAX_LAYOUT, Manifest, Variable
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
@@ -101,6 +103,8 @@ class Writer:
       compression: zstd-compress arrays.
       timeout: seconds that processes of a multi-process save wait for each other.
       pack: variables of at most this many bytes are packed together (`formats.pack`); 0 packs none.
+      layout: "jstate", or "orbax": the arrays in the tree a save's `nest` gives, in the fixed
+        directory a CheckpointManager reads (`orbax_layout`), each checkpoint written once.
 
     >>> writer = Writer(compression=False, timeout=60.0)
     >>> writer.save({"w": jnp.ones(3)}, Path("ckpt/model-1"), 1, "model", blocking=False)
@@ -109,10 +113,11 @@ class Writer:
     [('w', (3,), dtype('float32'))]
     """
 
-    def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD):
+    def __init__(self, compression: bool, timeout: float, pack: int = _pack.THRESHOLD, layout: str = "jstate"):
         self._compression = compression
         self._timeout = timeout
         self._pack = pack
+        self._layout = layout
         self._orbax: _orbax.Writer | None = None
         self._saves = 0
         self._pending: _Background | None = None
@@ -127,6 +132,7 @@ class Writer:
         blocking: bool,
         committed: Callable[[Manifest], None] = lambda manifest: None,
         progress: bool = False,
+        nest: Callable[[dict[str, jax.Array]], Any] | None = None,
     ) -> None:
         """Write `arrays` as the checkpoint `final`; call `committed` (process 0) once it is.
 
@@ -143,6 +149,8 @@ class Writer:
           blocking: finish before returning (False: in a background thread).
           committed: called with the manifest once the checkpoint is committed (process 0 only).
           progress: show a progress bar.
+          nest: in the Orbax layout, the tree Orbax writes, from the arrays it stores by name
+            (None: nested dicts split at "/").
 
         Raises:
           CheckpointError: the save failed (or an earlier background one did); earlier
@@ -153,9 +161,9 @@ class Writer:
         (3,)
         """
         with _limits.timeout(self._timeout):  # no request to an object store waits longer
-            self._save(arrays, final, step, prefix, blocking, committed, progress)
+            self._save(arrays, final, step, prefix, blocking, committed, progress, nest)
 
-    def _save(self, arrays, final, step, prefix, blocking, committed, progress) -> None:
+    def _save(self, arrays, final, step, prefix, blocking, committed, progress, nest) -> None:
         self.wait()
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
@@ -168,6 +176,10 @@ class Writer:
             # Known before `prepare` makes it: an interrupt may land right after.
             with _limits.deadline(self._timeout):
                 created = jax.process_index() == 0 and not _storage.exists(final)
+                if self._layout == ORBAX_LAYOUT and not created and jax.process_index() == 0 and _commit.is_ours(final):
+                    # Its arrays' directory has no token in its name: what a dead save left there goes
+                    # now, while no live marker of ours makes it look like a save in flight.
+                    _commit.clean_checkpoint(final)
             token = _orbax.share(f"{name}:token", _tokens.token, self._timeout)
             _tokens.begin(token)
             if jax.process_index() == 0:
@@ -188,10 +200,14 @@ class Writer:
                 for n, slot in slots.items()
             }
             tracker.advance(sum(a.nbytes for a in packed.values()))
-            tree = large | ({_pack.KEY: packed} if packed else {})
+            if self._layout == ORBAX_LAYOUT:
+                tree = (nest or _tree.unflatten)(large) if large else {}
+                data = final / _commit.ORBAX_ARRAYS
+            else:
+                tree = large | ({_pack.KEY: packed} if packed else {})
+                data = _commit.data_dir(final, token)
             if self._orbax is None:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
-            data = _commit.data_dir(final, token)
             if tree:
                 with _orbax_start:
                     self._orbax.save(data, tree)
@@ -209,6 +225,7 @@ class Writer:
                 arrays=data.name,
                 prefix=prefix,
                 packed={a: Variable(v.shape, v.dtype) for a, v in packed.items()},
+                layout=self._layout,
             )
             finish = functools.partial(self._finish, final, data, token, draft, barrier, committed, tracker)
             if blocking:

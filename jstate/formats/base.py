@@ -4,7 +4,8 @@ A format is a module with ``load(path) -> Checkpoint | None`` (None: not this fo
 `Checkpoint` subclass that knows its entries from metadata alone and reads some of them:
 
   native.py        jstate's own checkpoints (a manifest over an Orbax checkpoint)
-  orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax, CheckpointManager steps)
+  orbax.py         plain Orbax PyTree checkpoints (Orbax, Flax's ``checkpoint_<step>``)
+  orbax_steps.py   Orbax CheckpointManager steps: their items as one checkpoint
   tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
   safetensors.py   ``.safetensors`` files
 
@@ -18,7 +19,7 @@ import abc
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -69,6 +70,8 @@ class Checkpoint(abc.ABC):
       created: seconds since the epoch when it was committed (0 when unknown).
       entries: every array it holds that jstate can read, by name.
       skipped: entries jstate cannot read (strings, partitioned slices, ...), with the reason.
+      values: Python values it holds beside its arrays, by name (the JSON items of an Orbax
+        CheckpointManager step); `jstate.load_variable` returns them.
       checksums: whether reads are verified against checksums the checkpoint stores.
 
     >>> ckpt = jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model", step=1))
@@ -94,6 +97,7 @@ class Checkpoint(abc.ABC):
         self.step = step
         self.created = created
         self.skipped = dict(skipped or {})
+        self.values: dict[str, Any] = {}
 
     def entry(self, name: str) -> Entry:
         """The entry `name`.
@@ -232,7 +236,8 @@ class Checkpoint(abc.ABC):
         return None
 
     def table(self) -> Table:
-        """What the checkpoint holds, as a `Table` (name, shape, dtype, size; skipped entries last).
+        """What the checkpoint holds, as a `Table` (name, shape, dtype, size; then `values`, shown
+        in the size column, and skipped entries last).
 
         >>> print(jstate.open_checkpoint(jstate.Saver(["biases"]).save(state, "ckpt/model")).table())
         Checkpoint ckpt/model (jstate): 1 variables, 800 B
@@ -242,6 +247,7 @@ class Checkpoint(abc.ABC):
         """
         entries = self.entries
         rows = [(n, e.shape, e.dtype.name, human_bytes(e.nbytes)) for n, e in sorted(entries.items())]
+        rows += [(n, "-", "value", _short(v)) for n, v in sorted(self.values.items())]
         rows += [(n, "-", "-", f"skipped: {why}") for n, why in sorted(self.skipped.items())]
         total = sum(e.nbytes for e in entries.values())
         step = f", step {self.step}" if self.step is not None else ""
@@ -253,6 +259,12 @@ class Checkpoint(abc.ABC):
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`value` as one line of at most `limit` characters (a table cell, never a whole tree)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def from_host(host: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:

@@ -4,6 +4,8 @@ A checkpoint at ``ckpt/model-1000`` is a directory:
 
   jstate.json             the manifest (`manifest`), written last in one atomic step
   arrays-<token>/         the arrays of one save (an Orbax checkpoint), under the save's token
+  default/                instead, in the Orbax layout (`Saver(layout="orbax")`): the name an Orbax
+                          CheckpointManager reads; such a checkpoint is written once, never re-saved
 
 A save writes its arrays under a token no other save uses, then the manifest naming them: a
 reader sees the old checkpoint or the new one, never a mix, and a save killed at any moment
@@ -35,6 +37,7 @@ from ..storage import tokens as _tokens
 from .manifest import ARRAYS, FILE, Manifest
 
 _DATA = ARRAYS + "-"
+ORBAX_ARRAYS = "default"  # the arrays of a checkpoint in the Orbax layout: a CheckpointManager's one item
 _ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes into "<arrays-token>.orbax-checkpoint-tmp", then renames
 _DELETING = f".{FILE}.deleting."  # a manifest taken by `delete`: ``.jstate.json.deleting.<token>.tmp``
 # The longest name a save adds inside a checkpoint directory: a data directory during
@@ -103,8 +106,19 @@ def only_ours(names: Iterable[str]) -> bool:
 
     >>> only_ours(["jstate.json", "arrays"]), only_ours(["jstate.json", "notes.txt"])
     (True, False)
+    >>> only_ours(["jstate.json", "default"]), only_ours(["default"])  # the Orbax layout's, or Orbax's own
+    (True, False)
     """
-    return all(n in (FILE, ARRAYS) or _token_of(n) is not None for n in names)
+    names = list(names)
+    # The Orbax layout's arrays are ours only beside a manifest or a save's marker: alone, a
+    # `default/` is what an Orbax CheckpointManager writes, and is never jstate's to remove.
+    fixed = any(n == FILE or _token_of(n) is not None for n in names)
+    return all(n in (FILE, ARRAYS) or _token_of(n) is not None or (fixed and _is_fixed(n)) for n in names)
+
+
+def _is_fixed(name: str) -> bool:
+    """Whether `name` is the Orbax layout's arrays, written or (Orbax's temporary name) being written."""
+    return name == ORBAX_ARRAYS or name.startswith(ORBAX_ARRAYS + _ORBAX_TMP)
 
 
 def commit(final: Path, manifest: Manifest, token: str) -> None:
@@ -133,10 +147,26 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     """
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
+    arrays = _arrays_of(path, expected)
     deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
     if deleted:
+        if arrays == ORBAX_ARRAYS and _storage.store_for(path).renames:  # (`_unlist` removed them)
+            # No token says whose they are: the manifest just taken named them.
+            _storage.remove(path / ORBAX_ARRAYS)
         clean_checkpoint(path)
+        if arrays == ORBAX_ARRAYS:  # an empty step directory would still be a step to Orbax
+            _storage.remove_empty_dir(path)
     return deleted
+
+
+def _arrays_of(path: Path, expected: Manifest | None) -> str | None:
+    """The arrays directory that the manifest of `path` (or `expected`) names, None if unknown."""
+    if expected is not None:
+        return expected.arrays
+    with contextlib.suppress(CheckpointError):
+        found = Manifest.read(path)
+        return None if found is None else found.arrays
+    return None
 
 
 def _take(path: Path, expected: Manifest | None) -> bool:
@@ -183,9 +213,14 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     `names` are those in `path`, where the caller has listed them."""
     entries = _storage.iterdir(path) if names is None else [path / n for n in names]
     shared = _storage.store_for(path).shared
-    done = [e for e in entries if (t := _token_of(e.name)) is not None and not _tokens.alive(t, shared=shared)]
+    tokens = {e: t for e in entries if (t := _token_of(e.name)) is not None}
+    done = [e for e, t in tokens.items() if not _tokens.alive(t, shared=shared)]
     legacy = any(e.name == ARRAYS for e in entries)  # written by jstate before tokens
-    if not done and not legacy:
+    # The Orbax layout's arrays (no token in their name): ours only beside a marker or a manifest
+    # (`only_ours`); a failed save into an Orbax step must leave the step's own `default/` alone.
+    ours = bool(tokens) or any(e.name == FILE for e in entries)
+    fixed = [e for e in entries if _is_fixed(e.name)] if ours else []
+    if not done and not legacy and not fixed:
         return
     try:  # read after the liveness checks: see the module docstring
         named = Manifest.read(path)
@@ -195,6 +230,8 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
         return
     if legacy and named is not None and named.arrays != ARRAYS:  # re-saved since: replaced
         done.append(path / ARRAYS)
+    if named is None and len(done) == len(tokens):  # deleted, or its one save is dead: nothing will name them
+        done += fixed
     for entry in done:
         if named is None or entry.name != named.arrays:
             _storage.remove(entry)
@@ -242,4 +279,4 @@ def _settled(names: set[str]) -> bool:
     then the manifest names those arrays (it never names arrays that were not written, but for
     a checkpoint of zero-size arrays only, whose own commit removed what it replaced), nothing
     is to be removed, and its manifest need not be read to know it."""
-    return len(names) == 2 and FILE in names and any(n.startswith(_DATA) for n in names)
+    return len(names) == 2 and FILE in names and any(n.startswith(_DATA) or n == ORBAX_ARRAYS for n in names)

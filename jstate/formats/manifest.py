@@ -33,8 +33,10 @@ FILE = "jstate.json"
 ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
 FORMAT = "jstate.checkpoint"
 # 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``); 3: `packed` (versions 1 and
-# 2 are read as manifests without packed variables).
-VERSION = 3
+# 2 are read as manifests without packed variables); 4: `layout`, written only by the Orbax
+# layout (checkpoints of jstate's own layout stay version 3, readable by jstate before it).
+VERSION = 4
+ORBAX_LAYOUT = "orbax"  # arrays in the tree the user saved, as plain Orbax restores it (`Saver(layout=...)`)
 
 _HEAD = b'{"checksum":"'
 _HEAD_LEN = len(_HEAD) + 8 + 2  # the hex digits, then '",'
@@ -79,6 +81,8 @@ class Manifest:
         ``model-1000``): retention deletes only checkpoints of its own prefix.
       packed: the packed arrays (``pack.KEY/<name>``), each a 1-D `Variable` without digests
         (its variables carry their own).
+      layout: how the arrays are keyed in Orbax's tree: "jstate" (one key per checkpoint name,
+        or packed) or "orbax" (the tree the user saved, nested; `Saver(layout="orbax")`).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
     >>> Manifest.decode(m.encode(), "ckpt") == m
@@ -92,6 +96,7 @@ class Manifest:
     arrays: str = ARRAYS
     prefix: str | None = None
     packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
+    layout: str = "jstate"
 
     @functools.cached_property
     def entries(self) -> dict[str, Entry]:
@@ -115,7 +120,7 @@ class Manifest:
         return encode(
             {
                 "format": FORMAT,
-                "version": VERSION,
+                "version": VERSION if self.layout != "jstate" else 3,
                 "step": self.step,
                 "variables": {
                     n: {"shape": list(v.shape), "dtype": v.dtype.name, "digests": v.digests}
@@ -129,6 +134,7 @@ class Manifest:
                 "prefix": self.prefix,
                 "packed": {a: {"shape": list(p.shape), "dtype": p.dtype.name} for a, p in self.packed.items()},
             }
+            | ({"layout": self.layout} if self.layout != "jstate" else {})
         )
 
     @classmethod
@@ -194,6 +200,9 @@ class Manifest:
         step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
         if "/" in arrays or arrays in ("", ".", ".."):
             raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
+        layout = raw.get("layout", "jstate")
+        if layout not in ("jstate", ORBAX_LAYOUT):
+            raise ValueError(f"layout {layout!r} is not one jstate writes")
         return cls(
             variables,
             None if step is None else int(step),
@@ -202,6 +211,7 @@ class Manifest:
             arrays,
             None if prefix is None else str(prefix),
             packed,
+            layout,
         )
 
     def write(self, directory: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,7 +24,7 @@ from . import ocdbt as _ocdbt
 from . import orbax as _orbax
 from . import pack as _pack
 from .base import Checkpoint, Entry, from_host, own
-from .manifest import ARRAYS, FILE, Manifest, Variable
+from .manifest import ARRAYS, FILE, ORBAX_LAYOUT, Manifest, Variable
 
 # Restores go in batches of about this many bytes, each batch's checksums computed while the
 # next batch is read.
@@ -56,6 +57,7 @@ class NativeCheckpoint(Checkpoint):
         self.arrays = _storage.absolute(path / manifest.arrays)  # as Orbax takes it
         self._stored: dict[str, Entry] | None = None  # Orbax's own metadata, read on first use
         self._where: dict[str, _ocdbt.Located] | None = None  # where `ocdbt` can read arrays, found on first use
+        self._orbax_tree: Any = None  # the Orbax layout's tree (Orbax's metadata), read on first use
 
     def _changed(self) -> bool:
         try:
@@ -89,7 +91,7 @@ class NativeCheckpoint(Checkpoint):
             dtype = v.dtype if verify or v.key else target.dtype
             stored = jax.ShapeDtypeStruct(v.shape, dtype, sharding=target.sharding)
             if v.nbytes:
-                todo[n] = (Entry((n,), v.shape, v.dtype), stored)
+                todo[n] = (Entry(self._keypath(n), v.shape, v.dtype), stored)
             else:  # zero-size arrays hold no data (Orbax cannot even store them): made, not read
                 out[n] = from_host(np.zeros(v.shape, v.dtype), stored)
         through_host = self._through_host(todo)
@@ -99,7 +101,7 @@ class NativeCheckpoint(Checkpoint):
             # Without checksums to catch it, a manifest that disagrees with Orbax's metadata
             # would be a silent cast: compare them (Orbax's metadata costs ~0.5 ms per array).
             self._check_against_orbax(todo)
-            out |= _orbax.read(self.arrays, todo) if todo else {}
+            out |= _orbax.read(self.arrays, todo, self._tree()) if todo else {}
         else:
             self._read_verified(todo, out)
         return {n: _as_target(a, variables[n], wanted[n]) for n, a in out.items()}
@@ -110,7 +112,9 @@ class NativeCheckpoint(Checkpoint):
         packed = [n for n in names if variables[n].packed is not None]
         # Copies: a view would keep the whole packed array alive, and writable by the caller.
         unpacked = {n: a.copy() for n, a in self._unpacked(packed, verify).items()} if packed else {}
-        todo = {n: Entry((n,), variables[n].shape, variables[n].dtype) for n in names if n not in out | unpacked}
+        todo = {
+            n: Entry(self._keypath(n), variables[n].shape, variables[n].dtype) for n in names if n not in out | unpacked
+        }
         if todo:
             with ThreadPoolExecutor(_READERS) as pool:
                 out |= self._fetch(todo, verify, pool)
@@ -179,7 +183,7 @@ class NativeCheckpoint(Checkpoint):
         if not todo:
             return
         if self._stored is None:
-            self._stored = _orbax.entries(_orbax.metadata(self.arrays))
+            self._stored = _orbax.entries(self._tree() or _orbax.metadata(self.arrays))
         for name, (entry, _) in todo.items():
             stored = self._stored.get(name)
             if stored is None or (stored.shape, stored.dtype) != (entry.shape, entry.dtype):
@@ -196,7 +200,7 @@ class NativeCheckpoint(Checkpoint):
         with ThreadPoolExecutor(max_workers=1) as verifier:
             checks = []
             for batch in _batches(todo):
-                arrays = _orbax.read(self.arrays, batch)
+                arrays = _orbax.read(self.arrays, batch, self._tree())
                 out.update(arrays)
                 checks.append(verifier.submit(_integrity.verify_arrays, arrays, digests, elsewhere))
             for check in checks:
@@ -204,7 +208,7 @@ class NativeCheckpoint(Checkpoint):
                 if bad is not None:
                     self._mismatch(*bad)
         if elsewhere:  # every process reads these arrays whole: only where meshes disagree across processes
-            host = _orbax.read_host(self.arrays, {n: todo[n][0] for n in elsewhere})
+            host = _orbax.read_host(self.arrays, {n: todo[n][0] for n in elsewhere}, self._tree())
             bad = _integrity.verify_host(host, elsewhere)
             if bad is not None:
                 self._mismatch(*bad)
@@ -255,7 +259,7 @@ class NativeCheckpoint(Checkpoint):
 
         reads = {n: pool.submit(read, n) for n in direct}
         rest = {n: e for n, e in entries.items() if n not in direct}
-        out = _orbax.read_host(self.arrays, rest) if rest else {}
+        out = _orbax.read_host(self.arrays, rest, self._tree()) if rest else {}
         if verify:
             for check in [pool.submit(self._verify, n, a) for n, a in out.items()]:
                 check.result()
@@ -271,8 +275,39 @@ class NativeCheckpoint(Checkpoint):
 
     def _located(self) -> dict[str, _ocdbt.Located]:
         if self._where is None:
-            self._where = _ocdbt.locate(self.arrays)
+            where = _ocdbt.locate(self.arrays)  # by Orbax's name: the key path joined by "."
+            if self.manifest.layout == ORBAX_LAYOUT:
+                where = {
+                    n: found
+                    for n, v in self.manifest.variables.items()
+                    if v.nbytes and (found := where.get(".".join(self._keypath(n))))
+                }
+            self._where = where
         return self._where
+
+    def _tree(self) -> Any:
+        """Orbax's metadata tree of the Orbax layout's arrays (tuples and lists, as the user's
+        tree held them), which reads of it need; None in jstate's layout (a dict by name)."""
+        if self.manifest.layout != ORBAX_LAYOUT:
+            return None
+        if self._orbax_tree is None:
+            self._orbax_tree = _orbax.metadata(self.arrays)
+        return self._orbax_tree
+
+    def _keypath(self, name: str) -> tuple[str, ...]:
+        """Where Orbax's tree keeps variable `name`: under its name (jstate's layout), or, in the
+        Orbax layout, its path in the user's tree, as Orbax's own metadata says."""
+        if self.manifest.layout != ORBAX_LAYOUT:
+            return (name,)
+        if self._stored is None:
+            self._stored = _orbax.entries(self._tree())
+        found = self._stored.get(name)
+        if found is None:
+            raise CorruptCheckpointError(
+                f"Checkpoint {self.path} is damaged: its manifest lists variable '{name}', but the Orbax "
+                f"checkpoint {self.arrays} does not hold it."
+            )
+        return found.keypath
 
     def _damage(self) -> str | None:
         bad = _integrity.damaged_files(self.arrays, self.manifest.files, self.path)

@@ -12,6 +12,7 @@ jstate never lets it fall back to writing a local directory named ``s3:``.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +29,7 @@ from . import orbax_s3 as _s3
 from .base import Checkpoint, Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
-_STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
+TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a directory it has not finished writing
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
 
@@ -267,8 +268,7 @@ class OrbaxCheckpoint(Checkpoint):
             raise CorruptCheckpointError(
                 f"Checkpoint {arrays}: Orbax cannot read its metadata ({type(e).__name__})."
             ) from e
-        step = int(path.name) if path.name.isdigit() else None
-        super().__init__(path, found, step=step, created=_storage.mtime(arrays / METADATA_FILE))
+        super().__init__(path, found, step=step_of(path.name), created=_storage.mtime(arrays / METADATA_FILE))
         self.arrays = arrays
 
     def _read(self, wanted: dict[str, jax.ShapeDtypeStruct], verify: bool) -> dict[str, jax.Array]:
@@ -278,14 +278,26 @@ class OrbaxCheckpoint(Checkpoint):
         return read_host(self.arrays, {n: self.entries[n] for n in names}, self.tree)
 
 
-def load(path: Path) -> OrbaxCheckpoint | None:
-    """`path` as a plain Orbax checkpoint: a PyTree checkpoint directory, or a CheckpointManager
-    step holding exactly one (its ``_CHECKPOINT_METADATA``, or a numeric name, says it is a step:
-    any other directory holding one Orbax checkpoint, beside jstate's, is a directory of
-    checkpoints). None if it is neither."""
-    if is_checkpoint(path):
-        return OrbaxCheckpoint(path, path)
-    if not (path.name.isdigit() or _storage.is_file(path / _STEP_METADATA)):
+def step_of(name: str) -> int | None:
+    """The step in a checkpoint's name as Orbax names steps (``400``, ``ckpt_400``,
+    ``ckpt_000400``, Flax's ``checkpoint_400``), or None (a temporary one's included).
+
+    >>> step_of("400"), step_of("ckpt_000400"), step_of("checkpoint_7"), step_of("400.orbax-checkpoint-tmp-17")
+    (400, 400, 7, None)
+    """
+    if TMP in name:
         return None
-    items = [p for p in _storage.iterdir(path) if is_checkpoint(p)]
-    return OrbaxCheckpoint(path, items[0]) if len(items) == 1 else None
+    # Orbax's rule (`ocp.path.step.step_from_checkpoint_name`), without importing Orbax to list a
+    # directory, and without its acceptance of temporary names.
+    m = re.fullmatch(r"(\d+)|.+_(\d+)", name)
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def load(path: Path) -> OrbaxCheckpoint | None:
+    """`path` as a plain Orbax PyTree checkpoint (plain Orbax, Flax's ``save_checkpoint``), None if
+    it is none (CheckpointManager steps holding items are `orbax_steps`').
+
+    >>> load(Path(jstate.Saver().save(state, "ckpt/model"))) is None  # jstate's: its arrays are inside
+    True
+    """
+    return OrbaxCheckpoint(path, path) if is_checkpoint(path) and TMP not in path.name else None

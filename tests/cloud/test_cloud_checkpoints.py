@@ -392,3 +392,32 @@ def test_store_going_away_mid_save(store_went_away, mode):
         assert "did not answer within 1 s" in result["outcome"] or "Cannot connect" in result["outcome"]
         assert result["latest"] == f"{root}/model-1" and result["x"] == [0.0] * 4
         assert result["listed"] == [f"{root}/model-1"]
+
+
+@pytest.mark.parametrize("store", ["gcs"], indirect=True)
+def test_orbax_layout_and_orbax_manager_steps_on_an_object_store(root):
+    """`Saver(layout="orbax")` on an object store: retention removes a step's objects whole; a
+    CheckpointManager's steps there are read as they are, an unfinished one (no commit file) never."""
+    import orbax.checkpoint as ocp
+
+    saver = jstate.Saver(layout="orbax", max_to_keep=2)
+    paths = [saver.save(make_state(step), f"{root}/model", step=step) for step in (1, 2, 3)]
+    assert jstate.latest_checkpoint(root) == paths[2] == f"{root}/model_3"
+    assert not any(name.startswith("model_1/") for name in objects(root))
+    assert int(jstate.Saver().restore(root, jstate.abstract(model))["step"]) == 3
+    plain = ocp.StandardCheckpointer().restore(f"{paths[2]}/default")
+    assert int(plain["step"]) == 3
+
+    with ocp.CheckpointManager(f"{root}/mgr", item_names=("params", "metadata")) as mgr:
+        for step in (10, 20):
+            mgr.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave({"w": np.full(3, step)}), metadata=ocp.args.JsonSave({"step": step})
+                ),
+            )
+    assert jstate.latest_checkpoint(f"{root}/mgr") == f"{root}/mgr/20"
+    assert jstate.load_variable(f"{root}/mgr/20", "metadata") == {"step": 20}
+    assert jstate.load_variable(f"{root}/mgr", "params/w").tolist() == [20, 20, 20]
+    _storage.remove(_storage.as_path(f"{root}/mgr/20/commit_success.txt"))  # as if its save never finished
+    assert jstate.latest_checkpoint(f"{root}/mgr") == f"{root}/mgr/10"

@@ -18,6 +18,15 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert "('biases', (200,)" in capsys.readouterr().out
 
 
+def test_readme_plain_orbax_example_runs(tmp_path, monkeypatch):
+    """The README's way back: plain Orbax reads a `Saver(layout="orbax")` checkpoint into the tree saved."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "ocp." in b)
+    assert 'layout="orbax"' in block and "StandardCheckpointer().restore" in block and "all_steps()" in block
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("/tmp/jstate-readme", str(tmp_path)), str(README), "exec"), {})
+    assert (tmp_path / "ckpt" / "model_400" / "default").is_dir()
+
+
 def test_readme_names_the_commands_ci_runs():
     text = README.read_text()
     assert 'pip install -e ".[dev]" && python -m jstate tour' in text
