@@ -151,7 +151,7 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
     True
     """
     found = _accepted(_opened(_candidates(*_scope(_storage.as_path(path)))))
-    return [ckpt for _, ckpt in sorted(found, key=lambda item: (item[0], item[1].created))]
+    return [ckpt for _, ckpt in sorted(found, key=lambda item: (item[0], item[1].order))]
 
 
 def _scope(path: Path) -> tuple[Path, str | None]:
@@ -168,7 +168,7 @@ class _Candidate:
 
     path: Path
     prefix: str | None  # of the checkpoint names wanted
-    rank: float  # when it was committed: which is newer (for those listed on an object store: by the store's clock)
+    rank: float  # its commit order (`Checkpoint.order`; for those listed on an object store: by the store's clock)
     open: Callable[[], Checkpoint | None]  # None: not a complete checkpoint
 
 
@@ -190,7 +190,7 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
                 continue
             ckpt = _open_quietly(entry)
             if ckpt is not None:
-                found.append(_Candidate(entry, prefix, ckpt.created, lambda c=ckpt: c))
+                found.append(_Candidate(entry, prefix, ckpt.order, lambda c=ckpt: c))
         return found
     found = []
     for name, listed in _storage.by_child(_storage.files(directory, prefix or "")).items():
@@ -210,7 +210,7 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
         elif "" in listed or not _commit.only_ours(below.split("/", 1)[0] for below in listed):
             ckpt = _open_quietly(entry)  # another format (plain Orbax, safetensors), or something else
             if ckpt is not None:
-                found.append(_Candidate(entry, prefix, ckpt.created, lambda c=ckpt: c))
+                found.append(_Candidate(entry, prefix, ckpt.order, lambda c=ckpt: c))
     return found
 
 
@@ -294,7 +294,7 @@ def _newest(directory: Path, prefix: str | None, stale: bool = True) -> Checkpoi
         if stale and failed and listed and not all(_storage.exists(c.path / FILE) for c in failed):
             return _STALE
         if found:  # ties (one store-clock second) go by the writers' own times
-            return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, getattr(c, "manifest", c).created))[-1]
+            return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, c.order))[-1]
     return None
 
 
@@ -327,6 +327,16 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
 
 
 _RELIST = 10
+
+
+def newest_order(directory: Path) -> float:
+    """The commit order (`Checkpoint.order`) of the newest checkpoint in local `directory`
+    (0 if none): a save committed there is ordered after it (`Manifest.order`).
+
+    >>> newest_order(Path("ckpt")) < newest_order(Path(jstate.Saver().save(state, "ckpt/model")).parent)
+    True
+    """
+    return max((c.rank for c in _candidates(directory, None)), default=0.0)
 
 
 def reading(

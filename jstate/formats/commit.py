@@ -124,6 +124,9 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     With `expected`, only if its manifest is still that one: a checkpoint re-saved since it was
     chosen for deletion is kept.
 
+    A `path` that is a symbolic link (to a checkpoint of another run, linked to resume from
+    it) is never followed: the link alone is removed, and what it points to is left intact.
+
     Returns:
       Whether it was deleted (False: it was re-saved since, or is gone already).
 
@@ -131,6 +134,9 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     >>> delete(path, expected=Manifest({})), delete(path), path.exists()
     (False, True, False)
     """
+    if _storage.is_symlink(path):  # its manifest and arrays are another directory's
+        _storage.unlink(path)
+        return True
     if expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
     deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
@@ -180,7 +186,10 @@ def _unlist(path: Path, expected: Manifest | None) -> bool:
 def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
     manifest does not name, temporary files; and `path` itself if that leaves it empty.
-    `names` are those in `path`, where the caller has listed them."""
+    `names` are those in `path`, where the caller has listed them. A `path` that is a symbolic
+    link is left alone: what it holds lies outside the directory being cleaned."""
+    if _storage.is_symlink(path):
+        return
     entries = _storage.iterdir(path) if names is None else [path / n for n in names]
     shared = _storage.store_for(path).shared
     done = [e for e in entries if (t := _token_of(e.name)) is not None and not _tokens.alive(t, shared=shared)]

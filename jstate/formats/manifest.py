@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,13 @@ class Manifest:
         ``model-1000``): retention deletes only checkpoints of its own prefix.
       packed: the packed arrays (``pack.KEY/<name>``), each a 1-D `Variable` without digests
         (its variables carry their own).
+      order: where it sorts among the checkpoints of its directory: its `created`, or just
+        after the newest checkpoint its writer saw there if that is later (a clock set back),
+        so that a save comes after everything it saw (0: not recorded, `created` orders it).
+      kept: whether retention keeps it for good (`keep_every_n_hours`/`_steps`), decided when
+        it was committed (None: saved before jstate recorded it).
+      clock: when the retention clock of `keep_every_n_hours` last started, as of this save
+        (TensorFlow's ``last_preserved_timestamp``; None: not recorded).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
     >>> Manifest.decode(m.encode(), "ckpt") == m
@@ -92,6 +100,9 @@ class Manifest:
     arrays: str = ARRAYS
     prefix: str | None = None
     packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
+    order: float = 0.0
+    kept: bool | None = None
+    clock: float | None = None
 
     @functools.cached_property
     def entries(self) -> dict[str, Entry]:
@@ -129,6 +140,10 @@ class Manifest:
                 "prefix": self.prefix,
                 "packed": {a: {"shape": list(p.shape), "dtype": p.dtype.name} for a, p in self.packed.items()},
             }
+            # Only where recorded: older jstate reads these manifests, ignoring what it does not know.
+            | ({"order": self.order} if self.order else {})
+            | ({"kept": self.kept} if self.kept is not None else {})
+            | ({"clock": self.clock} if self.clock is not None else {})
         )
 
     @classmethod
@@ -192,6 +207,9 @@ class Manifest:
             raise ValueError(f"variable {unchecked[0]!r} has no checksums")
         files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
         step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
+        kept, clock = raw.get("kept"), raw.get("clock")
+        if kept is not None and not isinstance(kept, bool):
+            raise ValueError(f"'kept' is {kept!r}, not true or false")
         if "/" in arrays or arrays in ("", ".", ".."):
             raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
         return cls(
@@ -202,6 +220,9 @@ class Manifest:
             arrays,
             None if prefix is None else str(prefix),
             packed,
+            _time(raw.get("order", 0.0)),
+            kept,
+            None if clock is None else _time(clock),
         )
 
     def write(self, directory: Path) -> None:
@@ -312,6 +333,14 @@ def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) ->
             )
         if v.packed.offset < 0 or v.packed.offset + v.size > array.shape[0] or not v.nbytes:
             raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
+
+
+def _time(value: Any) -> float:
+    """A time in seconds that sorts: NaN would make every comparison false, and a sort with it arbitrary."""
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"time {value!r} is not a finite number")
+    return seconds
 
 
 def _shape(value: Any) -> tuple[int, ...]:
