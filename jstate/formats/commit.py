@@ -137,9 +137,12 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     if _storage.is_symlink(path):  # its manifest and arrays are another directory's
         _storage.unlink(path)
         return True
-    if expected is not None and Manifest.read(path) != expected:
+    if not _storage.store_for(path).renames:
+        deleted = _unlist(path, expected)
+    elif expected is not None and Manifest.read(path) != expected:
         return False  # re-saved since it was chosen: kept, without ever being unlisted
-    deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
+    else:
+        deleted = _take(path, expected)
     if deleted:
         clean_checkpoint(path)
     return deleted
@@ -171,14 +174,23 @@ def _take(path: Path, expected: Manifest | None) -> bool:
 
 
 def _unlist(path: Path, expected: Manifest | None) -> bool:
-    """Unlist `path` where no rename takes exactly one version of an object: the manifest just
-    compared is deleted. (A re-save of this very path landing between the two requests is lost:
-    see docs/guides/object_storage.md.) The arrays it named are a finished save's, so
-    they go at once; other writers' leftovers wait for `clean` and their age."""
-    current = expected if expected is not None else Manifest.read(path)
-    if current is None:
+    """Unlist `path` where no rename takes exactly one version of an object: the manifest is
+    deleted only while it is still the version compared (a precondition the store checks: GCS's
+    generation, S3's ETag), so a re-save of this very path landing in between is kept. (On a
+    store that ignores preconditions, such a re-save is lost: docs/guides/object_storage.md.)
+    The arrays it named are a finished save's, so they go at once; other writers' leftovers
+    wait for `clean` and their age."""
+    manifest = path / FILE
+    # The version first, then the bytes: bytes equal to `expected` were read from this version,
+    # since any write changes the version and every manifest's bytes differ (its arrays' token).
+    version = _storage.version(manifest)
+    if version is None:
         return False
-    _storage.unlink(path / FILE)
+    current = Manifest.read(path)
+    if current is None or (expected is not None and current != expected):
+        return False  # re-saved since it was chosen: kept
+    if not _storage.unlink_if(manifest, version):
+        return False  # re-saved (or deleted) since it was compared: kept
     _storage.remove(path / current.arrays)
     return True
 
