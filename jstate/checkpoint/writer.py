@@ -192,11 +192,12 @@ class Writer:
                 n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, tuple(arrays[n].shape)))
                 for n, slot in slots.items()
             }
-            tracker.advance(sum(a.nbytes for a in packed.values()))
             tree = large | ({_pack.KEY: packed} if packed else {})
             if self._orbax is None:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
             data = _commit.data_dir(final, token)
+            if not _storage.store_for(final).round_trips:  # (on an object store, a listing each time: not for a bar)
+                tracker.watch(functools.partial(_written, final, data.name))
             if tree:
                 with _orbax_start:
                     self._orbax.save(data, tree)
@@ -376,6 +377,12 @@ def _checksummed(data: Path) -> Callable[[str], bool]:
     if _storage.store_for(data).round_trips:
         return lambda rel: not _orbax.is_data_file(rel)
     return lambda rel: True
+
+
+def _written(final: Path, data: str) -> int:
+    """The bytes Orbax has written so far for a save's arrays `data` in checkpoint `final`
+    (under Orbax's temporary name while it writes): how far a save is, for its bar."""
+    return sum(f.size for f in _storage.files(final, data).values())
 
 
 def _order_after(directory: Path, created: float) -> float:
