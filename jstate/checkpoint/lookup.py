@@ -22,7 +22,7 @@ from ..formats import orbax as _orbax
 from ..formats import safetensors as _safetensors
 from ..formats import tensorflow as _tensorflow
 from ..formats.base import Checkpoint
-from ..formats.manifest import FILE
+from ..formats.manifest import FILE, Manifest
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 
@@ -333,10 +333,25 @@ def newest_order(directory: Path) -> float:
     """The commit order (`Checkpoint.order`) of the newest checkpoint in local `directory`
     (0 if none): a save committed there is ordered after it (`Manifest.order`).
 
+    Each save asks it, so jstate's checkpoints are judged by their manifests' order alone
+    (`Manifest.read_order`), without opening them: one whose files are incomplete only orders
+    the save after it, which is harmless. Other entries are opened as lookups open them.
+
     >>> newest_order(Path("ckpt")) < newest_order(Path(jstate.Saver().save(state, "ckpt/model")).parent)
     True
     """
-    return max((c.rank for c in _candidates(directory, None)), default=0.0)
+    newest = 0.0
+    for entry in _storage.iterdir(directory):
+        if entry.name.startswith("."):
+            continue
+        order = Manifest.read_order(entry)
+        if order is not None:
+            newest = max(newest, order)
+            continue
+        ckpt = _open_quietly(entry)
+        if ckpt is not None:
+            newest = max(newest, ckpt.order)
+    return newest
 
 
 def reading(

@@ -251,6 +251,30 @@ class Manifest:
         directory = _storage.as_path(directory)
         return cls.read_file(directory / FILE, directory)
 
+    @staticmethod
+    def read_order(directory: Path) -> float | None:
+        """The commit order of the checkpoint in `directory` (`order`, else `created`), from its
+        manifest's checksummed bytes without decoding its variables (a tenth of the cost: each
+        save asks it of every checkpoint beside); None if it has no manifest or a damaged one.
+
+        >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
+        >>> Manifest.read_order(path) == Manifest.read(path).order, Manifest.read_order(Path("."))
+        (True, None)
+        """
+        try:
+            data = _storage.read_bytes(_storage.as_path(directory) / FILE)
+        except StoreError:
+            raise
+        except OSError:
+            return None
+        try:
+            if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
+                return None
+            raw = json.loads(data)
+            return _time(raw.get("order") or raw.get("created", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            return None
+
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
         """The manifest in file `path` of checkpoint `where`, None if the file does not exist.
