@@ -121,10 +121,11 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
         not listed there, the place of its `order`): a checkpoint another writer committed
         after it is more recent, and kept.
 
-    Beyond the newest `max_to_keep`, a checkpoint is deleted unless it is kept for good as
-    recorded when it was committed (`keeps`). Checkpoints that recorded nothing (written by
-    jstate 0.1) are judged as then: kept if their step is a multiple of `keep_every_n_steps`,
-    or if each is the first at least `keep_every_n_hours` after the last one kept that way.
+    Beyond the newest `max_to_keep`, a checkpoint is deleted unless it is kept for good: as
+    recorded when it was committed (`keeps`), or because its step is a multiple of
+    `keep_every_n_steps` (a rule no clock affects, applied to every checkpoint). Checkpoints that
+    recorded nothing (written by jstate 0.1) are also kept as then: each first one at least
+    `keep_every_n_hours` after the last one kept that way, by their own commit times.
     Checkpoints without a step are never deleted.
 
     >>> from types import SimpleNamespace as C
@@ -145,17 +146,16 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
         ordered.insert(later[0] if later else len(ordered), newest)
     old = ordered[: max(len(ordered) - policy.max_to_keep, 0)]
     legacy = _kept_as_before(policy, [c for c in ordered if c.kept is None])
-    return [c for c in old if not (c.kept or id(c) in legacy) and c is not newest]
+    every = policy.keep_every_n_steps
+    return [c for c in old if not (c.kept or id(c) in legacy or (every and c.step % every == 0)) and c is not newest]
 
 
 def _kept_as_before(policy: Policy, saved: list[S]) -> set[int]:
-    """The ids of the checkpoints without a recorded decision that jstate 0.1 kept for good,
-    judged among themselves by their commit times, which never change."""
+    """The ids of the checkpoints without a recorded decision that jstate 0.1 kept for good by
+    `keep_every_n_hours`, judged among themselves by their commit times, which never change."""
     kept: set[int] = set()
     last_kept_time = None
     for ckpt in sorted(saved, key=lambda c: c.created):
-        if policy.keep_every_n_steps and ckpt.step % policy.keep_every_n_steps == 0:
-            kept.add(id(ckpt))
         if policy.keep_every_n_hours is not None and (
             last_kept_time is None or ckpt.created >= last_kept_time + policy.keep_every_n_hours * 3600
         ):

@@ -160,3 +160,10 @@ def test_checkpoints_of_jstate_0_1_keep_their_old_rule(tmp_path, clock):
         clock.now += 40 * 60
     jstate.Saver(max_to_keep=1, keep_every_n_hours=1).save(state_of(4), tmp_path / "m", step=4)
     assert on_disk(tmp_path) == ["m-0", "m-2", "m-4"]
+
+
+def test_keep_every_n_steps_protects_checkpoints_saved_without_it(tmp_path, clock):
+    for step in (10, 15, 20):
+        jstate.Saver().save(state_of(step), tmp_path / "m", step=step)  # recorded: not kept for good
+    jstate.Saver(max_to_keep=1, keep_every_n_steps=10).save(state_of(25), tmp_path / "m", step=25)
+    assert on_disk(tmp_path) == ["m-10", "m-20", "m-25"]
