@@ -23,7 +23,7 @@ from ..formats import orbax_steps as _orbax_steps
 from ..formats import safetensors as _safetensors
 from ..formats import tensorflow as _tensorflow
 from ..formats.base import Checkpoint
-from ..formats.manifest import FILE
+from ..formats.manifest import FILE, Manifest
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 
@@ -154,7 +154,7 @@ def checkpoints(path: str | os.PathLike) -> list[Checkpoint]:
     True
     """
     found = _accepted(_opened(_candidates(*_scope(_storage.as_path(path)))))
-    return [ckpt for _, ckpt in sorted(found, key=lambda item: (item[0], item[1].created))]
+    return [ckpt for _, ckpt in sorted(found, key=lambda item: (item[0], item[1].order))]
 
 
 def _scope(path: Path) -> tuple[Path, str | None]:
@@ -171,7 +171,7 @@ class _Candidate:
 
     path: Path
     prefix: str | None  # of the checkpoint names wanted
-    rank: float  # when it was committed: which is newer (for those listed on an object store: by the store's clock)
+    rank: float  # its commit order (`Checkpoint.order`; for those listed on an object store: by the store's clock)
     open: Callable[[], Checkpoint | None]  # None: not a complete checkpoint
 
 
@@ -193,7 +193,7 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
                 continue
             ckpt = _open_quietly(entry)
             if ckpt is not None:
-                found.append(_Candidate(entry, prefix, ckpt.created, lambda c=ckpt: c))
+                found.append(_Candidate(entry, prefix, ckpt.order, lambda c=ckpt: c))
         return found
     found = []
     for name, listed in _storage.by_child(_storage.files(directory, prefix or "")).items():
@@ -213,7 +213,7 @@ def _candidates(directory: Path, prefix: str | None) -> list[_Candidate]:
         elif "" in listed or not _commit.only_ours(below.split("/", 1)[0] for below in listed):
             ckpt = _open_quietly(entry)  # another format (plain Orbax, safetensors), or something else
             if ckpt is not None:
-                found.append(_Candidate(entry, prefix, ckpt.created, lambda c=ckpt: c))
+                found.append(_Candidate(entry, prefix, ckpt.order, lambda c=ckpt: c))
     return found
 
 
@@ -298,7 +298,7 @@ def _newest(directory: Path, prefix: str | None, stale: bool = True) -> Checkpoi
         if stale and failed and listed and not all(_storage.exists(c.path / FILE) for c in failed):
             return _STALE
         if found:  # ties (one store-clock second) go by the writers' own times
-            return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, getattr(c, "manifest", c).created))[-1]
+            return sorted((ckpt for _, ckpt in found), key=lambda c: (c.created, c.order))[-1]
     return None
 
 
@@ -331,6 +331,31 @@ def _latest(directory: Path, prefix: str | None) -> Checkpoint | None:
 
 
 _RELIST = 10
+
+
+def newest_order(directory: Path) -> float:
+    """The commit order (`Checkpoint.order`) of the newest checkpoint in local `directory`
+    (0 if none): a save committed there is ordered after it (`Manifest.order`).
+
+    Each save asks it, so jstate's checkpoints are judged by their manifests' order alone
+    (`Manifest.read_order`), without opening them: one whose files are incomplete only orders
+    the save after it, which is harmless. Other entries are opened as lookups open them.
+
+    >>> newest_order(Path("ckpt")) < newest_order(Path(jstate.Saver().save(state, "ckpt/model")).parent)
+    True
+    """
+    newest = 0.0
+    for entry in _storage.iterdir(directory):
+        if entry.name.startswith("."):
+            continue
+        order = Manifest.read_order(entry)
+        if order is not None:
+            newest = max(newest, order)
+            continue
+        ckpt = _open_quietly(entry)
+        if ckpt is not None:
+            newest = max(newest, ckpt.order)
+    return newest
 
 
 def reading(

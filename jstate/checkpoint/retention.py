@@ -1,4 +1,15 @@
-"""Which old checkpoints a Saver deletes: a pure function of the checkpoints and the policy."""
+"""Which old checkpoints a Saver deletes, as TensorFlow's Saver and CheckpointManager decide it.
+
+Two decisions, each a pure function:
+
+- when a checkpoint is committed, whether it is kept for good (`keeps`): its step is a multiple
+  of `keep_every_n_steps`, or `keep_every_n_hours` have passed on the retention clock, which
+  starts when the Saver is created or is recovered from the directory (`clock`). The decision
+  is recorded in the checkpoint's manifest, so no later clock (set back, or another machine's)
+  can undo it;
+- after each save, which checkpoints of the prefix leave the `max_to_keep` newest in commit
+  order (`to_delete`): those not kept for good are deleted.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +19,14 @@ from typing import Protocol, TypeVar
 
 
 class Saved(Protocol):
-    """What retention needs to know of a checkpoint (a `Checkpoint` is one): its `step` and
-    when it was `created`."""
+    """What retention needs to know of a checkpoint (a `NativeCheckpoint` is one): its `step`,
+    when it was `created`, its commit `order`, and whether it is `kept` for good (None: not
+    recorded)."""
 
     step: int | None
     created: float
+    order: float
+    kept: bool | None
 
 
 S = TypeVar("S", bound=Saved)
@@ -49,46 +63,102 @@ class Policy:
             object.__setattr__(self, "max_to_keep", None)
 
 
+def clock(recorded: float | None, started: float, now: float) -> float:
+    """When the `keep_every_n_hours` clock last started, for a Saver's first save into a prefix.
+
+    As TensorFlow's CheckpointManager recovers it: the clock recorded by the prefix's newest
+    checkpoint (a resumed run keeps its schedule), else when the Saver was created; never
+    later than `now` (a clock set back would keep nothing for good until it caught up).
+
+    Args:
+      recorded: the newest checkpoint's recorded clock (`Manifest.clock`), if any.
+      started: when the Saver was created.
+      now: the time of this save.
+
+    >>> clock(None, started=100.0, now=500.0), clock(300.0, started=400.0, now=500.0), clock(900.0, 100.0, 500.0)
+    (100.0, 300.0, 500.0)
+    """
+    return min(started if recorded is None else recorded, now)
+
+
+def keeps(policy: Policy, step: int | None, now: float, since: float) -> tuple[bool, float]:
+    """Whether a checkpoint committed at `now` is kept for good, and the clock after it.
+
+    Kept for good: its step is a multiple of `keep_every_n_steps`, or `keep_every_n_hours`
+    have passed since the clock last started (`since`), which then starts again at `now`
+    (TensorFlow's CheckpointManager: ``timestamp - n_hours * 3600 >= last_preserved``).
+
+    >>> p = Policy(max_to_keep=1, keep_every_n_hours=1)
+    >>> keeps(p, 5, now=3000.0, since=0.0), keeps(p, 6, now=3600.0, since=0.0)
+    ((False, 0.0), (True, 3600.0))
+    >>> keeps(Policy(max_to_keep=1, keep_every_n_steps=10), 20, now=1.0, since=0.0)
+    (True, 0.0)
+    """
+    by_steps = bool(policy.keep_every_n_steps) and step is not None and step % policy.keep_every_n_steps == 0
+    hours = policy.keep_every_n_hours
+    by_hours = hours is not None and now - hours * 3600 >= since
+    return by_steps or by_hours, now if by_hours else since
+
+
+def rotating(policy: Policy, saved: Sequence[S]) -> list[S]:
+    """The checkpoints still subject to `max_to_keep` (TF's ``last_checkpoints``): the newest
+    `max_to_keep` of `saved` (commit order, oldest first); all of them where none is deleted.
+
+    >>> rotating(Policy(max_to_keep=2), ["a", "b", "c"]), rotating(Policy(), ["a", "b", "c"])
+    (['b', 'c'], ['a', 'b', 'c'])
+    """
+    return list(saved[-policy.max_to_keep :] if policy.max_to_keep else saved)
+
+
 def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> list[S]:
     """The checkpoints of one prefix that `policy` deletes.
 
     Args:
       policy: the retention policy.
-      saved: the prefix's checkpoints, in any order; they are ordered by `created`, so the
-        most recently saved are kept whatever their steps (as TensorFlow's Saver does).
-      newest: the checkpoint just written, never deleted. It is ordered by its `created` like
-        the others: a checkpoint another writer committed after it is more recent, and kept.
+      saved: the prefix's checkpoints in commit order, oldest first (`lookup.checkpoints`):
+        the most recently saved are kept whatever their steps and whatever the writers' clocks.
+      newest: the checkpoint just written, never deleted. It keeps its place in `saved` (or,
+        not listed there, the place of its `order`): a checkpoint another writer committed
+        after it is more recent, and kept.
 
-    Beyond the newest `max_to_keep`, a checkpoint survives if its step is a multiple of
-    `keep_every_n_steps`, or if it is the first one at least `keep_every_n_hours` after the
-    last one kept that way. Checkpoints without a step are never deleted.
+    Beyond the newest `max_to_keep`, a checkpoint is deleted unless it is kept for good: as
+    recorded when it was committed (`keeps`), or because its step is a multiple of
+    `keep_every_n_steps` (a rule no clock affects, applied to every checkpoint). Checkpoints that
+    recorded nothing (written by jstate 0.1) are also kept as then: each first one at least
+    `keep_every_n_hours` after the last one kept that way, by their own commit times.
+    Checkpoints without a step are never deleted.
 
     >>> from types import SimpleNamespace as C
-    >>> saved = [C(step=s, created=i * 3600.0) for i, s in enumerate((1000, 2000, 10, 20))]
+    >>> saved = [C(step=s, created=i * 3600.0, order=i * 3600.0, kept=False) for i, s in enumerate((1000, 2000, 10, 20))]
     >>> [c.step for c in to_delete(Policy(max_to_keep=2), saved)]  # by save order, not step
     [1000, 2000]
-    >>> saved = [C(step=s, created=s * 3600.0) for s in range(5)]
-    >>> [c.step for c in to_delete(Policy(max_to_keep=2, keep_every_n_hours=2), saved)]
-    [1]
+    >>> saved[0].kept = True  # kept for good when it was committed: whatever the clock says now
+    >>> [c.step for c in to_delete(Policy(max_to_keep=1), saved)]
+    [2000, 10]
     """
     if policy.max_to_keep is None:
         return []
-    # With several writers of one prefix, another may commit after `newest`: placing `newest`
-    # last regardless would delete that more recent checkpoint, and both writers deleting each
-    # other's could leave the prefix with none. A stable sort puts `newest` last among equals.
-    ordered = sorted(
-        [c for c in saved if c.step is not None and c is not newest] + ([newest] if newest is not None else []),
-        key=lambda c: c.created,
-    )
+    ordered = [c for c in saved if c.step is not None]
+    if newest is not None and not any(c is newest for c in ordered):
+        # Not listed (another writer deleted it, keeping newer ones): appending it would make it
+        # the newest, and delete what that writer kept. (A stable sort: only it moves.)
+        later = [i for i, c in enumerate(ordered) if c.order > newest.order]
+        ordered.insert(later[0] if later else len(ordered), newest)
     old = ordered[: max(len(ordered) - policy.max_to_keep, 0)]
-    kept_for_good: set[int] = set()
+    legacy = _kept_as_before(policy, [c for c in ordered if c.kept is None])
+    every = policy.keep_every_n_steps
+    return [c for c in old if not (c.kept or id(c) in legacy or (every and c.step % every == 0)) and c is not newest]
+
+
+def _kept_as_before(policy: Policy, saved: list[S]) -> set[int]:
+    """The ids of the checkpoints without a recorded decision that jstate 0.1 kept for good by
+    `keep_every_n_hours`, judged among themselves by their commit times, which never change."""
+    kept: set[int] = set()
     last_kept_time = None
-    for i, ckpt in enumerate(ordered):
-        if policy.keep_every_n_steps and ckpt.step % policy.keep_every_n_steps == 0:
-            kept_for_good.add(i)
+    for ckpt in sorted(saved, key=lambda c: c.created):
         if policy.keep_every_n_hours is not None and (
             last_kept_time is None or ckpt.created >= last_kept_time + policy.keep_every_n_hours * 3600
         ):
-            kept_for_good.add(i)
+            kept.add(id(ckpt))
             last_kept_time = ckpt.created
-    return [c for i, c in enumerate(old) if i not in kept_for_good and c is not newest]
+    return kept

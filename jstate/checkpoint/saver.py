@@ -7,9 +7,11 @@ The Saver chooses what to save under which names (`mapping`) and what to delete
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import os
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,6 +123,8 @@ class Saver:
         self._names = compile_var_list(var_list)
         self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
+        self._started = time.time()  # TensorFlow's Saver starts the `keep_every_n_hours` clock here
+        self._clocks: dict[Path, float] = {}  # per prefix: when that clock last started
         if _limits.seconds(timeout) is None:
             raise ValueError(
                 "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
@@ -196,11 +200,12 @@ class Saver:
             self._refuse_resave(final)
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
+        stamp = functools.partial(self._stamp, path) if step is not None else (lambda manifest: manifest)
         if step is not None:
             self._prefixes[path] = None
         progress = self._progress if progress is None else progress  # a bar: the Saver's choice unless given
         self._writer.save(
-            arrays, final, step, prefix, blocking=blocking, committed=retire, progress=progress, nest=nest
+            arrays, final, step, prefix, blocking=blocking, committed=retire, stamp=stamp, progress=progress, nest=nest
         )
         return str(final)
 
@@ -284,8 +289,11 @@ class Saver:
 
     @property
     def last_checkpoints(self) -> list[str]:
-        """This Saver's retained checkpoints, oldest first (TF's ``saver.last_checkpoints``):
-        those it saved with a step that retention has kept, found in their directories.
+        """The checkpoints still subject to `max_to_keep`, oldest first (TF's
+        ``saver.last_checkpoints``): the newest `max_to_keep` of each prefix this Saver saved to
+        with a step, found in their directories (all of them where `max_to_keep` is None). Those
+        kept for good (`keep_every_n_hours`, `keep_every_n_steps`) leave the list as they leave
+        that window, as in TensorFlow; they stay on disk and in `jstate.list_checkpoints`.
 
         >>> saver = jstate.Saver(max_to_keep=2)
         >>> for step in (10, 20, 30):
@@ -293,22 +301,37 @@ class Saver:
         >>> saver.last_checkpoints
         ['ckpt/model-20', 'ckpt/model-30']
         """
-        found = []
+        found: dict[Path, NativeCheckpoint] = {}
         for prefix in self._prefixes:
             own = _checkpoint.lookup(prefix, self._timeout, "Saver.last_checkpoints", functools.partial(_own, prefix))
-            found += [c for c in own if c.path not in {f.path for f in found}]
-        return [str(c.path) for c in sorted(found, key=lambda c: c.created)]
+            found |= {c.path: c for c in _retention.rotating(self._policy, own) if c.path not in found}
+        return [str(c.path) for c in sorted(found.values(), key=lambda c: c.order)]
+
+    def _stamp(self, prefix: Path, manifest: Manifest) -> Manifest:
+        """`manifest`, about to be committed, with retention's decision: whether it is kept for
+        good, and the `keep_every_n_hours` clock after it (recovered from the prefix's newest
+        checkpoint at this Saver's first save there, as TensorFlow's CheckpointManager does)."""
+        since = self._clocks.get(prefix)
+        if since is None and self._policy.keep_every_n_hours is not None:
+            recorded = [c.manifest.clock for c in _own(prefix) if c.manifest.clock is not None]
+            since = _retention.clock(recorded[-1] if recorded else None, self._started, manifest.created)
+        kept, since = _retention.keeps(
+            self._policy, manifest.step, manifest.created, self._started if since is None else since
+        )
+        clock = since if self._policy.keep_every_n_hours is not None else None
+        return dataclasses.replace(manifest, kept=kept, clock=clock)
 
     def _retire(self, final: Path, manifest: Manifest) -> None:
-        """Delete the checkpoints of the prefix just saved to that the retention policy lets go:
-        only those a Saver saved with this exact prefix, never the one just written."""
+        """After a commit: remember the retention clock it recorded, then delete the checkpoints
+        of its prefix that the retention policy lets go: only those a Saver saved with this
+        exact prefix, never the one just written."""
+        if manifest.clock is not None:
+            self._clocks[final.parent / manifest.prefix] = manifest.clock
         if self._policy.max_to_keep is None:
             return
-        listed = _own(final.parent / manifest.prefix)
-        saved = [c for c in listed if c.path != final]
-        # As listed, it is dated as the others are (on an object store, by the store's clock).
+        listed = _own(final.parent / manifest.prefix)  # in commit order, the one just written among them
         newest = next((c for c in listed if c.path == final), None) or NativeCheckpoint(final, manifest)
-        for ckpt in _retention.to_delete(self._policy, saved, newest):
+        for ckpt in _retention.to_delete(self._policy, listed, newest):
             _commit.delete(ckpt.path, expected=ckpt.manifest)
 
     # -- restoring ---------------------------------------------------------------------------

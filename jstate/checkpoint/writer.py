@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -39,6 +40,7 @@ from ..formats.manifest import ORBAX_LAYOUT, Manifest, Variable
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
+from . import lookup as _lookup
 
 log = logging.getLogger("jstate")
 
@@ -131,6 +133,7 @@ class Writer:
         *,
         blocking: bool,
         committed: Callable[[Manifest], None] = lambda manifest: None,
+        stamp: Callable[[Manifest], Manifest] = lambda manifest: manifest,
         progress: bool = False,
         nest: Callable[[dict[str, jax.Array]], Any] | None = None,
     ) -> None:
@@ -148,6 +151,8 @@ class Writer:
           prefix: the name the Saver was given, when it saved with a step (for retention).
           blocking: finish before returning (False: in a background thread).
           committed: called with the manifest once the checkpoint is committed (process 0 only).
+          stamp: called with the manifest about to be committed (its time and order set);
+            returns it with what the caller records in it (retention's decision).
           progress: show a progress bar.
           nest: in the Orbax layout, the tree Orbax writes, from the arrays it stores by name
             (None: nested dicts split at "/").
@@ -161,9 +166,9 @@ class Writer:
         (3,)
         """
         with _limits.timeout(self._timeout):  # no request to an object store waits longer
-            self._save(arrays, final, step, prefix, blocking, committed, progress, nest)
+            self._save(arrays, final, step, prefix, blocking, committed, stamp, progress, nest)
 
-    def _save(self, arrays, final, step, prefix, blocking, committed, progress, nest) -> None:
+    def _save(self, arrays, final, step, prefix, blocking, committed, stamp, progress, nest) -> None:
         self.wait()
         self._saves += 1
         name = f"jstate-save-{self._saves}-{final}"
@@ -199,7 +204,6 @@ class Writer:
                 n: _integrity.whole_digest(_pack.unpack(packed[slot.array], slot, tuple(arrays[n].shape)))
                 for n, slot in slots.items()
             }
-            tracker.advance(sum(a.nbytes for a in packed.values()))
             if self._layout == ORBAX_LAYOUT:
                 tree = (nest or _tree.unflatten)(large) if large else {}
                 data = final / _commit.ORBAX_ARRAYS
@@ -208,6 +212,8 @@ class Writer:
                 data = _commit.data_dir(final, token)
             if self._orbax is None:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
+            if not _storage.store_for(final).round_trips:  # (on an object store, a listing each time: not for a bar)
+                tracker.watch(functools.partial(_written, final, data.name))
             if tree:
                 with _orbax_start:
                     self._orbax.save(data, tree)
@@ -227,7 +233,7 @@ class Writer:
                 packed={a: Variable(v.shape, v.dtype) for a, v in packed.items()},
                 layout=self._layout,
             )
-            finish = functools.partial(self._finish, final, data, token, draft, barrier, committed, tracker)
+            finish = functools.partial(self._finish, final, data, token, draft, barrier, committed, stamp, tracker)
             if blocking:
                 finish()
         except BaseException as e:
@@ -248,15 +254,15 @@ class Writer:
         self._pending = background
         _unfinished.add(self)
 
-    def _finish(self, final, data, token, draft, barrier, committed, tracker) -> None:
+    def _finish(self, final, data, token, draft, barrier, committed, stamp, tracker) -> None:
         try:
-            self._write_and_commit(final, data, token, draft, barrier, committed, tracker)
+            self._write_and_commit(final, data, token, draft, barrier, committed, stamp, tracker)
         except BaseException:
             tracker.close(ok=False)
             raise
         tracker.close()
 
-    def _write_and_commit(self, final, data, token, draft, barrier, committed, tracker):
+    def _write_and_commit(self, final, data, token, draft, barrier, committed, stamp, tracker):
         if self._orbax is not None:
             self._orbax.wait()
         tracker.advance(tracker.total - tracker.done)
@@ -267,11 +273,11 @@ class Writer:
         barrier("written")
         if process == 0:
             with _limits.deadline(self._timeout):  # from here: the commit and retention, metadata only
-                self._publish(final, data, token, draft, committed)
+                self._publish(final, data, token, draft, committed, stamp)
         barrier("committed")  # every process sees the new checkpoint once `save` returns
         _tokens.end(token)
 
-    def _publish(self, final, data, token, draft, committed) -> None:
+    def _publish(self, final, data, token, draft, committed, stamp) -> None:
         """Process 0's part once every process has written: the manifest (the commit), then retention."""
         others: dict[str, dict[str, int]] = {}  # the digests of regions only other processes hold
         for other in range(1, jax.process_count()):
@@ -291,7 +297,11 @@ class Writer:
                 synced = flusher.submit(_storage.sync_tree, data)
                 files = _integrity.file_records(data, _checksummed(data))
                 synced.result()
-        manifest = dataclasses.replace(draft, variables=variables, created=time.time(), files=files)
+        created = time.time()
+        manifest = dataclasses.replace(
+            draft, variables=variables, created=created, order=_order_after(final.parent, created), files=files
+        )
+        manifest = stamp(manifest)
         _commit.commit(final, manifest, token)
         committed(manifest)
 
@@ -384,6 +394,24 @@ def _checksummed(data: Path) -> Callable[[str], bool]:
     if _storage.store_for(data).round_trips:
         return lambda rel: not _orbax.is_data_file(rel)
     return lambda rel: True
+
+
+def _written(final: Path, data: str) -> int:
+    """The bytes Orbax has written so far for a save's arrays `data` in checkpoint `final`
+    (under Orbax's temporary name while it writes): how far a save is, for its bar."""
+    return sum(f.size for f in _storage.files(final, data).values())
+
+
+def _order_after(directory: Path, created: float) -> float:
+    """The commit order of a checkpoint committed at `created` into `directory`: after every
+    checkpoint there, whatever this machine's clock says (set back, a restarted job on another
+    machine), so that the checkpoint just saved is the latest. Where the store dates its
+    objects by one clock for all writers (an object store, whose listings rank checkpoints),
+    the store's clock orders them and nothing is read here."""
+    if _storage.store_for(directory).round_trips:
+        return created
+    newest = _lookup.newest_order(directory)
+    return created if newest < created else math.nextafter(newest, math.inf)
 
 
 def _is_key(array: jax.Array) -> bool:

@@ -99,6 +99,16 @@ class Checkpoint(abc.ABC):
         self.skipped = dict(skipped or {})
         self.values: dict[str, Any] = {}
 
+    @property
+    def order(self) -> float:
+        """Where it sorts among the checkpoints of its directory, oldest first: when it was
+        committed, unless its format records a commit order of its own (jstate's does).
+
+        >>> jstate.open_checkpoint(jstate.Saver().save(state, "ckpt/model")).order > 0
+        True
+        """
+        return self.created
+
     def entry(self, name: str) -> Entry:
         """The entry `name`.
 

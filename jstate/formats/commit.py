@@ -138,6 +138,9 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     With `expected`, only if its manifest is still that one: a checkpoint re-saved since it was
     chosen for deletion is kept.
 
+    A `path` that is a symbolic link (to a checkpoint of another run, linked to resume from
+    it) is never followed: the link alone is removed, and what it points to is left intact.
+
     Returns:
       Whether it was deleted (False: it was re-saved since, or is gone already).
 
@@ -145,10 +148,16 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     >>> delete(path, expected=Manifest({})), delete(path), path.exists()
     (False, True, False)
     """
-    if expected is not None and Manifest.read(path) != expected:
-        return False  # re-saved since it was chosen: kept, without ever being unlisted
+    if _storage.is_symlink(path):  # its manifest and arrays are another directory's
+        _storage.unlink(path)
+        return True
     arrays = _arrays_of(path, expected)
-    deleted = _take(path, expected) if _storage.store_for(path).renames else _unlist(path, expected)
+    if not _storage.store_for(path).renames:
+        deleted = _unlist(path, expected)
+    elif expected is not None and Manifest.read(path) != expected:
+        return False  # re-saved since it was chosen: kept, without ever being unlisted
+    else:
+        deleted = _take(path, expected)
     if deleted:
         if arrays == ORBAX_ARRAYS and _storage.store_for(path).renames:  # (`_unlist` removed them)
             # No token says whose they are: the manifest just taken named them.
@@ -195,14 +204,23 @@ def _take(path: Path, expected: Manifest | None) -> bool:
 
 
 def _unlist(path: Path, expected: Manifest | None) -> bool:
-    """Unlist `path` where no rename takes exactly one version of an object: the manifest just
-    compared is deleted. (A re-save of this very path landing between the two requests is lost:
-    see docs/guides/object_storage.md.) The arrays it named are a finished save's, so
-    they go at once; other writers' leftovers wait for `clean` and their age."""
-    current = expected if expected is not None else Manifest.read(path)
-    if current is None:
+    """Unlist `path` where no rename takes exactly one version of an object: the manifest is
+    deleted only while it is still the version compared (a precondition the store checks: GCS's
+    generation, S3's ETag), so a re-save of this very path landing in between is kept. (On a
+    store that ignores preconditions, such a re-save is lost: docs/guides/object_storage.md.)
+    The arrays it named are a finished save's, so they go at once; other writers' leftovers
+    wait for `clean` and their age."""
+    manifest = path / FILE
+    # The version first, then the bytes: bytes equal to `expected` were read from this version,
+    # since any write changes the version and every manifest's bytes differ (its arrays' token).
+    version = _storage.version(manifest)
+    if version is None:
         return False
-    _storage.unlink(path / FILE)
+    current = Manifest.read(path)
+    if current is None or (expected is not None and current != expected):
+        return False  # re-saved since it was chosen: kept
+    if not _storage.unlink_if(manifest, version):
+        return False  # re-saved (or deleted) since it was compared: kept
     _storage.remove(path / current.arrays)
     return True
 
@@ -210,7 +228,10 @@ def _unlist(path: Path, expected: Manifest | None) -> bool:
 def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
     manifest does not name, temporary files; and `path` itself if that leaves it empty.
-    `names` are those in `path`, where the caller has listed them."""
+    `names` are those in `path`, where the caller has listed them. A `path` that is a symbolic
+    link is left alone: what it holds lies outside the directory being cleaned."""
+    if _storage.is_symlink(path):
+        return
     entries = _storage.iterdir(path) if names is None else [path / n for n in names]
     shared = _storage.store_for(path).shared
     tokens = {e: t for e in entries if (t := _token_of(e.name)) is not None}

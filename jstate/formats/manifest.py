@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,13 @@ class Manifest:
         (its variables carry their own).
       layout: how the arrays are keyed in Orbax's tree: "jstate" (one key per checkpoint name,
         or packed) or "orbax" (the tree the user saved, nested; `Saver(layout="orbax")`).
+      order: where it sorts among the checkpoints of its directory: its `created`, or just
+        after the newest checkpoint its writer saw there if that is later (a clock set back),
+        so that a save comes after everything it saw (0: not recorded, `created` orders it).
+      kept: whether retention keeps it for good (`keep_every_n_hours`/`_steps`), decided when
+        it was committed (None: saved before jstate recorded it).
+      clock: when the retention clock of `keep_every_n_hours` last started, as of this save
+        (TensorFlow's ``last_preserved_timestamp``; None: not recorded).
 
     >>> m = Manifest({"w": Variable((2,), np.dtype("float32"), {"0:2": 7})}, step=3)
     >>> Manifest.decode(m.encode(), "ckpt") == m
@@ -97,6 +105,9 @@ class Manifest:
     prefix: str | None = None
     packed: dict[str, Variable] = dataclasses.field(default_factory=dict)
     layout: str = "jstate"
+    order: float = 0.0
+    kept: bool | None = None
+    clock: float | None = None
 
     @functools.cached_property
     def entries(self) -> dict[str, Entry]:
@@ -135,6 +146,10 @@ class Manifest:
                 "packed": {a: {"shape": list(p.shape), "dtype": p.dtype.name} for a, p in self.packed.items()},
             }
             | ({"layout": self.layout} if self.layout != "jstate" else {})
+            # Only where recorded: older jstate reads these manifests, ignoring what it does not know.
+            | ({"order": self.order} if self.order else {})
+            | ({"kept": self.kept} if self.kept is not None else {})
+            | ({"clock": self.clock} if self.clock is not None else {})
         )
 
     @classmethod
@@ -198,6 +213,9 @@ class Manifest:
             raise ValueError(f"variable {unchecked[0]!r} has no checksums")
         files = {str(rel): (int(size), int(crc)) for rel, (size, crc) in raw.get("files", {}).items()}
         step, prefix, arrays = raw.get("step"), raw.get("prefix"), str(raw.get("arrays", ARRAYS))
+        kept, clock = raw.get("kept"), raw.get("clock")
+        if kept is not None and not isinstance(kept, bool):
+            raise ValueError(f"'kept' is {kept!r}, not true or false")
         if "/" in arrays or arrays in ("", ".", ".."):
             raise ValueError(f"arrays directory {arrays!r} is not a name inside the checkpoint")
         layout = raw.get("layout", "jstate")
@@ -212,6 +230,9 @@ class Manifest:
             None if prefix is None else str(prefix),
             packed,
             layout,
+            _time(raw.get("order", 0.0)),
+            kept,
+            None if clock is None else _time(clock),
         )
 
     def write(self, directory: Path) -> None:
@@ -239,6 +260,30 @@ class Manifest:
         """
         directory = _storage.as_path(directory)
         return cls.read_file(directory / FILE, directory)
+
+    @staticmethod
+    def read_order(directory: Path) -> float | None:
+        """The commit order of the checkpoint in `directory` (`order`, else `created`), from its
+        manifest's checksummed bytes without decoding its variables (a tenth of the cost: each
+        save asks it of every checkpoint beside); None if it has no manifest or a damaged one.
+
+        >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
+        >>> Manifest.read_order(path) == Manifest.read(path).order, Manifest.read_order(Path("."))
+        (True, None)
+        """
+        try:
+            data = _storage.read_bytes(_storage.as_path(directory) / FILE)
+        except StoreError:
+            raise
+        except OSError:
+            return None
+        try:
+            if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
+                return None
+            raw = json.loads(data)
+            return _time(raw.get("order") or raw.get("created", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            return None
 
     @classmethod
     def read_file(cls, path: Path, where: str | Path) -> Manifest | None:
@@ -322,6 +367,14 @@ def _check_slots(variables: dict[str, Variable], packed: dict[str, Variable]) ->
             )
         if v.packed.offset < 0 or v.packed.offset + v.size > array.shape[0] or not v.nbytes:
             raise ValueError(f"variable {name!r} lies outside its packed array {v.packed.array!r}")
+
+
+def _time(value: Any) -> float:
+    """A time in seconds that sorts: NaN would make every comparison false, and a sort with it arbitrary."""
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"time {value!r} is not a finite number")
+    return seconds
 
 
 def _shape(value: Any) -> tuple[int, ...]:

@@ -59,6 +59,15 @@ class NativeCheckpoint(Checkpoint):
         self._where: dict[str, _ocdbt.Located] | None = None  # where `ocdbt` can read arrays, found on first use
         self._orbax_tree: Any = None  # the Orbax layout's tree (Orbax's metadata), read on first use
 
+    @property
+    def order(self) -> float:
+        return self.manifest.order or self.manifest.created  # (the commit time, where no order was recorded)
+
+    @property
+    def kept(self) -> bool | None:
+        """Whether retention keeps it for good, as decided when it was committed (`Manifest.kept`)."""
+        return self.manifest.kept
+
     def _changed(self) -> bool:
         try:
             return Manifest.read(self.path) != self.manifest

@@ -18,7 +18,8 @@ Callers never ask which kind a store is. Where an algorithm depends on the store
 the property it relies on, each an attribute of the store:
 
   renames      a rename is atomic (a manifest can be taken in one step; Orbax can commit a
-               directory by renaming it)
+               directory by renaming it); where not, a file is deleted only while it is still
+               the version that was read (`version`, `unlink_if`)
   shared       processes of many machines write it: a writer's token is judged by its age
                (`tokens.alive`), since a pid or a host name could be anyone's
   round_trips  each request is a network round trip: what is judged over many files is judged
@@ -176,6 +177,17 @@ class Store(abc.ABC):
     def link(self, source: Path, target: Path) -> None:
         """Make `target` a hard link to `source`, failing with FileExistsError if it exists; only where `renames`."""
         raise NotImplementedError(f"{type(self).__name__} has no links.")
+
+    def version(self, path: Path) -> str | None:
+        """An identifier of the current contents of file `path` (GCS's generation, S3's ETag), which
+        any write changes; None if it does not exist. Only where not `renames`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no versions of files.")
+
+    def unlink_if(self, path: Path, version: str) -> bool:
+        """Delete file `path` only if its contents are still `version`, in one request the store
+        checks (a precondition); False if they changed or it is gone. Only where not `renames`.
+        A store that ignores the precondition deletes it whatever its version."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no versions of files.")
 
     @abc.abstractmethod
     def unlink(self, path: Path) -> None:

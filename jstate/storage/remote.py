@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import mmap
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,7 @@ class RemoteStore(Store):
 
     def __init__(self, scheme: str):
         self.scheme = scheme
+        self._version, self._delete_if = _VERSIONS[scheme]
 
     def exists(self, path: Path) -> bool:
         fs, key = _fs(path)
@@ -134,6 +136,21 @@ class RemoteStore(Store):
         with contextlib.suppress(FileNotFoundError):
             _call(fs.rm_file, key)
 
+    def version(self, path: Path) -> str | None:
+        fs, key = _fs(path)
+        try:
+            return self._version(_call(fs.info, key))
+        except FileNotFoundError:
+            return None
+
+    def unlink_if(self, path: Path, version: str) -> bool:
+        fs, key = _fs(path)
+        try:
+            _call(self._delete_if, key, fs, version)
+        except (FileNotFoundError, _Changed):
+            return False
+        return True
+
     def remove(self, path: Path) -> None:
         fs, key = _fs(path)
         with contextlib.suppress(FileNotFoundError):
@@ -214,6 +231,37 @@ def _fs(path: Path) -> tuple[Any, str]:
     # No listing cache: a listing cached before another process committed would hide its
     # checkpoint. (fsspec keeps one client per set of arguments: this is not Orbax's.)
     return fsspec.filesystem(name, use_listings_cache=False), key
+
+
+class _Changed(Exception):
+    """A conditional request's precondition failed: the object is no longer the version given."""
+
+
+# The two stores' versions of an object and their conditional deletes, through each client's own
+# request call (neither fsspec client passes a precondition to its `rm_file`).
+def _gcs_delete_if(key: str, fs: Any, generation: str, **timeout: Any) -> None:
+    bucket, _, name = key.partition("/")
+    try:
+        fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=generation, **timeout)
+    except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
+        raise _Changed from None
+
+
+def _s3_delete_if(key: str, fs: Any, etag: str, **timeout: Any) -> None:
+    bucket, _, name = key.partition("/")
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=etag, **timeout)
+    except OSError as e:  # s3fs turns 412 Precondition Failed into EINVAL, the response kept as its cause
+        code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+        if e.errno == errno.EINVAL and code in ("PreconditionFailed", "412"):
+            raise _Changed from None
+        raise
+
+
+_VERSIONS = {
+    "gs": (lambda info: str(info["generation"]), _gcs_delete_if),
+    "s3": (lambda info: str(info["ETag"]), _s3_delete_if),
+}
 
 
 def _mtime(info: dict) -> float:

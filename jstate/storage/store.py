@@ -228,6 +228,14 @@ def unlink(path: Path) -> None:
     store_for(path).unlink(path)
 
 
+def version(path: Path) -> str | None:
+    return store_for(path).version(path)
+
+
+def unlink_if(path: Path, version: str) -> bool:
+    return store_for(path).unlink_if(path, version)
+
+
 def remove(path: Path) -> None:
     store_for(path).remove(path)
 

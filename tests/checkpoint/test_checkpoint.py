@@ -331,8 +331,9 @@ def test_keep_every_n_hours_keeps_one_per_period(state, tmp_path, monkeypatch):
     for step in range(6):  # one save every 25 minutes
         saver.save(state, tmp_path / "m", step=step)
         clock[0] += 25 * 60
-    # Kept for good: step 0 (t=0), step 3 (t=75 min); and the newest, step 5.
-    assert sorted(os.listdir(tmp_path)) == ["m-0", "m-3", "m-5"]
+    # As TensorFlow: the clock starts when the Saver is created, so step 0 (t=0) is not kept;
+    # kept for good: step 3 (t=75 min, an hour after the start); and the newest, step 5.
+    assert sorted(os.listdir(tmp_path)) == ["m-3", "m-5"]
 
 
 def test_latest_checkpoint_is_the_most_recently_committed(state, tmp_path):

@@ -233,6 +233,6 @@ def test_inspect_values_prints_packed_variables_and_keys(tmp_path, capsys):
 def test_a_read_with_a_bar_without_tqdm_says_what_to_install(tmp_path, monkeypatch):
     """`progress=True` without tqdm installed says to `pip install jstate[progress]`."""
     vals, path = small_checkpoint(tmp_path)
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setitem(sys.modules, "tqdm.std", None)  # as if tqdm were not installed
     with pytest.raises(ImportError, match=r"pip install jstate\[progress\]"):
         jstate.open_checkpoint(path).read({"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, progress=True)

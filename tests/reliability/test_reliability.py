@@ -462,6 +462,68 @@ def test_cleaning_and_retention_never_follow_links_out_of_a_checkpoint(tmp_path)
     assert listed(tmp_path / "ckpt") == {"model-2": 2}
 
 
+def _dead_token() -> str:
+    return f"{int(time.time()):x}_999999999_deadbeef_{_tokens._HOST}"  # a token of no live process
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (links not followed) with its bytes: to prove it untouched."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_retention_removes_a_linked_checkpoint_s_link_never_its_target(tmp_path):
+    """A run resumed from another run's checkpoint by linking it into its own directory: when
+    `max_to_keep` retires that name, only the link goes; the other run's checkpoint (and a
+    killed save's leftovers in it, which are that run's to clean) stay as they were."""
+    other = Path(jstate.Saver().save(make_state(7), tmp_path / "run1" / "model", step=1000))
+    (other / f"arrays-{_dead_token()}").mkdir()  # a killed save of run1's, in run1's checkpoint
+    before = _tree(tmp_path / "run1")
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    (run2 / "model-1000").symlink_to(other.resolve(), target_is_directory=True)
+    assert restored_value(run2) == 7  # resumed from it
+    saver = jstate.Saver(max_to_keep=2)
+    for step in (1100, 1200, 1300):
+        saver.save(make_state(step), run2 / "model", step=step)
+    assert sorted(os.listdir(run2)) == ["model-1200", "model-1300"]
+    assert _tree(tmp_path / "run1") == before
+    assert restored_value(other) == 7
+
+
+def test_links_out_of_the_directory_and_dangling_links_are_never_followed(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "arrays").mkdir(parents=True)
+    (outside / "arrays" / "data").write_text("keep me")
+    (outside / "jstate.json").write_text("not a manifest")
+    before = _tree(outside)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model-1").symlink_to(outside.resolve(), target_is_directory=True)  # named as a checkpoint
+    (ckpt / f".model-2.{_dead_token()}.tmp").symlink_to(outside.resolve())  # named as a dead save's leftover
+    (ckpt / "model-3").symlink_to(tmp_path / "nowhere")  # dangling
+    (ckpt / f".model-4.{_dead_token()}.tmp").symlink_to(tmp_path / "nowhere")  # dangling leftover
+    saver = jstate.Saver(max_to_keep=1)
+    for step in (5, 6, 7):
+        saver.save(make_state(step), ckpt / "model", step=step)
+    assert _tree(outside) == before
+    assert sorted(os.listdir(ckpt)) == ["model-1", "model-3", "model-7"]  # leftover links removed, as links
+    assert os.readlink(ckpt / "model-3") == str(tmp_path / "nowhere")
+    assert jstate.latest_checkpoint(ckpt) == str(ckpt / "model-7")
+
+
+def test_a_failed_save_to_a_linked_checkpoint_cleans_nothing_through_the_link(tmp_path):
+    other = Path(jstate.Saver().save(make_state(7), tmp_path / "run1" / "model-1"))
+    (other / f"arrays-{_dead_token()}").mkdir()
+    (other / f".saving.{_dead_token()}.tmp").touch()
+    before = _tree(tmp_path / "run1")
+    link = tmp_path / "run2" / "model-1"
+    link.parent.mkdir()
+    link.symlink_to(other.resolve(), target_is_directory=True)
+    with pytest.raises(jstate.CheckpointError, match="not a jstate checkpoint"):
+        jstate.Saver().save(make_state(8), link)
+    assert _tree(tmp_path / "run1") == before and link.is_symlink()
+
+
 # -- 5. OS errors ---------------------------------------------------------------------------------
 def _refuse(exc_errno: int, where: Path, condition=lambda *args: True):
     """A function that raises the OS's error `exc_errno` for paths under `where` (when
