@@ -74,7 +74,7 @@ class Store(abc.ABC):
     >>> path = as_path("notes/a.txt")
     >>> store = store_for(path)
     >>> store.makedirs(path.parent); store.write_bytes(path, b"hello")
-    >>> store.read_bytes(path), store.files(path.parent), store.renames
+    >>> store.read_bytes(path, 100, "note"), store.files(path.parent), store.renames
     (b'hello', {'a.txt': File(size=5, crc32c=None, mtime=...)}, True)
     """
 
@@ -102,7 +102,21 @@ class Store(abc.ABC):
         """The names in directory `path`; [] where there is none."""
 
     @abc.abstractmethod
-    def read_bytes(self, path: Path) -> bytes: ...
+    def read_bytes(self, path: Path, limit: int, what: str) -> bytes:
+        """The contents of file `path`, a `what` ("manifest", "state file") of at most `limit`
+        bytes: a special file (a FIFO, a device, a directory) is never opened, and a larger one
+        never read (see `local.open_regular`).
+
+        Raises:
+          FileNotFoundError: `path` does not exist.
+          CheckpointError: it is no regular file, holds more than `limit` bytes, or cannot be
+            read (permissions), naming it and why.
+        """
+
+    @abc.abstractmethod
+    def read_range(self, path: Path, start: int, length: int, what: str) -> bytes | bytearray:
+        """Bytes ``start`` to ``start + length`` of file `path` (fewer where it ends sooner): one
+        ranged request on an object store. Raises as `read_bytes`."""
 
     @abc.abstractmethod
     def size(self, path: Path) -> int:
