@@ -102,8 +102,8 @@ class Saver:
             raise ValueError(
                 "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
             )
-        self._compression, self._timeout = compression, float(timeout)
-        self._writer = Writer(compression, timeout, _pack.threshold(pack))
+        self._compression, self._timeout = compression, _limits.seconds(timeout)  # (`LONGEST` at most)
+        self._writer = Writer(compression, self._timeout, _pack.threshold(pack))
         self._progress = progress
 
     # -- saving ------------------------------------------------------------------------------
