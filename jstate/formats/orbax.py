@@ -294,7 +294,9 @@ def _check_metadata_files(directory: Path) -> None:
     files = [(directory / METADATA_FILE, _storage.LIMIT, "Orbax metadata file")]
     files += [(directory / _STEP_METADATA, _ZARRAY_LIMIT, "Orbax metadata file")]
     # Without OCDBT each array is a zarr directory with its `.zarray` (a stat each; Orbax reads them all).
-    files += [(directory / name / ".zarray", _ZARRAY_LIMIT, "zarr metadata file") for name in _storage.listdir(directory)]
+    files += [
+        (directory / name / ".zarray", _ZARRAY_LIMIT, "zarr metadata file") for name in _storage.listdir(directory)
+    ]
     for file, limit, what in files:
         try:
             with _storage.open_regular(file, what) as (_, stat):
