@@ -232,7 +232,9 @@ def test_a_zarray_declaring_a_huge_array_is_a_checkpoint_error(tmp_path):
     meta = json.loads(zarray.read_text())
     zarray.write_text(json.dumps(meta | {"shape": [2**40], "chunks": [1]}))
     assert jstate.list_variables(path) == [("w", (2**40,), np.dtype("float32"))]
-    with pytest.raises(CheckpointError, match=r"'w' is recorded as shape \(1099511627776,\) of float32 \(4096\.0 GiB\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'w' is recorded as shape \(1099511627776,\) of float32 \(4096\.0 GiB\)"
+    ):
         jstate.load_variable(path, "w")
     with pytest.raises(jstate.SpecMismatchError, match=r"'w' has shape \(1099511627776,\)"):
         jstate.Saver().restore(path, jstate.State({"w": jnp.ones(4)}))
