@@ -36,8 +36,8 @@ _GROUP_BYTES = 512 * 1024 * 1024  # a progress bar advances once per this many b
 
 REPLACED = (
     "Checkpoint {path} was re-saved or deleted since it was opened, so reading {which} from the checkpoint "
-    "that was opened failed: its files are gone. Nothing is damaged: open it again (`jstate.open_checkpoint`) "
-    "to read what is there now; `Saver.restore` does this by itself."
+    "that was opened failed: its files were replaced or removed. Open it again (`jstate.open_checkpoint`) to "
+    "read what is there now; `Saver.restore` does this by itself."
 )
 
 
