@@ -62,15 +62,13 @@ class RemoteStore(Store):
         # One ranged request for a byte past `limit` (an object is always a regular file): an
         # object too large for its kind is never downloaded whole. (A ranged read also keeps
         # s3fs from asking for the size first, to split a large read: a request more.)
-        fs, key = _fs(path)
-        data = _call(fs.cat_file, key, start=0, end=limit + 1)
+        data = _ranged(path, 0, limit + 1)
         if len(data) > limit:
             raise _local.too_large(path, len(data), limit, what)
         return data
 
     def read_range(self, path: Path, start: int, length: int, what: str) -> bytes:
-        fs, key = _fs(path)
-        return _call(fs.cat_file, key, start=start, end=start + length) if length else b""
+        return _ranged(path, start, start + length) if length else b""
 
     def size(self, path: Path) -> int:
         fs, key = _fs(path)
@@ -199,6 +197,20 @@ def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             "of what is there. Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network "
             "and the credentials, then try again."
         ) from e
+
+
+def _ranged(path: Path, start: int, end: int) -> bytes:
+    """Bytes `start` to `end` of object `path`, in one request; fewer where it ends sooner, and
+    none where it ends before `start` (which GCS and S3 answer with 416, "range not satisfiable":
+    an empty object's first bytes among them)."""
+    fs, key = _fs(path)
+    try:
+        return _call(fs.cat_file, key, start=start, end=end)
+    except StoreError as e:
+        cause = e.__cause__
+        if getattr(cause, "code", None) == 416 or "range is not satisfiable" in str(cause).lower():
+            return b""
+        raise
 
 
 # What a store answers about an object, as opposed to failing to answer.

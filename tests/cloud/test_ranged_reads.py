@@ -1,6 +1,8 @@
-"""A ``.safetensors`` file on gs:// or s3:// is read with ranged requests: its length and header
-first, then only the arrays asked for, each once. Counted by wrapping the requests jstate makes
-of the storage clients (`remote._call`): every byte that comes back is counted."""
+"""Reads of objects on gs:// and s3:// are ranged: a file of a known kind (a manifest) is read up
+to its kind's limit and refused past it, never downloaded whole; a ``.safetensors`` file is read
+as its length and header first, then only the arrays asked for, each once. Counted by wrapping
+the requests jstate makes of the storage clients (`remote._call`): every byte that comes back is
+counted."""
 
 import collections
 
@@ -11,6 +13,7 @@ import pytest
 import jstate
 from jstate.formats import safetensors as st
 from jstate.storage import remote as _remote
+from jstate.storage import store as _storage
 
 BIG = 1 << 20  # bytes of the array a load_variable of the small one must not download
 
@@ -23,8 +26,8 @@ def counted(monkeypatch):
 
     def call(method, key, *args, **kwargs):
         out = real(method, key, *args, **kwargs)
-        seen[method.__name__][0] += 1
-        seen[method.__name__][1] += len(out) if isinstance(out, (bytes, bytearray)) else 0
+        seen[method.__name__.lstrip("_")][0] += 1
+        seen[method.__name__.lstrip("_")][1] += len(out) if isinstance(out, (bytes, bytearray)) else 0
         return out
 
     monkeypatch.setattr(_remote, "_call", call)
@@ -52,3 +55,20 @@ def test_restore_reads_each_array_once(root, counted):
     fetched = sum(n for _, n in counted.values())
     assert BIG <= fetched <= BIG + 12 + st._FIRST_READ, dict(counted)  # once each, and the header's read
     assert "get_file" not in counted, "downloaded whole"
+
+
+def test_a_read_is_bounded_by_its_kinds_limit_and_ranged(root, counted):
+    path = _storage.as_path(f"{root}/jstate.json")
+    _storage.write_bytes(path, b"")
+    assert _storage.read_bytes(path, 100, "manifest") == b""  # (the stores answer 416 to the range)
+    _storage.write_bytes(path, b"x" * 1000)
+    counted.clear()
+    with pytest.raises(
+        jstate.CheckpointError, match=r"jstate\.json: this manifest holds 11 bytes or more, over the 10"
+    ):
+        _storage.read_bytes(path, 10, "manifest")
+    assert dict(counted) == {"cat_file": [1, 11]}  # one request, a byte past the limit
+    assert _storage.read_range(path, 990, 100) == b"x" * 10
+    assert _storage.read_range(path, 2000, 100) == b""
+    with pytest.raises(FileNotFoundError):
+        _storage.read_bytes(_storage.as_path(f"{root}/missing"), 10, "manifest")
