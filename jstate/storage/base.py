@@ -137,10 +137,6 @@ class Store(abc.ABC):
     def mapped(self, path: Path) -> contextlib.AbstractContextManager[bytes | mmap.mmap]:
         """The contents of file `path` as a buffer: mapped into memory locally (no copy), downloaded from a store."""
 
-    @abc.abstractmethod
-    def local_copy(self, path: Path) -> contextlib.AbstractContextManager[Path]:
-        """`path` as a local file for a library that reads only those: itself, or a temporary download."""
-
     def local_path(self, path: Path) -> Path | None:
         """`path` itself where libraries that open only local files can open it, else None."""
         return None

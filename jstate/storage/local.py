@@ -74,10 +74,6 @@ class LocalStore(Store):
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
                 yield view
 
-    @contextlib.contextmanager
-    def local_copy(self, path: Path) -> Iterator[Path]:
-        yield path
-
     def local_path(self, path: Path) -> Path | None:
         return path
 

@@ -96,14 +96,6 @@ class RemoteStore(Store):
         yield _call(fs.cat_file, key, **({"max_concurrency": 1} if self.scheme == "s3" else {}))
 
     @contextlib.contextmanager
-    def local_copy(self, path: Path) -> Iterator[Path]:
-        fs, key = _fs(path)
-        with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
-            local = Path(tmp, path.name)
-            _call(fs.get_file, key, str(local))
-            yield local
-
-    @contextlib.contextmanager
     def atomic(self, path: Path) -> Iterator[Path]:
         # A local temporary file, then one upload, which the store makes visible whole or not at all.
         fs, key = _fs(path)

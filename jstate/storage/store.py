@@ -194,10 +194,6 @@ def mapped(path: Path) -> contextlib.AbstractContextManager[bytes | mmap.mmap]:
     return store_for(path).mapped(path)
 
 
-def local_copy(path: Path) -> contextlib.AbstractContextManager[Path]:
-    return store_for(path).local_copy(path)
-
-
 def local_path(path: Path) -> Path | None:
     return store_for(path).local_path(path)
 
