@@ -49,9 +49,15 @@ class LocalStore(Store):
         return read_bytes(path, limit, what)
 
     def read_range(self, path: Path, start: int, length: int, what: str) -> bytearray:
-        with open_regular(path, what) as (fd, _):
-            out = bytearray(length)
-            got = os.preadv(fd, [out], start) if length else 0
+        with open_regular(path, what) as (fd, stat):
+            out = bytearray(max(0, min(length, stat.st_size - start)))
+            view, got = memoryview(out), 0
+            while got < len(out):  # preadv reads at most ~2 GiB at a time
+                n = os.preadv(fd, [view[got:]], start + got)
+                if n == 0:  # cut short since its fstat
+                    break
+                got += n
+            view.release()
             del out[got:]
             return out
 
@@ -224,7 +230,8 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
             raise too_large(path, stat.st_size, limit, what)
         chunks, total = [], 0
         while total <= limit:  # up to one byte past `limit`: a file that grew since its fstat
-            chunk = os.read(fd, min(limit + 1 - total, 1 << 24))
+            # The whole file in one read, as a rule (`join` then hands that one back, uncopied).
+            chunk = os.read(fd, min(limit + 1 - total, max(stat.st_size + 1 - total, 1 << 16)))
             if not chunk:
                 break
             chunks.append(chunk)
