@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -114,9 +116,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def read_range(self, path: Path, start: int, length: int, what: str) -> bytes | bytearray:
+    def read_range(self, path: Path, start: int, length: int, what: str) -> bytes | np.ndarray:
         """Bytes ``start`` to ``start + length`` of file `path` (fewer where it ends sooner): one
-        ranged request on an object store. Raises as `read_bytes`."""
+        ranged request on an object store; locally read straight into a fresh, writable uint8
+        array. Raises as `read_bytes`."""
 
     @abc.abstractmethod
     def size(self, path: Path) -> int:

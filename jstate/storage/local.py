@@ -14,6 +14,8 @@ import stat as _stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from ..core.errors import CheckpointError
 from . import tokens as _tokens
 from .base import File, Store
@@ -48,18 +50,18 @@ class LocalStore(Store):
     def read_bytes(self, path: Path, limit: int, what: str) -> bytes:
         return read_bytes(path, limit, what)
 
-    def read_range(self, path: Path, start: int, length: int, what: str) -> bytearray:
+    def read_range(self, path: Path, start: int, length: int, what: str) -> np.ndarray:
         with open_regular(path, what) as (fd, stat):
-            out = bytearray(max(0, min(length, stat.st_size - start)))
-            view, got = memoryview(out), 0
+            # Uninitialized, and read straight into: a bytearray is zeroed first, every page of fresh
+            # memory written twice (16 arrays of 16 MiB: ~0.6 s that way, 0.07-0.09 s this way).
+            out = np.empty(max(0, min(length, stat.st_size - start)), np.uint8)
+            got = 0
             while got < len(out):  # preadv reads at most ~2 GiB at a time
-                n = os.preadv(fd, [view[got:]], start + got)
+                n = os.preadv(fd, [out[got:]], start + got)
                 if n == 0:  # cut short since its fstat
                     break
                 got += n
-            view.release()
-            del out[got:]
-            return out
+            return out[:got]
 
     def size(self, path: Path) -> int:
         return path.stat().st_size

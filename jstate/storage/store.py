@@ -16,6 +16,8 @@ import os
 from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .base import File, Store, by_child
 from .local import LocalStore
@@ -168,7 +170,7 @@ def open_regular(path: Path, what: str = "file") -> contextlib.AbstractContextMa
     return _local_open(path, what)
 
 
-def read_range(path: Path, start: int, length: int, what: str = "file") -> bytes | bytearray:
+def read_range(path: Path, start: int, length: int, what: str = "file") -> bytes | np.ndarray:
     return store_for(path).read_range(path, start, length, what)
 
 
