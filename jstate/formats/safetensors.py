@@ -188,7 +188,7 @@ def _tensor(name: str, value: dict, base: int) -> _Tensor:
 
 
 def _damaged(path: Path, why: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"Safetensors file {path} is damaged or truncated: {why}. Restore or re-export it.")
+    return CorruptCheckpointError(f"Safetensors file {path} is damaged or truncated ({why}). Restore or re-export it.")
 
 
 def read(path: Path, names: list[str]) -> dict[str, np.ndarray]:
