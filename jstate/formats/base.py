@@ -24,7 +24,7 @@ from typing import TypeVar
 import jax
 import numpy as np
 
-from ..core.errors import CheckpointError, CorruptCheckpointError, Damaged, not_in_checkpoint
+from ..core.errors import CheckpointError, CorruptCheckpointError, Damaged, StoreError, not_in_checkpoint
 from ..core.progress import Progress
 from ..core.shaped import Shaped
 from ..core.table import Table, human_bytes
@@ -159,7 +159,8 @@ class Checkpoint(abc.ABC):
         except Exception as e:
             names = sorted(names)
             which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
-            if self._changed():
+            # (A store that did not answer is that, whatever a look at the manifest would say.)
+            if not isinstance(e, StoreError) and self._changed():
                 raise CheckpointError(REPLACED.format(path=self.path, which=which)) from e
             if isinstance(e, CheckpointError):
                 raise
