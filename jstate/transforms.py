@@ -44,9 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .core.errors import MappingError
+
 __all__ = ["Transform", "cast", "concat", "reshape", "split", "stack", "transpose", "unstack"]
 
 Input = Union[str, "Transform"]
+MAX_DEPTH = 100  # transforms nested in one another
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,19 @@ class Transform:
     op: str
     inputs: tuple[Transform, ...] = ()
     args: tuple = ()
+    # How many transforms deep it is (an entry: 1); checked so that comparing, hashing and
+    # printing one, all recursive, never meet Python's recursion limit.
+    depth: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        depth = 1 + max((i.depth for i in self.inputs), default=0)
+        if depth > MAX_DEPTH:
+            raise MappingError(
+                f"A `{self.op}` of transforms nested {depth} deep (from {self.entries()[:1]}): jstate takes at most "
+                f"{MAX_DEPTH}, and real layouts need a handful. Compose fewer: one `transpose` with `axes`, one "
+                "`reshape`."
+            )
+        object.__setattr__(self, "depth", depth)
 
     @property
     def multi(self) -> bool:
@@ -185,7 +201,14 @@ def reshape(x: Input, shape: Sequence[int], *, saved_shape: Sequence[int] | None
     >>> T.reshape("conv/kernel", (-1, 128))
     reshape('conv/kernel', (-1, 128))
     """
-    return Transform("reshape", (_input(x),), (_shape(shape), _shape(saved_shape)))
+    shape, saved_shape = _shape(shape), _shape(saved_shape)
+    for name, given in (("shape", shape), ("saved_shape", saved_shape)):
+        if given is not None and -1 in given and (given.count(-1) > 1 or 0 in given):
+            raise MappingError(
+                f"reshape({x!r}, {name}={given}): a -1 dimension is inferred from the others, so it needs exactly "
+                "one -1 and no 0 beside it (any size would fit). Give the dimensions explicitly."
+            )
+    return Transform("reshape", (_input(x),), (shape, saved_shape))
 
 
 def transpose(x: Input, axes: Sequence[int] | None = None) -> Transform:

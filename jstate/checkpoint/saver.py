@@ -129,10 +129,10 @@ class Saver:
             raise ValueError(
                 "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
             )
-        self._compression, self._timeout = compression, float(timeout)
+        self._compression, self._timeout = compression, _limits.seconds(timeout)  # (`LONGEST` at most)
         self._layout = layout
         pack = _orbax_layout.check_layout(layout, pack)
-        self._writer = Writer(compression, timeout, _pack.threshold(pack), layout)
+        self._writer = Writer(compression, self._timeout, _pack.threshold(pack), layout)
         self._progress = progress
 
     # -- saving ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from ..core.errors import CheckpointError, CorruptCheckpointError, Damaged, not_in_checkpoint
+from ..core.errors import CheckpointError, CorruptCheckpointError, Damaged, StoreError, not_in_checkpoint
 from ..core.progress import Progress
 from ..core.shaped import Shaped
 from ..core.table import Table, human_bytes
@@ -33,6 +34,12 @@ from ..storage import store as _storage
 
 T = TypeVar("T")
 _GROUP_BYTES = 512 * 1024 * 1024  # a progress bar advances once per this many bytes read
+
+REPLACED = (
+    "Checkpoint {path} was re-saved or deleted since it was opened, so reading {which} from the checkpoint "
+    "that was opened failed: its files were replaced or removed. Open it again (`jstate.open_checkpoint`) to "
+    "read what is there now; `Saver.restore` does this by itself."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,14 +162,22 @@ class Checkpoint(abc.ABC):
         return out
 
     def _guarded(self, names: list[str], read: Callable[[], T]) -> T:
-        """`read()`, its failures made one CheckpointError naming the checkpoint and variable."""
+        """`read()`, its failures made one CheckpointError naming the checkpoint and variable.
+
+        A read that fails because the checkpoint was re-saved or deleted since it was opened (a
+        re-save removes the files this object knows) says so: never "damaged". One that
+        succeeds read what was opened: a re-save writes its arrays under a new name, and every
+        array read is checked against the manifest opened."""
         try:
             return read()
-        except CheckpointError:
-            raise
         except Exception as e:
             names = sorted(names)
             which = f"variable '{names[0]}'" if len(names) == 1 else f"{len(names)} variables (from '{names[0]}')"
+            # (A store that did not answer is that, whatever a look at the manifest would say.)
+            if not isinstance(e, StoreError) and self._changed():
+                raise CheckpointError(REPLACED.format(path=self.path, which=which)) from e
+            if isinstance(e, CheckpointError):
+                raise
             damage = self._damage()
             if damage is not None:  # the files fail their checks: that, not the symptom, is the news
                 raise CorruptCheckpointError(f"Checkpoint {self.path}: reading {which} failed; {damage}.") from e
@@ -189,9 +204,22 @@ class Checkpoint(abc.ABC):
         'ndarray'
         """
         for name in names:
-            self.entry(name)
+            self._fits_host(self.entry(name), name)
         with self._progress("Read", list(names), False):
             return self._guarded(names, lambda: self._read_host(list(names), verify))
+
+    def _fits_host(self, entry: Entry, name: str) -> None:
+        """Refuse, before anything is allocated, an entry larger than this machine's memory: a
+        damaged or hostile metadata file (a zarr ``.zarray`` of shape ``[2**40]``) would
+        otherwise end in a `MemoryError`, or the reading library's abort."""
+        memory = _host_memory()
+        if entry.nbytes > memory:
+            raise CheckpointError(
+                f"Checkpoint {self.path}: '{name}' is recorded as shape {entry.shape} of {entry.dtype.name} "
+                f"({human_bytes(entry.nbytes)}), more than this machine's memory ({human_bytes(memory)}), so it "
+                "cannot be read into host memory. If its metadata is damaged, use another checkpoint; else restore "
+                "it sharded onto devices with `Saver.restore`."
+            )
 
     def _progress(self, what: str, names: list[str], bar: bool) -> Progress:
         total = sum(self.entries[n].nbytes for n in names)
@@ -313,3 +341,11 @@ def own(host: np.ndarray) -> np.ndarray:
     while isinstance(base.base, np.ndarray):
         base = base.base
     return host.copy() if base.nbytes > host.nbytes + 64 else host
+
+
+def _host_memory() -> int:
+    """This machine's physical memory in bytes (unbounded where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62

@@ -32,6 +32,9 @@ from .pack import Slot
 
 FILE = "jstate.json"
 ARRAYS = "arrays"  # the Orbax checkpoint beside the manifest
+# The most a manifest is read of: ~250 bytes a variable with its digests, so millions of
+# variables; a larger file is no manifest jstate wrote, and is refused unread.
+LIMIT = 1 << 30
 FORMAT = "jstate.checkpoint"
 # 2: `arrays`, `prefix` (version 1 kept its arrays in ``arrays/``); 3: `packed` (versions 1 and
 # 2 are read as manifests without packed variables); 4: `layout`, written only by the Orbax
@@ -272,7 +275,7 @@ class Manifest:
         (True, None)
         """
         try:
-            data = _storage.read_bytes(_storage.as_path(directory) / FILE)
+            data = _storage.read_bytes(_storage.as_path(directory) / FILE, LIMIT, "manifest")
         except StoreError:
             raise
         except OSError:
@@ -297,7 +300,7 @@ class Manifest:
         True
         """
         try:
-            data = _storage.read_bytes(_storage.as_path(path))
+            data = _storage.read_bytes(_storage.as_path(path), LIMIT, "manifest")
         except (FileNotFoundError, NotADirectoryError):
             return None
         except StoreError:

@@ -359,6 +359,8 @@ def load(path: Path) -> NativeCheckpoint | None:
       CorruptCheckpointError: it is one, but incomplete or damaged (a missing or truncated file
         counts: sizes are checked on every open, which costs one `stat` per file locally, one
         listing on an object store).
+      CheckpointError: a metadata file of its arrays cannot be read (permissions), or is no
+        regular file: it would fail every restore.
 
     >>> load(Path(jstate.Saver().save(state, "ckpt/model"))).writer
     'jstate'
@@ -435,4 +437,17 @@ def _checked(path: Path, manifest: Manifest, listed: dict[str, _storage.File] | 
     if any(v.nbytes for v in manifest.variables.values()) and not _orbax.is_checkpoint(arrays, listed):
         raise CorruptCheckpointError(f"Checkpoint {path} is incomplete: {arrays / _orbax.METADATA_FILE} is missing.")
     _integrity.check_files(arrays, manifest.files, path, listed=listed)
+    if _storage.local_path(arrays) is not None:
+        # The few metadata files (not the data) opened and closed, a few system calls each: one
+        # this process cannot read (permissions) would fail every restore, so the checkpoint is
+        # not listed, and never taken for the latest over a readable one.
+        for rel in manifest.files:
+            if not _orbax.is_data_file(rel):
+                try:
+                    with _storage.open_regular(arrays / rel, "Orbax metadata file"):
+                        pass
+                except (FileNotFoundError, NotADirectoryError):  # retired by a re-save since: `load` looks again
+                    raise CorruptCheckpointError(
+                        f"Checkpoint {path} is incomplete: {arrays / rel} is missing."
+                    ) from None
     return NativeCheckpoint(path, manifest)

@@ -73,8 +73,7 @@ class Chunk:
             for out, start in parts:
                 out[:] = self.inline[start : start + len(out)]
             return
-        fd = os.open(self.file, os.O_RDONLY)
-        try:
+        with _storage.open_regular(self.file, "OCDBT data file") as (fd, _):  # a FIFO would block a plain open
             for out, start in parts:
                 done, offset = 0, self.offset + start
                 while done < len(out):  # preadv reads at most ~2 GiB at a time, and less at the end of a file
@@ -85,8 +84,6 @@ class Chunk:
                             f"a chunk ({self.length} bytes from {self.offset}): it was truncated after the save"
                         )
                     done += n
-        finally:
-            os.close(fd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from . import orbax_s3 as _s3
 from .base import Checkpoint, Entry
 
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
+STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
 TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a directory it has not finished writing
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
@@ -261,6 +262,7 @@ class OrbaxCheckpoint(Checkpoint):
     writer = "orbax"
 
     def __init__(self, path: Path, arrays: Path):
+        _check_metadata_files(arrays)
         try:
             self.tree = metadata(arrays)
             found = entries(self.tree)
@@ -276,6 +278,33 @@ class OrbaxCheckpoint(Checkpoint):
 
     def _read_host(self, names: list[str], verify: bool) -> dict[str, np.ndarray]:
         return read_host(self.arrays, {n: self.entries[n] for n in names}, self.tree)
+
+
+# The most a metadata file of Orbax's may hold: a `.zarray` is a few hundred bytes; `_METADATA`
+# grows with the tree (hence `_storage.LIMIT`).
+_ZARRAY_LIMIT = 1 << 20
+
+
+def _check_metadata_files(directory: Path) -> None:
+    """Refuse, before Orbax and tensorstore open them (which they do with plain blocking reads
+    of any size), metadata files of `directory` that are no regular file (a FIFO would hang
+    the reader, a link to /dev/zero would fill memory) or too large: a CheckpointError naming
+    the file. An object store holds nothing but regular objects: nothing to check there."""
+    if _storage.local_path(directory) is None:
+        return
+    files = [(directory / METADATA_FILE, _storage.LIMIT, "Orbax metadata file")]
+    files += [(directory / STEP_METADATA, _ZARRAY_LIMIT, "Orbax metadata file")]
+    # Without OCDBT each array is a zarr directory with its `.zarray` (a stat each; Orbax reads them all).
+    files += [
+        (directory / name / ".zarray", _ZARRAY_LIMIT, "zarr metadata file") for name in _storage.listdir(directory)
+    ]
+    for file, limit, what in files:
+        try:
+            with _storage.open_regular(file, what) as (_, stat):
+                if stat.st_size > limit:
+                    raise _storage.too_large(file, stat.st_size, limit, what)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
 
 
 def step_of(name: str) -> int | None:

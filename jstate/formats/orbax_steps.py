@@ -33,7 +33,7 @@ from ..storage import store as _storage
 from . import orbax as _orbax
 from .base import Checkpoint, Entry
 
-STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
+STEP_METADATA = _orbax.STEP_METADATA
 _COMMIT_FILE = "commit_success.txt"  # Orbax's commit marker where it does not rename (object stores)
 # Handlers whose items are trees of arrays, and those whose items are one JSON file (by class name:
 # `_CHECKPOINT_METADATA` records each handler's module path, which moves between Orbax releases).
@@ -133,7 +133,7 @@ def _json(item: Path) -> Any:
     try:
         if len(files) != 1:
             raise ValueError(f"{len(files)} files where a JSON item holds one")
-        return json.loads(_storage.read_bytes(item / files[0]))
+        return json.loads(_storage.read_bytes(item / files[0], _storage.LIMIT, "Orbax JSON item"))
     except ValueError as e:  # json.JSONDecodeError is one
         raise CorruptCheckpointError(f"Orbax JSON item {item} cannot be read ({e}).") from e
 
@@ -141,7 +141,7 @@ def _json(item: Path) -> Any:
 def _step_metadata(path: Path) -> dict[str, Any]:
     """The step's ``_CHECKPOINT_METADATA`` (Orbax's `StepMetadata`, as JSON), {} if damaged."""
     try:
-        found = json.loads(_storage.read_bytes(path / STEP_METADATA))
+        found = json.loads(_storage.read_bytes(path / STEP_METADATA, 1 << 20, "Orbax step metadata"))
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}

@@ -17,7 +17,6 @@ file, no ``.index``) is not read.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,8 @@ _DTYPES: dict[int, np.dtype] = {
 _UNREAD = {7: "DT_STRING", 11: "DT_QINT8", 12: "DT_QUINT8", 13: "DT_QINT32", 15: "DT_QINT16", 16: "DT_QUINT16"}
 _UNREAD |= {20: "DT_RESOURCE", 21: "DT_VARIANT", 24: "DT_FLOAT8_E5M2", 25: "DT_FLOAT8_E4M3FN", 29: "DT_INT4"}
 _UNREAD |= {30: "DT_UINT4"}
+# The most of an index that is read: ~100 bytes a tensor, so millions of tensors.
+INDEX_LIMIT = 1 << 30
 _MAX_RANK = 64 if int(np.__version__.split(".")[0]) >= 2 else 32  # numpy's limit; TensorFlow's is 254
 
 _BundleHeaderProto, _BundleEntryProto = _tfproto.BundleHeaderProto, _tfproto.BundleEntryProto
@@ -145,10 +146,9 @@ def read(prefix: Path, names: list[str]) -> dict[str, np.ndarray]:
         path = data_file(prefix, shard, bundle.num_shards)
         shard_names.sort(key=lambda n: bundle.tensors[n].offset)
         try:
-            with open(path, "rb") as f:
-                file_size = os.fstat(f.fileno()).st_size
+            with _storage.open_regular(path, "TensorFlow data file") as (fd, stat), open(fd, "rb", closefd=False) as f:
                 for name in shard_names:
-                    out[name] = _read_tensor(f, file_size, prefix, path, name, bundle.tensors[name])
+                    out[name] = _read_tensor(f, stat.st_size, prefix, path, name, bundle.tensors[name])
         except FileNotFoundError:
             raise CorruptCheckpointError(
                 f"TensorFlow checkpoint {prefix} is incomplete: its data file {path} is missing "
@@ -190,7 +190,7 @@ def _read_index(prefix: Path) -> _Bundle:
     """The index of checkpoint `prefix`, parsed and checked (errors name the index file)."""
     path = index_file(prefix)
     try:
-        data = path.read_bytes()
+        data = _storage.read_bytes(path, INDEX_LIMIT, "TensorFlow index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"No TensorFlow checkpoint at {prefix}: {path} does not exist.") from None
     except OSError as e:

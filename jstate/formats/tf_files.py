@@ -19,9 +19,13 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from ..storage import store as _storage
 from .tf_proto import CheckpointState
 
 STATE_FILE = "checkpoint"
+# The most of a state file that is read: TensorFlow's names a few paths (all it keeps, with
+# their times); a larger one is no state file.
+STATE_LIMIT = 1 << 20
 _DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
 
 
@@ -68,6 +72,10 @@ def latest(directory: Path) -> Path | None:
       no state file, it does not parse, it names nothing, or the named checkpoint's ``.index``
       is missing.
 
+    Raises:
+      CheckpointError: the state file is no regular file (a FIFO, a link to a device), is over
+        `STATE_LIMIT` bytes, or cannot be read: it is refused unread, naming it.
+
     >>> Path("train").mkdir(); Path("train/model.ckpt-20.index").touch()
     >>> _ = Path("train/checkpoint").write_text('model_checkpoint_path: "model.ckpt-20"')
     >>> latest(Path("train"))
@@ -75,7 +83,7 @@ def latest(directory: Path) -> Path | None:
     """
     directory = Path(directory)
     try:
-        text = (directory / STATE_FILE).read_text(encoding="utf-8")
+        text = _storage.read_bytes(directory / STATE_FILE, STATE_LIMIT, "TensorFlow state file").decode("utf-8")
         # Unknown fields skipped: a newer TensorFlow may add some, and only the path matters here.
         name = text_format.Parse(text, CheckpointState(), allow_unknown_field=True).model_checkpoint_path
     except (OSError, UnicodeDecodeError, text_format.ParseError):

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -75,7 +77,7 @@ class Store(abc.ABC):
     >>> path = as_path("notes/a.txt")
     >>> store = store_for(path)
     >>> store.makedirs(path.parent); store.write_bytes(path, b"hello")
-    >>> store.read_bytes(path), store.files(path.parent), store.renames
+    >>> store.read_bytes(path, 100, "note"), store.files(path.parent), store.renames
     (b'hello', {'a.txt': File(size=5, crc32c=None, mtime=...)}, True)
     """
 
@@ -103,7 +105,22 @@ class Store(abc.ABC):
         """The names in directory `path`; [] where there is none."""
 
     @abc.abstractmethod
-    def read_bytes(self, path: Path) -> bytes: ...
+    def read_bytes(self, path: Path, limit: int, what: str) -> bytes:
+        """The contents of file `path`, a `what` ("manifest", "state file") of at most `limit`
+        bytes: a special file (a FIFO, a device, a directory) is never opened, and a larger one
+        never read (see `local.open_regular`).
+
+        Raises:
+          FileNotFoundError: `path` does not exist.
+          CheckpointError: it is no regular file, holds more than `limit` bytes, or cannot be
+            read (permissions), naming it and why.
+        """
+
+    @abc.abstractmethod
+    def read_range(self, path: Path, start: int, length: int, what: str) -> bytes | np.ndarray:
+        """Bytes ``start`` to ``start + length`` of file `path` (fewer where it ends sooner): one
+        ranged request on an object store; locally read straight into a fresh, writable uint8
+        array. Raises as `read_bytes`."""
 
     @abc.abstractmethod
     def size(self, path: Path) -> int:
@@ -123,10 +140,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def mapped(self, path: Path) -> contextlib.AbstractContextManager[bytes | mmap.mmap]:
         """The contents of file `path` as a buffer: mapped into memory locally (no copy), downloaded from a store."""
-
-    @abc.abstractmethod
-    def local_copy(self, path: Path) -> contextlib.AbstractContextManager[Path]:
-        """`path` as a local file for a library that reads only those: itself, or a temporary download."""
 
     def local_path(self, path: Path) -> Path | None:
         """`path` itself where libraries that open only local files can open it, else None."""

@@ -100,12 +100,18 @@ def bounded(fn: Callable[..., T]) -> Callable[..., T]:
 
 _LATE = object()
 
+# The longest wait taken as given, ~31 years: a longer one (``timeout=1e12``, meaning "forever")
+# overflows the clocks it is handed to (`threading`'s waits, at ~292 years; the `datetime`
+# deadline of Orbax's background saves, at the year 9999), so it is taken as this long.
+LONGEST = 1e9
+
 
 def seconds(value: Any, name: str = "timeout") -> float | None:
-    """A user's `timeout`: None, or seconds > 0 (an infinite one is None: no limit).
+    """A user's `timeout`: None, or seconds > 0 (an infinite one is None: no limit; one over
+    `LONGEST` is `LONGEST`).
 
-    >>> seconds(2), seconds(float("inf"))
-    (2.0, None)
+    >>> seconds(2), seconds(float("inf")), seconds(1e12)
+    (2.0, None, 1000000000.0)
     >>> seconds("5")
     Traceback (most recent call last):
     TypeError: `timeout` takes seconds as a number > 0, or None for no limit; got str '5'.
@@ -118,7 +124,7 @@ def seconds(value: Any, name: str = "timeout") -> float | None:
         )
     if not value > 0:  # NaN too
         raise ValueError(f"`{name}` takes seconds as a number > 0, or None for no limit; got {value!r}.")
-    return None if value == float("inf") else float(value)
+    return None if value == float("inf") else min(float(value), LONGEST)
 
 
 def within(seconds: float | None, fn: Callable[[], T], where: str) -> T:

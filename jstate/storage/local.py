@@ -10,9 +10,13 @@ import errno
 import mmap
 import os
 import shutil
+import stat as _stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
+from ..core.errors import CheckpointError
 from . import tokens as _tokens
 from .base import File, Store
 
@@ -43,8 +47,21 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def read_bytes(self, path: Path) -> bytes:
-        return path.read_bytes()
+    def read_bytes(self, path: Path, limit: int, what: str) -> bytes:
+        return read_bytes(path, limit, what)
+
+    def read_range(self, path: Path, start: int, length: int, what: str) -> np.ndarray:
+        with open_regular(path, what) as (fd, stat):
+            # Uninitialized, and read straight into: a bytearray is zeroed first, every page of fresh
+            # memory written twice (16 arrays of 16 MiB: ~0.6 s that way, 0.07-0.09 s this way).
+            out = np.empty(max(0, min(length, stat.st_size - start)), np.uint8)
+            got = 0
+            while got < len(out):  # preadv reads at most ~2 GiB at a time
+                n = os.preadv(fd, [out[got:]], start + got)
+                if n == 0:  # cut short since its fstat
+                    break
+                got += n
+            return out[:got]
 
     def size(self, path: Path) -> int:
         return path.stat().st_size
@@ -58,16 +75,12 @@ class LocalStore(Store):
     @contextlib.contextmanager
     def mapped(self, path: Path) -> Iterator[bytes | mmap.mmap]:
         # mmap: no copy into fresh memory (slow on these machines); mmap refuses an empty file.
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with open_regular(path, "file") as (fd, stat):
+            if stat.st_size == 0:
                 yield b""
                 return
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
                 yield view
-
-    @contextlib.contextmanager
-    def local_copy(self, path: Path) -> Iterator[Path]:
-        yield path
 
     def local_path(self, path: Path) -> Path | None:
         return path
@@ -131,6 +144,103 @@ class LocalStore(Store):
 
     def inside(self, path: Path, directory: Path) -> bool:
         return path.resolve().is_relative_to(Path(directory).resolve())
+
+
+# -- reading: regular files only, bounded ----------------------------------------------------------
+_SPECIAL = {
+    _stat.S_IFIFO: "a FIFO (named pipe), which would block a reader forever",
+    _stat.S_IFCHR: "a character device (such as /dev/zero), which never ends",
+    _stat.S_IFBLK: "a block device",
+    _stat.S_IFSOCK: "a socket",
+    _stat.S_IFDIR: "a directory",
+}
+
+
+def _special(path: Path, mode: int, what: str) -> CheckpointError:
+    kind = _SPECIAL.get(_stat.S_IFMT(mode), f"no regular file (mode {_stat.filemode(mode)})")
+    link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return CheckpointError(
+        f"{path}: this {what} is {kind}{link}; jstate reads only regular files. Put the real file there, or remove "
+        "it. Nothing was read."
+    )
+
+
+@contextlib.contextmanager
+def open_regular(path: Path, what: str) -> Iterator[tuple[int, os.stat_result]]:
+    """File `path` (a `what`, for messages) open for reading, with its `os.fstat`, if it is a
+    regular file once links are followed.
+
+    Special files are refused before they are opened (opening a device can have effects of its
+    own) and again after (the file could be swapped in between): ``O_NONBLOCK`` makes that open
+    return at once even for a FIFO with no writer, where a plain `open` would wait forever.
+
+    Raises:
+      FileNotFoundError, NotADirectoryError: `path` does not exist.
+      CheckpointError: it is a FIFO, device, socket or directory, or cannot be opened
+        (permissions, a loop of links), naming it and why.
+
+    >>> _ = Path("f").write_bytes(b"abc"); os.mkfifo("pipe")
+    >>> with open_regular(Path("f"), "manifest") as (fd, stat):
+    ...     stat.st_size
+    3
+    >>> with open_regular(Path("pipe"), "manifest") as (fd, stat):
+    ...     pass
+    Traceback (most recent call last):
+    jstate.core.errors.CheckpointError: pipe: this manifest is a FIFO (named pipe), which would block a reader forever; ...
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if not _stat.S_ISREG(mode):
+            raise _special(path, mode, what)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:  # permissions, ELOOP, ENXIO (a socket swapped in)
+        raise CheckpointError(
+            f"{path}: this {what} cannot be read ({e.strerror or e}). Give this process read access to it, or "
+            "remove it. Nothing was read."
+        ) from None
+    try:
+        stat = os.fstat(fd)
+        if not _stat.S_ISREG(stat.st_mode):
+            raise _special(path, stat.st_mode, what)
+        yield fd, stat
+    finally:
+        os.close(fd)
+
+
+def too_large(path: Path, size: int, limit: int, what: str) -> CheckpointError:
+    """The error for a `what` at `path` of `size` bytes, over the `limit` any of them takes."""
+    return CheckpointError(
+        f"{path}: this {what} holds {size:,} bytes or more, over the {limit:,} that any {what} takes; it is not one "
+        "jstate can read (a damaged or foreign file). Replace it with the real one. Nothing was read."
+    )
+
+
+def read_bytes(path: Path, limit: int, what: str) -> bytes:
+    """The contents of regular file `path`, a `what` of at most `limit` bytes (`Store.read_bytes`).
+
+    >>> _ = Path("state").write_text("model_checkpoint_path: 'model.ckpt-20'")
+    >>> read_bytes(Path("state"), 1 << 20, "state file")[:21]
+    b'model_checkpoint_path'
+    >>> read_bytes(Path("/dev/zero"), 1 << 20, "state file")
+    Traceback (most recent call last):
+    jstate.core.errors.CheckpointError: /dev/zero: this state file is a character device (such as /dev/zero), ...
+    """
+    with open_regular(path, what) as (fd, stat):
+        if stat.st_size > limit:
+            raise too_large(path, stat.st_size, limit, what)
+        chunks, total = [], 0
+        while total <= limit:  # up to one byte past `limit`: a file that grew since its fstat
+            # The whole file in one read, as a rule (`join` then hands that one back, uncopied).
+            chunk = os.read(fd, min(limit + 1 - total, max(stat.st_size + 1 - total, 1 << 16)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise too_large(path, total, limit, what)
+        return b"".join(chunks)
 
 
 # The durable operations, module functions so that tests can watch every flush.

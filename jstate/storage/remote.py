@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ..core.errors import StoreError, StoreTimeoutError
 from . import deadlines as _limits
+from . import local as _local
 from .base import File, Store
 
 T = TypeVar("T")
@@ -59,11 +60,17 @@ class RemoteStore(Store):
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in found if p.rstrip("/") != key}
         return sorted(n for n in names if n)
 
-    def read_bytes(self, path: Path) -> bytes:
-        fs, key = _fs(path)
-        if self.scheme == "s3":  # s3fs would ask for the size first (to split a large read): a request more
-            return _call(fs.cat_file, key, max_concurrency=1)
-        return _call(fs.cat_file, key)
+    def read_bytes(self, path: Path, limit: int, what: str) -> bytes:
+        # One ranged request for a byte past `limit` (an object is always a regular file): an
+        # object too large for its kind is never downloaded whole. (A ranged read also keeps
+        # s3fs from asking for the size first, to split a large read: a request more.)
+        data = _ranged(path, 0, limit + 1)
+        if len(data) > limit:
+            raise _local.too_large(path, len(data), limit, what)
+        return data
+
+    def read_range(self, path: Path, start: int, length: int, what: str) -> bytes:
+        return _ranged(path, start, start + length) if length else b""
 
     def size(self, path: Path) -> int:
         fs, key = _fs(path)
@@ -87,15 +94,8 @@ class RemoteStore(Store):
 
     @contextlib.contextmanager
     def mapped(self, path: Path) -> Iterator[bytes | mmap.mmap]:
-        yield self.read_bytes(path)
-
-    @contextlib.contextmanager
-    def local_copy(self, path: Path) -> Iterator[Path]:
         fs, key = _fs(path)
-        with tempfile.TemporaryDirectory(prefix="jstate-") as tmp:
-            local = Path(tmp, path.name)
-            _call(fs.get_file, key, str(local))
-            yield local
+        yield _call(fs.cat_file, key, **({"max_concurrency": 1} if self.scheme == "s3" else {}))
 
     @contextlib.contextmanager
     def atomic(self, path: Path) -> Iterator[Path]:
@@ -206,6 +206,20 @@ def _call(method: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             "of what is there. Check the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network "
             "and the credentials, then try again."
         ) from e
+
+
+def _ranged(path: Path, start: int, end: int) -> bytes:
+    """Bytes `start` to `end` of object `path`, in one request; fewer where it ends sooner, and
+    none where it ends before `start` (which GCS and S3 answer with 416, "range not satisfiable":
+    an empty object's first bytes among them)."""
+    fs, key = _fs(path)
+    try:
+        return _call(fs.cat_file, key, start=start, end=end)
+    except StoreError as e:
+        cause = e.__cause__
+        if getattr(cause, "code", None) == 416 or "range is not satisfiable" in str(cause).lower():
+            return b""
+        raise
 
 
 # What a store answers about an object, as opposed to failing to answer.

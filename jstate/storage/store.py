@@ -16,9 +16,13 @@ import os
 from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .base import File, Store, by_child
 from .local import LocalStore
+from .local import open_regular as _local_open
+from .local import too_large as too_large
 from .remote import RemoteStore
 
 __all__ = ["File", "Store", "as_path", "by_child", "safe_join", "store_for"]
@@ -150,8 +154,24 @@ def iterdir(path: Path) -> list[Path]:
     return [path / name for name in listdir(path)]
 
 
-def read_bytes(path: Path) -> bytes:
-    return store_for(path).read_bytes(path)
+# Where a reader names no kind of file: no file jstate reads (a manifest of a million variables
+# among them) comes near it, and what a hostile file can cost stays bounded.
+LIMIT = 1 << 30
+
+
+def read_bytes(path: Path, limit: int = LIMIT, what: str = "file") -> bytes:
+    """`Store.read_bytes`: regular files only, at most `limit` bytes."""
+    return store_for(path).read_bytes(path, limit, what)
+
+
+def open_regular(path: Path, what: str = "file") -> contextlib.AbstractContextManager[tuple[int, os.stat_result]]:
+    """A local regular file open for reading, with its stat (`local.open_regular`): for readers
+    of formats that only local files hold (TensorFlow's)."""
+    return _local_open(path, what)
+
+
+def read_range(path: Path, start: int, length: int, what: str = "file") -> bytes | np.ndarray:
+    return store_for(path).read_range(path, start, length, what)
 
 
 def size(path: Path) -> int:
@@ -174,10 +194,6 @@ def files(directory: Path, prefix: str = "") -> dict[str, File]:
 
 def mapped(path: Path) -> contextlib.AbstractContextManager[bytes | mmap.mmap]:
     return store_for(path).mapped(path)
-
-
-def local_copy(path: Path) -> contextlib.AbstractContextManager[Path]:
-    return store_for(path).local_copy(path)
 
 
 def local_path(path: Path) -> Path | None:

@@ -451,6 +451,17 @@ def test_an_infinite_timeout_waits_as_none_does(root):
 
 
 @pytest.mark.parametrize("store", ["gcs"], indirect=True)
+def test_a_timeout_of_1e12_seconds_works_as_a_long_one(root):
+    """``timeout=1e12`` (meaning "forever") overflowed threading's wait (OverflowError) and Orbax's
+    datetime deadline (a failed save): it is taken as `deadlines.LONGEST` seconds."""
+    saver = jstate.Saver(timeout=1e12)
+    path = saver.save(small(1), f"{root}/model", step=1)
+    assert jstate.latest_checkpoint(root, timeout=1e12) == path
+    assert int(jstate.load_variable(path, "w", timeout=1e12).sum()) == int(small(1)["w"].sum())
+    assert saver.restore(path, small(0)).keys() == small(1).keys()
+
+
+@pytest.mark.parametrize("store", ["gcs"], indirect=True)
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
 def test_a_negative_or_nan_timeout_is_refused_not_blamed_on_the_store(root, tmp_path_factory, bad):
     """``timeout=-1`` or NaN is an argument error, the same on gs:// as on a local path: never a

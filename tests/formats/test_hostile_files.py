@@ -1,0 +1,249 @@
+"""Files that are not what a checkpoint's reader expects: special files (a FIFO, a link to
+/dev/zero or /dev/urandom, a directory) where a file should be, files larger than any of their
+kind, metadata this process cannot read, and metadata declaring arrays no machine could hold.
+Each is a CheckpointError naming the file and why, in bounded time and memory; never a hang, a
+MemoryError, a PermissionError or a crash.
+
+A call that could hang runs in a thread (`bounded`): the test fails, instead of hanging, if it
+has not returned well within a generous limit.
+"""
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jstate
+from jstate import CheckpointError
+from jstate.formats import manifest as _manifest
+from jstate.formats import safetensors as st
+from jstate.formats import tf_files
+from jstate.storage import local as _local
+from jstate.storage import store as _storage
+
+DATA = Path(__file__).parents[1] / "data/tensorflow"
+JOIN = 60.0  # seconds a call may take before it counts as hung: generous, on a loaded machine
+
+
+def bounded(fn):
+    """``fn()`` in a thread: what it returned, or the exception it raised; fails if it hangs."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("returned", fn()))
+        except BaseException as e:
+            outcome.append(("raised", e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(JOIN)
+    assert not thread.is_alive(), f"the call did not return within {JOIN} s: it blocked on a special file"
+    return outcome[0]
+
+
+def raised(fn) -> BaseException:
+    kind, value = bounded(fn)
+    assert kind == "raised", f"expected an error, got {value!r}"
+    return value
+
+
+@pytest.fixture
+def tf_dir(tmp_path):
+    """A copy of a directory of TensorFlow checkpoints (written by TensorFlow), with its state file."""
+    directory = tmp_path / "train"
+    shutil.copytree(DATA / "train", directory)
+    assert (directory / tf_files.STATE_FILE).is_file()
+    return directory
+
+
+def small() -> jstate.State:
+    return jstate.State({"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)})
+
+
+def arrays_of(checkpoint: str) -> Path:
+    return next(p for p in Path(checkpoint).iterdir() if p.name.startswith("arrays"))
+
+
+# -- special files where a file should be -----------------------------------------------------
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_state_file_linked_to_an_endless_device_is_refused_unread(tf_dir, device):
+    (tf_dir / tf_files.STATE_FILE).unlink()
+    (tf_dir / tf_files.STATE_FILE).symlink_to(device)
+    error = raised(lambda: jstate.latest_checkpoint(tf_dir))
+    assert isinstance(error, CheckpointError), repr(error)
+    assert f"{tf_dir / 'checkpoint'}: this TensorFlow state file is a character device" in str(error)
+    assert f"a link to {device}" in str(error)
+
+
+def test_a_fifo_state_file_is_refused_without_blocking(tf_dir):
+    (tf_dir / tf_files.STATE_FILE).unlink()
+    os.mkfifo(tf_dir / tf_files.STATE_FILE)
+    error = raised(lambda: jstate.latest_checkpoint(tf_dir))
+    assert isinstance(error, CheckpointError), repr(error)
+    assert "this TensorFlow state file is a FIFO (named pipe)" in str(error)
+
+
+def test_a_fifo_manifest_is_refused_without_blocking(tmp_path):
+    path = Path(jstate.Saver().save(small(), tmp_path / "ckpt/model"))
+    (path / _manifest.FILE).unlink()
+    os.mkfifo(path / _manifest.FILE)
+    error = raised(lambda: jstate.open_checkpoint(path))
+    assert isinstance(error, CheckpointError), repr(error)
+    assert f"{path / _manifest.FILE}: this manifest is a FIFO" in str(error)
+    # A lookup of the directory lists no such checkpoint, and never blocks on it.
+    assert bounded(lambda: jstate.latest_checkpoint(tmp_path / "ckpt")) == ("returned", None)
+
+
+def test_a_fifo_among_a_checkpoints_metadata_is_not_listed(tmp_path):
+    """A FIFO for a jstate checkpoint's Orbax `_METADATA`, and for a plain Orbax checkpoint's:
+    neither is listed or opened, the older readable checkpoint is the latest."""
+    saver = jstate.Saver()
+    older = saver.save(small(), tmp_path / "ckpt/model", step=1)
+    newer = saver.save(small(), tmp_path / "ckpt/model", step=2)
+    (arrays_of(newer) / "_METADATA").unlink()
+    os.mkfifo(arrays_of(newer) / "_METADATA")
+    assert bounded(lambda: jstate.latest_checkpoint(tmp_path / "ckpt")) == ("returned", older)
+
+    plain = tmp_path / "orbax"
+    ocp.PyTreeCheckpointer().save(plain, {"w": np.ones(3, np.float32)})
+    (plain / "_METADATA").unlink()
+    os.mkfifo(plain / "_METADATA")
+    # No regular `_METADATA`: no Orbax checkpoint there (`orbax.is_checkpoint`), said at once.
+    error = raised(lambda: jstate.open_checkpoint(plain))
+    assert isinstance(error, CheckpointError) and "holds no complete checkpoint" in str(error), repr(error)
+
+
+def test_a_fifo_index_or_data_file_of_a_tensorflow_checkpoint_never_blocks(tf_dir):
+    prefix = tf_dir / "model.ckpt-20"
+    data = next(tf_dir.glob("model.ckpt-20.data-*"))
+    data.unlink()
+    os.mkfifo(data)
+    error = raised(lambda: jstate.load_variable(prefix, "layer1/weights"))
+    assert isinstance(error, CheckpointError) and f"{data}: this TensorFlow data file is a FIFO" in str(error)
+
+
+def test_reading_refuses_a_directory_and_a_special_file_by_name(tmp_path):
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match=r"dir: this manifest is a directory; jstate reads only regular files"):
+        _storage.read_bytes(tmp_path / "dir", 100, "manifest")
+    with pytest.raises(CheckpointError, match=r"/dev/null: this file is a character device"):
+        _storage.read_bytes(Path("/dev/null"))
+    with pytest.raises(FileNotFoundError):  # a missing file is still one: callers tell it apart
+        _storage.read_bytes(tmp_path / "missing")
+
+
+# -- files larger than their kind --------------------------------------------------------------
+def test_a_file_over_its_kinds_limit_is_refused_unread(tmp_path):
+    big = tmp_path / "checkpoint"
+    with open(big, "wb") as f:  # sparse: no disk or memory spent
+        f.truncate(tf_files.STATE_LIMIT + 1)
+    with pytest.raises(CheckpointError, match=r"checkpoint: this state file holds 1,048,577 bytes or more, over the "):
+        _local.read_bytes(big, tf_files.STATE_LIMIT, "state file")
+
+
+def test_an_oversized_manifest_is_refused_unread(tmp_path):
+    path = Path(jstate.Saver().save(small(), tmp_path / "ckpt/model"))
+    with open(path / _manifest.FILE, "r+b") as f:
+        f.truncate(_manifest.LIMIT + 1)  # sparse
+    with pytest.raises(CheckpointError, match=r"this manifest holds 1,073,741,825 bytes or more"):
+        jstate.open_checkpoint(path)
+
+
+def test_an_oversized_safetensors_header_is_refused_unread(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((st.HEADER_LIMIT + 1).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: its header is said to hold 100,000,001 bytes"):
+        jstate.open_checkpoint(path)
+
+
+def test_a_state_file_linked_to_dev_zero_is_refused_as_a_safetensors_file_too(tmp_path):
+    (tmp_path / "model.safetensors").symlink_to("/dev/zero")
+    error = raised(lambda: jstate.open_checkpoint(tmp_path / "model.safetensors"))
+    assert isinstance(error, CheckpointError) and "character device" in str(error), repr(error)
+
+
+# -- metadata that cannot be read --------------------------------------------------------------
+def test_metadata_that_is_a_directory_is_not_listed_and_not_latest(tmp_path):
+    """A directory where the Orbax `_METADATA` file should be (what an unreadable file is to a
+    reader, and works as root): that checkpoint is not listed, the older one is the latest, and
+    opening it names the file."""
+    saver = jstate.Saver()
+    older = saver.save(small(), tmp_path / "ckpt/model", step=1)
+    newer = saver.save(small(), tmp_path / "ckpt/model", step=2)
+    (arrays_of(newer) / "_METADATA").unlink()
+    (arrays_of(newer) / "_METADATA").mkdir()
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older
+    assert [row[0] for row in jstate.list_checkpoints(tmp_path / "ckpt")] == [older]
+    with pytest.raises(CheckpointError, match=r"_METADATA"):
+        jstate.open_checkpoint(newer)
+    assert jstate.Saver().restore(tmp_path / "ckpt", small()).keys() == small().keys()
+
+
+def _unreadable_metadata_is_not_latest(tmp_path):
+    saver = jstate.Saver()
+    older = saver.save(small(), tmp_path / "ckpt/model", step=1)
+    newer = saver.save(small(), tmp_path / "ckpt/model", step=2)
+    return older, newer, arrays_of(newer) / "_METADATA"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000")
+def test_an_unreadable_metadata_file_is_not_listed_and_restoring_it_names_it(tmp_path):
+    older, newer, metadata = _unreadable_metadata_is_not_latest(tmp_path)
+    metadata.chmod(0)
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older
+    with pytest.raises(CheckpointError, match=r"_METADATA: this Orbax metadata file cannot be read \(Permission"):
+        jstate.Saver().restore(newer, small())
+
+
+def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_path, monkeypatch):
+    """The same as the chmod test, for a process (root) that the OS lets read anything: opening
+    the metadata file fails with EACCES as it would for another user."""
+    older, newer, metadata = _unreadable_metadata_is_not_latest(tmp_path)
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == os.fspath(metadata):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older
+    with pytest.raises(CheckpointError, match=r"_METADATA: this Orbax metadata file cannot be read \(Permission"):
+        jstate.Saver().restore(newer, small())
+    restored = jstate.Saver().restore(tmp_path / "ckpt", small())
+    np.testing.assert_array_equal(restored["w"], small()["w"])
+
+
+# -- metadata declaring an impossible array ----------------------------------------------------
+def test_a_zarray_declaring_a_huge_array_is_a_checkpoint_error(tmp_path):
+    """A plain Orbax checkpoint (zarr, no OCDBT) whose ``.zarray`` declares shape ``[2**40]``
+    with chunks ``[1]``: listed with that shape, but reading it is a CheckpointError naming the
+    variable, not a MemoryError (or tensorstore's abort) from allocating 4 TiB."""
+    path = tmp_path / "zarr"
+    ocp.PyTreeCheckpointer(use_ocdbt=False).save(path, {"w": np.ones(4, np.float32)})
+    zarray = path / "w" / ".zarray"
+    meta = json.loads(zarray.read_text())
+    zarray.write_text(json.dumps(meta | {"shape": [2**40], "chunks": [1]}))
+    assert jstate.list_variables(path) == [("w", (2**40,), np.dtype("float32"))]
+    with pytest.raises(
+        CheckpointError, match=r"'w' is recorded as shape \(1099511627776,\) of float32 \(4096\.0 GiB\)"
+    ):
+        jstate.load_variable(path, "w")
+    with pytest.raises(jstate.SpecMismatchError, match=r"'w' has shape \(1099511627776,\)"):
+        jstate.Saver().restore(path, jstate.State({"w": jnp.ones(4)}))
+
+
+def test_a_fifo_zarray_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "zarr"
+    ocp.PyTreeCheckpointer(use_ocdbt=False).save(path, {"w": np.ones(4, np.float32)})
+    (path / "w" / ".zarray").unlink()
+    os.mkfifo(path / "w" / ".zarray")
+    error = raised(lambda: jstate.open_checkpoint(path))
+    assert isinstance(error, CheckpointError) and "this zarr metadata file is a FIFO" in str(error), repr(error)
