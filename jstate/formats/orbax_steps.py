@@ -184,6 +184,8 @@ def load(path: Path) -> StepCheckpoint | None:
         raise CorruptCheckpointError(f"Orbax step {path} holds no items.")
     metadata = _step_metadata(path) if step_file else {}
     handlers = metadata.get("item_handlers")
+    if isinstance(handlers, str):  # the directory is one item itself (a PyTree checkpoint), not a step of items
+        return None
     handlers = {k: str(v).rsplit(".", 1)[-1] for k, v in handlers.items()} if isinstance(handlers, dict) else {}
     stamp = metadata.get("commit_timestamp_nsecs")
     created = stamp / 1e9 if isinstance(stamp, int) else _storage.mtime(path / STEP_METADATA if step_file else path)
