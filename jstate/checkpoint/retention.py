@@ -3,8 +3,9 @@
 Two decisions, each a pure function:
 
 - when a checkpoint is committed, whether it is kept for good (`keeps`): its step is a multiple
-  of `keep_every_n_steps`, or `keep_every_n_hours` have passed on the retention clock, which
-  starts when the Saver is created or is recovered from the directory (`clock`). The decision
+  of `keep_every_n_steps`, or more than `keep_every_n_hours` have passed on the retention clock,
+  which starts when the Saver is created or is recovered from the directory (`clock`) and moves
+  on by one period per checkpoint kept, as in TensorFlow 1's ``tf.train.Saver``. The decision
   is recorded in the checkpoint's manifest, so no later clock (set back, or another machine's)
   can undo it;
 - after each save, which checkpoints of the prefix leave the `max_to_keep` newest in commit
@@ -84,20 +85,22 @@ def clock(recorded: float | None, started: float, now: float) -> float:
 def keeps(policy: Policy, step: int | None, now: float, since: float) -> tuple[bool, float]:
     """Whether a checkpoint committed at `now` is kept for good, and the clock after it.
 
-    Kept for good: its step is a multiple of `keep_every_n_steps`, or `keep_every_n_hours`
-    have passed since the clock last started (`since`), which then starts again at `now`
-    (TensorFlow's CheckpointManager: ``timestamp - n_hours * 3600 >= last_preserved``).
+    Kept for good: its step is a multiple of `keep_every_n_steps`, or more than
+    `keep_every_n_hours` have passed since the clock's current period started (`since`), which
+    then moves on by one period: TensorFlow 1's ``tf.train.Saver`` keeps on a fixed schedule
+    (``timestamp > next_checkpoint_time``, then ``next_checkpoint_time += n_hours * 3600``), not
+    from the last checkpoint kept, as TF2's CheckpointManager does.
 
     >>> p = Policy(max_to_keep=1, keep_every_n_hours=1)
-    >>> keeps(p, 5, now=3000.0, since=0.0), keeps(p, 6, now=3600.0, since=0.0)
+    >>> keeps(p, 5, now=3600.0, since=0.0), keeps(p, 6, now=3601.0, since=0.0)
     ((False, 0.0), (True, 3600.0))
     >>> keeps(Policy(max_to_keep=1, keep_every_n_steps=10), 20, now=1.0, since=0.0)
     (True, 0.0)
     """
     by_steps = bool(policy.keep_every_n_steps) and step is not None and step % policy.keep_every_n_steps == 0
     hours = policy.keep_every_n_hours
-    by_hours = hours is not None and now - hours * 3600 >= since
-    return by_steps or by_hours, now if by_hours else since
+    by_hours = hours is not None and now - hours * 3600 > since
+    return by_steps or by_hours, since + hours * 3600 if by_hours else since
 
 
 def rotating(policy: Policy, saved: Sequence[S]) -> list[S]:

@@ -65,21 +65,38 @@ def test_keep_every_n_hours_starts_its_clock_when_the_saver_is_created(tmp_path,
         clock.now += 25 * 60
     # The first checkpoint is not kept for good (TensorFlow's too): an hour had not passed.
     assert on_disk(tmp_path) == ["m-3"]
-    for step in range(4, 9):  # 100 ... 200 minutes: step 6 (150 min) is the first an hour after step 3
+    # TensorFlow 1's fixed schedule: one kept past each hour since the Saver was created (step 3 at
+    # 75 minutes, then step 5 at 125, step 8 at 200), not an hour after the last one kept.
+    for step in range(4, 9):  # 100 ... 200 minutes
         saver.save(state_of(step), tmp_path / "m", step=step)
         clock.now += 25 * 60
-    assert on_disk(tmp_path) == ["m-3", "m-6", "m-8"]
+    assert on_disk(tmp_path) == ["m-3", "m-5", "m-8"]
+
+
+# What TensorFlow 2.21's `tf.compat.v1.train.Saver(max_to_keep=2, keep_checkpoint_every_n_hours=2.5 / 3600)`
+# left on disk after each save, saving every second from 1.25 s after it was created (a real run).
+TF1_ON_DISK = [[1], [1, 2], [2, 3], [3, 4], [3, 4, 5], [3, 5, 6], [3, 5, 6, 7], [3, 5, 7, 8]]
+
+
+def test_keep_every_n_hours_keeps_what_tensorflow_1s_saver_keeps(tmp_path, clock):
+    start = clock.now
+    saver = jstate.Saver(max_to_keep=2, keep_checkpoint_every_n_hours=2.5 / HOUR)
+    for step, expected in enumerate(TF1_ON_DISK, start=1):
+        clock.now = start + step + 0.25
+        saver.save(state_of(step), tmp_path / "model", step=step)
+        assert on_disk(tmp_path) == [f"model-{s}" for s in expected], step
+        assert saver.last_checkpoints == [str(tmp_path / f"model-{s}") for s in (step - 1, step) if s > 0]
 
 
 def test_a_resumed_run_recovers_the_clock_from_the_directory(tmp_path, clock):
     first = jstate.Saver(max_to_keep=1, keep_every_n_hours=1)
-    for step in (0, 1):  # at 0 and 60 minutes: step 1 is kept for good, and the clock starts again there
+    for step in (0, 1):  # at 0 and 61 minutes: step 1 is kept for good, the clock's next hour starts at 60
         first.save(state_of(step), tmp_path / "m", step=step)
-        clock.now += HOUR
+        clock.now += HOUR + 60
     assert on_disk(tmp_path) == ["m-1"]
-    clock.now += 5 * 60  # 125 minutes: the job restarts
+    clock.now += 5 * 60  # 127 minutes: the job restarts
     resumed = jstate.Saver(max_to_keep=1, keep_every_n_hours=1)
-    resumed.save(state_of(2), tmp_path / "m", step=2)  # an hour after step 1, on the recovered clock: kept
+    resumed.save(state_of(2), tmp_path / "m", step=2)  # past the second hour of the recovered clock: kept
     clock.now += 5 * 60
     resumed.save(state_of(3), tmp_path / "m", step=3)
     assert on_disk(tmp_path) == ["m-1", "m-2", "m-3"]
@@ -93,8 +110,8 @@ def test_last_checkpoints_lists_only_those_still_subject_to_max_to_keep(tmp_path
     assert saver.last_checkpoints == [str(tmp_path / "m-4"), str(tmp_path / "m-5")]
 
     hourly = jstate.Saver(max_to_keep=1, keep_every_n_hours=1)
-    for step in range(3):  # 1 h apart: each kept for good as it leaves the window
-        clock.now += HOUR
+    for step in range(3):  # just over 1 h apart: each kept for good as it leaves the window
+        clock.now += HOUR + 60
         hourly.save(state_of(step), tmp_path / "h", step=step)
     assert on_disk(tmp_path)[:3] == ["h-0", "h-1", "h-2"]
     assert hourly.last_checkpoints == [str(tmp_path / "h-2")]
@@ -102,7 +119,7 @@ def test_last_checkpoints_lists_only_those_still_subject_to_max_to_keep(tmp_path
 
 def test_a_checkpoint_kept_for_good_survives_a_clock_set_back(tmp_path, clock):
     saver = jstate.Saver(max_to_keep=1, keep_every_n_hours=1)
-    clock.now += 2 * HOUR
+    clock.now += HOUR + 60
     saver.save(state_of(1), tmp_path / "m", step=1)  # kept for good
     clock.now += 10 * 60
     saver.save(state_of(2), tmp_path / "m", step=2)
