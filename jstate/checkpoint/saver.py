@@ -196,7 +196,7 @@ class Saver:
         final = path if step is None else path.with_name(f"{path.name}{separator}{step}")
         nest = None
         if self._layout == "orbax":
-            nest = _orbax_layout.nesting(saved, names, list(arrays))
+            nest = _orbax_layout.nesting(saved, names, arrays)
             self._refuse_resave(final)
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
