@@ -6,7 +6,9 @@ keys as leaves. `as_state` names each leaf by its tree path joined with "/" (a S
 contributes its own names under its key: ``{"model": state}`` holds ``"model/weights"``);
 `like` puts restored values back into the target's own structure.
 
-A tree that is one leaf (a bare array or number) holds one variable, named `LEAF` ("value").
+A tree that is one leaf (a bare array or number) holds one variable, named `LEAF` ("value"); it
+restores from that entry, or from the one entry of a checkpoint holding one, whatever its name
+(Orbax's own bare arrays: ``''`` from ``PyTreeCheckpointer``, ``'checkpoint'`` from ``ArraySave``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,17 @@ def as_state(tree: Any) -> State:
             names.append(prefix)
     _tree.check_unique(names)
     return functools.reduce(State.merge, parts, State.from_tree(leaves, flat=True))
+
+
+def is_one_leaf(tree: Any) -> bool:
+    """Whether `tree` is a bare leaf (an array, struct or number): its one variable is `LEAF`.
+
+    >>> is_one_leaf(jnp.ones(3)), is_one_leaf(0.5), is_one_leaf({"value": jnp.ones(3)}), is_one_leaf(state)
+    (True, True, False, False)
+    """
+    if isinstance(tree, State) or _is_nnx(tree):
+        return False
+    return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree, is_leaf=_is_leaf))
 
 
 def _name(path: jax.tree_util.KeyPath) -> str:

@@ -134,6 +134,17 @@ class NameMap:
         return by_name, patterns
 
 
+def one_name(checkpoint: str, state: str) -> NameMap:
+    """A map filling the one variable `state` from the entry `checkpoint`, whatever that entry is
+    named (an empty name too, as Orbax names a bare array: no checkpoint name check, as for
+    other writers' names).
+
+    >>> one_name("", "value").resolve(["value"])
+    {'value': ''}
+    """
+    return NameMap((_Rule("name", state, checkpoint),))
+
+
 def compile_var_list(var_list: VarList) -> NameMap:
     """Check a ``var_list`` (see the module docstring) and compile it into a `NameMap`.
 

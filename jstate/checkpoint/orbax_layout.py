@@ -16,19 +16,32 @@ read it, while jstate reads it with all its checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError
+from ..core.errors import CheckpointError, InvalidNameError, shorten
 from ..core.tree import path_name
 from ..model.state import State
 from .adapters import _is_leaf, _is_nnx
 
 LAYOUTS = ("jstate", "orbax")
 STEP_SEPARATOR = "_"  # Orbax's: ``<step_prefix>_<step>`` (jstate's own layout names ``<prefix>-<step>``)
+
+_BARE = (
+    "Saver(layout='orbax') cannot save a bare {what}: the Orbax layout's item is a tree of arrays, and "
+    "Orbax's StandardCheckpointer, which reads it, refuses single arrays and numbers. Save it in a dict, "
+    "`saver.save({{'value': x}}, path)`, which both restore into a target `{{'value': ...}}`; or save it with "
+    "jstate's own layout (the default), which holds a bare {what}. Nothing was written."
+)
+_ALL_EMPTY = (
+    "Saver(layout='orbax') cannot save {names}: every array it would save is zero-size, Orbax stores no "
+    "zero-size array, and a checkpoint without any would have no item for plain Orbax to restore. Save at "
+    "least one non-empty array, or use jstate's own layout (the default), which records zero-size arrays by "
+    "shape and dtype. Nothing was written."
+)
 
 
 def check_layout(layout: str, pack: bool | int) -> bool | int:
@@ -53,9 +66,10 @@ def check_layout(layout: str, pack: bool | int) -> bool | int:
     return False
 
 
-def nesting(saved: Any, names: dict[str, str], stored: list[str]) -> Callable[[dict[str, jax.Array]], Any]:
+def nesting(saved: Any, names: dict[str, str], arrays: Mapping[str, Any]) -> Callable[[dict[str, jax.Array]], Any]:
     """How the Orbax layout arranges the arrays of a save: a function of ``{checkpoint name:
-    array}`` (those Orbax stores) giving the tree to write.
+    array}`` (those Orbax stores) giving the tree to write. Called before anything is written:
+    what the layout cannot hold is refused here, not found missing after the commit.
 
     Where `saved` is a pytree whose variables keep their own names (`names` maps each to
     itself), the tree is `saved`'s own, with its tuples, NamedTuples and dataclasses, which plain
@@ -65,18 +79,27 @@ def nesting(saved: Any, names: dict[str, str], stored: list[str]) -> Callable[[d
     Args:
       saved: what `Saver.save` was given.
       names: ``{State name: checkpoint name}`` of the variables saved by name.
-      stored: the checkpoint names of every array saved (those written through transforms too).
+      arrays: every array saved, by checkpoint name (those written through transforms too).
 
     Raises:
       InvalidNameError: a checkpoint name is also the scope of another ("a" and "a/b"), which
         nested keys cannot hold both of.
+      CheckpointError: `saved` is a bare array or number (Orbax's StandardCheckpointer holds
+        none: its tree would be the leaf itself), or every array is zero-size (Orbax stores
+        none, so there would be no item for Orbax to read).
 
-    >>> nest = nesting({"w": 0, "opt": (1, 2)}, {"w": "w", "opt/0": "opt/0", "opt/1": "opt/1"}, ["w", "opt/0", "opt/1"])
+    >>> ones = {n: jnp.ones(2) for n in ("w", "opt/0", "opt/1")}
+    >>> nest = nesting({"w": 0, "opt": (1, 2)}, {n: n for n in ones}, ones)
     >>> nest({"w": "W", "opt/0": "A"})
     {'opt': ('A', None), 'w': 'W'}
-    >>> nesting(state, {n: n for n in state}, list(state))({n: 0 for n in state})["layer1"]
+    >>> nesting(state, {n: n for n in state}, state)({n: 0 for n in state})["layer1"]
     {'kernel': 0}
+    >>> nesting(jnp.ones(3), {"value": "value"}, {"value": jnp.ones(3)})
+    Traceback (most recent call last):
+    ...
+    jstate.core.errors.CheckpointError: Saver(layout='orbax') cannot save a bare array: ...
     """
+    stored = list(arrays)
     try:
         _tree.check_nestable(stored)
     except InvalidNameError as e:
@@ -89,6 +112,11 @@ def nesting(saved: Any, names: dict[str, str], stored: list[str]) -> Callable[[d
         and all(n == c for n, c in names.items())
         and set(stored) == set(names.values())
     )
+    if own and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(saved, is_leaf=_is_leaf)):
+        # Its tree would be the leaf itself, whose path names no key to write it under.
+        raise CheckpointError(_BARE.format(what="array" if hasattr(saved, "shape") else "number"))
+    if not any(a.size for a in arrays.values()):
+        raise CheckpointError(_ALL_EMPTY.format(names=shorten(stored)))
 
     def nest(arrays: dict[str, jax.Array]) -> Any:
         if not own:

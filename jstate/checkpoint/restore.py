@@ -228,8 +228,8 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
         problems.append(
             CheckpointError(
                 f"Checkpoint {ckpt.path} lacks {len(missing)} variable(s) the Saver restores: {shown}."
-                f"{closest(first, ckpt.entries)} Restore a subset with `Saver([...])`, or map names with "
-                "`Saver({checkpoint_name: state_name})`."
+                f"{closest(first, ckpt.entries)}{_unread(ckpt)} Restore a subset with `Saver([...])`, or map "
+                "names with `Saver({checkpoint_name: state_name})`."
             )
         )
     for n, t in transforms.items():
@@ -242,6 +242,16 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
                 )
             )
     return problems
+
+
+def _unread(ckpt: Checkpoint) -> str:
+    """What `ckpt` holds that jstate does not read (an Orbax item of another handler), for an
+    error about what it lacks: the variable may be in there."""
+    if not ckpt.skipped:
+        return ""
+    items = [f"'{name}' ({why})" for name, why in sorted(ckpt.skipped.items())]
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return f" It also holds what jstate does not read: {'; '.join(items[:3])}{more}."
 
 
 def _struct(target: State, name: str) -> jax.ShapeDtypeStruct:

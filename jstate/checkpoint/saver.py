@@ -34,8 +34,8 @@ from . import lookup as _checkpoint
 from . import orbax_layout as _orbax_layout
 from . import restore as _restore
 from . import retention as _retention
-from .adapters import as_state, like, python_numbers
-from .mapping import VarList, compile_ignore, compile_var_list
+from .adapters import LEAF, as_state, is_one_leaf, like, python_numbers
+from .mapping import NameMap, VarList, compile_ignore, compile_var_list, one_name
 from .writer import Writer
 
 T = TypeVar("T")
@@ -152,7 +152,8 @@ class Saver:
         PRNG keys as leaves. Leaves are named by their tree path joined with "/" (a State inside
         contributes its own names under its key: ``{"model": state}`` saves ``"model/weights"``),
         and the Saver's `var_list` applies to those names. A bare array or number (a tree of one
-        leaf) is saved as the one entry ``"value"``, and restores into a bare array target.
+        leaf) is saved as the one entry ``"value"``, and restores into a bare array target (as
+        does the one entry of any checkpoint holding one: Orbax's own bare arrays).
 
         Returns the checkpoint's path. With ``blocking=False`` it returns as soon as the values
         are copied off the device (donating `state` right after is safe); `wait` finishes it, and
@@ -196,7 +197,7 @@ class Saver:
         final = path if step is None else path.with_name(f"{path.name}{separator}{step}")
         nest = None
         if self._layout == "orbax":
-            nest = _orbax_layout.nesting(saved, names, list(arrays))
+            nest = _orbax_layout.nesting(saved, names, arrays)
             self._refuse_resave(final)
         prefix = None if step is None else path.name
         retire = functools.partial(self._retire, final) if step is not None else (lambda manifest: None)
@@ -396,7 +397,7 @@ class Saver:
         def read(ckpt: Checkpoint) -> State:
             exact.clear()  # a retry of a checkpoint replaced meanwhile starts again
             return _restore.restore(
-                ckpt, self._names, flat, cast=cast, strict=strict, verify=verify, progress=bar,
+                ckpt, self._names_for(target, ckpt), flat, cast=cast, strict=strict, verify=verify, progress=bar,
                 ignore=patterns, loose=loose, exact=exact,
             )  # fmt: skip
 
@@ -437,9 +438,19 @@ class Saver:
         self._writer.join()
         ckpt = _checkpoint.reading(path, lambda ckpt: ckpt, self._timeout, "Saver.plan")
         return _restore.plan(
-            ckpt, self._names, as_state(target), cast=cast, strict=strict, ignore=compile_ignore(ignore),
+            ckpt, self._names_for(target, ckpt), as_state(target), cast=cast, strict=strict, ignore=compile_ignore(ignore),
             loose=python_numbers(target),
         )  # fmt: skip
+
+    def _names_for(self, target: Any, ckpt: Checkpoint) -> NameMap:
+        """The Saver's names for restoring `target` from `ckpt`. A Saver of every variable
+        restores a bare-leaf target from a checkpoint of one entry whatever its name: other
+        writers name a bare array otherwise than jstate's `LEAF` (Orbax's PyTreeCheckpointer
+        ``''``, its ArrayCheckpointHandler ``'checkpoint'``), and one entry into one leaf is
+        unambiguous."""
+        if self._names.rules is None and is_one_leaf(target) and len(ckpt.entries) == 1 and LEAF not in ckpt.entries:
+            return one_name(next(iter(ckpt.entries)), LEAF)
+        return self._names
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"

@@ -205,8 +205,9 @@ class Writer:
                 for n, slot in slots.items()
             }
             if self._layout == ORBAX_LAYOUT:
-                tree = (nest or _tree.unflatten)(large) if large else {}
+                tree = (nest or _tree.unflatten)(large)
                 data = final / _commit.ORBAX_ARRAYS
+                _check_holds(tree, large, final)
             else:
                 tree = large | ({_pack.KEY: packed} if packed else {})
                 data = _commit.data_dir(final, token)
@@ -214,7 +215,7 @@ class Writer:
                 self._orbax = _orbax.Writer(self._compression, self._timeout)
             if not _storage.store_for(final).round_trips:  # (on an object store, a listing each time: not for a bar)
                 tracker.watch(functools.partial(_written, final, data.name))
-            if tree:
+            if large or packed:  # (not the tree's truth: a user's pytree node may define its own)
                 with _orbax_start:
                     self._orbax.save(data, tree)
             # Taken while Orbax writes in its own threads (crc32c releases the GIL), from the
@@ -412,6 +413,20 @@ def _order_after(directory: Path, created: float) -> float:
         return created
     newest = _lookup.newest_order(directory)
     return created if newest < created else math.nextafter(newest, math.inf)
+
+
+def _check_holds(tree: Any, large: dict[str, jax.Array], final: Path) -> None:
+    """Raise unless the Orbax layout's `tree` holds every array to store, and at least one: the
+    manifest lists them all, and a checkpoint whose item is missing or short never restores.
+    (`orbax_layout.nesting` refuses what the layout cannot hold before a save begins; this keeps
+    a tree that lost arrays anyway from being committed, and retention from acting on it.)"""
+    held = len(jax.tree_util.tree_leaves(tree))
+    if not large or held != len(large):
+        raise CheckpointError(
+            f"Saving checkpoint {final} failed: the Orbax layout's tree holds {held} of the {len(large)} "
+            "arrays to store (a jstate bug; please report it). Earlier checkpoints are intact, and nothing "
+            "of this save is listed."
+        )
 
 
 def _is_key(array: jax.Array) -> bool:

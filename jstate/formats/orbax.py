@@ -31,6 +31,7 @@ from .base import Checkpoint, Entry
 METADATA_FILE = "_METADATA"  # what marks a directory as an Orbax PyTree checkpoint
 STEP_METADATA = "_CHECKPOINT_METADATA"  # what a CheckpointManager writes in each step directory
 TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a directory it has not finished writing
+_AGGREGATE = "checkpoint"  # PyTreeCheckpointHandler's msgpack tree file (Flax's older checkpoints)
 # Smaller OCDBT data files write in parallel; Orbax's 2 GiB default puts everything in one file.
 _TARGET_FILE_SIZE = 256 * 1024 * 1024
 
@@ -200,7 +201,7 @@ def read(
             )
 
         restore = ocp.args.PyTreeRestore(item=template(struct), restore_args=template(restore_args))
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
+    restored = ocp.Checkpointer(_reader(tree)).restore(_path(directory), args=restore)
     out = {name: _get(restored, entry.keypath) for name, (entry, _) in wanted.items()}
     for name, value in out.items():
         if not isinstance(value, jax.Array):  # partial restore hands back the template of a key it lacks
@@ -229,7 +230,7 @@ def read_host(directory: Path, wanted: Mapping[str, Entry], tree: Any = None) ->
             )
 
         restore = ocp.args.PyTreeRestore(item=template(np.empty(0)), restore_args=template(numpy_args))
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(_path(directory), args=restore)
+    restored = ocp.Checkpointer(_reader(tree)).restore(_path(directory), args=restore)
     out = {name: _get(restored, entry.keypath) for name, entry in wanted.items()}
     for name, value in out.items():
         # Orbax checks neither against its metadata: a caller's dtype that Orbax does not hold
@@ -241,6 +242,16 @@ def read_host(directory: Path, wanted: Mapping[str, Entry], tree: Any = None) ->
                 f"dtype {wanted[name].dtype} were expected, {found} was read."
             )
     return out
+
+
+def _reader(tree: Any) -> Any:
+    """Orbax's handler reading a checkpoint of metadata `tree`. `PyTreeCheckpointHandler` reads a
+    file named "checkpoint" as the tree of Flax's msgpack checkpoints; an array stored under that
+    top-level key without OCDBT (the one array of Orbax's ``ArraySave``) is a directory of that
+    name, which it would fail to read as one: there it is told of no such file."""
+    if isinstance(tree, Mapping) and _AGGREGATE in tree:
+        return _ocp().PyTreeCheckpointHandler(aggregate_filename=f"{_AGGREGATE}.none")
+    return _ocp().PyTreeCheckpointHandler()
 
 
 def _put(tree: dict, keypath: tuple[str, ...], value: Any) -> None:

@@ -37,7 +37,9 @@ STEP_METADATA = _orbax.STEP_METADATA
 _COMMIT_FILE = "commit_success.txt"  # Orbax's commit marker where it does not rename (object stores)
 # Handlers whose items are trees of arrays, and those whose items are one JSON file (by class name:
 # `_CHECKPOINT_METADATA` records each handler's module path, which moves between Orbax releases).
-_TREE_HANDLERS = {"StandardCheckpointHandler", "PyTreeCheckpointHandler"}
+# An `ArraySave` item is a PyTree checkpoint of its one array, named "checkpoint" (as a
+# `Checkpointer(ArrayCheckpointHandler)` writes it alone, which `orbax.load` reads too).
+_TREE_HANDLERS = {"StandardCheckpointHandler", "PyTreeCheckpointHandler", "ArrayCheckpointHandler"}
 _JSON_HANDLERS = {"JsonCheckpointHandler"}
 
 

@@ -265,7 +265,7 @@ def test_strict_with_ignore_fails_only_on_entries_nothing_uses_and_nothing_ignor
 
 
 def test_a_bare_array_or_number_saves_as_one_entry_named_value(tmp_path):
-    """A one-leaf pytree (Flax's ``save_checkpoint(target=array)``) is the entry "value"."""
+    """A one-leaf pytree (a bare array or number) is the entry "value"."""
     array = jnp.arange(6.0).reshape(2, 3)
     path = jstate.Saver().save(array, tmp_path / "array")
     assert jstate.list_variables(path) == [("value", (2, 3), np.dtype("float32"))]

@@ -150,3 +150,50 @@ def test_an_orbax_managers_own_step_is_never_taken_for_leftovers(tmp_path):
     jstate.Saver(layout="orbax").save(training_tree(1), tmp_path / "ckpt" / "model", step=500)  # cleans beside it
     assert sorted(os.listdir(tmp_path / "ckpt" / "model_400" / "default"))  # untouched
     assert jstate.open_checkpoint(tmp_path / "ckpt" / "model_400").writer == "orbax"
+
+
+@pytest.mark.parametrize("bare, what", [(jnp.ones(3), "array"), (3.5, "number")])
+def test_a_bare_array_or_number_is_refused_before_anything_is_written(tmp_path, bare, what):
+    # Orbax's StandardCheckpointer refuses them too ("does not support single arrays or scalars")
+    with pytest.raises(jstate.CheckpointError, match=rf"bare {what}.*`saver.save\(\{{'value': x\}}, path\)`"):
+        jstate.Saver(layout="orbax").save(bare, tmp_path / "ckpt" / "model", step=1)
+    assert not (tmp_path / "ckpt").exists()
+    path = jstate.Saver(layout="orbax").save({"value": bare}, tmp_path / "ckpt" / "model", step=1)  # the way
+    np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(f"{path}/default")["value"], bare)
+    np.testing.assert_array_equal(jstate.Saver().restore(path, {"value": bare})["value"], bare)
+
+
+def test_a_refused_save_retires_no_earlier_step(tmp_path):
+    saver = jstate.Saver(layout="orbax", max_to_keep=1)
+    good = saver.save({"value": jnp.ones(3)}, tmp_path / "model", step=1)
+    with pytest.raises(jstate.CheckpointError, match="bare array"):
+        saver.save(jnp.ones(3), tmp_path / "model", step=2)
+    assert sorted(os.listdir(tmp_path)) == ["model_1"]
+    assert jstate.latest_checkpoint(tmp_path) == good
+    assert saver.last_checkpoints == [good]
+    np.testing.assert_array_equal(jstate.Saver().restore(good, {"value": jnp.zeros(3)})["value"], np.ones(3))
+
+
+def test_only_zero_size_arrays_are_refused(tmp_path):
+    empty = {"e": jnp.zeros((0, 4))}
+    with pytest.raises(jstate.CheckpointError, match=r"cannot save 'e': every array it would save is zero-size"):
+        jstate.Saver(layout="orbax").save(empty, tmp_path / "tree")
+    state = jstate.State.from_tree({"e": jnp.zeros((0, 4)), "w": jnp.ones(3)})
+    with pytest.raises(jstate.CheckpointError, match="zero-size"):
+        jstate.Saver(["e"], layout="orbax").save(state, tmp_path / "subset")
+    assert sorted(os.listdir(tmp_path)) == []
+    # beside a non-empty array, a zero-size one is in the manifest only: both layouts restore it
+    path = jstate.Saver(layout="orbax").save(empty | {"w": jnp.ones(3)}, tmp_path / "mixed")
+    assert sorted(os.listdir(path)) == ["default", "jstate.json"]
+    restored = jstate.Saver().restore(path, jax.eval_shape(lambda: empty | {"w": jnp.ones(3)}))
+    assert restored["e"].shape == (0, 4)
+    np.testing.assert_array_equal(restored["w"], np.ones(3))
+
+
+def test_a_tree_that_lost_arrays_is_never_committed(tmp_path):
+    from jstate.checkpoint.writer import Writer
+
+    writer = Writer(compression=False, timeout=60.0, pack=0, layout="orbax")
+    with pytest.raises(jstate.CheckpointError, match="holds 0 of the 1 arrays"):
+        writer.save({"w": jnp.ones(3)}, tmp_path / "model", None, None, blocking=True, nest=lambda arrays: None)
+    assert not (tmp_path / "model").exists()

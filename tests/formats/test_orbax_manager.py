@@ -180,3 +180,39 @@ def test_flax_orbax_helpers_directories(tmp_path):
     manager.wait_until_finished()
     assert jstate.latest_checkpoint(tmp_path / "managed") == str(tmp_path / "managed" / "7")
     assert "opt_state/0/mu/dense/kernel" in jstate.open_checkpoint(tmp_path / "managed").entries
+
+
+@pytest.fixture
+def bare_arrays(tmp_path):
+    """One array as each of Orbax's ways writes it alone: entries '' and 'checkpoint' (without OCDBT)."""
+    array = jnp.arange(6.0).reshape(2, 3)
+    ocp.PyTreeCheckpointer().save(tmp_path / "pytree", array)
+    ocp.Checkpointer(ocp.ArrayCheckpointHandler()).save(tmp_path / "array", args=ocp.args.ArraySave(array))
+    with ocp.CheckpointManager(tmp_path / "mgr") as mgr:
+        mgr.save(1, args=ocp.args.ArraySave(array))
+    return array, {"pytree": "", "array": "checkpoint", "mgr/1": "checkpoint"}
+
+
+def test_orbaxs_bare_arrays_restore_into_a_bare_target(tmp_path, bare_arrays):
+    array, names = bare_arrays
+    for where, name in names.items():
+        path = tmp_path / where
+        assert jstate.list_variables(path) == [(name, (2, 3), np.dtype("float32"))]
+        for target in (jax.ShapeDtypeStruct((2, 3), jnp.float32), jnp.zeros((2, 3))):
+            np.testing.assert_array_equal(jstate.Saver().restore(path, target), array)
+        assert jstate.Saver().plan(path, jnp.zeros((2, 3))).names == {"value": name}
+        np.testing.assert_array_equal(jstate.load_variable(path, name), array)
+    with pytest.raises(jstate.CheckpointError, match="lacks 1 variable.*'w'"):  # one leaf, not a tree of one
+        jstate.Saver().restore(tmp_path / "array", {"w": jnp.zeros((2, 3))})
+
+
+def test_a_step_whose_only_item_jstate_cannot_read_names_it_where_a_variable_is_lacking(tmp_path):
+    with ocp.CheckpointManager(tmp_path / "mgr") as mgr:
+        mgr.save(1, args=ocp.args.ProtoSave(_proto()))
+    assert jstate.list_variables(tmp_path / "mgr" / "1") == []
+    with pytest.raises(
+        jstate.CheckpointError,
+        match=r"lacks 1 variable\(s\) the Saver restores: 'value'\. It also holds what jstate does not read: "
+        r"'default' \(an item of Orbax's ProtoCheckpointHandler",
+    ):
+        jstate.Saver().restore(tmp_path / "mgr", jnp.zeros((2, 3)))
