@@ -208,3 +208,19 @@ def test_a_sharded_flax_model_is_created_in_place(monkeypatch):
     assert sum(m.output_size_in_bytes for m in memory) < full / 8 + 64 * 1024  # (+ the biases and LayerNorm)
     # threefry's temporaries for a device's shards, never a whole kernel (nor a pool of every bit)
     assert max(m.temp_size_in_bytes for m in memory) < state.spec("params/dense0/kernel").nbytes
+
+
+def test_replicated_variables_on_a_mesh_draw_their_pool_without_collectives():
+    # Every device draws the whole pool, as `jax.jit` of `jax.random` does for a replicated output:
+    # spreading the pool's rows would take collectives per variable to gather it back (and compile them).
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    traced = [programs.trace(inits.glorot_uniform(), (8, n), np.dtype(np.float32), KEY) for n in (3, 5, 7)]
+    words = np.stack([name_hash(f"w{n}") for n in range(3)])
+    program = programs.pooled_program(traced, [replicated] * 3)
+    text = program.lower(KEY, words).compile().as_text()
+    assert not any(op in text for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"))
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))
+    for value, t, w in zip(program(KEY, words), traced, words):
+        np.testing.assert_array_equal(value, programs.evaluate(t, programs.fold(KEY, w)))
+    assert programs.pooled_program(traced, [sharded] * 3)(KEY, words)[0].sharding == sharded
