@@ -362,7 +362,7 @@ def _devices(sharding: Any) -> Any:
 def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
     """`members` in declaration order, cut into pools of bounded variables and random words."""
     sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
-    return _draws.chunk(members, sizes)
+    return _draws.chunk(members, sizes, [(plan.steps[i][0].fingerprint, plan.specs[i].sharding) for i in members])
 
 
 def _padded(plan: _Plan, chunks: list[list[int]]) -> list[list[int]]:
@@ -443,7 +443,11 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
                 _draws.run_eqns(eqns, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return _draws.pooled_trace(once, _draws.mesh_of(shardings)) if pool else once(None)
+            return (
+                _draws.pooled_trace(once, _draws.mesh_of(shardings), _draws.replicated(shardings))
+                if pool
+                else once(None)
+            )
 
         out = None if all(s is None for s in shardings) else shardings
         program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0)))

@@ -131,9 +131,9 @@ def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any], ensemble
     """
     cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings), ensemble)
     traceds = tuple(traceds)
-    mesh = _draws.mesh_of(shardings)
+    mesh, gather = _draws.mesh_of(shardings), _draws.replicated(shardings)
     out = None if all(s is None for s in shardings) else list(shardings)
-    return _cached(cache_key, lambda: jit(functools.partial(_pooled, traceds, mesh), out, ensemble))
+    return _cached(cache_key, lambda: jit(functools.partial(_pooled, traceds, mesh, gather), out, ensemble))
 
 
 def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None)) -> Callable:
@@ -146,12 +146,12 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None)) -
     return jax.jit(fn, out_shardings=shardings)
 
 
-def _pooled(traceds: tuple[Traced, ...], mesh: Any, key: jax.Array, words: jax.Array) -> list[jax.Array]:
+def _pooled(traceds: tuple[Traced, ...], mesh: Any, gather: bool, key: jax.Array, words: jax.Array) -> list[jax.Array]:
     keys = jax.vmap(fold, in_axes=(None, 0))(key, words)
     owners = [i for i, t in enumerate(traceds) for _ in t.draws]
     shapes = [shape for t in traceds for _, shape in t.draws]
     data = jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None
-    slices = iter(_draws.pool(data, shapes, mesh))
+    slices = iter(_draws.pool(data, shapes, mesh, gather))
     draw = lambda key, bit_width, shape: _draws.as_bits(next(slices), bit_width, shape)  # noqa: E731
     return [evaluate(t, keys[i], draw) for i, t in enumerate(traceds)]
 

@@ -56,7 +56,7 @@ def test_variables_of_many_shapes_share_one_program():
 
     before = len(programs._programs)
     state = jstate.init(model, KEY)
-    assert len(programs._programs) - before == -(-40 // draws.CHUNK_VARIABLES)  # one per pool
+    assert len(programs._programs) - before == -(-40 // draws.CHUNK_DISTINCT)  # one per pool of distinct ones
     np.testing.assert_array_equal(state["w17"], own_value("w17", inits.glorot_normal(), (25, 20), jnp.float32))
 
 
@@ -210,17 +210,20 @@ def test_a_sharded_flax_model_is_created_in_place(monkeypatch):
     assert max(m.temp_size_in_bytes for m in memory) < state.spec("params/dense0/kernel").nbytes
 
 
-def test_replicated_variables_on_a_mesh_draw_their_pool_without_collectives():
-    # Every device draws the whole pool, as `jax.jit` of `jax.random` does for a replicated output:
-    # spreading the pool's rows would take collectives per variable to gather it back (and compile them).
+def test_replicated_variables_on_a_mesh_gather_their_pool_once():
+    # Left spread over the devices, the pool would be gathered back one variable at a time: a
+    # collective per variable (and its compile). Gathered whole, their count does not grow.
     mesh = jax.make_mesh((4, 2), ("a", "b"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    traced = [programs.trace(inits.glorot_uniform(), (8, n), np.dtype(np.float32), KEY) for n in (3, 5, 7)]
-    words = np.stack([name_hash(f"w{n}") for n in range(3)])
-    program = programs.pooled_program(traced, [replicated] * 3)
-    text = program.lower(KEY, words).compile().as_text()
-    assert not any(op in text for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"))
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))
-    for value, t, w in zip(program(KEY, words), traced, words):
-        np.testing.assert_array_equal(value, programs.evaluate(t, programs.fold(KEY, w)))
-    assert programs.pooled_program(traced, [sharded] * 3)(KEY, words)[0].sharding == sharded
+
+    def collectives(n):
+        traced = [programs.trace(inits.glorot_uniform(), (8, 3 + i), np.dtype(np.float32), KEY) for i in range(n)]
+        words = np.stack([name_hash(f"w{i}") for i in range(n)])
+        program = programs.pooled_program(traced, [replicated] * n)
+        for value, t, w in zip(program(KEY, words), traced, words):
+            np.testing.assert_array_equal(value, programs.evaluate(t, programs.fold(KEY, w)))
+            assert value.sharding == replicated
+        text = program.lower(KEY, words).compile().as_text()
+        return sum(text.count(f" {op}(") for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"))
+
+    assert collectives(3) == collectives(9)
