@@ -23,14 +23,17 @@ from jax.extend.random import threefry2x32_p
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # A variable of up to `POOL_MAX` elements (4 MiB of float32) joins a pool; a pool holds up to
-# `CHUNK_VARIABLES` variables and `CHUNK_ELEMENTS` random words. XLA compiles at least one fusion
-# per output (about 15-50 ms each on a CPU), so a pool's compile grows with its variables:
-# small pools let equal runs of variables (1,000 equal layers) share one compiled program
-# (measured: 256 equal 64x64 variables in one pool compiled in 48 s, 32 in 4.7 s). Bigger
+# `CHUNK_ELEMENTS` random words and `CHUNK_VARIABLES` equal variables or `CHUNK_DISTINCT` of
+# several kinds (see `chunk`). XLA compiles at least one fusion per output (about 15-50 ms each
+# on a CPU), so a pool's compile grows with its variables: small pools let equal runs of
+# variables (1,000 equal layers) share one compiled program (measured: 256 equal 64x64
+# variables in one pool compiled in 48 s, 32 in 4.7 s); a pool of distinct ones is a compile
+# of its own whatever its size, whose fixed cost (the threefry loop) dominates. Bigger
 # variables get programs of their own: their compile is small next to their run time, and
 # drawn alone each is as fast as `jax.random` (a pool of 8 x 2048^2 ran at 3x a plain jit).
 POOL_MAX = 1 << 20
 CHUNK_VARIABLES = 16
+CHUNK_DISTINCT = 32
 CHUNK_ELEMENTS = 1 << 24
 _ROW = 128  # a pool is (rows, _ROW) words; a variable's bits start on a row of their own
 _CALLS = ("jit", "pjit", "closed_call", "core_call")  # call primitives the interpreter enters
@@ -39,6 +42,12 @@ _CALLS = ("jit", "pjit", "closed_call", "core_call")  # call primitives the inte
 def mesh_of(shardings: Sequence[Any]) -> Any:
     """The mesh a program's pool is spread over: that of its first `NamedSharding` output."""
     return next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+
+
+def replicated(shardings: Sequence[Any]) -> bool:
+    """Whether every output of a pooled program is replicated over its mesh: its pool is then
+    gathered whole, once, before it is cut (see `pool`)."""
+    return all(s is None or s.is_fully_replicated for s in shardings)
 
 
 def poolable_key(key: jax.Array) -> bool:
@@ -63,7 +72,7 @@ def keys_from_draws_in(eqns: Sequence[Any]) -> bool:
     return keys_from_draws(types.SimpleNamespace(eqns=eqns))[0]
 
 
-def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None) -> Any:
+def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None, gather: bool = False) -> Any:
     """``run(draw)`` with every random draw it makes from a scalar threefry key taken from one pool.
 
     `run` evaluates equations with `run_eqns`. It runs twice inside the caller's trace: first
@@ -85,7 +94,7 @@ def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None) -> Any
     slices: dict[int, jax.Array] = {}
     for part in chunk(pooled, [math.prod(requests[i][2]) for i in pooled]):
         data = jnp.stack([jax.random.key_data(requests[i][0]) for i in part])
-        slices.update(zip(part, pool(data, [requests[i][2] for i in part], mesh)))
+        slices.update(zip(part, pool(data, [requests[i][2] for i in part], mesh, gather)))
     counter = iter(range(len(requests)))
 
     def take(key, bit_width, shape):
@@ -95,52 +104,74 @@ def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None) -> Any
     return run(take)
 
 
-def chunk(items: list[int], sizes: list[int]) -> list[list[int]]:
-    """`items` in order, cut into runs of at most CHUNK_VARIABLES items and CHUNK_ELEMENTS words."""
+def chunk(items: list[int], sizes: list[int], kinds: list[Any] | None = None) -> list[list[int]]:
+    """`items` in order, cut into runs of at most CHUNK_ELEMENTS words and CHUNK_VARIABLES
+    items of one kind (equal runs share one compiled program, and a smaller one compiles
+    faster), or CHUNK_DISTINCT items of several (each such run is a compile of its own, whose
+    fixed cost dominates: measured on the 100-shape model, first call 17 s in runs of 16, 10 s
+    in runs of 32, the same in one run of 100, whose later calls were 5x slower). Without
+    `kinds`, every item is of its own kind."""
     chunks: list[list[int]] = [[]]
-    total = 0
-    for item, n in zip(items, sizes):
-        if chunks[-1] and (len(chunks[-1]) >= CHUNK_VARIABLES or total + n > CHUNK_ELEMENTS):
+    total, kind = 0, None
+    for i, (item, n) in enumerate(zip(items, sizes)):
+        k = kinds[i] if kinds is not None else object()
+        equal = kind is not None and k == kind
+        limit = CHUNK_VARIABLES if equal or not chunks[-1] else CHUNK_DISTINCT
+        if chunks[-1] and (len(chunks[-1]) >= limit or total + n > CHUNK_ELEMENTS):
             chunks.append([])
-            total = 0
+            total, kind = 0, k
+        elif not chunks[-1]:
+            kind = k
+        elif not equal:
+            kind = _MIXED
         chunks[-1].append(item)
         total += n
     return [c for c in chunks if c]
 
 
-def pool(data: jax.Array | None, shapes: list[tuple[int, ...]], mesh: Any = None) -> list[jax.Array]:
+_MIXED = object()  # the kind of a run of several kinds
+
+
+def pool(
+    data: jax.Array | None, shapes: list[tuple[int, ...]], mesh: Any = None, gather: bool = False
+) -> list[jax.Array]:
     """Flat 32-bit random words for each shape, drawn with key ``data[i]`` (two uint32 words)
     in one threefry op: the words `jax.random.bits` gives that key and shape. On a `mesh`, each
     device draws its share of the rows (as `jax.random.bits` does under `out_shardings`: drawing
-    every word on every device costs as many times more as the mesh has devices)."""
+    every word on every device costs as many times more as the mesh has devices). With `gather`
+    (every output replicated), the pool is then gathered whole in one collective: left spread,
+    XLA gathers each variable's slice on its own, a collective per variable (measured: 65 in a
+    program of 16 replicated variables of the 100-shape model, which compiled 2-4x as long)."""
     sizes = [math.prod(shape) for shape in shapes]
     rows = [-(-n // _ROW) for n in sizes]
     if not sum(rows):
         return [jnp.zeros((0,), np.uint32) for _ in sizes]
     # Row r holds counters base[r] .. base[r] + _ROW - 1 of its draw's key: the flat indices
     # `jax.random.bits` gives the draw's elements (the high word is 0: fewer than 2**32 words).
-    owner = np.repeat(np.arange(len(sizes)), rows)
-    base = np.concatenate([np.arange(r, dtype=np.uint32) * _ROW for r in rows])
+    # Each row's draw and base are computed from the draws' first rows, not embedded as constants
+    # of a row each: constants that large made XLA's compile grow with the pool's size.
+    first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int32)
+    total = sum(rows)
     ways = 1 if mesh is None else mesh.size
-    if ways > 1 and len(base) % ways:  # whole rows on every device (the extra rows are dropped)
-        extra = ways - len(base) % ways
-        owner, base = (
-            np.concatenate([owner, np.zeros(extra, owner.dtype)]),
-            np.concatenate([base, np.zeros(extra, base.dtype)]),
-        )
-    data = data[owner]
-    counters = jnp.asarray(base)[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
+    total += -total % ways  # whole rows on every device (the extra rows are dropped)
+    row = jax.lax.iota(np.int32, total)
     if ways > 1:
         # (over the same devices with Auto axes: a constraint may not name Explicit ones)
         auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
         rows_spread = NamedSharding(auto, PartitionSpec(tuple(mesh.axis_names)))
-        counters = jax.lax.with_sharding_constraint(counters, rows_spread)
-        data = jax.lax.with_sharding_constraint(data, rows_spread)
+        row = jax.lax.with_sharding_constraint(row, rows_spread)
+    owner = (row[:, None] >= first[None, 1:]).sum(axis=1, dtype=np.int32) if len(first) > 1 else jnp.zeros_like(row)
+    base = ((row - jnp.asarray(first)[owner]) * _ROW).astype(np.uint32)
+    data = data[owner]
+    counters = base[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
     k1 = jnp.broadcast_to(data[:, :1], counters.shape)
     k2 = jnp.broadcast_to(data[:, 1:], counters.shape)
     b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
+    bits = b1 ^ b2
+    if ways > 1 and gather:
+        bits = jax.lax.with_sharding_constraint(bits, NamedSharding(auto, PartitionSpec()))
     # The barrier keeps XLA from fusing the threefry into every slice (one copy per variable).
-    pool = jax.lax.optimization_barrier(b1 ^ b2).reshape(-1)
+    pool = jax.lax.optimization_barrier(bits).reshape(-1)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
     return [jax.lax.slice(pool, (int(s),), (int(s) + n,)) for s, n in zip(starts, sizes)]
 

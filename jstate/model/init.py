@@ -6,7 +6,7 @@ import dataclasses
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
 from ..core.table import Table
 from . import draws as _draws
+from . import ensembles as _ensembles
 from . import freshness as _freshness
 from . import placement as _placement
 from . import programs as _programs
@@ -42,6 +43,7 @@ class _Plan:
     eager: bool  # values computed from others are computed op by op (see `Record.eager`)
     # Compiled programs for values computed from others, by (derived, known) variable indices.
     derive: dict = dataclasses.field(default_factory=dict, compare=False)
+    ensembles: dict = dataclasses.field(default_factory=dict, compare=False)  # n -> its `StateDef`
 
 
 # Traces are cached per model function, like `jax.jit`'s: the model's Python runs once per
@@ -143,9 +145,14 @@ def init(
 
     Args:
       model: a function ``model(s: Scope)`` that declares variables.
-      key: a PRNG key (``jax.random.key(0)``; legacy uint32 keys work too).
+      key: a PRNG key (``jax.random.key(0)``; legacy uint32 keys work too), or a 1-D batch of
+        n keys (``jax.random.split(key, n)``) for an ensemble of n models: every variable gets
+        a leading axis of n, member i holding what ``init(model, keys[i])`` holds, and a
+        sharding that leaves that axis unsharded (``P(None, *spec)``). `State.member` takes one
+        out. ``jax.vmap(lambda k: jstate.init(model, k))(keys)`` gives the same State.
       only: initialize just these variables (TF's ``variables_initializer``); the rest stay
-        declared but uninitialized. Variables they are computed from are evaluated, not kept.
+        declared but uninitialized. A scope (``"layer1"`` or ``"layer1/"``) names every
+        variable in it. Variables they are computed from are evaluated, not kept.
       state: a State of this model; only its uninitialized variables are initialized, and its
         values are kept as they are (bit for bit).
       mesh: the `jax.sharding.Mesh` that PartitionSpecs refer to.
@@ -170,26 +177,26 @@ def init(
 
     >>> state = jstate.init(model, jax.random.key(0))
     >>> partial = jstate.init(model, jax.random.key(0), only=["w2"])
+    >>> ensemble = jstate.init(model, jax.random.split(jax.random.key(0), 4))
+    >>> ensemble.spec("layer1/kernel").shape, ensemble.member(2).spec("layer1/kernel").shape
+    ((4, 200, 10), (200, 10))
     """
     if isinstance(only, str):
         raise TypeError(f"`only=` takes a list of names; got the string {only!r}. Write `only=[{only!r}]`.")
     if not hasattr(key, "dtype"):
         raise TypeError(f"`key` must be a PRNG key such as `jax.random.key(0)`, got {type(key).__name__} {key!r}.")
-    plan = _plan(model, jax.ShapeDtypeStruct(key.shape, key.dtype), mesh, rules, soft_placement, unused_rules)
-    declared = plan.layout.specs
-    wanted = set(declared) if only is None else set(only)
-    unknown = wanted - set(declared)
-    if unknown:
-        raise unknown_names(
-            "`only=` variable", unknown, declared, "`jstate.abstract(model).specs` lists the declared ones."
-        )
+    ensemble = _ensemble_size(key)
+    key_type = jax.ShapeDtypeStruct(key.shape[1:] if ensemble else key.shape, key.dtype)
+    plan = _plan(model, key_type, mesh, rules, soft_placement, unused_rules)
+    declared = _ensemble_layout(plan, ensemble).specs
+    wanted = set(declared) if only is None else _only(only, declared)
     kept: dict[str, jax.Array] = {}
     if state is not None:
         _check_same_model(state, declared)
         kept = dict(state.items())
         wanted -= set(kept)
 
-    values = _compute(plan, key, wanted)
+    values = _compute(plan, key, wanted, ensemble)
     values.update(kept)
     values = dict(sorted(values.items()))
     specs = declared if state is None else {**declared, **state._layout.specs}
@@ -203,19 +210,79 @@ def abstract(
     rules: Sequence[tuple[str, Any]] | None = None,
     soft_placement: bool = False,
     unused_rules: str = "error",
+    ensemble: int | None = None,
 ) -> State:
     """Every variable the model declares, none initialized, nothing computed.
 
     The result is a restore target: its specs carry shapes, dtypes and shardings. The
     arguments are `init`'s.
 
+    Args:
+      ensemble: n, for the declarations of ``jstate.init(model, keys)`` with n keys: every
+        variable with a leading, unsharded axis of n.
+
     >>> abstract = jstate.abstract(model)
     >>> abstract.spec("weights").shape
     (784, 200)
+    >>> jstate.abstract(model, ensemble=4).spec("weights").shape
+    (4, 784, 200)
     """
+    if ensemble is not None and (isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1):
+        raise ValueError(f"`ensemble=` is the number of models, a positive int; got {ensemble!r}.")
     key_type = jax.eval_shape(lambda: jax.random.key(0))
     plan = _plan(model, key_type, mesh, rules, soft_placement, unused_rules)
-    return State._make(plan.layout, {})
+    return State._make(_ensemble_layout(plan, ensemble or 0), {})
+
+
+def _only(only: Iterable[str], declared: Mapping[str, VariableSpec]) -> set[str]:
+    """The variables `only=` names: declared names, and scopes ("layer1" or "layer1/") for every
+    variable in them, as TF's ``tf.compat.v1.get_collection(..., scope="layer1")``."""
+    scopes = {n[:i] for n in declared for i, c in enumerate(n) if c == "/"}
+    wanted, unknown = set(), []
+    for name in only:
+        if name in declared:
+            wanted.add(name)
+        elif isinstance(name, str) and name.rstrip("/") in scopes:
+            prefix = name.rstrip("/") + "/"
+            wanted.update(n for n in declared if n.startswith(prefix))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise unknown_names(
+            "`only=` variable",
+            unknown,
+            [*declared, *(f"{s}/" for s in scopes)],
+            '`only=` takes declared names and scopes ("layer1" or "layer1/": every variable in it); '
+            "`jstate.abstract(model).specs` lists the declared ones.",
+        )
+    return wanted
+
+
+def _ensemble_size(key: jax.Array) -> int:
+    """n for a 1-D batch of n keys (an ensemble), 0 for one key."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    axes = key.ndim - (0 if typed else 1)  # a legacy uint32 key is a (2,) array
+    if axes <= 0:
+        return 0
+    if axes > 1:
+        raise TypeError(
+            f"`key` is one PRNG key or a 1-D batch of keys (an ensemble); got keys of shape "
+            f"{key.shape if typed else key.shape[:-1]}. Flatten the batch: `keys.reshape(-1)`."
+        )
+    return key.shape[0]
+
+
+def _ensemble_layout(plan: _Plan, ensemble: int) -> StateDef:
+    """The plan's declarations, with a leading ensemble axis of `ensemble` (if not 0)."""
+    if not ensemble:
+        return plan.layout
+    with _plans_lock:
+        found = plan.ensembles.get(ensemble)
+    if found is None:
+        specs = {n: _ensembles.batched(s, (ensemble,)) for n, s in plan.layout.specs.items()}
+        with _plans_lock:
+            found = plan.ensembles.setdefault(ensemble, StateDef(specs, ()))
+    return found
 
 
 def explain_placement(
@@ -257,12 +324,13 @@ def _check_same_model(state: State, declared: dict[str, VariableSpec]) -> None:
             )
 
 
-def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Array]:
-    """Initial values of the `wanted` variables, each created on its own sharding."""
+def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -> dict[str, jax.Array]:
+    """Initial values of the `wanted` variables, each created on its own sharding (with
+    `ensemble`, `key` is a batch of that many keys, and so is every value)."""
     values: dict[str, jax.Array] = {}
     derived: list[int] = []
     pools: dict[Any, list[int]] = {}  # poolable variables, by the devices they live on
-    poolable = _draws.poolable_key(key)
+    poolable = _draws.poolable_key(key) if not ensemble else _draws.poolable_key_type(plan.jaxpr.in_avals[0])
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
             continue
@@ -273,16 +341,16 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str]) -> dict[str, jax.Arr
         if poolable and traced.draws is not None and traced.size <= _draws.POOL_MAX:
             pools.setdefault(_devices(spec.sharding), []).append(i)
         else:
-            values[spec.name] = _programs.single_program(traced, spec.sharding)(key, key_words)
+            values[spec.name] = _programs.single_program(traced, spec.sharding, ensemble)(key, key_words)
     for members in pools.values():
         for chunk in _padded(plan, _chunks(plan, members)):
             shardings = [plan.specs[i].sharding for i in chunk]
-            program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings)
+            program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings, ensemble)
             key_words = np.stack([plan.steps[i][1] for i in chunk])
             for i, value in zip(chunk, program(key, key_words)):
                 values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
-        _derive(plan, key, derived, values)
+        _derive(plan, key, derived, values, ensemble)
     return values
 
 
@@ -294,7 +362,7 @@ def _devices(sharding: Any) -> Any:
 def _chunks(plan: _Plan, members: list[int]) -> list[list[int]]:
     """`members` in declaration order, cut into pools of bounded variables and random words."""
     sizes = [max(plan.steps[i][0].words, plan.steps[i][0].size) for i in members]
-    return _draws.chunk(members, sizes)
+    return _draws.chunk(members, sizes, [(plan.steps[i][0].fingerprint, plan.specs[i].sharding) for i in members])
 
 
 def _padded(plan: _Plan, chunks: list[list[int]]) -> list[list[int]]:
@@ -314,7 +382,7 @@ def _padded(plan: _Plan, chunks: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array]) -> None:
+def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, jax.Array], ensemble: int) -> None:
     """Values computed from other values: one compiled program per set of devices, its outputs
     created on their declared shardings (so no device holds a whole sharded value)."""
     outvars = plan.jaxpr.jaxpr.outvars
@@ -323,7 +391,7 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
     for i in derived:
         groups.setdefault(_devices(plan.specs[i].sharding), []).append(i)
     for members in groups.values():
-        program = None if plan.eager else _derive_program(plan, tuple(members), known)
+        program = None if plan.eager else _derive_program(plan, tuple(members), known, ensemble)
         if program is not None:
             program, inputs = program
             try:
@@ -334,7 +402,7 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
                     raise
                 raise error from e
         else:
-            results = _evaluate_eagerly(plan, key, members, known, values)
+            results = _evaluate_eagerly(plan, key, members, known, ensemble)
         seen = {id(v) for v in values.values()}
         for i, value in zip(members, results):
             if not isinstance(value, jax.Array):  # a literal or constant of the jaxpr
@@ -345,19 +413,20 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
             values[plan.specs[i].name] = value
 
 
-def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.Array]):
+def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.Array], ensemble: int):
     """A jitted ``(key, inputs) -> values`` for the `members`, and the known variables it reads;
     None where its inputs and outputs do not share one set of devices (JAX cannot compile that)."""
     j = plan.jaxpr.jaxpr
     outputs = [j.outvars[i] for i in members]
     eqns, reads = _schedule(plan.jaxpr, outputs, set(known))
     inputs = tuple(v for v in reads if v in known)
-    devices = {frozenset(known[v].sharding.device_set) for v in inputs if known[v].committed}
+    # (under `jax.vmap` or `jax.jit` of init, the inputs are tracers: placed by their programs)
+    devices = {frozenset(known[v].sharding.device_set) for v in inputs if _committed(known[v])}
     shardings = [plan.specs[i].sharding for i in members]
     targets = {frozenset(s.device_set) for s in shardings if s is not None}
     if len(devices | targets) > 1:
         return None
-    cache_key = (members, inputs)
+    cache_key = (members, inputs, ensemble)
     program = plan.derive.get(cache_key)
     if program is None:
         consts = dict(zip(j.constvars, plan.jaxpr.consts))
@@ -374,11 +443,19 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
                 _draws.run_eqns(eqns, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return _draws.pooled_trace(once, _draws.mesh_of(shardings)) if pool else once(None)
+            return (
+                _draws.pooled_trace(once, _draws.mesh_of(shardings), _draws.replicated(shardings))
+                if pool
+                else once(None)
+            )
 
         out = None if all(s is None for s in shardings) else shardings
-        program = plan.derive.setdefault(cache_key, jax.jit(run, out_shardings=out))
+        program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0)))
     return program, inputs
+
+
+def _committed(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer) and value.committed
 
 
 def _schedule(jaxpr: ClosedJaxpr, outputs: list[Any], known: set) -> tuple[list, list]:
@@ -401,13 +478,18 @@ def _schedule(jaxpr: ClosedJaxpr, outputs: list[Any], known: set) -> tuple[list,
 
 
 def _evaluate_eagerly(
-    plan: _Plan, key: jax.Array, members: list[int], known: dict[Var, jax.Array], values: dict
+    plan: _Plan, key: jax.Array, members: list[int], known: dict[Var, jax.Array], ensemble: int
 ) -> list[jax.Array]:
     """Values whose inputs live on other devices than they do: computed op by op where their
     inputs are, then moved (JAX compiles no program across device sets)."""
-    outvars = plan.jaxpr.jaxpr.outvars
+    outputs = [plan.jaxpr.jaxpr.outvars[i] for i in members]
     try:
-        results = _evaluate(plan.jaxpr, key, [outvars[i] for i in members], known)
+        if ensemble:  # (each op batched over the members, still op by op)
+            vars_ = list(known)
+            run = lambda k, args: _evaluate(plan.jaxpr, k, outputs, dict(zip(vars_, args)))  # noqa: E731
+            results = jax.vmap(run)(key, [known[v] for v in vars_])
+        else:
+            results = _evaluate(plan.jaxpr, key, outputs, known)
     except ValueError as e:
         error = _mixed_devices(plan, members, known)
         if error is None:
@@ -415,7 +497,7 @@ def _evaluate_eagerly(
         raise error from e
     moved = []
     for i, value in zip(members, results):
-        sharding = plan.specs[i].sharding
+        sharding = _ensembles.batched_sharding(plan.specs[i].sharding, 1 if ensemble else 0)
         moved.append(value if sharding is None or not isinstance(value, jax.Array) else jax.device_put(value, sharding))
     return moved
 
@@ -434,7 +516,7 @@ def _mixed_devices(plan: _Plan, derived: list[int], known: dict[Var, jax.Array])
                         reads.append(v)
                     elif isinstance(v, Var):
                         needed.add(v)
-        placed = {names[v]: known[v].sharding for v in reads if known[v].committed}
+        placed = {names[v]: known[v].sharding for v in reads if _committed(known[v])}
         if len({frozenset(s.device_set) for s in placed.values()}) > 1:
             shown = ", ".join(f"'{n}' on {describe(s)}" for n, s in sorted(placed.items()))
             return PlacementError(

@@ -39,6 +39,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from ..core.errors import InitializerError
 from . import draws as _draws
+from . import ensembles as _ensembles
 
 _CACHE_SIZE = 4096
 _lock = threading.Lock()
@@ -103,12 +104,11 @@ def evaluate(traced: Traced, key: jax.Array, draw: Callable | None = None) -> ja
     return _draws.eval_jaxpr(traced.jaxpr.jaxpr, traced.jaxpr.consts, [key], draw)[0]
 
 
-def single_program(traced: Traced, sharding: Any) -> Callable:
-    """A jitted ``program(key, key_words) -> value`` for one variable, created on `sharding`."""
-    cache_key = ("single", traced.fingerprint, sharding)
-    return _cached(
-        cache_key, lambda: jax.jit(lambda key, words: evaluate(traced, fold(key, words)), out_shardings=sharding)
-    )
+def single_program(traced: Traced, sharding: Any, ensemble: int = 0) -> Callable:
+    """A jitted ``program(key, key_words) -> value`` for one variable, created on `sharding`;
+    with `ensemble`, for a batch of keys (each member's value is the one its own key gives)."""
+    cache_key = ("single", traced.fingerprint, sharding, ensemble)
+    return _cached(cache_key, lambda: jit(lambda key, words: evaluate(traced, fold(key, words)), sharding, ensemble))
 
 
 def initializer_program(initializer: Callable, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Callable:
@@ -123,24 +123,35 @@ def initializer_program(initializer: Callable, shape: tuple[int, ...], dtype: An
     return single_program(trace(initializer, tuple(shape), np.dtype(dtype), key_type), sharding)
 
 
-def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any]) -> Callable:
-    """A jitted ``program(key, key_words[n, 2]) -> [value, ...]`` for n poolable variables.
+def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any], ensemble: int = 0) -> Callable:
+    """A jitted ``program(key, key_words[n, 2]) -> [value, ...]`` for n poolable variables
+    (with `ensemble`, for a batch of keys).
 
     One threefry op draws every variable's bits, then each initializer runs on its own slice.
     """
-    cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings))
+    cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings), ensemble)
     traceds = tuple(traceds)
-    mesh = _draws.mesh_of(shardings)
+    mesh, gather = _draws.mesh_of(shardings), _draws.replicated(shardings)
     out = None if all(s is None for s in shardings) else list(shardings)
-    return _cached(cache_key, lambda: jax.jit(functools.partial(_pooled, traceds, mesh), out_shardings=out))
+    return _cached(cache_key, lambda: jit(functools.partial(_pooled, traceds, mesh, gather), out, ensemble))
 
 
-def _pooled(traceds: tuple[Traced, ...], mesh: Any, key: jax.Array, words: jax.Array) -> list[jax.Array]:
+def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None)) -> Callable:
+    """``jax.jit(fn)`` creating its outputs on `shardings`; with `ensemble`, of ``jax.vmap(fn)``
+    over a batch of keys, every output with a leading, unsharded ensemble axis. (Threefry draws
+    each element from its own key and counter, so each member gets the bits its key gives alone.)"""
+    if ensemble:
+        fn = jax.vmap(fn, in_axes=in_axes)
+        shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
+    return jax.jit(fn, out_shardings=shardings)
+
+
+def _pooled(traceds: tuple[Traced, ...], mesh: Any, gather: bool, key: jax.Array, words: jax.Array) -> list[jax.Array]:
     keys = jax.vmap(fold, in_axes=(None, 0))(key, words)
     owners = [i for i, t in enumerate(traceds) for _ in t.draws]
     shapes = [shape for t in traceds for _, shape in t.draws]
     data = jax.random.key_data(keys)[np.asarray(owners, dtype=np.int32)] if owners else None
-    slices = iter(_draws.pool(data, shapes, mesh))
+    slices = iter(_draws.pool(data, shapes, mesh, gather))
     draw = lambda key, bit_width, shape: _draws.as_bits(next(slices), bit_width, shape)  # noqa: E731
     return [evaluate(t, keys[i], draw) for i, t in enumerate(traceds)]
 

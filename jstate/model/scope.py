@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -198,6 +199,8 @@ class Scope:
 
         if callable(init):
             shape, dtype = _check_shape(full, shape), np.dtype(dtype or jnp.float32)
+            if _narrowed(dtype) != dtype:  # (the initializer would return another dtype)
+                raise InitializerError(_X64.format(name=full, dtype=dtype.name, narrow=_narrowed(dtype).name))
             placement = self._place(full, shape, dtype, own, block)
             key_words = _names.name_hash(full)
             try:
@@ -256,12 +259,28 @@ def _as_value(name: str, init: Any, shape: Any, dtype: Any) -> jax.Array:
             f"got {type(init).__name__}."
         ) from e
     # An explicit dtype casts; otherwise keep the value's, made strong so it stays fixed.
+    if dtype is not None and _narrowed(np.dtype(dtype)) != np.dtype(dtype):
+        dtype, wanted = _narrowed(np.dtype(dtype)), np.dtype(dtype)
+        message = _X64.format(name=name, dtype=wanted.name, narrow=dtype.name)
+        warnings.warn(f"{message} It is declared {dtype.name} now.", UserWarning, stacklevel=3)
     value = jax.lax.convert_element_type(value, np.dtype(dtype) if dtype is not None else value.dtype)
     if shape is not None and tuple(shape) != value.shape:
         raise InitializerError(
             f"Variable '{name}': declared shape {tuple(shape)} but its initial value has shape {value.shape}."
         )
     return value
+
+
+_X64 = (
+    "Variable '{name}' is declared {dtype}, but JAX's 64-bit types are off, so JAX makes it {narrow}. "
+    'Turn them on at the start of the program, before any array is created: `jax.config.update("jax_enable_x64", '
+    "True)` (or set the environment variable JAX_ENABLE_X64=1); or declare it {narrow}."
+)
+
+
+def _narrowed(dtype: np.dtype) -> np.dtype:
+    """The dtype JAX gives arrays asked to be `dtype` (32-bit where 64-bit types are off)."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def _short(fn: Any) -> str:

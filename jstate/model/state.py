@@ -14,12 +14,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..core import names as _names
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError, uninitialized, unknown_names
+from ..core.errors import InvalidNameError, SpecMismatchError, uninitialized, unknown_names
 from ..core.table import Table
 from . import display as _display
+from . import ensembles as _ensembles
 from . import placement as _placement
 from . import updates as _updates
 from .placement import Placement
@@ -43,12 +45,25 @@ class StateDef:
     True
     """
 
-    __slots__ = ("specs", "names", "_hash")
+    __slots__ = ("specs", "names", "_hash", "_first", "_refits")
 
     def __init__(self, specs: Mapping[str, VariableSpec], names: Iterable[str]):
         self.specs = dict(sorted(specs.items()))
         self.names = tuple(sorted(names))
         self._hash = hash((self.names, tuple((s.name, s.shape, s.dtype) for s in self.specs.values())))
+        self._first = self.specs[self.names[0]].shape if self.names else None  # (see `_unflatten`)
+        self._refits: dict[Any, StateDef] = {}
+
+    def refit(self, leaves: tuple[Any, ...]) -> StateDef:
+        """This StateDef, or the one whose declarations have the leading (batch) axes that
+        `leaves`, the values of `names`, gained or lost (see `jstate.model.ensembles`)."""
+        change = _ensembles.refit(self.specs, self.names, leaves)
+        if change is None:
+            return self
+        found = self._refits.get(change)
+        if found is None:
+            found = self._refits.setdefault(change, StateDef(_ensembles.apply(self.specs, change), self.names))
+        return found
 
     def __hash__(self) -> int:
         return self._hash
@@ -77,7 +92,8 @@ class State(Mapping[str, jax.Array]):
     It passes through `jax.jit` (also donated), `jax.grad`, `jax.tree.map` and optax with its
     structure unchanged. An initialized variable's spec has the dtype of the value it holds, so
     after ``jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)`` the specs say bfloat16 and
-    `assign` takes bfloat16 values (a map that changes shapes needs `redeclare`).
+    `assign` takes bfloat16 values. Likewise its shapes follow values that gained or lost leading
+    axes, as `jax.vmap` makes them (an ensemble: `member`); other shape changes need `redeclare`.
 
     >>> state = jstate.init(model, jax.random.key(0))
     >>> state = state.assign("biases", jnp.ones(200))   # a new State
@@ -354,6 +370,44 @@ class State(Mapping[str, jax.Array]):
         """
         return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
 
+    def member(self, index: int) -> State:
+        """Member `index` of an ensemble State: every variable indexed along its first axis, as
+        an ordinary State with the member's declarations (shapes without that axis, shardings
+        without its ``None``).
+
+        An ensemble is what ``jstate.init(model, keys)`` (or ``jax.vmap`` of `jstate.init`)
+        returns for a batch of keys; any State whose variables all have a first axis of the same
+        length works. Eagerly or under `jax.jit`; the original State is unchanged.
+
+        Args:
+          index: which member, ``0 <= index < n`` (negative counts from the end).
+
+        Raises:
+          SpecMismatchError: a variable has no first axis, or one of another length.
+          IndexError: `index` is out of range.
+
+        >>> ensemble = jstate.init(model, jax.random.split(jax.random.key(0), 3))
+        >>> one = ensemble.member(1)
+        >>> one.spec("weights").shape, bool((one["weights"] == ensemble["weights"][1]).all())
+        ((784, 200), True)
+        """
+        specs = self.specs
+        sizes = {n: (s.shape[0] if s.shape else None) for n, s in specs.items()}
+        lengths = set(sizes.values())
+        if len(lengths) != 1 or None in lengths:
+            shown = ", ".join(f"'{n}' {specs[n].shape}" for n in list(specs)[:4])
+            raise SpecMismatchError(
+                f"`member` takes one model out of an ensemble, a State whose every variable has a first axis "
+                f"of the same length (`jstate.init(model, keys)`); this State's variables have shapes {shown}"
+                f"{', ...' if len(specs) > 4 else ''}."
+            )
+        (n,) = lengths
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not -n <= index < n:
+            raise IndexError(f"Ensemble member {index!r} is out of range: the ensemble has {n} members (0 to {n - 1}).")
+        members = {name: _ensembles.member(spec) for name, spec in specs.items()}
+        values = {name: _placement.constrain(v[index], members[name].sharding) for name, v in self._values.items()}
+        return State._make(StateDef(members, values), values)
+
     def redeclare(self, name: str, value: Any) -> State:
         """A new State in which variable `name` has `value`'s shape and dtype, and holds `value`.
 
@@ -535,6 +589,13 @@ def _flatten_with_keys(state: State):
 
 
 def _unflatten(layout: StateDef, leaves: Iterable[Any]) -> State:
+    leaves = tuple(leaves)
+    # `jax.vmap` builds its output State from the aux data of the State its function returned,
+    # one member's declarations, and values with the batch axis in front (and the reverse inside
+    # the function): where the first value's shape is not its declared one, the declarations
+    # follow the values' leading axes. One comparison on every other call (each `jax.jit` call).
+    if leaves and getattr(leaves[0], "shape", layout._first) != layout._first:
+        layout = layout.refit(leaves)
     return State._make(layout, dict(zip(layout.names, leaves)))
 
 

@@ -117,6 +117,39 @@ def test_only_with_unknown_name_is_an_error_with_suggestion():
         jstate.init(guide_model, KEY, only=["weight"])
 
 
+def test_only_takes_a_scope_as_tf_users_write_it():
+    def model(s):
+        s.scope("layer1").variable("kernel", inits.ones, (2, 3))
+        s.scope("layer1").scope("inner").variable("bias", inits.ones, (3,))
+        s.scope("layer10").variable("kernel", inits.ones, (2,))
+        s.variable("w", inits.ones, (2,))
+
+    for scope in ("layer1", "layer1/"):
+        partial = jstate.init(model, KEY, only=[scope])
+        assert sorted(partial) == ["layer1/inner/bias", "layer1/kernel"]  # not layer10
+    assert sorted(jstate.init(model, KEY, only=["layer1/inner", "w"])) == ["layer1/inner/bias", "w"]
+    with pytest.raises(jstate.UnknownVariableError, match="'layr1' is not declared. Did you mean 'layer1/'.*scopes"):
+        jstate.init(model, KEY, only=["layr1"])
+
+
+def test_a_64_bit_declaration_with_64_bit_types_off_says_how_to_turn_them_on():
+    assert not jax.config.jax_enable_x64
+    fix = r'jax\.config\.update\("jax_enable_x64", True\)'
+
+    def drawn(s):
+        s.variable("w", inits.normal(), (2,), jnp.float64)
+
+    with pytest.raises(jstate.InitializerError, match=f"'w' is declared float64.*makes it float32.*{fix}"):
+        jstate.init(drawn, KEY)
+
+    def counter(s):
+        s.variable("step", 0, (), "int64", trainable=False)
+
+    with pytest.warns(UserWarning, match=f"'step' is declared int64.*{fix}.*declared int32 now"):
+        state = jstate.init(counter, KEY)
+    assert state.spec("step").dtype == np.int32
+
+
 def test_abstract_declares_everything_and_computes_nothing():
     calls = []
 

@@ -56,7 +56,7 @@ def test_variables_of_many_shapes_share_one_program():
 
     before = len(programs._programs)
     state = jstate.init(model, KEY)
-    assert len(programs._programs) - before == -(-40 // draws.CHUNK_VARIABLES)  # one per pool
+    assert len(programs._programs) - before == -(-40 // draws.CHUNK_DISTINCT)  # one per pool of distinct ones
     np.testing.assert_array_equal(state["w17"], own_value("w17", inits.glorot_normal(), (25, 20), jnp.float32))
 
 
@@ -208,3 +208,22 @@ def test_a_sharded_flax_model_is_created_in_place(monkeypatch):
     assert sum(m.output_size_in_bytes for m in memory) < full / 8 + 64 * 1024  # (+ the biases and LayerNorm)
     # threefry's temporaries for a device's shards, never a whole kernel (nor a pool of every bit)
     assert max(m.temp_size_in_bytes for m in memory) < state.spec("params/dense0/kernel").nbytes
+
+
+def test_replicated_variables_on_a_mesh_gather_their_pool_once():
+    # Left spread over the devices, the pool would be gathered back one variable at a time: a
+    # collective per variable (and its compile). Gathered whole, their count does not grow.
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def collectives(n):
+        traced = [programs.trace(inits.glorot_uniform(), (8, 3 + i), np.dtype(np.float32), KEY) for i in range(n)]
+        words = np.stack([name_hash(f"w{i}") for i in range(n)])
+        program = programs.pooled_program(traced, [replicated] * n)
+        for value, t, w in zip(program(KEY, words), traced, words):
+            np.testing.assert_array_equal(value, programs.evaluate(t, programs.fold(KEY, w)))
+            assert value.sharding == replicated
+        text = program.lower(KEY, words).compile().as_text()
+        return sum(text.count(f" {op}(") for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"))
+
+    assert collectives(3) == collectives(9)
