@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -114,6 +115,31 @@ def join(prefix: str, name: str) -> str:
     ('layer1/kernel', 'kernel')
     """
     return f"{prefix}{SEP}{name}" if prefix else name
+
+
+def abbreviated(names: list[str]) -> str:
+    """`names` said once, briefly, for a table cell or a message: a few by name, a numbered run
+    (the per-layer entries a `stack` reads) as a range with its count, others as the first and a
+    count.
+
+    >>> abbreviated(["a", "b"]), abbreviated([f"layers_{i}/kernel" for i in range(24)])
+    ('a, b', 'layers_{0..23}/kernel (24)')
+    >>> abbreviated(["x", "y", "z"])
+    'x, ... 3 entries'
+    """
+    if len(names) <= 2:
+        return ", ".join(names)
+    parts = [re.split(r"(\d+)", n) for n in names]
+    if all(len(p) == len(parts[0]) for p in parts):
+        differ = [i for i in range(1, len(parts[0]), 2) if len({p[i] for p in parts}) > 1]
+        same = all(p[i] == parts[0][i] for p in parts for i in range(len(p)) if i not in differ)
+        if len(differ) == 1 and same:
+            i = differ[0]
+            numbers = [int(p[i]) for p in parts]
+            if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+                head, tail = "".join(parts[0][:i]), "".join(parts[0][i + 1 :])
+                return f"{head}{{{numbers[0]}..{numbers[-1]}}}{tail} ({len(names)})"
+    return f"{names[0]}, ... {len(names)} entries"
 
 
 def name_hash(name: str) -> np.ndarray:
