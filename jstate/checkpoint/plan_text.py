@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import transforms as T
 from ..core.errors import CheckpointError, shorten
+from ..core.names import runs
 
 WIDTH = 120  # a plan's table fits a terminal, a notebook cell and a log line
 HEAD = ("variable", "from", "transform", "shape", "dtype")
@@ -53,9 +54,21 @@ def grouped(names: list[str], limit: int = 8) -> str:
     "*/Adam (3: 'a/Adam', 'b/Adam' and 1 more), 'global_step'"
     """
     groups, alone = _groups(names)
-    shown = [f"*/{last} ({len(members)}: {shorten(members, 2)})" for last, members in groups.items()]
+    shown = [_group(last, members) for last, members in groups.items()]
     more = f", and {len(shown) - limit} more groups" if len(shown) > limit else ""
     return ", ".join([*shown[:limit], *([shorten(alone, limit)] if alone else [])]) + more
+
+
+def _group(last: str, names: list[str], limit: int = 2) -> str:
+    """A group of `grouped`: one numbered run as itself, else the first `limit` items (a run one
+    item) and how many names are left: ``*/Adam (50: block_{0..23}/bias/Adam (24), ... and 2 more)``."""
+    items = runs(names)
+    if len(items) == 1 and items[0][1] > 1:
+        return items[0][0]
+    left = len(names) - sum(n for _, n in items[:limit])
+    return (
+        f"*/{last} ({len(names)}: " + ", ".join(t for t, _ in items[:limit]) + (f" and {left} more)" if left else ")")
+    )
 
 
 def wrap(text: str, width: int = WIDTH) -> str:
