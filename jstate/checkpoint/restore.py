@@ -93,7 +93,7 @@ class RestorePlan:
     def table(self) -> Table:
         """The variables filled, one row each: variable, from, transform, shape, dtype; within
         `WIDTH` columns (the entries read said once, a long list of them by count; a cell too long
-        for the rest shortened in its middle).
+        for the rest shortened where it tells its row apart least, as `plan_text.fit` says).
 
         >>> path = jstate.Saver(["biases"]).save(state, "ckpt/model")
         >>> print(jstate.Saver(["biases"]).plan(path, jstate.abstract(model)).table())
