@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .core.errors import MappingError
+from .core.names import abbreviated
 
 __all__ = ["Transform", "cast", "concat", "reshape", "split", "stack", "transpose", "unstack"]
 
@@ -99,10 +100,10 @@ class Transform:
         """Part `index`; `of`: how many parts the rule taking it names (checked against the
         checkpoint: an unstack's count depends on its input's shape)."""
         if not self.multi:
-            raise TypeError(f"{self!r} has one output; only split and unstack have parts to index.")
+            raise TypeError(f"{brief(self)} has one output; only split and unstack have parts to index.")
         index, parts = operator.index(index), count(self)
         if parts is not None and not -parts <= index < parts:
-            raise IndexError(f"{self!r} has {parts} parts, so no part [{index}].")
+            raise IndexError(f"{brief(self)} has {parts} parts, so no part [{index}].")
         return Transform("part", (self,), (index % parts if parts is not None else index, of))
 
     def entries(self) -> list[str]:
@@ -128,32 +129,57 @@ class Transform:
         return f"{self.op}({', '.join(shown)})"
 
 
-def describe(t: Transform) -> str:
+def describe(t: Transform, params: bool = True) -> str:
     """`t` as its repr without the checkpoint entries it reads (a plan's table lists those in a
     column of their own): each op once, with its parameters; an input that is an entry is ``_``,
     and the inputs are left out where all are entries.
+
+    Args:
+      t: the transform.
+      params: with each op's parameters; without them (``cast(transpose(stack))``), the chain
+        of ops alone, for a narrow column.
 
     >>> T.describe(T.transpose(T.stack([f"layers_{i}/kernel" for i in range(24)]), (1, 0, 2)))
     'transpose(stack(axis=0), axes=(1, 0, 2))'
     >>> T.describe(T.split("attn/qkv", 3, axis=-1)[1]), T.describe(T.concat(["q", T.transpose("k")]))
     ('split(3, axis=-1)[1]', 'concat([_, transpose], axis=0)')
+    >>> T.describe(T.cast(T.transpose(T.stack(["a", "b"])), "bfloat16"), params=False)
+    'cast(transpose(stack))'
     """
     if t.op == "entry":
         return "_"
     if t.op == "part":
-        return f"{describe(t.inputs[0])}[{t.args[0]}]"
-    shown = [] if all(i.op == "entry" for i in t.inputs) else [_described_inputs(t)]
-    shown += [f"{k}={v!r}" if k else repr(v) for k, v in _named_args(t)]
+        return f"{describe(t.inputs[0], params)}[{t.args[0]}]"
+    shown = [] if all(i.op == "entry" for i in t.inputs) else [_described_inputs(t, params)]
+    if params:
+        shown += [f"{k}={v!r}" if k else repr(v) for k, v in _named_args(t)]
     return f"{t.op}({', '.join(shown)})" if shown else t.op
 
 
-def _described_inputs(t: Transform) -> str:
-    inputs = [describe(i) for i in t.inputs]
+def _described_inputs(t: Transform, params: bool) -> str:
+    inputs = [describe(i, params) for i in t.inputs]
     if t.op not in ("stack", "concat"):
         return inputs[0]
     if len(inputs) > 3:  # long lists by count: a plan row stays one line
         inputs = [inputs[0], f"... {len(inputs)} inputs"]
     return "[" + ", ".join(inputs) + "]"
+
+
+BRIEF = 100  # a transform's repr longer than this is said in a message as its ops and its entries
+
+
+def brief(t: Transform) -> str:
+    """`t` for a message: its repr where that is short, else its ops (`describe`) and the entries
+    it reads said once, a numbered run as a range with its count (a message naming 24 stacked
+    layers by name would run to a thousand characters, and say them again in its table).
+
+    >>> T.brief(T.transpose("w"))
+    "transpose('w')"
+    >>> T.brief(T.transpose(T.stack([f"encoder/block_{i}/dense/kernel" for i in range(24)]), (0, 2, 1)))
+    'transpose(stack(axis=0), axes=(0, 2, 1)) of encoder/block_{0..23}/dense/kernel (24)'
+    """
+    shown = repr(t)
+    return shown if len(shown) <= BRIEF else f"{describe(t)} of {abbreviated(t.entries())}"
 
 
 def _named_args(t: Transform) -> list[tuple[str, Any]]:
@@ -176,7 +202,7 @@ _ARG_NAMES = {
 def _input(x: Input) -> Transform:
     if isinstance(x, Transform):
         if x.multi:
-            raise TypeError(f"{x!r} has several outputs: take one with [i], or give the rule a tuple of names.")
+            raise TypeError(f"{brief(x)} has several outputs: take one with [i], or give the rule a tuple of names.")
         return x
     if isinstance(x, str) and x:
         return Transform("entry", (), (x,))
@@ -339,9 +365,9 @@ def struct(t: Transform, entries: dict[str, jax.ShapeDtypeStruct], memo: dict) -
     elif t.op == "part":
         parts, (index, named) = struct(t.inputs[0], entries, memo), t.args
         if named is not None and named != len(parts):
-            raise ValueError(f"{t.inputs[0]!r} has {len(parts)} parts, and the rule names {named} State variables")
+            raise ValueError(f"{brief(t.inputs[0])} has {len(parts)} parts, and the rule names {named} State variables")
         if not -len(parts) <= index < len(parts):
-            raise ValueError(f"{t.inputs[0]!r} has {len(parts)} parts, so no part [{index}]")
+            raise ValueError(f"{brief(t.inputs[0])} has {len(parts)} parts, so no part [{index}]")
         out = parts[index]
     else:
         ins = [struct(i, entries, memo) for i in t.inputs]
@@ -350,7 +376,9 @@ def struct(t: Transform, entries: dict[str, jax.ShapeDtypeStruct], memo: dict) -
         )
         dtype = _dtype(t, [s.dtype for s in ins])
         if t.op == "unstack" and t.args[1] is not None and t.args[1] != len(shapes):
-            raise ValueError(f"{t!r} expects {t.args[1]} parts, and its input has {len(shapes)} along axis {t.args[0]}")
+            raise ValueError(
+                f"{brief(t)} expects {t.args[1]} parts, and its input has {len(shapes)} along axis {t.args[0]}"
+            )
         if t.multi:
             out = tuple(jax.ShapeDtypeStruct(s.shape, dtype) for s in shapes)
         else:
@@ -396,11 +424,11 @@ def invert(targets: dict[str, tuple[Transform, Any]]) -> dict[str, Any]:
         elif t.op == "part":
             parent, (index, of) = t.inputs[0], t.args
             if index < 0:
-                raise NotInvertible(f"saving through {t!r} (the rule for '{name}') needs a part index >= 0")
+                raise NotInvertible(f"saving through {brief(t)} (the rule for '{name}') needs a part index >= 0")
             got = parts.setdefault(parent, {})
             if index in got:
                 raise NotInvertible(
-                    f"variables '{got[index][0]}' and '{name}' are both {t!r}; only one of them can be saved there"
+                    f"variables '{got[index][0]}' and '{name}' are both {brief(t)}; only one of them can be saved there"
                 )
             got[index] = (name, value)
             named[parent] = named.get(parent) or of
@@ -425,14 +453,14 @@ def _incomplete(parent: Transform, got: dict[int, tuple[str, Any]], parts: int |
     have = ", ".join(f"[{i}] from '{got[i][0]}'" for i in sorted(got))
     if parts is None:
         return (
-            f"saving through {parent!r} writes its entry from the parts the rules name ({have}), and an "
+            f"saving through {brief(parent)} writes its entry from the parts the rules name ({have}), and an "
             "unstack's number of parts is known only from a checkpoint, so a missing slice would be dropped "
             "silently. Give the count, `T.unstack(..., parts=N)`, or name every part in one rule: "
             "`((name_0, ..., name_n), T.unstack(...))`"
         )
     missing = [i for i in range(parts) if i not in got]
     return (
-        f"saving through {parent!r} needs all its parts, and got only parts {sorted(got)} ({have}): "
+        f"saving through {brief(parent)} needs all its parts, and got only parts {sorted(got)} ({have}): "
         f"part(s) {missing} of {parts} missing. Add a rule for each missing part, or save the entry by name"
     )
 
@@ -453,7 +481,7 @@ def _inverse(t: Transform, value: Any) -> list[Any]:
     args = t.args
     if t.op == "reshape":
         if args[1] is None:
-            raise NotInvertible(f"saving through {t!r} needs the saved shape: reshape(..., saved_shape=...)")
+            raise NotInvertible(f"saving through {brief(t)} needs the saved shape: reshape(..., saved_shape=...)")
         return [jnp.reshape(value, args[1])]
     if t.op == "transpose":
         axes = args[0] if args[0] is not None else tuple(reversed(range(value.ndim)))
@@ -464,6 +492,6 @@ def _inverse(t: Transform, value: Any) -> list[Any]:
         return [jnp.take(value, i, axis=args[0]) for i in range(len(t.inputs))]
     if t.op == "concat":
         if args[1] is None:
-            raise NotInvertible(f"saving through {t!r} needs each input's size: concat(..., sizes=[...])")
+            raise NotInvertible(f"saving through {brief(t)} needs each input's size: concat(..., sizes=[...])")
         return jnp.split(value, np.cumsum(args[1])[:-1], axis=args[0])
     raise AssertionError(t.op)

@@ -29,7 +29,7 @@ from typing import Any
 from ..core.errors import MappingError, unknown_names
 from ..core.names import check_name
 from ..model.state import State
-from ..transforms import Transform, count
+from ..transforms import Transform, brief, count
 
 VarList = None | Iterable[Any] | Mapping[str, str]
 
@@ -241,24 +241,26 @@ def _transform(state: Any, transform: Transform) -> list[_Rule]:
     if isinstance(state, str):
         if transform.multi:
             raise MappingError(
-                f"Saver rule for '{state}': {transform!r} has several parts. Give a tuple of State names, "
-                f"one per part, or take one part: {transform!r}[0]."
+                f"Saver rule for '{state}': {brief(transform)} has several parts. Give a tuple of State names, "
+                f"one per part, or take one part: {brief(transform[0])}."
             )
         return [_Rule("transform", check_name(state), transform)]
     if isinstance(state, (tuple, list)) and state and all(isinstance(n, str) for n in state):
         if not transform.multi:
             raise MappingError(
-                f"Saver rule for {tuple(state)}: {transform!r} has one output; a tuple of State names takes "
+                f"Saver rule for {tuple(state)}: {brief(transform)} has one output; a tuple of State names takes "
                 "the parts of a split or unstack."
             )
         parts = count(transform)
         if parts is not None and parts != len(state):
             raise MappingError(
-                f"Saver rule for {tuple(state)}: {transform!r} has {parts} parts, and the rule names "
+                f"Saver rule for {tuple(state)}: {brief(transform)} has {parts} parts, and the rule names "
                 f"{len(state)} State variables; name one per part."
             )
         return [_Rule("transform", check_name(n), transform._part(i, len(state))) for i, n in enumerate(state)]
-    raise MappingError(f"Saver rule ({state!r}, {transform!r}): the first item is a State name or a tuple of them.")
+    raise MappingError(
+        f"Saver rule ({state!r}, {brief(transform)}): the first item is a State name or a tuple of them."
+    )
 
 
 def _what(value: Any) -> str:

@@ -23,13 +23,14 @@ from ..core.errors import (
     closest,
     shorten,
 )
+from ..core.names import abbreviated
 from ..core.table import Table
 from ..formats.base import Checkpoint, from_host
 from ..model.placement import uncommitted
 from ..model.state import State
 from . import narrowing
 from .mapping import NameMap
-from .plan_text import HEAD, WIDTH, fit, grouped, sources, stray
+from .plan_text import HEAD, WIDTH, fit, grouped, stray, wrap
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ class RestorePlan:
     def table(self) -> Table:
         """The variables filled, one row each: variable, from, transform, shape, dtype; within
         `WIDTH` columns (the entries read said once, a long list of them by count; a cell too long
-        for the rest shortened in its middle).
+        for the rest shortened where it tells its row apart least, as `plan_text.fit` says).
 
         >>> path = jstate.Saver(["biases"]).save(state, "ckpt/model")
         >>> print(jstate.Saver(["biases"]).plan(path, jstate.abstract(model)).table())
@@ -112,7 +113,7 @@ class RestorePlan:
         ignored = set(self.ignored)
         unused = [e for e in self.unused if e not in ignored]
         if unused:
-            notes.append(("Checkpoint entries nothing uses", shorten(unused, 20)))
+            notes.append(("Checkpoint entries nothing uses", grouped(unused)))
         if self.ignored:
             notes.append(("Ignored (`ignore=`)", grouped(self.ignored)))
         if self.narrowed:
@@ -122,7 +123,7 @@ class RestorePlan:
         return notes
 
     def __str__(self) -> str:
-        return "\n".join([str(self.table())] + [f"{head}: {text}" for head, text in self._notes()])
+        return "\n".join([str(self.table())] + [wrap(f"{head}: {text}", WIDTH) for head, text in self._notes()])
 
     __repr__ = __str__
 
@@ -237,7 +238,7 @@ def _missing(ckpt: Checkpoint, names: dict[str, str], transforms: dict[str, T.Tr
         if absent:
             problems.append(
                 CheckpointError(
-                    f"Checkpoint {ckpt.path} lacks {shorten(absent)}, read by {t!r} to fill '{n}'."
+                    f"Checkpoint {ckpt.path} lacks {shorten(absent)}, read by {T.brief(t)} to fill '{n}'."
                     f"{closest(absent[0], ckpt.entries)} `jstate.list_variables(path)` lists what it holds."
                 )
             )
@@ -311,24 +312,33 @@ def _check_transform(
     keys = [e for e in t.entries() if jax.dtypes.issubdtype(ckpt.entries[e].dtype, jax.dtypes.prng_key)]
     if keys:
         return [
-            MappingError(f"Saver rule for '{name}': {t!r} reads PRNG key '{keys[0]}'; keys are restored by name only.")
+            MappingError(
+                f"Saver rule for '{name}': {T.brief(t)} reads PRNG key '{keys[0]}'; keys are restored by name only."
+            )
         ]
     entries = {e: jax.ShapeDtypeStruct(ckpt.entries[e].shape, ckpt.entries[e].dtype) for e in t.entries()}
     spec = target.spec(name)
     try:
         got = T.struct(t, entries, memo)
     except (TypeError, ValueError, IndexError, OverflowError) as e:
-        rows.append((name, sources(list(entries)), T.describe(t), "?", "?"))
-        shapes = ", ".join(f"'{n}' {s.shape}" for n, s in entries.items())
+        rows.append((name, abbreviated(list(entries)), t, "?", "?"))
+        # the entries are named once, by `brief`; here only their shapes, one where all share it
+        shapes = {s.shape for s in entries.values()}
+        held = [f"'{n}' {s.shape}" for n, s in entries.items()]
+        if len(held) > 1 and len(shapes) == 1:
+            held = [f"each {shapes.pop()}"]
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
         return [
-            MappingError(f"Saver rule for '{name}': {t!r} does not apply to checkpoint {ckpt.path} ({shapes}): {e}")
+            MappingError(
+                f"Saver rule for '{name}': {T.brief(t)} does not apply to checkpoint {ckpt.path} ({shown}): {e}"
+            )
         ]
-    rows.append((name, sources(list(entries)), T.describe(t), spec.shape, _dtypes(got.dtype, spec.dtype)))
+    rows.append((name, abbreviated(list(entries)), t, spec.shape, _dtypes(got.dtype, spec.dtype)))
     if got.shape != spec.shape or (got.dtype != spec.dtype and not cast):
         hint = " Pass `cast=True`, or add a `transforms.cast`." if got.shape == spec.shape else ""
         return [
             SpecMismatchError(
-                f"Checkpoint {ckpt.path}: {t!r} gives shape {got.shape} and dtype {got.dtype.name}, but '{name}' "
+                f"Checkpoint {ckpt.path}: {T.brief(t)} gives shape {got.shape} and dtype {got.dtype.name}, but '{name}' "
                 f"is declared with shape {spec.shape} and dtype {spec.dtype.name}.{hint}"
             )
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -114,6 +115,55 @@ def join(prefix: str, name: str) -> str:
     ('layer1/kernel', 'kernel')
     """
     return f"{prefix}{SEP}{name}" if prefix else name
+
+
+def abbreviated(names: list[str]) -> str:
+    """`names` said once, briefly, for a table cell or a message: a few by name, a numbered run
+    (the per-layer entries a `stack` reads, in order) as a range with its count, others as the
+    first and a count.
+
+    >>> abbreviated(["a", "b"]), abbreviated([f"layers_{i}/kernel" for i in range(24)])
+    ('a, b', 'layers_{0..23}/kernel (24)')
+    >>> abbreviated(["x", "y", "z"])
+    'x, ... 3 entries'
+    """
+    if len(names) <= 2:
+        return ", ".join(names)
+    return _run(names) or f"{names[0]}, ... {len(names)} entries"
+
+
+def _run(names: list[str]) -> str | None:
+    """`names` as ``layers_{0..23}/kernel (24)`` where they differ in one number alone, counting
+    up by one; else None."""
+    parts = [re.split(r"(\d+)", n) for n in names]
+    if len(names) < 2 or any(len(p) != len(parts[0]) for p in parts):
+        return None
+    differ = [i for i in range(1, len(parts[0]), 2) if len({p[i] for p in parts}) > 1]
+    if len(differ) != 1 or any(p[i] != parts[0][i] for p in parts for i in range(len(p)) if i != differ[0]):
+        return None
+    i = differ[0]
+    numbers = [int(p[i]) for p in parts]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        return None
+    return f"{''.join(parts[0][:i])}{{{numbers[0]}..{numbers[-1]}}}{''.join(parts[0][i + 1 :])} ({len(names)})"
+
+
+def runs(names: list[str]) -> list[tuple[str, int]]:
+    """`names` for a message, the numbered runs among them (the slots of 24 layers) as one item
+    each: ``(text, how many names it says)``, a name alone quoted.
+
+    >>> runs(sorted(f"block_{i}/{leaf}/Adam" for i in range(12) for leaf in ("bias", "kernel")) + ["head/Adam"])
+    [('block_{0..11}/bias/Adam (12)', 12), ('block_{0..11}/kernel/Adam (12)', 12), ("'head/Adam'", 1)]
+    """
+    by_form: dict[str, list[str]] = {}
+    for name in names:  # names that differ in their numbers alone share a form
+        by_form.setdefault(re.sub(r"\d+", "#", name), []).append(name)
+    out = []
+    for members in by_form.values():
+        members = sorted(members, key=lambda n: [int(d) for d in re.findall(r"\d+", n)])
+        run = _run(members) if len(members) > 2 else None
+        out += [(run, len(members))] if run else [(f"'{n}'", 1) for n in members]
+    return out
 
 
 def name_hash(name: str) -> np.ndarray:

@@ -1,6 +1,9 @@
 """Restore-time transforms (`jstate.transforms`) and `Saver.plan`: real checkpoints on disk,
 real shardings over the 8 CPU devices."""
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,8 @@ from jstate.formats.native import NativeCheckpoint
 
 S = jax.ShapeDtypeStruct
 LAYERS, D = 4, 8
+# 24 TF1 dense blocks and a head fitted with Adam: 153 entries (tests/data/tensorflow/make_fixtures.py)
+ENCODER, BLOCKS = Path(__file__).parents[1] / "data" / "tensorflow" / "encoder" / "model.ckpt-5", 24
 
 
 def per_layer(s):
@@ -255,9 +260,6 @@ def test_prng_keys_are_not_transformed(tmp_path, no_reads):
 
 @pytest.mark.slow  # seconds of checkpoints and compiles
 def test_the_layouts_guide_example_runs(tmp_path, monkeypatch, capsys):
-    import re
-    from pathlib import Path
-
     guide = Path(__file__).parents[2] / "docs" / "guides" / "layouts.md"
     code = re.search(r"```\{code-cell\}[^\n]*\n(.*?)```", guide.read_text(), flags=re.S).group(1)
     monkeypatch.chdir(tmp_path)
@@ -403,3 +405,88 @@ def test_a_plan_of_stacked_transforms_over_many_layers_fits_120_columns(tmp_path
     assert plan.problems == [] and max(map(len, text.splitlines())) <= 120, text
     cut = [row[0] for row in plan.table() if "..." in row[0]]
     assert cut and all(c.startswith("model/") and len(c) >= 40 for c in cut) and any(c.endswith("kernel") for c in cut)
+
+
+def _widths(text: str) -> list[int]:
+    return [len(line) for line in text.splitlines()]
+
+
+def test_every_line_of_a_plan_over_24_stacked_tf1_layers_fits_120_columns():
+    """Table, notes and problems of a plan stacking 24 TF1 blocks (their Adam slots too) fit 120
+    columns: the notes wrap; a cell too long gives up the scopes its rows share, never the leaf,
+    the count or a run's range cut through; a transform too long its parameters, never an op."""
+    kernels = [f"encoder/block_{i}/dense/kernel" for i in range(BLOCKS)]
+    cast = T.cast(T.transpose(T.stack(kernels), (0, 2, 1)), "bfloat16", saved_dtype="float32")
+    rules = [
+        ("encoder/layers/dense/kernel_transposed_in_bfloat16", cast),
+        ("encoder/layers/dense/bias", T.stack([f"encoder/block_{i}/dense/bias" for i in range(BLOCKS)])),
+        ("encoder/layers/dense/adam_first_moment_of_the_kernel", T.stack([f"{n}/Adam" for n in kernels])),
+        ("head/kernel", T.transpose("head/kernel")),
+    ]
+    target = {
+        "encoder/layers/dense/kernel_transposed_in_bfloat16": S((BLOCKS, 4, 5), jnp.bfloat16),  # 5: wrong
+        "encoder/layers/dense/bias": S((BLOCKS, 4), jnp.float32),
+        "encoder/layers/dense/adam_first_moment_of_the_kernel": S((BLOCKS, 4, 4), jnp.float32),
+        "head/kernel": S((1, 4), jnp.float32),
+        "not_in_checkpoint/a/very/long/variable/name/that/nothing/in/the/checkpoint/fills/at/all": S((3,), jnp.float32),
+    }
+    saver = jstate.Saver(rules)
+    plan = saver.plan(ENCODER, target, strict=True, ignore=[r"/Adam(_1)?$"])
+    text = str(plan)
+    assert max(_widths(text)) <= 120, text
+    assert [type(p).__name__ for p in plan.problems] == ["CheckpointError", "SpecMismatchError"]
+    assert "Problem: " in text and "Ignored (`ignore=`): */Adam (26: " in text
+    adam, bias, kernel, head = plan.table()  # by variable name
+    # what tells the rows apart stays: the leaf, the slot, the count; a run's range whole or given up whole
+    assert [adam[1].rsplit("/", 2)[-2:], bias[1].rsplit("/", 1)[-1], kernel[1].rsplit("/", 1)[-1]] == [
+        ["kernel", "Adam (24)"],
+        "bias (24)",
+        "kernel (24)",
+    ]
+    for row in (adam, bias, kernel):
+        assert row[1].startswith("encoder/") and ("{0.." not in row[1] or "{0..23}" in row[1]), row
+    assert adam[0].endswith("of_the_kernel") and kernel[0].endswith("in_bfloat16"), (adam, kernel)
+    assert bias[2] == "stack(axis=0)" and kernel[2].startswith("cast(transpose(stack") and head[2] == "transpose"
+    # the problem names the transform's 24 inputs once, as their run, in the plan and in restore's error
+    mismatch = str(plan.problems[1])
+    assert mismatch.count("encoder/block_") == 1 and len(mismatch) < 400, mismatch
+    assert "of encoder/block_{0..23}/dense/kernel (24) gives shape (24, 4, 4)" in mismatch
+    with pytest.raises(
+        jstate.SpecMismatchError, match=r"axes=\(0, 2, 1\)\), 'bfloat16', saved_dtype='float32'\) of "
+    ) as e:
+        saver.restore(ENCODER, target)
+    assert str(e.value) == mismatch
+
+
+def test_a_plan_over_a_tf1_adam_checkpoint_groups_its_hundred_and_more_unused_entries_within_120_columns():
+    """Restoring the head alone of a 24-block TF1 Adam checkpoint leaves 151 entries unused: the
+    note groups them by their last name, as the strict error does, each numbered run said once,
+    and wraps at 120 columns, strict or not."""
+    target = {"head/kernel": S((4, 1), jnp.float32), "head/bias": S((1,), jnp.float32)}
+    saver = jstate.Saver(["head/kernel", "head/bias"])
+    loose, strict = saver.plan(ENCODER, target), saver.plan(ENCODER, target, strict=True)
+    assert len(loose.unused) == 151 and loose.problems == []
+    for text in (str(loose), str(strict)):
+        assert max(_widths(text)) <= 120, text
+        flat = " ".join(text.split())  # the notes as one line again, their wrapping undone
+        assert "Checkpoint entries nothing uses: encoder/block_{0..23}/dense/bias (24), */Adam (50: " in flat
+        assert "encoder/block_{0..23}/dense/kernel/Adam (24) and 2 more)" in flat
+        assert flat.count("encoder/block_0/") == 0  # runs, not their first names
+    error = str(strict.problems[0])
+    assert "holds 151 variable(s) that the Saver does not restore: encoder/block_{0..23}/dense/bias (24), " in error
+    assert len(error) < 800, error
+
+
+def test_a_narrow_from_column_gives_up_the_scopes_rows_share_and_keeps_what_differs():
+    """Two stacks of the halves of 24 blocks differ in their ranges alone: shortened, each keeps
+    its range and its leaf, and gives up the scopes both rows hold."""
+    from jstate.checkpoint.plan_text import fit
+
+    halves = [(0, 11), (12, 23)]
+    rows = [
+        (f"model/half_{a}", f"encoder/block_{{{a}..{b}}}/dense/kernel (12)", "", (12, 4), "float32") for a, b in halves
+    ]
+    assert [row[1] for row in fit(rows, 82)] == [
+        "encoder/block_{0..11}/.../kernel (12)",
+        "encoder/block_{12..23}/.../kernel (12)",
+    ]

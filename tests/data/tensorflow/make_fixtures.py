@@ -13,6 +13,8 @@ It replaces everything under tests/data/tensorflow/ but this script. Checkpoints
   guide/my_v2.ckpt        the same graph saved with Saver({"my_v2": v2})
   train/model.ckpt-{10,20}  a 2-layer model trained with Adam (slot variables, global_step),
                           saved at two steps, so the `checkpoint` state file names model.ckpt-20
+  encoder/model.ckpt-5    24 dense blocks (encoder/block_{0..23}/dense/{kernel,bias}) and a head
+                          trained with Adam: 153 entries, 146 of them optimizer state (plans in 120 columns)
   dtypes/model.ckpt       one variable per dtype jstate reads (complex too), scalars, an empty tensor
   sharded/model.ckpt      Saver(sharded=True) over variables on 3 CPU devices: 3 data files
   skipped/model.ckpt      what jstate cannot read: a string and a partitioned variable
@@ -95,6 +97,35 @@ def train() -> list[str]:
                 if i % 10 == 0:
                     saver.save(sess, str(HERE / "train/model.ckpt"), global_step=step, write_meta_graph=False)
     return ["train/model.ckpt-10", "train/model.ckpt-20"]
+
+
+def encoder(layers: int = 24) -> list[str]:
+    """A deep TF1 model fitted with Adam for 5 steps: per-layer variables to stack, and over a
+    hundred slots and powers that a restore of the model leaves unused."""
+    rng = np.random.default_rng(24)  # its own: the fixtures before it keep their values
+    with tf.Graph().as_default():
+        tf.compat.v1.set_random_seed(24)
+        x = tf.constant(rng.normal(size=(16, 4)).astype(np.float32))
+        hidden = x
+        for i in range(layers):
+            with tf.compat.v1.variable_scope(f"encoder/block_{i}/dense"):
+                w = tf.compat.v1.get_variable(
+                    "kernel", [4, 4], initializer=tf.compat.v1.random_normal_initializer(0, 0.3)
+                )
+                b = tf.compat.v1.get_variable("bias", [4], initializer=tf.compat.v1.zeros_initializer)
+            hidden = tf.nn.tanh(tf.matmul(hidden, w) + b)
+        with tf.compat.v1.variable_scope("head"):
+            w = tf.compat.v1.get_variable("kernel", [4, 1])
+            b = tf.compat.v1.get_variable("bias", [1], initializer=tf.compat.v1.zeros_initializer)
+        loss = tf.reduce_mean((tf.matmul(hidden, w) + b - tf.sin(x[:, :1])) ** 2)
+        step = tf.compat.v1.train.get_or_create_global_step()
+        train_op = tf.compat.v1.train.AdamOptimizer(0.01).minimize(loss, global_step=step)
+        with session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            for _ in range(5):
+                sess.run(train_op)
+            tf.compat.v1.train.Saver().save(sess, str(HERE / "encoder/model.ckpt"), global_step=step, **NO_STATE)
+    return ["encoder/model.ckpt-5"]
 
 
 def dtypes() -> list[str]:
@@ -216,9 +247,9 @@ def main() -> None:
     for entry in HERE.iterdir():
         if entry.is_dir():
             shutil.rmtree(entry)
-    for name in ("guide", "train", "dtypes", "sharded", "skipped", "tf2"):
+    for name in ("guide", "train", "encoder", "dtypes", "sharded", "skipped", "tf2"):
         (HERE / name).mkdir()  # the sharded Saver does not create it
-    prefixes = guide() + train() + dtypes() + sharded() + skipped() + tf2()
+    prefixes = guide() + train() + dtypes() + sharded() + skipped() + tf2() + encoder()
     index = record(prefixes)
     (HERE / "values/index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file())
