@@ -71,19 +71,33 @@ def prepare(final: Path, token: str) -> None:
       OSError: a name is too long, or the file system refuses.
     """
     if _storage.exists(final) and not is_ours(final):
-        instead = (
-            f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
-            if _storage.is_dir(final)
-            else "Choose another path."
-        )
         raise CheckpointError(
-            f"Cannot save to {final}: it exists and is not a jstate checkpoint, and saving would replace it. {instead}"
+            f"Cannot save to {final}: it exists and is not a jstate checkpoint ({_in_the_way(final)}), and saving "
+            f"would replace it. Nothing was written or deleted. {_instead(final)}"
         )
     _storage.check_name_lengths(final)
     _storage.check_name_lengths(final / "x", _LONGEST)
     _storage.create_marked(final, _marker(final, token).name)
     # Before writing, not after: a killed save's leftovers may be what fills the disk.
     clean(final.parent)
+
+
+def _in_the_way(final: Path) -> str:
+    """What makes `final` no jstate checkpoint, for an error."""
+    if _storage.is_symlink(final):
+        return "it is a symbolic link: what it points to is not this directory's"
+    if not _storage.is_dir(final):
+        return "it is a file"
+    names = sorted(_not_ours(_storage.listdir(final)))
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    without = f" without a jstate manifest ({FILE}) beside them" if ARRAYS in names or ORBAX_ARRAYS in names else ""
+    return f"it holds {shown}{without}"
+
+
+def _instead(final: Path) -> str:
+    if _storage.is_dir(final) and not _storage.is_symlink(final):
+        return f"Save under a prefix inside it instead, e.g. `saver.save(state, '{final}/model', step=...)`."
+    return "Choose another path."
 
 
 def _marker(final: Path, token: str) -> Path:
@@ -106,14 +120,29 @@ def only_ours(names: Iterable[str]) -> bool:
 
     >>> only_ours(["jstate.json", "arrays"]), only_ours(["jstate.json", "notes.txt"])
     (True, False)
+    >>> only_ours(["arrays"])  # jstate 0.1's layout only beside its manifest: else a user's
+    False
     >>> only_ours(["jstate.json", "default"]), only_ours(["default"])  # the Orbax layout's, or Orbax's own
     (True, False)
     """
+    return not _not_ours(names)
+
+
+def _not_ours(names: Iterable[str]) -> list[str]:
+    """The names in a directory that no jstate save put there: what is in the way of a save."""
     names = list(names)
-    # The Orbax layout's arrays are ours only beside a manifest or a save's marker: alone, a
-    # `default/` is what an Orbax CheckpointManager writes, and is never jstate's to remove.
-    fixed = any(n == FILE or _token_of(n) is not None for n in names)
-    return all(n in (FILE, ARRAYS) or _token_of(n) is not None or (fixed and _is_fixed(n)) for n in names)
+    # Names without a token are ours only beside what only jstate writes. Alone, `arrays/` (the
+    # layout of jstate 0.1) is a user's directory or a plain Orbax checkpoint, and `default/` is
+    # what an Orbax CheckpointManager writes: never jstate's to replace or remove. The old
+    # layout's arrays count only beside its manifest (or one a deletion took), which 0.1 wrote;
+    # the Orbax layout's also beside a save's marker, which comes first.
+    manifest = any(n == FILE or n.startswith(_DELETING) for n in names)
+    fixed = manifest or any(_token_of(n) is not None for n in names)
+    return [
+        n
+        for n in names
+        if not (n == FILE or _token_of(n) is not None or (manifest and n == ARRAYS) or (fixed and _is_fixed(n)))
+    ]
 
 
 def _is_fixed(name: str) -> bool:
@@ -159,12 +188,13 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     else:
         deleted = _take(path, expected)
     if deleted:
-        if arrays == ORBAX_ARRAYS and _storage.store_for(path).renames:  # (`_unlist` removed them)
-            # No token says whose they are: the manifest just taken named them.
-            _storage.remove(path / ORBAX_ARRAYS)
+        if arrays in (ORBAX_ARRAYS, ARRAYS) and _storage.store_for(path).renames:  # (`_unlist` removed them)
+            # No token says whose they are: the manifest just taken named them. (Left there, jstate
+            # 0.1's `arrays/` would make the directory a user's: `only_ours`.)
+            _storage.remove(path / arrays)
         clean_checkpoint(path)
-        if arrays == ORBAX_ARRAYS:  # an empty step directory would still be a step to Orbax
-            _storage.remove_empty_dir(path)
+        if arrays in (ORBAX_ARRAYS, ARRAYS):  # (`clean_checkpoint` found no leftover, so removed nothing)
+            _storage.remove_empty_dir(path)  # an empty step directory would still be a step to Orbax
     return deleted
 
 

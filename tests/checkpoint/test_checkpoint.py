@@ -1,10 +1,12 @@
 """Saving and restoring through Orbax: real checkpoints on disk, real shardings."""
 
+import dataclasses
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import initializers as inits
+from jstate.formats.manifest import Manifest
 
 KEY = jax.random.key(0)
 
@@ -511,6 +514,48 @@ def test_saving_over_a_directory_that_is_not_a_checkpoint_is_refused(state, tmp_
     with pytest.raises(jstate.CheckpointError, match="exists and is not a jstate checkpoint"):
         jstate.Saver().save(state, tmp_path / "mine")
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+
+
+def test_a_directory_holding_only_arrays_is_a_user_s_and_never_replaced(state, tmp_path):
+    """`arrays/` is the name jstate 0.1 gave a checkpoint's arrays, but without a jstate manifest
+    beside it, it is a user's directory (or a plain Orbax checkpoint saved there): a save to its
+    parent is refused, naming what is in the way, and deletes nothing."""
+    (tmp_path / "model-5" / "arrays").mkdir(parents=True)
+    (tmp_path / "model-5" / "arrays" / "precious.npy").write_bytes(b"user data")
+    with ocp.StandardCheckpointer() as orbax:
+        orbax.save(tmp_path / "model-7" / "arrays", {"x": np.ones(3)})
+    orbax_files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "model-7").rglob("*"))
+    for step in (5, 7):
+        with pytest.raises(
+            jstate.CheckpointError, match=rf"model-{step}: .*holds arrays without a jstate manifest .*Nothing was"
+        ):
+            jstate.Saver().save(state, tmp_path / "model", step=step)
+    assert (tmp_path / "model-5" / "arrays" / "precious.npy").read_bytes() == b"user data"
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "model-7").rglob("*")) == orbax_files
+    assert sorted(os.listdir(tmp_path / "model-5")) == ["arrays"]
+    jstate.Saver(max_to_keep=1).save(state, tmp_path / "model", step=8)  # cleaning leftovers beside them
+    assert sorted(os.listdir(tmp_path / "model-5")) == ["arrays"]
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "model-7").rglob("*")) == orbax_files
+
+
+def _as_jstate_0_1(path):
+    """Checkpoint `path` rewritten in the layout jstate 0.1 saved: its arrays in ``arrays/``."""
+    manifest = Manifest.read(Path(path))
+    os.rename(jstate.open_checkpoint(path).arrays, os.path.join(path, "arrays"))
+    dataclasses.replace(manifest, arrays="arrays").write(Path(path))
+    assert sorted(os.listdir(path)) == ["arrays", "jstate.json"]
+
+
+def test_checkpoints_of_jstate_0_1_restore_are_replaced_and_retired(state, tmp_path):
+    saver = jstate.Saver(["biases"], max_to_keep=1)
+    old = saver.save(state, tmp_path / "model", step=1)
+    _as_jstate_0_1(old)
+    assert (jstate.load_variable(old, "biases") == 0).all()
+    saver.save(state.assign("biases", jnp.ones(32)), tmp_path / "model", step=1)  # re-saved: replaced
+    assert (jstate.load_variable(old, "biases") == 1).all() and "arrays" not in os.listdir(old)
+    _as_jstate_0_1(old)
+    saver.save(state, tmp_path / "model", step=2)  # retired: gone with its arrays
+    assert sorted(os.listdir(tmp_path)) == ["model-2"]
 
 
 def test_a_replacing_save_killed_before_its_commit_loses_nothing(state, tmp_path):
