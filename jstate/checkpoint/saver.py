@@ -187,7 +187,9 @@ class Saver:
                 f"Nothing to save to {path}: the Saver selects no initialized variable of the State "
                 f"({len(state.specs)} declared, {len(state)} initialized). Check its `var_list`, or initialize or restore them first."
             )
-        path = as_path(path)
+        named, path = path, as_path(path)
+        if step is not None:
+            _check_stepped(named, path, step)
         if _storage.is_bucket(path):  # `with_name` would make gs://bucket-1: another bucket
             raise CheckpointError(
                 f"{path}: a bucket alone is not a checkpoint path; name one inside it, e.g. {path}/model. "
@@ -454,6 +456,26 @@ class Saver:
 
     def __repr__(self) -> str:
         return f"Saver(max_to_keep={self._policy.max_to_keep}, compression={self._compression})"
+
+
+def _check_stepped(named: str | os.PathLike, path: Path, step: int) -> None:
+    """Refuse a `path` a step cannot be appended to: one that names a directory itself (``run/``,
+    ``run/.``, ``/``, ``.``) rather than a name in it. `pathlib` reads ``run/`` as ``run``, so
+    the step would make ``run-3`` beside the directory the user named; the checkpoint is written
+    where the user's path says, or nowhere.
+
+    >>> _check_stepped("ckpt/run/", Path("ckpt/run"), 3)
+    Traceback (most recent call last):
+    jstate.core.errors.CheckpointError: Cannot save to 'ckpt/run/' with step=3: ...
+    """
+    text = os.fsdecode(os.fspath(named))
+    if text.endswith(("/", "/.")) or path.name in ("", ".", ".."):
+        inside = text.rstrip("/").removesuffix("/.").rstrip("/")
+        raise CheckpointError(
+            f"Cannot save to {text!r} with step={step}: a step is appended to the path's last name, and this path "
+            f"names a directory itself, not a name in it. Name the checkpoints inside it, e.g. "
+            f"`saver.save(state, '{inside}/model', step={step})`, which writes model-{step} there. Nothing was written."
+        )
 
 
 def _own(prefix: Path) -> list[NativeCheckpoint]:

@@ -65,6 +65,7 @@ def as_path(path: str | os.PathLike) -> Path:
       CheckpointError: for a URL of another scheme, or without a bucket; `pathlib` would turn
         ``hdfs://host/ckpt`` into a local directory named ``hdfs:``.
       CheckpointNotFoundError: for an empty path.
+      CheckpointError: for a path holding a NUL byte.
 
     >>> as_path("ckpt/model"), str(as_path("gs://bucket/ckpt/"))
     (PosixPath('ckpt/model'), 'gs://bucket/ckpt')
@@ -79,6 +80,11 @@ def as_path(path: str | os.PathLike) -> Path:
         text = os.fsdecode(text)
     if not text:
         raise CheckpointNotFoundError("No checkpoint at '': the path is empty. Give a checkpoint or a directory.")
+    if "\0" in text:  # (the OS would refuse it with a bare ValueError, at whichever call came first)
+        raise CheckpointError(
+            f"{text!r}: a path cannot hold a NUL byte ('\\0'); it is no file name on any file system or store. "
+            "Check how the path was built (a C string, a fixed-width field). Nothing was read or written."
+        )
     if "://" not in text:
         local = Path(text).expanduser()
         if local.parts and local.parts[0] in ("gs:", "s3:"):  # a URL that went through pathlib

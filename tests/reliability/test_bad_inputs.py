@@ -2,6 +2,9 @@
 OverflowError, NumPy's TypeError) are jstate errors naming the argument or variable and what to
 do, or simply work. (Special and hostile files: tests/formats/test_hostile_files.py.)"""
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +65,41 @@ def test_exporting_prng_keys_to_safetensors_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"Cannot export variable 'rng' to .*: it holds PRNG keys \(key<fry>"):
         jstate.save_safetensors(state, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("call", ["restore", "load_variable", "list_variables", "latest_checkpoint", "save"])
+def test_a_path_with_a_nul_byte_is_a_checkpoint_error(tmp_path, call):
+    saved = jstate.Saver().save(small(), tmp_path / "model", step=1)
+    bad = f"{tmp_path}/mo\0del"
+    calls = {
+        "restore": lambda: jstate.Saver().restore(bad, small()),
+        "load_variable": lambda: jstate.load_variable(bad, "w"),
+        "list_variables": lambda: jstate.list_variables(bad),
+        "latest_checkpoint": lambda: jstate.latest_checkpoint(bad),
+        "save": lambda: jstate.Saver().save(small(), bad, step=2),
+    }
+    with pytest.raises(CheckpointError, match=r"mo\\x00del'?: a path cannot hold a NUL byte"):
+        calls[call]()
+    assert os.listdir(tmp_path) == [os.path.basename(saved)]
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "//"])
+def test_a_step_is_never_appended_to_a_path_that_names_a_directory(tmp_path, suffix):
+    """`pathlib` reads ``run/`` as ``run``: with a step, the checkpoint would be ``run-3``, beside
+    the directory named. Refused, suggesting a name inside it; without a step, ``run/`` is run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match=rf"'{run}{suffix}' with step=3: .*'{run}/model', step=3"):
+        jstate.Saver(max_to_keep=1).save(small(), f"{run}{suffix}", step=3)
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(run) == []
+    assert jstate.Saver().save(small(), f"{run}{suffix}") == str(run)  # the directory itself, as named
+
+
+@pytest.mark.parametrize("path", ["/", "."])
+def test_a_step_cannot_name_the_root_or_the_current_directory(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=rf"Cannot save to '{re.escape(path)}' with step=1: .*Nothing was written"
+    ):
+        jstate.Saver().save(small(), path, step=1)
+    assert os.listdir(tmp_path) == []
