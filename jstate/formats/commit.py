@@ -70,7 +70,7 @@ def prepare(final: Path, token: str) -> None:
       CheckpointError: `final` exists and is not a jstate checkpoint (committed or not).
       OSError: a name is too long, or the file system refuses.
     """
-    if _storage.exists(final) and not is_ours(final):
+    if _storage.exists(final) and (not is_ours(final) or _storage.is_mount(final)):
         raise CheckpointError(
             f"Cannot save to {final}: it exists and is not a jstate checkpoint ({_in_the_way(final)}), and saving "
             f"would replace it. Nothing was written or deleted. {_instead(final)}"
@@ -86,6 +86,8 @@ def _in_the_way(final: Path) -> str:
     """What makes `final` no jstate checkpoint, for an error."""
     if _storage.is_symlink(final):
         return "it is a symbolic link: what it points to is not this directory's"
+    if _storage.is_mount(final):
+        return "it is a mount point: what is mounted there is not this directory's"
     if not _storage.is_dir(final):
         return "it is a file"
     names = sorted(_not_ours(_storage.listdir(final)))
@@ -168,10 +170,12 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     chosen for deletion is kept.
 
     A `path` that is a symbolic link (to a checkpoint of another run, linked to resume from
-    it) is never followed: the link alone is removed, and what it points to is left intact.
+    it) is never followed: the link alone is removed, and what it points to is left intact. A
+    `path` that is a mount point (another run's checkpoint bind-mounted there) cannot be removed
+    without unmounting it: it is left as it is, mounted and listed, and so is what it holds.
 
     Returns:
-      Whether it was deleted (False: it was re-saved since, or is gone already).
+      Whether it was deleted (False: it was re-saved since, is gone already, or is a mount point).
 
     >>> path = Path(jstate.Saver().save(state, "ckpt/model"))
     >>> delete(path, expected=Manifest({})), delete(path), path.exists()
@@ -180,6 +184,8 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     if _storage.is_symlink(path):  # its manifest and arrays are another directory's
         _storage.unlink(path)
         return True
+    if _storage.is_mount(path):  # as a link's, and there is no link to remove
+        return False
     arrays = _arrays_of(path, expected)
     if not _storage.store_for(path).renames:
         deleted = _unlist(path, expected)
@@ -259,7 +265,7 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     """Remove what finished or dead saves left in checkpoint directory `path`: arrays its
     manifest does not name, temporary files; and `path` itself if that leaves it empty.
     `names` are those in `path`, where the caller has listed them. A `path` that is a symbolic
-    link is left alone: what it holds lies outside the directory being cleaned."""
+    link or a mount point is left alone: what it holds lies outside the directory being cleaned."""
     if _storage.is_symlink(path):
         return
     entries = _storage.iterdir(path) if names is None else [path / n for n in names]
@@ -272,6 +278,8 @@ def clean_checkpoint(path: Path, names: Iterable[str] | None = None) -> None:
     ours = bool(tokens) or any(e.name == FILE for e in entries)
     fixed = [e for e in entries if _is_fixed(e.name)] if ours else []
     if not done and not legacy and not fixed:
+        return
+    if _storage.is_mount(path):  # (asked only here, where something would go: it reads the mount table)
         return
     try:  # read after the liveness checks: see the module docstring
         named = Manifest.read(path)

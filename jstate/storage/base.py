@@ -100,6 +100,11 @@ class Store(abc.ABC):
     def is_symlink(self, path: Path) -> bool:
         return False  # (only a local file system has links)
 
+    def is_mount(self, path: Path) -> bool:
+        """Whether `path` is a mount point: another file system, or another directory bind-mounted
+        there. Like a link, what it holds is not the directory's it lies in."""
+        return False  # (only a local file system has mount points)
+
     @abc.abstractmethod
     def listdir(self, path: Path) -> list[str]:
         """The names in directory `path`; [] where there is none."""
@@ -208,7 +213,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, path: Path) -> None:
-        """Delete a file or a directory tree; what is already gone is no error."""
+        """Delete a file or a directory tree; what is already gone is no error. A tree that is or
+        holds a mount point (`is_mount`) is left as it is: its files are another directory's."""
 
     @abc.abstractmethod
     def remove_empty_dir(self, directory: Path) -> None:

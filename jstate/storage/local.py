@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
+import re
 import shutil
 import stat as _stat
 from collections.abc import Iterator
@@ -40,6 +42,13 @@ class LocalStore(Store):
 
     def is_symlink(self, path: Path) -> bool:
         return path.is_symlink()
+
+    def is_mount(self, path: Path) -> bool:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        # `os.path.ismount` compares devices: a bind mount within one file system (how another
+        # run's checkpoint is mounted into a container) has its parent's, so ask the kernel too.
+        return os.path.ismount(path) or os.path.realpath(path) in mount_points()
 
     def listdir(self, path: Path) -> list[str]:
         try:
@@ -130,6 +139,8 @@ class LocalStore(Store):
 
     def remove(self, path: Path) -> None:
         if path.is_dir() and not path.is_symlink():
+            if _holds_a_mount(path):  # rmtree would delete through it (it stops only at links)
+                return
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
@@ -144,6 +155,36 @@ class LocalStore(Store):
 
     def inside(self, path: Path, directory: Path) -> bool:
         return path.resolve().is_relative_to(Path(directory).resolve())
+
+
+# -- mount points -----------------------------------------------------------------------------------
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mount_points() -> frozenset[str]:
+    """The mount points this process sees (Linux: ``/proc/self/mountinfo``); elsewhere none, and
+    `os.path.ismount` alone tells them. Read each time: mounts come and go while a job runs (a
+    few kB, read only where something is about to be removed).
+
+    >>> "/" in mount_points() or not os.path.exists("/proc/self/mountinfo")
+    True
+    """
+    try:
+        with open(_MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    # The 5th field is the mount point, with space, tab, newline and backslash escaped in octal.
+    unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
+    return frozenset(unescape(line.split(" ")[4]) for line in lines if line.count(" ") >= 4)
+
+
+def _holds_a_mount(directory: Path) -> bool:
+    """Whether `directory` (a real directory, not a link) is a mount point or has one below it."""
+    if os.path.ismount(directory):
+        return True
+    root = os.path.realpath(directory)
+    return any(m == root or m.startswith(root + os.sep) for m in mount_points())
 
 
 # -- reading: regular files only, bounded ----------------------------------------------------------

@@ -152,6 +152,10 @@ def is_symlink(path: Path) -> bool:
     return store_for(path).is_symlink(path)
 
 
+def is_mount(path: Path) -> bool:
+    return store_for(path).is_mount(path)
+
+
 def listdir(path: Path) -> list[str]:
     return store_for(path).listdir(path)
 

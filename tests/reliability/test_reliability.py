@@ -524,6 +524,60 @@ def test_a_failed_save_to_a_linked_checkpoint_cleans_nothing_through_the_link(tm
     assert _tree(tmp_path / "run1") == before and link.is_symlink()
 
 
+@pytest.fixture(params=["bind-mount", "simulated"])
+def mount(request, monkeypatch):
+    """`mount(source, target)`: `source` mounted at `target` (made here). "bind-mount" is the real
+    thing (skipped where it is not allowed); "simulated" copies `source` to `target` and adds
+    `target` to the mount table the store reads, so the rule is tested everywhere."""
+    mounted = []
+
+    def mount(source: Path, target: Path) -> None:
+        if request.param == "simulated":
+            shutil.copytree(source, target)
+            table = _files.mount_points() | {os.path.realpath(target)}
+            monkeypatch.setattr(_files, "mount_points", lambda: table)
+            return
+        if os.geteuid() != 0:
+            pytest.skip("`mount --bind` needs root")
+        target.mkdir(parents=True)
+        done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"`mount --bind` is not allowed here: {done.stderr.strip()}")
+        mounted.append(target)
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_mounted_checkpoint_is_never_deleted_through(tmp_path, mount):
+    """Another run's checkpoint mounted into this run's directory to resume from (a volume in a
+    container): `max_to_keep` retires it, but a mount point cannot be removed as a link can,
+    so it stays, mounted and intact, and so do the other run's leftovers in it; a save to its
+    name is refused; a dead save's leftover holding a mount is left alone too."""
+    other = Path(jstate.Saver().save(make_state(7), tmp_path / "run1" / "model", step=1000))
+    (other / f"arrays-{_dead_token()}").mkdir()  # a killed save of run1's, in run1's checkpoint
+    (other / f"arrays-{_dead_token()}" / "data").write_text("run1's to clean")
+    run2 = tmp_path / "run2"
+    mount(other, run2 / "model-1000")
+    outside = tmp_path / "outside"
+    (outside / "deeper").mkdir(parents=True)
+    (outside / "deeper" / "data").write_text("keep me")
+    leftover = f".model-5.{_dead_token()}.tmp"
+    mount(outside, run2 / leftover / "volume")  # inside a dead save's leftover
+    before = {d: _tree(d) for d in (tmp_path / "run1", run2 / "model-1000", outside)}
+    assert restored_value(run2) == 7  # resumed from it
+    saver = jstate.Saver(max_to_keep=2)
+    for step in (1100, 1200, 1300):
+        saver.save(make_state(step), run2 / "model", step=step)
+    assert {d: _tree(d) for d in before} == before
+    assert sorted(os.listdir(run2)) == [leftover, "model-1000", "model-1200", "model-1300"]
+    with pytest.raises(jstate.CheckpointError, match=r"model-1000: .*it is a mount point.*Nothing was written"):
+        jstate.Saver().save(make_state(8), run2 / "model-1000")
+    assert {d: _tree(d) for d in before} == before
+    assert restored_value(run2 / "model-1000") == 7
+
+
 # -- 5. OS errors ---------------------------------------------------------------------------------
 def _refuse(exc_errno: int, where: Path, condition=lambda *args: True):
     """A function that raises the OS's error `exc_errno` for paths under `where` (when
