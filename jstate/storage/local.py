@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import mmap
 import os
 import re
@@ -175,8 +174,15 @@ def mount_points() -> frozenset[str]:
     except OSError:
         return frozenset()
     # The 5th field is the mount point, with space, tab, newline and backslash escaped in octal.
-    unescape = functools.partial(re.sub, r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)))
-    return frozenset(unescape(line.split(" ")[4]) for line in lines if line.count(" ") >= 4)
+    points = (fields[4] for line in lines if len(fields := line.split(" ", 5)) > 4)
+    return frozenset(_OCTAL.sub(_unescape, p) if "\\" in p else p for p in points)
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 8))
 
 
 def _holds_a_mount(directory: Path) -> bool:
