@@ -20,10 +20,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jstate
-from jstate import CheckpointError
+from jstate import CheckpointError, CorruptCheckpointError
 from jstate.formats import manifest as _manifest
 from jstate.formats import safetensors as st
 from jstate.formats import tf_files
+from jstate.formats.integrity import checksum
 from jstate.storage import local as _local
 from jstate.storage import store as _storage
 
@@ -219,6 +220,33 @@ def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_p
         jstate.Saver().restore(newer, small())
     restored = jstate.Saver().restore(tmp_path / "ckpt", small())
     np.testing.assert_array_equal(restored["w"], small()["w"])
+
+
+# -- JSON nested deeper than Python decodes ---------------------------------------------------
+DEEP = b"[" * 200_000 + b"]" * 200_000  # a few hundred kilobytes; json.loads raises RecursionError
+
+
+def test_a_deeply_nested_manifest_is_a_damaged_one_naming_it(tmp_path):
+    """A manifest with a valid checksum whose JSON nests too deep: not listed, opening it names the
+    file, and the next save into the directory works."""
+    saver = jstate.Saver()
+    older = saver.save(small(), tmp_path / "ckpt/model", step=1)
+    newer = saver.save(small(), tmp_path / "ckpt/model", step=2)
+    rest = b'"x":' + DEEP + b"}"
+    Path(newer, _manifest.FILE).write_bytes(_manifest._HEAD + b"%08x" % checksum(rest) + b'",' + rest)
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older
+    for read in (jstate.open_checkpoint, jstate.list_variables, lambda p: jstate.Saver().restore(p, small())):
+        with pytest.raises(CorruptCheckpointError, match=r"model-2/jstate\.json is damaged .*nested deeper"):
+            read(newer)
+    assert saver.save(small(), tmp_path / "ckpt/model", step=3).endswith("model-3")
+
+
+@pytest.mark.parametrize("header", [b'{"a":' + DEEP + b"}", b'{"__metadata__":{"k":' + DEEP + b"}}"])
+def test_a_deeply_nested_safetensors_header_is_corrupt(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is damaged .*nested deeper"):
+        jstate.open_checkpoint(path)
 
 
 # -- metadata declaring an impossible array ----------------------------------------------------
