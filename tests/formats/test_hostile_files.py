@@ -222,6 +222,50 @@ def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_p
     np.testing.assert_array_equal(restored["w"], small()["w"])
 
 
+def _deny_search(monkeypatch, directory):
+    """`os.stat` of anything inside `directory` fails with EACCES, as for a user without search
+    (x) permission on it (a chmod does not stop root)."""
+    real_stat = os.stat
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).startswith(os.fspath(directory) + os.sep):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+
+
+def test_an_arrays_directory_without_search_permission_is_a_checkpoint_error_naming_it(tmp_path, monkeypatch):
+    older, newer, metadata = _unreadable_metadata_is_not_latest(tmp_path)
+    _deny_search(monkeypatch, metadata.parent)
+    reads = {
+        "open_checkpoint": lambda: jstate.open_checkpoint(newer),
+        "list_variables": lambda: jstate.list_variables(newer),
+        "load_variable": lambda: jstate.load_variable(newer, "w"),
+        "restore": lambda: jstate.Saver().restore(newer, small()),
+    }
+    for read in reads.values():
+        with pytest.raises(
+            CheckpointError,
+            match=rf"{metadata.parent.name}/_METADATA: cannot be looked up \(Perm.*"
+            rf"search \(x\) permission",
+        ):
+            read()
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older  # as for any checkpoint it cannot open
+
+
+def test_an_existence_check_under_a_directory_without_search_permission_names_it(tmp_path, monkeypatch):
+    """Python 3.11's `Path.exists` and friends let a PermissionError through: the store's checks
+    raise a CheckpointError naming the path (still a PermissionError, for `except OSError`)."""
+    (tmp_path / "locked").mkdir()
+    _deny_search(monkeypatch, tmp_path / "locked")
+    for check in (_storage.exists, _storage.is_dir, _storage.is_file, _storage.size):
+        with pytest.raises(CheckpointError, match=r"locked/x: cannot be looked up \(Permission denied\)") as e:
+            check(tmp_path / "locked" / "x")
+        assert isinstance(e.value, PermissionError)
+    assert not _storage.exists(tmp_path / "nothing" / "here")
+
+
 # -- JSON nested deeper than Python decodes ---------------------------------------------------
 DEEP = b"[" * 200_000 + b"]" * 200_000  # a few hundred kilobytes; json.loads raises RecursionError
 
