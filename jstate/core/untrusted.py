@@ -29,9 +29,9 @@ def parse_json(data: bytes | str) -> Any:
     >>> parse_json(b"[" * 100_000 + b"]" * 100_000)
     Traceback (most recent call last):
     ...
-    ValueError: JSON nested deeper than Python can decode (a RecursionError).
+    ValueError: JSON nested deeper than Python can decode
     """
     try:
         return json.loads(data)
     except RecursionError:
-        raise ValueError("JSON nested deeper than Python can decode (a RecursionError).") from None
+        raise ValueError("JSON nested deeper than Python can decode") from None
