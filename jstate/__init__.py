@@ -9,6 +9,7 @@ from .checkpoint.lookup import load_variable as load_variable
 from .checkpoint.lookup import open_checkpoint as open_checkpoint
 from .checkpoint.preemption import Preemption as Preemption
 from .checkpoint.saver import Saver as Saver
+from .core.errors import ArgumentError as ArgumentError
 from .core.errors import CheckpointError as CheckpointError
 from .core.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .core.errors import CorruptCheckpointError as CorruptCheckpointError
@@ -81,6 +82,7 @@ __all__ = [
     "StoreTimeoutError",
     # Errors (docs/api/errors.rst)
     "JStateError",
+    "ArgumentError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",

@@ -44,13 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core.errors import MappingError
+from .core.arguments import bad, integer
+from .core.errors import ArgumentError, MappingError
 from .core.names import abbreviated
 
 __all__ = ["Transform", "cast", "concat", "reshape", "split", "stack", "transpose", "unstack"]
 
 Input = Union[str, "Transform"]
 MAX_DEPTH = 100  # transforms nested in one another
+
+
+class _NoPart(ArgumentError, IndexError):
+    """An index past a split's or unstack's parts: also an `IndexError`, so that unpacking
+    (``q, k, v = T.split("qkv", 3)``) stops where Python's sequence protocol expects."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +109,7 @@ class Transform:
             raise TypeError(f"{brief(self)} has one output; only split and unstack have parts to index.")
         index, parts = operator.index(index), count(self)
         if parts is not None and not -parts <= index < parts:
-            raise IndexError(f"{brief(self)} has {parts} parts, so no part [{index}].")
+            raise _NoPart(f"{brief(self)} has {parts} parts, so no part [{index}].")
         return Transform("part", (self,), (index % parts if parts is not None else index, of))
 
     def entries(self) -> list[str]:
@@ -292,12 +298,13 @@ def split(x: Input, sections: int | Sequence[int], axis: int = 0) -> Transform:
     """
     try:
         sections = operator.index(sections)
-        if sections < 1:
-            raise ValueError(f"split: `sections` must be >= 1, got {sections}.")
     except TypeError:
         sections = _shape(sections)
         if any(i < 0 for i in sections) or list(sections) != sorted(sections):
-            raise ValueError(f"split: indices must be >= 0 and increasing, got {list(sections)}.") from None
+            raise ArgumentError(f"split: indices must be >= 0 and increasing, got {list(sections)}.") from None
+    else:
+        if sections < 1:
+            raise bad("split(x, sections)", sections, "a number of equal parts >= 1, or increasing indices >= 0")
     return Transform("split", (_input(x),), (sections, operator.index(axis)))
 
 
@@ -314,9 +321,9 @@ def unstack(x: Input, axis: int = 0, *, parts: int | None = None) -> Transform:
     >>> T.unstack("layers/kernel", parts=4)[3]
     unstack('layers/kernel', axis=0, parts=4)[3]
     """
-    if parts is not None and operator.index(parts) < 1:
-        raise ValueError(f"unstack: `parts` must be >= 1, got {parts}.")
-    return Transform("unstack", (_input(x),), (int(axis), None if parts is None else operator.index(parts)))
+    if parts is not None:
+        parts = integer(parts, "unstack(parts=...)", "the number of slices, an integer >= 1, or None", minimum=1)
+    return Transform("unstack", (_input(x),), (int(axis), parts))
 
 
 # -- applying them: the same functions serve NumPy (restoring, on the host), jax.numpy (shapes,

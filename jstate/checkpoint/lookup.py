@@ -50,11 +50,13 @@ def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn:
 
     Raises:
       StoreTimeoutError: `fn` took longer than `timeout` on an object store.
+      ArgumentError: `timeout` is no number > 0 or None (named as `what`'s).
 
     >>> lookup("ckpt", 5.0, "list_checkpoints", lambda: "read at once, locally")
     'read at once, locally'
     """
-    limit = _limits.seconds(timeout)  # checked for local paths too: the same call may get a URL tomorrow
+    # Checked for local paths too: the same call may get a URL tomorrow.
+    limit = _limits.seconds(timeout, f"{what}(timeout=...)")
     where = None if path is None else _storage.as_path(path)
     if where is None:
         return fn()
@@ -413,7 +415,7 @@ def list_variables(
     >>> jstate.list_variables(jstate.Saver(["biases"]).save(state, "ckpt/biases"))
     [('biases', (200,), dtype('float32'))]
     """
-    ckpt = open_checkpoint(path, timeout=timeout)
+    ckpt = _open_within(path, timeout, "list_variables")
     return [(n, e.shape, e.dtype) for n, e in sorted(ckpt.entries.items())]
 
 

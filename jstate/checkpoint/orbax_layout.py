@@ -22,7 +22,8 @@ from typing import Any
 import jax
 
 from ..core import tree as _tree
-from ..core.errors import CheckpointError, InvalidNameError, shorten
+from ..core.arguments import bad
+from ..core.errors import ArgumentError, CheckpointError, InvalidNameError, shorten
 from ..core.tree import path_name
 from ..model.state import State
 from .adapters import _is_leaf, _is_nnx
@@ -49,17 +50,17 @@ def check_layout(layout: str, pack: bool | int) -> bool | int:
     so nothing is packed (`pack` True, its default, packs nothing there).
 
     Raises:
-      ValueError: an unknown layout, or a packing size asked of the Orbax layout.
+      ArgumentError: an unknown layout, or a packing size asked of the Orbax layout.
 
     >>> check_layout("orbax", True), check_layout("jstate", True)
     (False, True)
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"Saver: `layout` is 'jstate' or 'orbax', got {layout!r}.")
+        raise bad("Saver(layout=...)", layout, "'jstate' or 'orbax' ('jstate' is the default)")
     if layout != "orbax":
         return pack
     if pack is not True and pack:
-        raise ValueError(
+        raise ArgumentError(
             f"Saver(layout='orbax', pack={pack!r}): the Orbax layout stores each variable under its own key, "
             "as plain Orbax restores it; packing would hide small ones in shared arrays. Leave `pack` out."
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import signal
 import threading
@@ -28,7 +27,9 @@ from typing import Any
 
 import jax
 
-from ..core.errors import CheckpointError
+from ..core.arguments import positive
+from ..core.errors import ArgumentError, CheckpointError
+from ..storage.deadlines import LONGEST
 from .saver import Saver
 
 log = logging.getLogger("jstate")
@@ -84,9 +85,10 @@ class Preemption:
       signals: the signals that are a notice (SIGTERM; Slurm's ``--signal`` may choose another).
 
     Raises:
-      ValueError: for a `grace` that is not a positive number of seconds, an empty `signals` or
-        one that cannot be caught, or other `signals` than SIGTERM while JAX's preemption
-        service is on.
+      ArgumentError: for a `saver` that is no Saver, a `grace` that is not a finite positive
+        number of seconds (one over `deadlines.LONGEST`, ~31 years, is taken as that long), an
+        empty `signals` or one that cannot be caught.
+      ValueError: other `signals` than SIGTERM while JAX's preemption service is on.
       RuntimeError: when entered outside the main thread, or entered twice.
 
     >>> import os, signal
@@ -111,16 +113,17 @@ class Preemption:
         signals: Iterable[int] = (signal.SIGTERM,),
     ):
         if not isinstance(saver, Saver):
-            raise TypeError(f"`jstate.Preemption` takes a `jstate.Saver` first, got {type(saver).__name__}.")
-        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 < grace < math.inf:
-            raise ValueError(f"`jstate.Preemption(grace=...)` takes a positive number of seconds, got {grace!r}.")
+            raise ArgumentError(f"`jstate.Preemption` takes a `jstate.Saver` first, got {type(saver).__name__}.")
+        grace = positive(grace, "jstate.Preemption(grace=...)", "a positive number of seconds (finite)")
         self._signals = tuple(signal.Signals(s) for s in signals)
         if not self._signals:
-            raise ValueError("`jstate.Preemption(signals=...)` needs at least one signal, e.g. `signal.SIGTERM`.")
+            raise ArgumentError("`jstate.Preemption(signals=...)` needs at least one signal, e.g. `signal.SIGTERM`.")
         uncatchable = [s.name for s in self._signals if s in (signal.SIGKILL, signal.SIGSTOP)]
         if uncatchable:
-            raise ValueError(f"`jstate.Preemption(signals=...)`: {uncatchable[0]} cannot be caught; use SIGTERM.")
-        self._saver, self._path, self._grace = saver, path, float(grace)
+            raise ArgumentError(f"`jstate.Preemption(signals=...)`: {uncatchable[0]} cannot be caught; use SIGTERM.")
+        # The watchdog's `threading.Timer` overflows past `threading.TIMEOUT_MAX` (~292 years) and
+        # its thread dies, leaving a hung save uncut: a longer grace (meaning "forever") is `LONGEST`.
+        self._saver, self._path, self._grace = saver, path, min(grace, LONGEST)
         self._previous: dict[signal.Signals, Any] = {}
         self._entered = False
         self._mode = "local"

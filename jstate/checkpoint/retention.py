@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
+from ..core.arguments import integer, positive
+
 
 class Saved(Protocol):
     """What retention needs to know of a checkpoint (a `NativeCheckpoint` is one): its `step`,
@@ -32,6 +34,10 @@ class Saved(Protocol):
 
 S = TypeVar("S", bound=Saved)
 
+MAX_TO_KEEP = "an integer >= 0 (0 or None keeps every checkpoint)"
+EVERY_N_STEPS = "an integer >= 1, or None"
+EVERY_N_HOURS = "a finite number of hours > 0, or None"
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -43,7 +49,8 @@ class Policy:
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
 
     Raises:
-      ValueError: a negative or zero count or period (``max_to_keep=0`` keeps all, as in TF).
+      ArgumentError: a count that is no integer >= 0 (``max_to_keep=0`` keeps all, as in TF), a
+        step period no integer >= 1, or an hour period no finite number > 0.
 
     >>> Policy(max_to_keep=0).max_to_keep is None
     True
@@ -54,14 +61,23 @@ class Policy:
     keep_every_n_steps: int | None = None
 
     def __post_init__(self):
-        for arg in ("max_to_keep", "keep_every_n_steps"):
-            value = getattr(self, arg)
-            if value is not None and (value < 0 or (arg == "keep_every_n_steps" and value == 0)):
-                raise ValueError(f"Saver: `{arg}` must be a positive number or None, got {value}.")
-        if self.keep_every_n_hours is not None and self.keep_every_n_hours <= 0:
-            raise ValueError(f"Saver: `keep_every_n_hours` must be positive or None, got {self.keep_every_n_hours}.")
-        if self.max_to_keep == 0:  # TensorFlow's Saver: 0 or None keeps every checkpoint
-            object.__setattr__(self, "max_to_keep", None)
+        # Checked here, not where they are used: a 2.5 or NaN would otherwise be taken, then break
+        # (or silently change) every later save's retention, after its checkpoint is committed.
+        checked = {
+            "max_to_keep": None
+            if self.max_to_keep is None
+            else integer(self.max_to_keep, "Saver(max_to_keep=...)", MAX_TO_KEEP),
+            "keep_every_n_steps": None
+            if self.keep_every_n_steps is None
+            else integer(self.keep_every_n_steps, "Saver(keep_every_n_steps=...)", EVERY_N_STEPS, minimum=1),
+            "keep_every_n_hours": None
+            if self.keep_every_n_hours is None
+            else positive(self.keep_every_n_hours, "Saver(keep_every_n_hours=...)", EVERY_N_HOURS),
+        }
+        if checked["max_to_keep"] == 0:  # TensorFlow's Saver: 0 or None keeps every checkpoint
+            checked["max_to_keep"] = None
+        for arg, value in checked.items():
+            object.__setattr__(self, arg, value)
 
 
 def clock(recorded: float | None, started: float, now: float) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import transforms as transforms_
-from ..core.errors import CheckpointError, MappingError, UninitializedError, shorten
+from ..core.arguments import bad, integer, positive
+from ..core.errors import ArgumentError, CheckpointError, MappingError, UninitializedError, shorten
 from ..core.names import check_name
 from ..formats import commit as _commit
 from ..formats import pack as _pack
@@ -39,6 +39,8 @@ from .mapping import NameMap, VarList, compile_ignore, compile_var_list, one_nam
 from .writer import Writer
 
 T = TypeVar("T")
+
+_STEP = "an integer >= 0, or None (`step` must be an integer: it names the checkpoint `<path>-<step>`)"
 
 
 class Saver:
@@ -109,25 +111,30 @@ class Saver:
         Raises:
           MappingError: a `var_list` of no valid form (a string, a State, a regex that does not
             compile); names it gives are checked against a State when it is saved or restored.
-          ValueError: a retention count or period that is not positive, or a `timeout` that is
-            not a finite positive number of seconds.
-          TypeError: both `keep_every_n_hours` and `keep_checkpoint_every_n_hours`.
+          ArgumentError: any other argument of the wrong type or value (a `max_to_keep` that is no
+            integer >= 0, a NaN period, a `timeout` that is no finite positive number of seconds,
+            an unknown `layout`, both `keep_every_n_hours` and `keep_checkpoint_every_n_hours`).
+            It is a `ValueError` and a `TypeError`.
 
         >>> jstate.Saver(["weights", "biases"], max_to_keep=5, keep_every_n_steps=10_000)
         Saver(max_to_keep=5, compression=False)
         """
         if keep_checkpoint_every_n_hours is not None:  # TensorFlow's name for it
             if keep_every_n_hours is not None:
-                raise TypeError("Saver: give `keep_every_n_hours` or TF's `keep_checkpoint_every_n_hours`, not both.")
-            keep_every_n_hours = keep_checkpoint_every_n_hours
+                raise ArgumentError(
+                    "Saver: give `keep_every_n_hours` or TF's `keep_checkpoint_every_n_hours`, not both."
+                )
+            keep_every_n_hours = positive(  # checked here to name the argument given
+                keep_checkpoint_every_n_hours, "Saver(keep_checkpoint_every_n_hours=...)", _retention.EVERY_N_HOURS
+            )
         self._names = compile_var_list(var_list)
         self._prefixes: dict[Path, None] = {}  # where this Saver saved with a step, in order
         self._policy = _retention.Policy(max_to_keep, keep_every_n_hours, keep_every_n_steps)
         self._started = time.time()  # TensorFlow's Saver starts the `keep_every_n_hours` clock here
         self._clocks: dict[Path, float] = {}  # per prefix: when that clock last started
-        if _limits.seconds(timeout) is None:
-            raise ValueError(
-                "`Saver(timeout=...)` takes a finite number of seconds: processes of a save wait that long."
+        if _limits.seconds(timeout, "Saver(timeout=...)") is None:
+            raise bad(
+                "Saver(timeout=...)", timeout, "a finite number of seconds > 0: processes of a save wait that long"
             )
         self._compression, self._timeout = compression, _limits.seconds(timeout)  # (`LONGEST` at most)
         self._layout = layout
@@ -165,20 +172,14 @@ class Saver:
 
         Raises:
           CheckpointError: the save failed (or an earlier ``blocking=False`` one did).
+          ArgumentError: a `step` that is no integer >= 0 (a bool, 1.5, "7"); nothing is written.
 
         >>> saver = jstate.Saver(["weights", "biases"], max_to_keep=5)
         >>> saver.save(state, "ckpt/model", step=1000)
         'ckpt/model-1000'
         """
-        if step is not None:
-            try:
-                if isinstance(step, bool):
-                    raise TypeError
-                step = operator.index(step)  # 3.5 would share `model-3` with step 3
-            except TypeError:
-                raise TypeError(f"Saver.save: `step` must be an integer, got {type(step).__name__} {step!r}.") from None
-            if step < 0:
-                raise ValueError(f"Saver.save: `step` must be an integer >= 0, got {step!r}.")
+        if step is not None:  # 3.5 would share `model-3` with step 3
+            step = integer(step, "Saver.save(step=...)", _STEP)
         self._writer.wait()
         saved, state = state, as_state(state)
         arrays, names = self._arrays(state)

@@ -32,6 +32,7 @@ import jax
 from ..core import progress as _progress
 from ..core import tree as _tree
 from ..core.errors import CheckpointError, StoreError
+from ..core.untrusted import parse_json
 from ..formats import commit as _commit
 from ..formats import integrity as _integrity
 from ..formats import orbax as _orbax
@@ -283,7 +284,7 @@ class Writer:
         others: dict[str, dict[str, int]] = {}  # the digests of regions only other processes hold
         for other in range(1, jax.process_count()):
             part = final / f".digests-{other}.{token}.tmp"
-            for n, regions in json.loads(_storage.read_bytes(part)).items():
+            for n, regions in parse_json(_storage.read_bytes(part)).items():
                 others.setdefault(n, {}).update(regions)
             _storage.unlink(part)
         # Only variables with regions elsewhere are made again: a one-process save makes each once.

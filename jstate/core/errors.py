@@ -147,6 +147,21 @@ class CorruptCheckpointError(CheckpointError):
     """
 
 
+class ArgumentError(JStateError, ValueError, TypeError):
+    """An argument of a jstate call has the wrong type or value; the message names the argument,
+    the value given and what is accepted.
+
+    Both a `ValueError` and a `TypeError`, so ``except ValueError`` and ``except TypeError``
+    (which of the two Python would raise depends on the value) catch it.
+
+    >>> jstate.Saver(max_to_keep=2.5)
+    Traceback (most recent call last):
+    ...
+    jstate.core.errors.ArgumentError: `Saver(max_to_keep=...)` takes an integer >= 0 (0 or None keeps every
+    checkpoint); got float 2.5.
+    """
+
+
 class Damaged(Exception):
     """Bytes that cannot be what the checkpoint says they are, raised inside a format's reader.
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..core.errors import CheckpointError, CorruptCheckpointError, StoreError
 from ..core.shaped import Shaped
+from ..core.untrusted import parse_json
 from ..storage import store as _storage
 from .base import Entry
 from .integrity import checksum
@@ -195,7 +196,7 @@ class Manifest:
         """`decode` without `where`, raising the parser's own errors (and `_NewerVersion`)."""
         if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
             raise ValueError("checksum mismatch")
-        raw = json.loads(data)
+        raw = parse_json(data)
         if raw.get("format") != FORMAT or not isinstance(raw.get("variables"), dict):
             raise ValueError("not a jstate manifest")
         _check_version(raw.get("version", 1))
@@ -283,7 +284,7 @@ class Manifest:
         try:
             if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
                 return None
-            raw = json.loads(data)
+            raw = parse_json(data)
             return _time(raw.get("order") or raw.get("created", 0.0))
         except (ValueError, TypeError, AttributeError):
             return None

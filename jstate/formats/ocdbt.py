@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 
 from ..core.errors import CorruptCheckpointError, Damaged
 from ..core.shaped import Shaped
+from ..core.untrusted import parse_json
 from ..storage import store as _storage
 
 _ALIGNMENT = 64  # bytes: what XLA's CPU client needs to adopt a host buffer without copying it
@@ -238,7 +238,7 @@ def _located(
     """An array from its zarr metadata and its chunks' B+tree entries; None where anything is
     other than an uncompressed zarr v2 array in native byte order with every chunk present."""
     try:
-        meta = json.loads(zarray or b"")
+        meta = parse_json(zarray or b"")
         shape, chunk_shape = tuple(int(n) for n in meta["shape"]), tuple(int(n) for n in meta["chunks"])
         dtype = jnp.dtype(meta["dtype"])
         plain = (meta["zarr_format"], meta["compressor"], meta["filters"], meta["order"]) == (2, None, None, "C")

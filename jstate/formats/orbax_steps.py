@@ -21,7 +21,6 @@ are in `Checkpoint.skipped`, with the reason.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 
 from ..core.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..core.untrusted import parse_json
 from ..storage import store as _storage
 from . import orbax as _orbax
 from .base import Checkpoint, Entry
@@ -135,15 +135,15 @@ def _json(item: Path) -> Any:
     try:
         if len(files) != 1:
             raise ValueError(f"{len(files)} files where a JSON item holds one")
-        return json.loads(_storage.read_bytes(item / files[0], _storage.LIMIT, "Orbax JSON item"))
-    except ValueError as e:  # json.JSONDecodeError is one
+        return parse_json(_storage.read_bytes(item / files[0], _storage.LIMIT, "Orbax JSON item"))
+    except ValueError as e:  # json.JSONDecodeError is one, and parse_json's own
         raise CorruptCheckpointError(f"Orbax JSON item {item} cannot be read ({e}).") from e
 
 
 def _step_metadata(path: Path) -> dict[str, Any]:
     """The step's ``_CHECKPOINT_METADATA`` (Orbax's `StepMetadata`, as JSON), {} if damaged."""
     try:
-        found = json.loads(_storage.read_bytes(path / STEP_METADATA, 1 << 20, "Orbax step metadata"))
+        found = parse_json(_storage.read_bytes(path / STEP_METADATA, 1 << 20, "Orbax step metadata"))
     except ValueError:
         return {}
     return found if isinstance(found, dict) else {}

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from ..core.arguments import integer
+
 KEY = "jstate.packed"  # no variable name holds a "." (`_names.check_name`): this key is free
 THRESHOLD = 1024 * 1024  # bytes: variables up to this size are packed by default
 CHUNK = 16 * 1024 * 1024  # bytes: a packed array holds at most this much (or one variable)
@@ -54,9 +56,7 @@ def threshold(pack: bool | int) -> int:
     """
     if isinstance(pack, bool):
         return THRESHOLD if pack else 0
-    if not isinstance(pack, int) or pack < 0:
-        raise TypeError(f"`pack` takes True, False or a size in bytes >= 0; got {type(pack).__name__} {pack!r}.")
-    return pack
+    return integer(pack, "pack", "True, False or a size in bytes >= 0")
 
 
 def packable(array: jax.Array, limit: int) -> bool:

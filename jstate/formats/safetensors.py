@@ -10,7 +10,6 @@ is never downloaded whole); writing needs the `safetensors` package, an optional
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from ..core.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, not_in_checkpoint
+from ..core.untrusted import parse_json
 from ..storage import store as _storage
 from .base import Checkpoint, Entry, from_host
 
@@ -154,7 +154,7 @@ def _header(path: Path) -> dict[str, _Tensor]:
     if len(data) < length:
         raise _damaged(path, f"its header is cut short ({len(data)} of {length} bytes)")
     try:
-        raw = json.loads(data)
+        raw = parse_json(data)
         if not isinstance(raw, dict):
             raise ValueError("the header is no JSON object")
         tensors = {name: _tensor(name, value, 8 + length) for name, value in raw.items() if name != "__metadata__"}

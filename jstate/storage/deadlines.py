@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import numbers
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ..core.arguments import positive
 from ..core.errors import StoreTimeoutError
 
 T = TypeVar("T")
@@ -110,21 +111,21 @@ def seconds(value: Any, name: str = "timeout") -> float | None:
     """A user's `timeout`: None, or seconds > 0 (an infinite one is None: no limit; one over
     `LONGEST` is `LONGEST`).
 
+    Raises:
+      ArgumentError: `value` is no number > 0 (a bool, a string, 0, -1, NaN), naming `name`.
+
     >>> seconds(2), seconds(float("inf")), seconds(1e12)
     (2.0, None, 1000000000.0)
-    >>> seconds("5")
+    >>> seconds("5", "latest_checkpoint(timeout=...)")
     Traceback (most recent call last):
-    TypeError: `timeout` takes seconds as a number > 0, or None for no limit; got str '5'.
+    ...
+    jstate.core.errors.ArgumentError: `latest_checkpoint(timeout=...)` takes seconds as a number > 0, or None for no
+    limit; got str '5'.
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` takes seconds as a number > 0, or None for no limit; got {type(value).__name__} {value!r}."
-        )
-    if not value > 0:  # NaN too
-        raise ValueError(f"`{name}` takes seconds as a number > 0, or None for no limit; got {value!r}.")
-    return None if value == float("inf") else min(float(value), LONGEST)
+    given = positive(value, name, "seconds as a number > 0, or None for no limit", finite=False)
+    return None if given == math.inf else min(given, LONGEST)
 
 
 def within(seconds: float | None, fn: Callable[[], T], where: str) -> T:

@@ -12,14 +12,17 @@ import os
 import re
 import shutil
 import stat as _stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ..core.errors import CheckpointError
 from . import tokens as _tokens
 from .base import File, Store
+
+T = TypeVar("T")
 
 
 class LocalStore(Store):
@@ -31,16 +34,16 @@ class LocalStore(Store):
     round_trips = False
 
     def exists(self, path: Path) -> bool:
-        return path.exists()
+        return looked_up(Path.exists, path)
 
     def is_dir(self, path: Path) -> bool:
-        return path.is_dir()
+        return looked_up(Path.is_dir, path)
 
     def is_file(self, path: Path) -> bool:
-        return path.is_file()
+        return looked_up(Path.is_file, path)
 
     def is_symlink(self, path: Path) -> bool:
-        return path.is_symlink()
+        return looked_up(Path.is_symlink, path)
 
     def is_mount(self, path: Path) -> bool:
         if path.is_symlink() or not path.is_dir():
@@ -72,10 +75,10 @@ class LocalStore(Store):
             return out[:got]
 
     def size(self, path: Path) -> int:
-        return path.stat().st_size
+        return looked_up(Path.stat, path).st_size
 
     def mtime(self, path: Path) -> float:
-        return path.stat().st_mtime
+        return looked_up(Path.stat, path).st_mtime
 
     def files(self, directory: Path, prefix: str = "") -> dict[str, File]:
         return {rel: File(stat.st_size, None, stat.st_mtime) for rel, stat in walk(directory, prefix)}
@@ -201,6 +204,42 @@ _SPECIAL = {
     _stat.S_IFSOCK: "a socket",
     _stat.S_IFDIR: "a directory",
 }
+
+
+class Unsearchable(CheckpointError, PermissionError):
+    """A path whose status cannot be read: a directory on it denies this process search (x)
+    permission. A CheckpointError naming the path, and still the `OSError` (`PermissionError`)
+    that code catching the operating system's errors expects."""
+
+
+def looked_up(check: Callable[[Path], T], path: Path) -> T:
+    """``check(path)`` (`Path.exists`, `is_dir`, `is_file`, `is_symlink`, `stat`), with any
+    error but "not there" an `Unsearchable` naming `path`.
+
+    Python 3.11's pathlib answers False only for "not there" errors (ENOENT, ENOTDIR, ELOOP)
+    and lets the rest through, so a directory without search permission raised a bare
+    `PermissionError` from a mere existence check.
+
+    Raises:
+      FileNotFoundError, NotADirectoryError: from `Path.stat` only, for a path that is not there.
+      Unsearchable: the status cannot be read (permissions, I/O), naming `path` and the fix.
+
+    >>> looked_up(Path.is_dir, Path(".")), looked_up(Path.exists, Path("nothing/here"))
+    (True, False)
+    """
+    try:
+        return check(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as e:
+        denied = e.errno in (errno.EACCES, errno.EPERM)
+        fix = (
+            f"a directory on its path ({path.parent} or one above it) does not let this process search it. "
+            "Give this process search (x) permission on it (`chmod u+x`)."
+            if denied
+            else "check the file system."
+        )
+        raise Unsearchable(f"{path}: cannot be looked up ({e.strerror or e}): {fix}") from None
 
 
 def _special(path: Path, mode: int, what: str) -> CheckpointError:

@@ -20,10 +20,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jstate
-from jstate import CheckpointError
+from jstate import CheckpointError, CorruptCheckpointError
 from jstate.formats import manifest as _manifest
 from jstate.formats import safetensors as st
 from jstate.formats import tf_files
+from jstate.formats.integrity import checksum
 from jstate.storage import local as _local
 from jstate.storage import store as _storage
 
@@ -219,6 +220,77 @@ def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_p
         jstate.Saver().restore(newer, small())
     restored = jstate.Saver().restore(tmp_path / "ckpt", small())
     np.testing.assert_array_equal(restored["w"], small()["w"])
+
+
+def _deny_search(monkeypatch, directory):
+    """`os.stat` of anything inside `directory` fails with EACCES, as for a user without search
+    (x) permission on it (a chmod does not stop root)."""
+    real_stat = os.stat
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path).startswith(os.fspath(directory) + os.sep):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+
+
+def test_an_arrays_directory_without_search_permission_is_a_checkpoint_error_naming_it(tmp_path, monkeypatch):
+    older, newer, metadata = _unreadable_metadata_is_not_latest(tmp_path)
+    _deny_search(monkeypatch, metadata.parent)
+    reads = {
+        "open_checkpoint": lambda: jstate.open_checkpoint(newer),
+        "list_variables": lambda: jstate.list_variables(newer),
+        "load_variable": lambda: jstate.load_variable(newer, "w"),
+        "restore": lambda: jstate.Saver().restore(newer, small()),
+    }
+    for read in reads.values():
+        with pytest.raises(
+            CheckpointError,
+            match=rf"{metadata.parent.name}/_METADATA: cannot be looked up \(Perm.*"
+            rf"search \(x\) permission",
+        ):
+            read()
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older  # as for any checkpoint it cannot open
+
+
+def test_an_existence_check_under_a_directory_without_search_permission_names_it(tmp_path, monkeypatch):
+    """Python 3.11's `Path.exists` and friends let a PermissionError through: the store's checks
+    raise a CheckpointError naming the path (still a PermissionError, for `except OSError`)."""
+    (tmp_path / "locked").mkdir()
+    _deny_search(monkeypatch, tmp_path / "locked")
+    for check in (_storage.exists, _storage.is_dir, _storage.is_file, _storage.size):
+        with pytest.raises(CheckpointError, match=r"locked/x: cannot be looked up \(Permission denied\)") as e:
+            check(tmp_path / "locked" / "x")
+        assert isinstance(e.value, PermissionError)
+    assert not _storage.exists(tmp_path / "nothing" / "here")
+
+
+# -- JSON nested deeper than Python decodes ---------------------------------------------------
+DEEP = b"[" * 200_000 + b"]" * 200_000  # a few hundred kilobytes; json.loads raises RecursionError
+
+
+def test_a_deeply_nested_manifest_is_a_damaged_one_naming_it(tmp_path):
+    """A manifest with a valid checksum whose JSON nests too deep: not listed, opening it names the
+    file, and the next save into the directory works."""
+    saver = jstate.Saver()
+    older = saver.save(small(), tmp_path / "ckpt/model", step=1)
+    newer = saver.save(small(), tmp_path / "ckpt/model", step=2)
+    rest = b'"x":' + DEEP + b"}"
+    Path(newer, _manifest.FILE).write_bytes(_manifest._HEAD + b"%08x" % checksum(rest) + b'",' + rest)
+    assert jstate.latest_checkpoint(tmp_path / "ckpt") == older
+    for read in (jstate.open_checkpoint, jstate.list_variables, lambda p: jstate.Saver().restore(p, small())):
+        with pytest.raises(CorruptCheckpointError, match=r"model-2/jstate\.json is damaged .*nested deeper"):
+            read(newer)
+    assert saver.save(small(), tmp_path / "ckpt/model", step=3).endswith("model-3")
+
+
+@pytest.mark.parametrize("header", [b'{"a":' + DEEP + b"}", b'{"__metadata__":{"k":' + DEEP + b"}}"])
+def test_a_deeply_nested_safetensors_header_is_corrupt(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is damaged .*nested deeper"):
+        jstate.open_checkpoint(path)
 
 
 # -- metadata declaring an impossible array ----------------------------------------------------

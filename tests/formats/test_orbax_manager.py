@@ -147,6 +147,20 @@ def test_a_damaged_json_item_makes_its_step_unlisted(managed, tmp_path):
     assert jstate.latest_checkpoint(directory) == str(directory / "300")
 
 
+def test_deeply_nested_json_in_a_step_is_damage_not_a_recursion_error(managed, tmp_path):
+    """JSON nested deeper than Python decodes: a JSON item is a damaged item naming its file, and
+    a step's `_CHECKPOINT_METADATA` is metadata as unreadable as any other garbled one."""
+    directory = tmp_path / "mgr"
+    shutil.copytree(managed, directory)
+    deep = "[" * 200_000 + "]" * 200_000
+    (directory / "300" / "_CHECKPOINT_METADATA").write_text(deep)
+    (directory / "400" / "metadata" / "metadata").write_text(deep)
+    with pytest.raises(jstate.CorruptCheckpointError, match=r"400/metadata cannot be read .*nested deeper"):
+        jstate.open_checkpoint(directory / "400")
+    assert jstate.latest_checkpoint(directory) == str(directory / "300")
+    assert ("params/dense/bias", (3,), np.dtype("float32")) in jstate.list_variables(directory / "300")
+
+
 def test_a_single_item_manager_reads_as_its_item(tmp_path):
     with ocp.CheckpointManager(tmp_path / "mgr", options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mgr:
         for step in (1, 2, 3):

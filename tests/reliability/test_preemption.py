@@ -103,6 +103,24 @@ def test_a_notice_not_saved_within_grace_is_delivered_by_the_watchdog(tmp_path, 
     assert _watchdogs_ended() and seen == [signal.SIGTERM]  # once, not again when the block ends
 
 
+def test_a_grace_of_1e12_seconds_keeps_its_watchdog_alive(tmp_path, seen, monkeypatch):
+    """``grace=1e12`` ("forever") overflowed the watchdog's timer: its thread died (OverflowError)
+    and a hung save would never be cut off. It is taken as `deadlines.LONGEST` seconds."""
+    died = []  # what threading's excepthook would print to stderr
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(f"{args.thread.name}: {args.exc_value!r}"))
+    state = jstate.State({"x": np.arange(4.0)})
+    with jstate.Preemption(jstate.Saver(), tmp_path / "model", grace=1e12) as preemption:
+        signal.raise_signal(signal.SIGTERM)
+        assert preemption.save_if_preempted(state, 1) == str(tmp_path / "model-1")
+    assert _watchdogs_ended() and died == [] and seen == []
+
+
+@pytest.mark.parametrize("grace", [0, -1, float("nan"), float("inf"), "5", True])
+def test_a_grace_that_is_no_finite_positive_number_is_an_argument_error(tmp_path, grace):
+    with pytest.raises(jstate.ArgumentError, match=r"`jstate.Preemption\(grace=...\)` takes a positive number of sec"):
+        jstate.Preemption(jstate.Saver(), tmp_path / "m", grace=grace)
+
+
 def test_other_signals_on_request_and_a_second_ctrl_c_interrupts(tmp_path):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     state = jstate.State({"x": np.arange(4.0)})
