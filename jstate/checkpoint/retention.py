@@ -15,6 +15,7 @@ Two decisions, each a pure function:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
@@ -43,7 +44,8 @@ class Policy:
       keep_every_n_steps: also keep, for good, checkpoints whose step is a multiple of N.
 
     Raises:
-      ValueError: a negative or zero count or period (``max_to_keep=0`` keeps all, as in TF).
+      ValueError: a negative or zero count or period (``max_to_keep=0`` keeps all, as in TF), or
+        a `max_to_keep` that is not a whole number (``2.5``, ``nan``, ``True``).
 
     >>> Policy(max_to_keep=0).max_to_keep is None
     True
@@ -54,6 +56,14 @@ class Policy:
     keep_every_n_steps: int | None = None
 
     def __post_init__(self):
+        if self.max_to_keep is not None:
+            # A count: `nan`, 2.5 or True would pass a `< 0` check and then break every save's retention.
+            if isinstance(self.max_to_keep, bool) or not isinstance(self.max_to_keep, numbers.Integral):
+                raise ValueError(
+                    f"Saver: `max_to_keep` must be a whole number of checkpoints (0 or None keeps all), "
+                    f"got {self.max_to_keep!r}."
+                )
+            object.__setattr__(self, "max_to_keep", int(self.max_to_keep))
         for arg in ("max_to_keep", "keep_every_n_steps"):
             value = getattr(self, arg)
             if value is not None and (value < 0 or (arg == "keep_every_n_steps" and value == 0)):

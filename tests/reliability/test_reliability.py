@@ -578,6 +578,29 @@ def test_an_os_error_is_one_checkpoint_error_and_costs_nothing(tmp_path, monkeyp
     assert restored_value(final) == 30
 
 
+def test_retention_failing_after_the_commit_warns_and_the_save_stands(tmp_path, monkeypatch, caplog):
+    """The manifest is committed before retention runs: the save has succeeded then, and an old
+    checkpoint that cannot be deleted (a read-only directory or mount) is a warning naming it,
+    for this save and the next, never an error that says the save failed."""
+    jstate.Saver().save(make_state(1), tmp_path / "model", step=1)
+    stuck = tmp_path / "model-1"
+    refused = _refuse(errno.EROFS, stuck, lambda src, dst: Path(src).name == FILE)
+    monkeypatch.setattr(os, "rename", refused(os.rename))  # retention unlists by renaming the manifest away
+    saver = jstate.Saver(max_to_keep=1)
+    for step in (2, 3):
+        with caplog.at_level("WARNING", logger="jstate"):
+            assert saver.save(make_state(step), tmp_path / "model", step=step) == str(tmp_path / f"model-{step}")
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(str(stuck) in m and os.strerror(errno.EROFS) in m for m in warned), warned
+        assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / f"model-{step}")
+        assert restored_value(tmp_path) == step
+        caplog.clear()
+    assert listed(tmp_path) == {"model-1": 1, "model-3": 3}  # model-2 went; model-1 stays, unharmed
+    monkeypatch.undo()
+    saver.save(make_state(4), tmp_path / "model", step=4)  # the cause is fixed: retention catches up
+    assert listed(tmp_path) == {"model-4": 4}
+
+
 def test_a_file_where_a_directory_should_be(tmp_path):
     saver = jstate.Saver()
     saver.save(make_state(1), tmp_path / "model", step=1)
