@@ -31,7 +31,7 @@ import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, StoreError
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
 from .manifest import ARRAYS, FILE, Manifest
@@ -288,11 +288,18 @@ def clean(directory: Path, prefix: str | None = None) -> None:
     else:
         children = {c: None for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)}
     for child, names in children.items():
-        token = _tokens.token_in(child.name)
-        if token is not None and not _tokens.alive(token, shared=store.shared):
-            _storage.remove(child)  # a dead save's temporary file, or its directory being made
-        elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
-            clean_checkpoint(child, names)
+        try:
+            token = _tokens.token_in(child.name)
+            if token is not None and not _tokens.alive(token, shared=store.shared):
+                _storage.remove(child)  # a dead save's temporary file, or its directory being made
+            elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
+                clean_checkpoint(child, names)
+        except StoreError:
+            raise  # a store that does not answer fails the save that needs it
+        except (CheckpointError, OSError):
+            # One entry this process cannot read or clean (no permission, a loop of links) keeps
+            # its leftovers for a later clean, and never stops a save beside it.
+            continue
 
 
 def _settled(names: set[str]) -> bool:

@@ -277,9 +277,9 @@ class Manifest:
         try:
             data = _storage.read_bytes(_storage.as_path(directory) / FILE, LIMIT, "manifest")
         except StoreError:
-            raise
-        except OSError:
-            return None
+            raise  # not knowing is no "not a checkpoint"
+        except (CheckpointError, OSError):
+            return None  # no manifest to order by (a FIFO, a loop, unreadable): lookups skip it too
         try:
             if not data.startswith(_HEAD) or int(data[len(_HEAD) : _HEAD_LEN - 2], 16) != checksum(data[_HEAD_LEN:]):
                 return None

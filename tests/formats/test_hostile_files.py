@@ -221,6 +221,57 @@ def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_p
     np.testing.assert_array_equal(restored["w"], small()["w"])
 
 
+# -- one bad entry beside the checkpoints ------------------------------------------------------
+def _manifest_is(kind: str):
+    """Make `<directory>/junk` an entry whose manifest is a `kind` of file no reader can take."""
+
+    def make(directory: Path) -> None:
+        manifest = directory / "junk" / _manifest.FILE
+        manifest.parent.mkdir()
+        if kind == "directory":
+            manifest.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(manifest)
+        elif kind == "device":
+            manifest.symlink_to("/dev/zero")
+        elif kind == "loop":
+            manifest.symlink_to(manifest.name)
+        else:  # oversized, sparse: no disk spent
+            with open(manifest, "wb") as f:
+                f.truncate(_manifest.LIMIT + 1)
+
+    return make
+
+
+def _self_link(directory: Path) -> None:
+    (directory / "zzz").symlink_to("zzz")
+
+
+BAD_ENTRIES = {kind: _manifest_is(kind) for kind in ("directory", "fifo", "device", "loop", "oversized")}
+BAD_ENTRIES["self-link"] = _self_link
+
+
+@pytest.mark.parametrize("entry", sorted([*BAD_ENTRIES, "unlistable-checkpoint"]))
+def test_one_bad_entry_in_the_directory_never_stops_a_save_into_it(tmp_path, monkeypatch, entry):
+    """As lookups skip an entry they cannot read, so does a save ordering itself after its
+    neighbours and cleaning beside itself: the save lands, and is the latest."""
+    saver = jstate.Saver(max_to_keep=1)
+    first = saver.save(small(), tmp_path / "model", step=1)
+    if entry == "unlistable-checkpoint":  # a checkpoint directory without read permission (mode 0311)
+        real = os.listdir
+
+        def denied(path=".", *args):
+            if os.fspath(path) == first:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args)
+
+        monkeypatch.setattr(os, "listdir", denied)
+    else:
+        BAD_ENTRIES[entry](tmp_path)
+    assert bounded(lambda: saver.save(small(), tmp_path / "model", step=2)) == ("returned", str(tmp_path / "model-2"))
+    assert bounded(lambda: jstate.latest_checkpoint(tmp_path)) == ("returned", str(tmp_path / "model-2"))
+
+
 # -- metadata declaring an impossible array ----------------------------------------------------
 def test_a_zarray_declaring_a_huge_array_is_a_checkpoint_error(tmp_path):
     """A plain Orbax checkpoint (zarr, no OCDBT) whose ``.zarray`` declares shape ``[2**40]``
