@@ -221,6 +221,30 @@ def test_a_permission_error_on_metadata_is_a_checkpoint_error_even_as_root(tmp_p
     np.testing.assert_array_equal(restored["w"], small()["w"])
 
 
+@pytest.mark.parametrize("created", [float("nan"), float("inf"), 1e300, -1.0])
+def test_a_manifest_recording_an_impossible_time_is_damaged_and_never_listed(tmp_path, created):
+    """Its checksum valid, a manifest whose `created` is no time (NaN, 1e400, past any calendar)
+    is a damaged checkpoint: listing and lookups skip it rather than fail on it."""
+    good = jstate.Saver().save(small(), tmp_path / "model", step=1)
+    bad = Path(jstate.Saver().save(small(), tmp_path / "model", step=2))
+    raw = json.loads((bad / _manifest.FILE).read_bytes())
+    (bad / _manifest.FILE).write_bytes(_manifest.encode(raw | {"created": created}))
+    assert [row[0] for row in jstate.list_checkpoints(tmp_path)] == [good]
+    assert jstate.latest_checkpoint(tmp_path) == good
+    with pytest.raises(jstate.CorruptCheckpointError, match="is not a time in seconds since 1970"):
+        jstate.open_checkpoint(bad)
+
+
+@pytest.mark.parametrize("field", ["created", "order", "clock"])
+def test_a_manifest_its_reader_would_refuse_is_never_written(tmp_path, field):
+    """A save commits by writing its manifest: bytes the reader refuses would be a save that
+    returned a path no lookup lists. They are refused before anything is written."""
+    manifest = _manifest.Manifest({}, step=1, **({"created": 1.0} | {field: _manifest.LATEST_TIME * 2}))
+    with pytest.raises(CheckpointError, match=r"its manifest would not read back \(time 200000000000.0 is not a time"):
+        manifest.write(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 # -- one bad entry beside the checkpoints ------------------------------------------------------
 def _manifest_is(kind: str):
     """Make `<directory>/junk` an entry whose manifest is a `kind` of file no reader can take."""
