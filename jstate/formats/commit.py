@@ -292,7 +292,12 @@ def clean(directory: Path, prefix: str | None = None) -> None:
             token = _tokens.token_in(child.name)
             if token is not None and not _tokens.alive(token, shared=store.shared):
                 _storage.remove(child)  # a dead save's temporary file, or its directory being made
-            elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
+            elif names is None:
+                # A settled checkpoint has nothing to clean, and its manifest (up to 1 GiB, parsed
+                # into many times that) need not be read: a save beside N checkpoints reads none.
+                if is_ours(child) and not _settled(set(_storage.listdir(child))):
+                    clean_checkpoint(child)
+            elif "" not in names and only_ours(names) and not _settled(names):
                 clean_checkpoint(child, names)
         except StoreError:
             raise  # a store that does not answer fails the save that needs it

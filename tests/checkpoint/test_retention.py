@@ -172,6 +172,24 @@ def test_a_neighbour_recording_an_absurd_order_never_loses_a_save(tmp_path, reco
     assert Manifest.read(Path(saved)).order <= _manifest.LATEST_TIME
 
 
+@pytest.mark.parametrize("variables", [1, 100_000])  # read whole, and (over 4 MiB) found in its last bytes
+def test_a_manifest_of_an_older_jstate_is_ordered_by_its_order_recorded_last(tmp_path, clock, variables):
+    """jstate before 0.2 wrote `created` and `order` after the variables, where `read_order` does
+    not read a manifest of the current layout: such a neighbour still orders the next save."""
+    old = Path(jstate.Saver().save(state_of(1), tmp_path / "old", step=1))
+    raw = json.loads((old / _manifest.FILE).read_bytes())
+    filler = {f"v{i}": {"shape": [0], "dtype": "float32", "digests": {}} for i in range(variables - 1)}
+    head = {k: raw[k] for k in ("format", "version", "step")}
+    rest = {k: raw[k] for k in raw if k not in head and k not in ("checksum", "variables", "created", "order")}
+    ahead = clock.now + HOUR  # written by a clock an hour ahead of this one
+    layout = head | {"variables": raw["variables"] | filler, "created": ahead} | rest | {"order": ahead + 1}
+    (old / _manifest.FILE).write_bytes(_manifest.encode(layout))
+    assert Manifest.read_order(old) == ahead + 1
+    saved = jstate.Saver().save(state_of(2), tmp_path / "new", step=2)
+    assert Manifest.read(Path(saved)).order > ahead + 1
+    assert jstate.latest_checkpoint(tmp_path) == saved
+
+
 def test_the_decision_is_recorded_in_the_manifest(tmp_path, clock):
     saver = jstate.Saver(max_to_keep=1, keep_every_n_hours=1, keep_every_n_steps=10)
     first = Manifest.read(Path(saver.save(state_of(1), tmp_path / "m", step=10)))

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import threading
+import tracemalloc
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from jstate import CheckpointError
 from jstate.formats import manifest as _manifest
 from jstate.formats import safetensors as st
 from jstate.formats import tf_files
+from jstate.formats.integrity import checksum
 from jstate.storage import local as _local
 from jstate.storage import store as _storage
 
@@ -243,6 +245,26 @@ def test_a_manifest_its_reader_would_refuse_is_never_written(tmp_path, field):
     with pytest.raises(CheckpointError, match=r"its manifest would not read back \(time 200000000000.0 is not a time"):
         manifest.write(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_reading_a_neighbours_order_takes_memory_bounded_whatever_its_manifest_size(tmp_path):
+    """Each save reads the order of every checkpoint beside it. A manifest (its checksum valid)
+    of 24 MiB of empty JSON objects took ~600 MB to parse; its order is now read from its first
+    bytes and its checksum a chunk at a time, and a save beside it lands."""
+    path = Path(jstate.Saver().save(small(), tmp_path / "model", step=1))
+    rest = b'"x":[' + b"{}," * (8 << 20) + b"{}]}"
+    (path / _manifest.FILE).write_bytes(_manifest._HEAD + b"%08x" % checksum(rest) + b'",' + rest)
+    del rest
+    tracemalloc.start()
+    try:
+        order = _manifest.Manifest.read_order(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert order == 0.0  # a checksummed jstate manifest, but one that records no order
+    assert peak < 3 * _manifest._ORDER_CHUNK, f"{peak:,} bytes to read the order of a 24 MiB manifest"
+    saved = jstate.Saver().save(small(), tmp_path / "model", step=2)
+    assert jstate.latest_checkpoint(tmp_path / "model") == saved
 
 
 # -- one bad entry beside the checkpoints ------------------------------------------------------
