@@ -159,11 +159,14 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     else:
         deleted = _take(path, expected)
     if deleted:
-        if arrays == ORBAX_ARRAYS and _storage.store_for(path).renames:  # (`_unlist` removed them)
-            # No token says whose they are: the manifest just taken named them.
-            _storage.remove(path / ORBAX_ARRAYS)
+        # The arrays the manifest just taken named (`expected`'s, or the Orbax layout's, which no
+        # token says whose they are): a finished save's, even while its writer still runs (their
+        # token would keep them from cleaning then, and nothing cleans them once it exits).
+        named = arrays == ORBAX_ARRAYS or expected is not None
+        if named and _storage.store_for(path).renames:  # (`_unlist` removed them)
+            _storage.remove(path / arrays)
         clean_checkpoint(path)
-        if arrays == ORBAX_ARRAYS:  # an empty step directory would still be a step to Orbax
+        if named:  # what else it held was cleaned (an empty step directory would still be a step to Orbax)
             _storage.remove_empty_dir(path)
     return deleted
 

@@ -471,6 +471,19 @@ def _tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def test_retention_removes_a_retired_checkpoint_whose_writer_still_runs(tmp_path, monkeypatch):
+    """Two processes saving one prefix: the checkpoint one of them wrote, retired by the other's
+    `max_to_keep`, goes whole, arrays included, although its writer is alive (its save is done:
+    the manifest that named the arrays committed it), and nothing of it stays after both exit."""
+    first = Path(jstate.Saver().save(make_state(1), tmp_path / "model", step=1))
+    token = Path(jstate.open_checkpoint(first).arrays).name.split("arrays-", 1)[1]
+    real_alive = _tokens.alive
+    # The writer of `first` still runs (in another process, as far as this one can tell).
+    monkeypatch.setattr(_tokens, "alive", lambda name, *a, **k: name == token or real_alive(name, *a, **k))
+    jstate.Saver(max_to_keep=1).save(make_state(2), tmp_path / "model", step=2)
+    assert sorted(os.listdir(tmp_path)) == ["model-2"]
+
+
 def test_retention_removes_a_linked_checkpoint_s_link_never_its_target(tmp_path):
     """A run resumed from another run's checkpoint by linking it into its own directory: when
     `max_to_keep` retires that name, only the link goes; the other run's checkpoint (and a
