@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ from .mapping import NameMap, VarList, compile_ignore, compile_var_list, one_nam
 from .writer import Writer
 
 T = TypeVar("T")
+log = logging.getLogger("jstate")
+
+_RETENTION_FAILED = (
+    "Retention could not delete the old checkpoint(s) %s after saving %s (%s). The save succeeded and is the "
+    "latest; what could not be deleted stays on disk, and the next save tries again (or delete it yourself)."
+)
 
 _STEP = "an integer >= 0, or None (`step` must be an integer: it names the checkpoint `<path>-<step>`)"
 
@@ -328,15 +335,27 @@ class Saver:
     def _retire(self, final: Path, manifest: Manifest) -> None:
         """After a commit: remember the retention clock it recorded, then delete the checkpoints
         of its prefix that the retention policy lets go: only those a Saver saved with this
-        exact prefix, never the one just written."""
+        exact prefix, never the one just written.
+
+        The save has succeeded by now (its manifest is committed, and it is the latest): a
+        retention that fails (a read-only directory or mount, a lost permission, a timeout) is
+        logged as a WARNING naming what stays and why, never raised, and the next save tries again.
+        """
         if manifest.clock is not None:
             self._clocks[final.parent / manifest.prefix] = manifest.clock
         if self._policy.max_to_keep is None:
             return
-        listed = _own(final.parent / manifest.prefix)  # in commit order, the one just written among them
+        try:
+            listed = _own(final.parent / manifest.prefix)  # in commit order, the one just written among them
+        except Exception as e:
+            log.warning(_RETENTION_FAILED, final.parent / f"{manifest.prefix}-*", final, f"{type(e).__name__}: {e}")
+            return
         newest = next((c for c in listed if c.path == final), None) or NativeCheckpoint(final, manifest)
         for ckpt in _retention.to_delete(self._policy, listed, newest):
-            _commit.delete(ckpt.path, expected=ckpt.manifest)
+            try:
+                _commit.delete(ckpt.path, expected=ckpt.manifest)
+            except Exception as e:  # the others may still go
+                log.warning(_RETENTION_FAILED, ckpt.path, final, f"{type(e).__name__}: {e}")
 
     # -- restoring ---------------------------------------------------------------------------
     def restore(

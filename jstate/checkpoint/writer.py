@@ -37,7 +37,7 @@ from ..formats import commit as _commit
 from ..formats import integrity as _integrity
 from ..formats import orbax as _orbax
 from ..formats import pack as _pack
-from ..formats.manifest import ORBAX_LAYOUT, Manifest, Variable
+from ..formats.manifest import LATEST_TIME, ORBAX_LAYOUT, Manifest, Variable
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
@@ -412,8 +412,9 @@ def _order_after(directory: Path, created: float) -> float:
     the store's clock orders them and nothing is read here."""
     if _storage.store_for(directory).round_trips:
         return created
-    newest = _lookup.newest_order(directory)
-    return created if newest < created else math.nextafter(newest, math.inf)
+    newest = _lookup.newest_order(directory)  # at most `LATEST_TIME`: a manifest recording more is not read
+    # (At `LATEST_TIME` itself, a tie, which `created` breaks: the order must stay one the reader takes.)
+    return created if newest < created else min(math.nextafter(newest, math.inf), LATEST_TIME)
 
 
 def _check_holds(tree: Any, large: dict[str, jax.Array], final: Path) -> None:

@@ -31,7 +31,7 @@ import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, StoreError
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
 from .manifest import ARRAYS, FILE, Manifest
@@ -194,13 +194,16 @@ def delete(path: Path, expected: Manifest | None = None) -> bool:
     else:
         deleted = _take(path, expected)
     if deleted:
-        if arrays in (ORBAX_ARRAYS, ARRAYS) and _storage.store_for(path).renames:  # (`_unlist` removed them)
-            # No token says whose they are: the manifest just taken named them. (Left there, jstate
-            # 0.1's `arrays/` would make the directory a user's: `only_ours`.)
+        # The arrays the manifest just taken named (`expected`'s, the Orbax layout's or jstate 0.1's
+        # `arrays/`, which no token says whose they are): a finished save's, even while its writer
+        # still runs (their token would keep them from cleaning then, and nothing cleans them once
+        # it exits). Left there, 0.1's `arrays/` would make the directory a user's (`only_ours`).
+        named = arrays is not None and (arrays in (ORBAX_ARRAYS, ARRAYS) or expected is not None)
+        if named and _storage.store_for(path).renames:  # (`_unlist` removed them)
             _storage.remove(path / arrays)
         clean_checkpoint(path)
-        if arrays in (ORBAX_ARRAYS, ARRAYS):  # (`clean_checkpoint` found no leftover, so removed nothing)
-            _storage.remove_empty_dir(path)  # an empty step directory would still be a step to Orbax
+        if named:  # what else it held was cleaned (an empty step directory would still be a step to Orbax)
+            _storage.remove_empty_dir(path)
     return deleted
 
 
@@ -326,11 +329,23 @@ def clean(directory: Path, prefix: str | None = None) -> None:
     else:
         children = {c: None for c in _storage.iterdir(directory) if prefix is None or c.name.startswith(prefix)}
     for child, names in children.items():
-        token = _tokens.token_in(child.name)
-        if token is not None and not _tokens.alive(token, shared=store.shared):
-            _storage.remove(child)  # a dead save's temporary file, or its directory being made
-        elif is_ours(child) if names is None else ("" not in names and only_ours(names) and not _settled(names)):
-            clean_checkpoint(child, names)
+        try:
+            token = _tokens.token_in(child.name)
+            if token is not None and not _tokens.alive(token, shared=store.shared):
+                _storage.remove(child)  # a dead save's temporary file, or its directory being made
+            elif names is None:
+                # A settled checkpoint has nothing to clean, and its manifest (up to 1 GiB, parsed
+                # into many times that) need not be read: a save beside N checkpoints reads none.
+                if is_ours(child) and not _settled(set(_storage.listdir(child))):
+                    clean_checkpoint(child)
+            elif "" not in names and only_ours(names) and not _settled(names):
+                clean_checkpoint(child, names)
+        except StoreError:
+            raise  # a store that does not answer fails the save that needs it
+        except (CheckpointError, OSError):
+            # One entry this process cannot read or clean (no permission, a loop of links) keeps
+            # its leftovers for a later clean, and never stops a save beside it.
+            continue
 
 
 def _settled(names: set[str]) -> bool:

@@ -569,6 +569,12 @@ def test_a_replacing_save_killed_before_its_commit_loses_nothing(state, tmp_path
     assert sorted(os.listdir(path)) == sorted(["jstate.json", os.path.basename(jstate.open_checkpoint(path).arrays)])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, True, "3"])
+def test_a_max_to_keep_that_is_not_a_whole_number_is_refused_by_the_saver(bad):
+    with pytest.raises(ValueError, match="max_to_keep"):
+        jstate.Saver(max_to_keep=bad)
+
+
 def test_max_to_keep_zero_keeps_everything_and_bad_values_are_refused(state, tmp_path):
     saver = jstate.Saver(["biases"], max_to_keep=0)
     for step in range(3):

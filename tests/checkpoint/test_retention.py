@@ -8,7 +8,9 @@ Saver (when it is created) and the writer (when a checkpoint is committed).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import jstate
 from jstate.checkpoint import saver as _saver
 from jstate.checkpoint import writer as _writer
+from jstate.formats import manifest as _manifest
 from jstate.formats.manifest import Manifest
 
 HOUR = 3600.0
@@ -153,6 +156,38 @@ def test_the_checkpoint_just_saved_is_the_latest_when_the_clock_went_back(tmp_pa
     saver.save(state_of(5), tmp_path / "model", step=5)
     assert on_disk(tmp_path) == ["model-4", "model-5", "other-2"]
     assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / "model-5")
+
+
+@pytest.mark.parametrize("recorded", [sys.float_info.max, _manifest.LATEST_TIME])
+def test_a_neighbour_recording_an_absurd_order_never_loses_a_save(tmp_path, recorded):
+    """A neighbour's manifest (its checksum valid) recording the largest float as its order: the
+    next save, ordered after it, was ordered `inf`, which no reader takes: the save returned a
+    path never listed. Its order is now always one the reader takes, and it is the latest."""
+    other = Path(jstate.Saver().save(state_of(1), tmp_path / "other", step=1))
+    raw = json.loads((other / _manifest.FILE).read_bytes())
+    (other / _manifest.FILE).write_bytes(_manifest.encode(raw | {"order": recorded}))
+    saved = jstate.Saver(max_to_keep=1).save(state_of(5), tmp_path / "model", step=5)
+    assert jstate.latest_checkpoint(tmp_path / "model") == saved
+    assert value_at(saved) == 5
+    assert Manifest.read(Path(saved)).order <= _manifest.LATEST_TIME
+
+
+@pytest.mark.parametrize("variables", [1, 100_000])  # read whole, and (over 4 MiB) found in its last bytes
+def test_a_manifest_of_an_older_jstate_is_ordered_by_its_order_recorded_last(tmp_path, clock, variables):
+    """jstate before 0.2 wrote `created` and `order` after the variables, where `read_order` does
+    not read a manifest of the current layout: such a neighbour still orders the next save."""
+    old = Path(jstate.Saver().save(state_of(1), tmp_path / "old", step=1))
+    raw = json.loads((old / _manifest.FILE).read_bytes())
+    filler = {f"v{i}": {"shape": [0], "dtype": "float32", "digests": {}} for i in range(variables - 1)}
+    head = {k: raw[k] for k in ("format", "version", "step")}
+    rest = {k: raw[k] for k in raw if k not in head and k not in ("checksum", "variables", "created", "order")}
+    ahead = clock.now + HOUR  # written by a clock an hour ahead of this one
+    layout = head | {"variables": raw["variables"] | filler, "created": ahead} | rest | {"order": ahead + 1}
+    (old / _manifest.FILE).write_bytes(_manifest.encode(layout))
+    assert Manifest.read_order(old) == ahead + 1
+    saved = jstate.Saver().save(state_of(2), tmp_path / "new", step=2)
+    assert Manifest.read(Path(saved)).order > ahead + 1
+    assert jstate.latest_checkpoint(tmp_path) == saved
 
 
 def test_the_decision_is_recorded_in_the_manifest(tmp_path, clock):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import threading
+import tracemalloc
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -291,6 +292,101 @@ def test_a_deeply_nested_safetensors_header_is_corrupt(tmp_path, header):
     path.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is damaged .*nested deeper"):
         jstate.open_checkpoint(path)
+
+
+@pytest.mark.parametrize("created", [float("nan"), float("inf"), 1e300, -1.0])
+def test_a_manifest_recording_an_impossible_time_is_damaged_and_never_listed(tmp_path, created):
+    """Its checksum valid, a manifest whose `created` is no time (NaN, 1e400, past any calendar)
+    is a damaged checkpoint: listing and lookups skip it rather than fail on it."""
+    good = jstate.Saver().save(small(), tmp_path / "model", step=1)
+    bad = Path(jstate.Saver().save(small(), tmp_path / "model", step=2))
+    raw = json.loads((bad / _manifest.FILE).read_bytes())
+    (bad / _manifest.FILE).write_bytes(_manifest.encode(raw | {"created": created}))
+    assert [row[0] for row in jstate.list_checkpoints(tmp_path)] == [good]
+    assert jstate.latest_checkpoint(tmp_path) == good
+    with pytest.raises(jstate.CorruptCheckpointError, match="is not a time in seconds since 1970"):
+        jstate.open_checkpoint(bad)
+
+
+@pytest.mark.parametrize("field", ["created", "order", "clock"])
+def test_a_manifest_its_reader_would_refuse_is_never_written(tmp_path, field):
+    """A save commits by writing its manifest: bytes the reader refuses would be a save that
+    returned a path no lookup lists. They are refused before anything is written."""
+    manifest = _manifest.Manifest({}, step=1, **({"created": 1.0} | {field: _manifest.LATEST_TIME * 2}))
+    with pytest.raises(CheckpointError, match=r"its manifest would not read back \(time 200000000000.0 is not a time"):
+        manifest.write(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_reading_a_neighbours_order_takes_memory_bounded_whatever_its_manifest_size(tmp_path):
+    """Each save reads the order of every checkpoint beside it. A manifest (its checksum valid)
+    of 24 MiB of empty JSON objects took ~600 MB to parse; its order is now read from its first
+    bytes and its checksum a chunk at a time, and a save beside it lands."""
+    path = Path(jstate.Saver().save(small(), tmp_path / "model", step=1))
+    rest = b'"x":[' + b"{}," * (8 << 20) + b"{}]}"
+    (path / _manifest.FILE).write_bytes(_manifest._HEAD + b"%08x" % checksum(rest) + b'",' + rest)
+    del rest
+    tracemalloc.start()
+    try:
+        order = _manifest.Manifest.read_order(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert order == 0.0  # a checksummed jstate manifest, but one that records no order
+    assert peak < 3 * _manifest._ORDER_CHUNK, f"{peak:,} bytes to read the order of a 24 MiB manifest"
+    saved = jstate.Saver().save(small(), tmp_path / "model", step=2)
+    assert jstate.latest_checkpoint(tmp_path / "model") == saved
+
+
+# -- one bad entry beside the checkpoints ------------------------------------------------------
+def _manifest_is(kind: str):
+    """Make `<directory>/junk` an entry whose manifest is a `kind` of file no reader can take."""
+
+    def make(directory: Path) -> None:
+        manifest = directory / "junk" / _manifest.FILE
+        manifest.parent.mkdir()
+        if kind == "directory":
+            manifest.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(manifest)
+        elif kind == "device":
+            manifest.symlink_to("/dev/zero")
+        elif kind == "loop":
+            manifest.symlink_to(manifest.name)
+        else:  # oversized, sparse: no disk spent
+            with open(manifest, "wb") as f:
+                f.truncate(_manifest.LIMIT + 1)
+
+    return make
+
+
+def _self_link(directory: Path) -> None:
+    (directory / "zzz").symlink_to("zzz")
+
+
+BAD_ENTRIES = {kind: _manifest_is(kind) for kind in ("directory", "fifo", "device", "loop", "oversized")}
+BAD_ENTRIES["self-link"] = _self_link
+
+
+@pytest.mark.parametrize("entry", sorted([*BAD_ENTRIES, "unlistable-checkpoint"]))
+def test_one_bad_entry_in_the_directory_never_stops_a_save_into_it(tmp_path, monkeypatch, entry):
+    """As lookups skip an entry they cannot read, so does a save ordering itself after its
+    neighbours and cleaning beside itself: the save lands, and is the latest."""
+    saver = jstate.Saver(max_to_keep=1)
+    first = saver.save(small(), tmp_path / "model", step=1)
+    if entry == "unlistable-checkpoint":  # a checkpoint directory without read permission (mode 0311)
+        real = os.listdir
+
+        def denied(path=".", *args):
+            if os.fspath(path) == first:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args)
+
+        monkeypatch.setattr(os, "listdir", denied)
+    else:
+        BAD_ENTRIES[entry](tmp_path)
+    assert bounded(lambda: saver.save(small(), tmp_path / "model", step=2)) == ("returned", str(tmp_path / "model-2"))
+    assert bounded(lambda: jstate.latest_checkpoint(tmp_path)) == ("returned", str(tmp_path / "model-2"))
 
 
 # -- metadata declaring an impossible array ----------------------------------------------------

@@ -471,6 +471,19 @@ def _tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def test_retention_removes_a_retired_checkpoint_whose_writer_still_runs(tmp_path, monkeypatch):
+    """Two processes saving one prefix: the checkpoint one of them wrote, retired by the other's
+    `max_to_keep`, goes whole, arrays included, although its writer is alive (its save is done:
+    the manifest that named the arrays committed it), and nothing of it stays after both exit."""
+    first = Path(jstate.Saver().save(make_state(1), tmp_path / "model", step=1))
+    token = Path(jstate.open_checkpoint(first).arrays).name.split("arrays-", 1)[1]
+    real_alive = _tokens.alive
+    # The writer of `first` still runs (in another process, as far as this one can tell).
+    monkeypatch.setattr(_tokens, "alive", lambda name, *a, **k: name == token or real_alive(name, *a, **k))
+    jstate.Saver(max_to_keep=1).save(make_state(2), tmp_path / "model", step=2)
+    assert sorted(os.listdir(tmp_path)) == ["model-2"]
+
+
 def test_retention_removes_a_linked_checkpoint_s_link_never_its_target(tmp_path):
     """A run resumed from another run's checkpoint by linking it into its own directory: when
     `max_to_keep` retires that name, only the link goes; the other run's checkpoint (and a
@@ -630,6 +643,29 @@ def test_an_os_error_is_one_checkpoint_error_and_costs_nothing(tmp_path, monkeyp
     assert resave or not final.exists()  # the checkpoint's may not
     saver.save(make_state(30), final.parent / "model", step=int(final.name.split("-")[1]))  # the cause is fixed
     assert restored_value(final) == 30
+
+
+def test_retention_failing_after_the_commit_warns_and_the_save_stands(tmp_path, monkeypatch, caplog):
+    """The manifest is committed before retention runs: the save has succeeded then, and an old
+    checkpoint that cannot be deleted (a read-only directory or mount) is a warning naming it,
+    for this save and the next, never an error that says the save failed."""
+    jstate.Saver().save(make_state(1), tmp_path / "model", step=1)
+    stuck = tmp_path / "model-1"
+    refused = _refuse(errno.EROFS, stuck, lambda src, dst: Path(src).name == FILE)
+    monkeypatch.setattr(os, "rename", refused(os.rename))  # retention unlists by renaming the manifest away
+    saver = jstate.Saver(max_to_keep=1)
+    for step in (2, 3):
+        with caplog.at_level("WARNING", logger="jstate"):
+            assert saver.save(make_state(step), tmp_path / "model", step=step) == str(tmp_path / f"model-{step}")
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(str(stuck) in m and os.strerror(errno.EROFS) in m for m in warned), warned
+        assert jstate.latest_checkpoint(tmp_path) == str(tmp_path / f"model-{step}")
+        assert restored_value(tmp_path) == step
+        caplog.clear()
+    assert listed(tmp_path) == {"model-1": 1, "model-3": 3}  # model-2 went; model-1 stays, unharmed
+    monkeypatch.undo()
+    saver.save(make_state(4), tmp_path / "model", step=4)  # the cause is fixed: retention catches up
+    assert listed(tmp_path) == {"model-4": 4}
 
 
 def test_a_file_where_a_directory_should_be(tmp_path):
