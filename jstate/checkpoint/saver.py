@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from .. import transforms as transforms_
 from ..core.errors import CheckpointError, MappingError, UninitializedError, shorten
 from ..core.names import check_name
 from ..formats import commit as _commit
@@ -34,6 +33,7 @@ from . import lookup as _checkpoint
 from . import orbax_layout as _orbax_layout
 from . import restore as _restore
 from . import retention as _retention
+from . import transforming as _transforming
 from .adapters import LEAF, as_state, is_one_leaf, like, python_numbers
 from .mapping import NameMap, VarList, compile_ignore, compile_var_list, one_name
 from .writer import Writer
@@ -266,8 +266,8 @@ class Saver:
                 f"Cannot save: variable {shorten(empty)} (saved through a transform) is not initialized."
             )
         try:
-            arrays = transforms_.invert({n: (t, jnp.asarray(state[n])) for n, t in transforms.items()})
-        except transforms_.NotInvertible as e:
+            arrays = _transforming.invert({n: (t, jnp.asarray(state[n])) for n, t in transforms.items()})
+        except _transforming.NotInvertible as e:
             raise MappingError(f"Cannot save through the Saver's transforms: {e}.") from None
         twice = sorted(taken & set(arrays))
         if twice:
