@@ -29,6 +29,7 @@ from ..model.state import State
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage.store import as_path
+from . import directory as _directory
 from . import lookup as _checkpoint
 from . import orbax_layout as _orbax_layout
 from . import restore as _restore
@@ -461,6 +462,6 @@ def _own(prefix: Path) -> list[NativeCheckpoint]:
     with prefix ``model`` at step 2, is not one of prefix ``model-2``'s)."""
     return [
         c
-        for c in _checkpoint.checkpoints(prefix)
+        for c in _directory.checkpoints(prefix)
         if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix.name and c.step is not None
     ]

@@ -40,7 +40,7 @@ from ..formats.manifest import ORBAX_LAYOUT, Manifest, Variable
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
-from . import lookup as _lookup
+from . import directory as _directory
 
 log = logging.getLogger("jstate")
 
@@ -411,7 +411,7 @@ def _order_after(directory: Path, created: float) -> float:
     the store's clock orders them and nothing is read here."""
     if _storage.store_for(directory).round_trips:
         return created
-    newest = _lookup.newest_order(directory)
+    newest = _directory.newest_order(directory)
     return created if newest < created else math.nextafter(newest, math.inf)
 
 
