@@ -335,12 +335,12 @@ def _check(root: str, begun: dict[str, set[int]], saved: list[tuple[str, int]]) 
     import numpy as np
 
     import jstate
-    from jstate.checkpoint import lookup as _lookup
+    from jstate.checkpoint import directory as _directory
     from jstate.storage.store import as_path
 
     target = jstate.State({"x": jnp.zeros((8, 8), jnp.int32), "y": jnp.zeros(16, jnp.int32)})
     violations, found = [], {}
-    for ckpt in _lookup.checkpoints(as_path(root)):
+    for ckpt in _directory.checkpoints(as_path(root)):
         name = ckpt.path.name
         try:
             restored = jstate.Saver().restore(ckpt.path, target)

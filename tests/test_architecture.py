@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import jstate
-from jstate.checkpoint import lookup as _checkpoint
+from jstate.checkpoint import directory as _directory
 from jstate.formats import base as _reader
 from jstate.formats import native as _native
 from jstate.formats import orbax as _orbax
@@ -81,7 +81,7 @@ def test_import_jstate_loads_neither_orbax_nor_flax_nor_optional_packages():
 
 @pytest.mark.parametrize("module", [_native, _orbax, _tensorflow, _safetensors])
 def test_every_format_module_has_a_loader_and_a_checkpoint_class(module):
-    assert module.load in _checkpoint._FORMATS
+    assert module.load in _directory._FORMATS
     classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, _reader.Checkpoint)]
     assert [c for c in classes if c is not _reader.Checkpoint and c.__module__ == module.__name__]
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..core.table import human_bytes
 from ..storage import store as _storage
-from .lookup import LOOKUP_TIMEOUT, checkpoints, list_checkpoints, lookup, open_checkpoint
+from .directory import checkpoints
+from .lookup import LOOKUP_TIMEOUT, list_checkpoints, lookup, open_checkpoint
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, values: bool = False, name: str | None = None) -> None:

@@ -29,6 +29,7 @@ from ..formats.base import Checkpoint, from_host
 from ..model.placement import uncommitted
 from ..model.state import State
 from . import narrowing
+from . import transforming as _transforming
 from .mapping import NameMap
 from .plan_text import HEAD, WIDTH, fit, grouped, stray, wrap
 
@@ -319,7 +320,7 @@ def _check_transform(
     entries = {e: jax.ShapeDtypeStruct(ckpt.entries[e].shape, ckpt.entries[e].dtype) for e in t.entries()}
     spec = target.spec(name)
     try:
-        got = T.struct(t, entries, memo)
+        got = _transforming.struct(t, entries, memo)
     except (TypeError, ValueError, IndexError, OverflowError) as e:
         rows.append((name, abbreviated(list(entries)), t, "?", "?"))
         # the entries are named once, by `brief`; here only their shapes, one where all share it
@@ -409,7 +410,7 @@ def _transformed(ckpt: Checkpoint, transforms: dict[str, T.Transform], target: S
         host = ckpt.read_host(sorted({e for n in group for e in transforms[n].entries()}), verify=verify)
         memo: dict = {}
         for n in group:
-            value = T.evaluate(transforms[n], host.__getitem__, np, memo)
+            value = _transforming.evaluate(transforms[n], host.__getitem__, np, memo)
             out[n] = from_host(np.asarray(value), _struct(target, n))
         del host, memo
     return out

@@ -134,7 +134,7 @@ def to_delete(policy: Policy, saved: Sequence[S], newest: S | None = None) -> li
 
     Args:
       policy: the retention policy.
-      saved: the prefix's checkpoints in commit order, oldest first (`lookup.checkpoints`):
+      saved: the prefix's checkpoints in commit order, oldest first (`directory.checkpoints`):
         the most recently saved are kept whatever their steps and whatever the writers' clocks.
       newest: the checkpoint just written, never deleted. It keeps its place in `saved` (or,
         not listed there, the place of its `order`): a checkpoint another writer committed

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from .. import transforms as transforms_
 from ..core.arguments import bad, integer, positive
 from ..core.errors import ArgumentError, CheckpointError, MappingError, UninitializedError, shorten
 from ..core.names import check_name
@@ -31,10 +30,12 @@ from ..model.state import State
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage.store import as_path
+from . import directory as _directory
 from . import lookup as _checkpoint
 from . import orbax_layout as _orbax_layout
 from . import restore as _restore
 from . import retention as _retention
+from . import transforming as _transforming
 from .adapters import LEAF, as_state, is_one_leaf, like, python_numbers
 from .mapping import NameMap, VarList, compile_ignore, compile_var_list, one_name
 from .writer import Writer
@@ -276,8 +277,8 @@ class Saver:
                 f"Cannot save: variable {shorten(empty)} (saved through a transform) is not initialized."
             )
         try:
-            arrays = transforms_.invert({n: (t, jnp.asarray(state[n])) for n, t in transforms.items()})
-        except transforms_.NotInvertible as e:
+            arrays = _transforming.invert({n: (t, jnp.asarray(state[n])) for n, t in transforms.items()})
+        except _transforming.NotInvertible as e:
             raise MappingError(f"Cannot save through the Saver's transforms: {e}.") from None
         twice = sorted(taken & set(arrays))
         if twice:
@@ -503,6 +504,6 @@ def _own(prefix: Path) -> list[NativeCheckpoint]:
     with prefix ``model`` at step 2, is not one of prefix ``model-2``'s)."""
     return [
         c
-        for c in _checkpoint.checkpoints(prefix)
+        for c in _directory.checkpoints(prefix)
         if isinstance(c, NativeCheckpoint) and c.manifest.prefix == prefix.name and c.step is not None
     ]

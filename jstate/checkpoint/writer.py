@@ -1,6 +1,6 @@
 """Writing one jstate checkpoint under the commit rule of `formats.commit`: the arrays through Orbax
 into a directory of the save's own, their checksums, then the manifest; in the caller's thread
-or in the background.
+or in the background (`background`).
 
 With several JAX processes, every process calls `Writer.save` for the same checkpoint on a
 shared directory: process 0 prepares and commits; every process writes its shards (through
@@ -9,7 +9,6 @@ Orbax) and their checksums, and barriers keep them in step.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import functools
@@ -21,7 +20,6 @@ import re
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,62 +39,16 @@ from ..formats.manifest import LATEST_TIME, ORBAX_LAYOUT, Manifest, Variable
 from ..storage import deadlines as _limits
 from ..storage import store as _storage
 from ..storage import tokens as _tokens
-from . import lookup as _lookup
+from . import background as _background
+from . import directory as _directory
 
 log = logging.getLogger("jstate")
 
-# Writers with a background save in flight: the interpreter finishes them at exit, before
-# concurrent.futures stops taking work (Orbax needs it). threading's own exit hooks run first,
-# newest first, and this one is registered after concurrent.futures'.
-_unfinished: weakref.WeakSet = weakref.WeakSet()
 # Orbax numbers each async save with a process-wide operation id that its background threads
 # wait on: two saves started at once from different threads can take the same id, and one
 # then waits (5 minutes) for a signal that never comes. Starting saves one at a time keeps
 # their ids apart; the writing itself still overlaps.
 _orbax_start = threading.Lock()
-
-
-def _finish_at_exit() -> None:
-    for writer in list(_unfinished):
-        pending = writer._pending
-        try:
-            if pending is not None and not pending.done.wait(1.0):  # a long one: say why the exit waits
-                print(f"jstate: finishing the background save of {pending.path} (Ctrl-C abandons it)", file=sys.stderr)
-            writer.finish_at_exit()
-        except KeyboardInterrupt:  # a second Ctrl-C: give up on it, say so, and let the exit go on
-            where = pending.path if pending is not None else "a checkpoint"
-            print(f"jstate: abandoned the background save of {where}; earlier checkpoints are intact.", file=sys.stderr)
-
-
-getattr(threading, "_register_atexit", atexit.register)(_finish_at_exit)
-
-
-class _Background:
-    """One save finishing in a background thread. Completion is an Event, not `Thread.join`:
-    a join interrupted by Ctrl-C can return at once ever after (CPython gh-90882), which would
-    let the interpreter exit mid-save. The thread makes itself its writer's pending save: a
-    Ctrl-C landing in `Thread.start` (after the thread exists) cannot leave the save untracked,
-    neither waited for by `wait` nor finished at exit."""
-
-    def __init__(self, writer: Writer, path: Path, finish: Callable[[], None], failed: Callable[[], None]):
-        self.path = path
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._writer, self._tracked = writer, threading.Event()
-        self._finish, self._failed = finish, failed
-        threading.Thread(target=self._run, name=f"jstate save {path}", daemon=True).start()
-        self._tracked.wait()
-
-    def _run(self) -> None:
-        self._writer._track(self)
-        self._tracked.set()
-        try:
-            self._finish()
-        except BaseException as e:  # reported by `Writer.wait`
-            self.error = e
-            self._failed()
-        finally:
-            self.done.set()
 
 
 class Writer:
@@ -123,7 +75,7 @@ class Writer:
         self._layout = layout
         self._orbax: _orbax.Writer | None = None
         self._saves = 0
-        self._pending: _Background | None = None
+        self._pending: _background.Background | None = None
 
     def save(
         self,
@@ -246,15 +198,22 @@ class Writer:
             raise  # KeyboardInterrupt, SystemExit: as they are, after cleaning up
         if not blocking:  # in a thread of its own, which the request timeout does not reach by itself
             failed = functools.partial(self._failed, final, token, created)
-            _Background(self, final, functools.partial(self._bounded, finish), functools.partial(self._bounded, failed))
+            _background.Background(
+                self._track, final, functools.partial(self._bounded, finish), functools.partial(self._bounded, failed)
+            )
 
     def _bounded(self, work: Callable[[], None]) -> None:
         with _limits.timeout(self._timeout):
             work()
 
-    def _track(self, background: _Background) -> None:
+    def _track(self, background: _background.Background) -> None:
         self._pending = background
-        _unfinished.add(self)
+        _background.unfinished.add(self)
+
+    @property
+    def pending(self) -> _background.Background | None:
+        """The background save in flight, or done but not yet waited for (None if none)."""
+        return self._pending
 
     def _finish(self, final, data, token, draft, barrier, committed, stamp, tracker) -> None:
         try:
@@ -339,7 +298,7 @@ class Writer:
             return
         pending.done.wait()
         self._pending = None
-        _unfinished.discard(self)
+        _background.unfinished.discard(self)
         if pending.error is not None:
             if isinstance(pending.error, Exception):
                 raise save_failed(pending.path, pending.error) from pending.error
@@ -366,27 +325,8 @@ class Writer:
             self.wait()
         except CheckpointError as e:
             log.error("%s", e)
-            if not _logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
+            if not _background.logged_to_stderr(log, logging.ERROR):  # one line, not the same twice
                 print(f"jstate: {e}", file=sys.stderr)
-
-
-def _logged_to_stderr(logger: logging.Logger, level: int) -> bool:
-    """Whether a record of `level` on `logger` reaches stderr: through a handler of it or of an
-    ancestor it propagates to (importing Orbax calls `logging.basicConfig`), or through
-    logging's last resort when there is no handler at all."""
-    if not logger.isEnabledFor(level):
-        return False
-    handlers = []
-    node: logging.Logger | None = logger
-    while node is not None:
-        handlers += node.handlers
-        node = node.parent if node.propagate else None
-    if not handlers:
-        return logging.lastResort is not None and level >= logging.lastResort.level
-    return any(
-        isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.__stderr__) and level >= h.level
-        for h in handlers
-    )
 
 
 def _checksummed(data: Path) -> Callable[[str], bool]:
@@ -412,7 +352,7 @@ def _order_after(directory: Path, created: float) -> float:
     the store's clock orders them and nothing is read here."""
     if _storage.store_for(directory).round_trips:
         return created
-    newest = _lookup.newest_order(directory)  # at most `LATEST_TIME`: a manifest recording more is not read
+    newest = _directory.newest_order(directory)  # at most `LATEST_TIME`: a manifest recording more is not read
     # (At `LATEST_TIME` itself, a tie, which `created` breaks: the order must stay one the reader takes.)
     return created if newest < created else min(math.nextafter(newest, math.inf), LATEST_TIME)
 

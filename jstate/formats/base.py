@@ -9,7 +9,7 @@ A format is a module with ``load(path) -> Checkpoint | None`` (None: not this fo
   tensorflow.py    TensorFlow tensor bundles (TF1 ``Saver``, TF2 ``tf.train.Checkpoint``)
   safetensors.py   ``.safetensors`` files
 
-`checkpoint/lookup.py` finds a checkpoint and asks each format in turn; nothing else knows a
+`checkpoint/directory.py` finds a checkpoint and asks each format in turn; nothing else knows a
 format.
 """
 

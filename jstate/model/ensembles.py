@@ -7,7 +7,7 @@ and its sharding is the member's with that axis unsharded (``P(None, *spec)``), 
 declarations follow its values' leading axes (`refit`, which its pytree unflatten calls): the
 aux data a vmapped function returns holds the member's declarations, and the values came out
 with the batch axis in front. The same rule gives a member's declarations to the State a
-vmapped function sees of an ensemble it was given.
+vmapped function sees of an ensemble it was given. `select` takes one member out (`State.member`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from .placement import Placement
+from ..core.errors import SpecMismatchError
+from .placement import Placement, constrain
 from .spec import VariableSpec
 
 
@@ -110,3 +112,39 @@ def apply(specs: Mapping[str, VariableSpec], change: tuple[str, Any]) -> dict[st
     if kind == "batch":
         return {n: batched(s, arg) for n, s in specs.items()}
     return {n: member(s, arg) for n, s in specs.items()}
+
+
+def select(specs: Mapping[str, VariableSpec], values: Mapping[str, Any], index: int) -> tuple[dict, dict]:
+    """Member `index` of an ensemble's declarations and values (the work of `State.member`).
+
+    Args:
+      specs: every declared variable of the ensemble State (its current dtypes).
+      values: its values by name.
+      index: which member, ``0 <= index < n`` (negative counts from the end).
+
+    Returns:
+      ``(specs, values)`` of the member: declarations without the first axis, each value
+      indexed along it and on the member's sharding.
+
+    Raises:
+      SpecMismatchError: a variable has no first axis, or one of another length.
+      IndexError: `index` is out of range.
+
+    >>> specs, values = select({"w": batched(state.spec("biases"), (3,))}, {"w": jnp.zeros((3, 200))}, -1)
+    >>> specs["w"].shape, values["w"].shape
+    ((200,), (200,))
+    """
+    sizes = {n: (s.shape[0] if s.shape else None) for n, s in specs.items()}
+    lengths = set(sizes.values())
+    if len(lengths) != 1 or None in lengths:
+        shown = ", ".join(f"'{n}' {specs[n].shape}" for n in list(specs)[:4])
+        raise SpecMismatchError(
+            f"`member` takes one model out of an ensemble, a State whose every variable has a first axis "
+            f"of the same length (`jstate.init(model, keys)`); this State's variables have shapes {shown}"
+            f"{', ...' if len(specs) > 4 else ''}."
+        )
+    (n,) = lengths
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not -n <= index < n:
+        raise IndexError(f"Ensemble member {index!r} is out of range: the ensemble has {n} members (0 to {n - 1}).")
+    members = {name: member(spec) for name, spec in specs.items()}
+    return members, {name: constrain(v[index], members[name].sharding) for name, v in values.items()}

@@ -1,85 +1,36 @@
 """`State`: an immutable mapping from variable names to arrays, and a JAX pytree.
 
-A State is its `StateDef` (the declarations: static, the pytree's aux data) and its values (the
-leaves). The rules of an update live in `updates`, placement in `placement`, and the pytree <->
-name conversions (NNX's included) in `jstate.core.tree`; the methods here put them together.
+A State is its `StateDef` (the declarations: static, the pytree's aux data, `statedef`) and its
+values (the leaves). The rules of an update live in `updates`, which variables a State holds and
+under which names in `selection`, ensembles in `ensembles`, placement in `placement`, and the
+pytree <-> name conversions (NNX's included) in `jstate.core.tree`; the methods here put them
+together, and keep the docstrings users read.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..core import names as _names
 from ..core import tree as _tree
-from ..core.errors import InvalidNameError, SpecMismatchError, uninitialized, unknown_names
+from ..core.errors import uninitialized, unknown_names
 from ..core.table import Table
 from . import display as _display
 from . import ensembles as _ensembles
 from . import placement as _placement
+from . import selection as _selection
 from . import updates as _updates
 from .placement import Placement
 from .spec import VariableSpec, spec_of
+from .statedef import StateDef, register
 
 
-class StateDef:
-    """The static part of a State (as NNX's ``GraphDef`` is a module's): its declarations.
-
-    Every declared variable, and which ones hold values.
-
-    It is the pytree aux data, compared by `jax.jit` on every call: its hash is computed once and
-    equality short-circuits on identity, so a 1,000-variable State costs no more to dispatch
-    than a dict of its arrays.
-
-    Args:
-      specs: every declared variable, by name.
-      names: the names of those that hold a value.
-
-    >>> StateDef(state.specs, state) == StateDef(state.specs, list(state))
-    True
-    """
-
-    __slots__ = ("specs", "names", "_hash", "_first", "_refits")
-
-    def __init__(self, specs: Mapping[str, VariableSpec], names: Iterable[str]):
-        self.specs = dict(sorted(specs.items()))
-        self.names = tuple(sorted(names))
-        self._hash = hash((self.names, tuple((s.name, s.shape, s.dtype) for s in self.specs.values())))
-        self._first = self.specs[self.names[0]].shape if self.names else None  # (see `_unflatten`)
-        self._refits: dict[Any, StateDef] = {}
-
-    def refit(self, leaves: tuple[Any, ...]) -> StateDef:
-        """This StateDef, or the one whose declarations have the leading (batch) axes that
-        `leaves`, the values of `names`, gained or lost (see `jstate.model.ensembles`)."""
-        change = _ensembles.refit(self.specs, self.names, leaves)
-        if change is None:
-            return self
-        found = self._refits.get(change)
-        if found is None:
-            found = self._refits.setdefault(change, StateDef(_ensembles.apply(self.specs, change), self.names))
-        return found
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __repr__(self) -> str:
-        return f"StateDef({len(self.specs)} variables, {len(self.names)} initialized)"
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (
-            isinstance(other, StateDef)
-            and self._hash == other._hash
-            and self.names == other.names
-            and self.specs == other.specs
-        )
-
-
+@register
 class State(Mapping[str, jax.Array]):
     """An immutable mapping from variable name to array, and a JAX pytree.
 
@@ -341,9 +292,7 @@ class State(Mapping[str, jax.Array]):
         >>> list(state.subset(["layer1/"]))
         ['layer1/kernel']
         """
-        names = _names.select(names, self._layout.specs, "`subset`")
-        specs = {n: self._layout.specs[n] for n in names}
-        return State._build(specs, {n: self._values[n] for n in specs if n in self._values})
+        return State._build(*_selection.subset(self._layout.specs, self._values, names))
 
     def trainable(self) -> State:
         """The variables declared trainable (the default), as a State: what `jax.grad` takes.
@@ -360,7 +309,7 @@ class State(Mapping[str, jax.Array]):
         >>> grads = jax.grad(lambda p: (p["w"] ** 2).sum())(st.trainable())
         >>> st = st.merge(jax.tree.map(lambda p, g: p - 0.1 * g, st.trainable(), grads)).assign_add("step", 1)
         """
-        return self.subset([n for n, s in self._layout.specs.items() if s.trainable])
+        return State._build(*_selection.trainable(self._layout.specs, self._values))
 
     def non_trainable(self) -> State:
         """The variables declared with ``trainable=False``, as a State (see `trainable`).
@@ -368,7 +317,7 @@ class State(Mapping[str, jax.Array]):
         >>> list(jstate.State({"w": jnp.ones(2)}).non_trainable())
         []
         """
-        return self.subset([n for n, s in self._layout.specs.items() if not s.trainable])
+        return State._build(*_selection.trainable(self._layout.specs, self._values, flag=False))
 
     def member(self, index: int) -> State:
         """Member `index` of an ensemble State: every variable indexed along its first axis, as
@@ -391,22 +340,7 @@ class State(Mapping[str, jax.Array]):
         >>> one.spec("weights").shape, bool((one["weights"] == ensemble["weights"][1]).all())
         ((784, 200), True)
         """
-        specs = self.specs
-        sizes = {n: (s.shape[0] if s.shape else None) for n, s in specs.items()}
-        lengths = set(sizes.values())
-        if len(lengths) != 1 or None in lengths:
-            shown = ", ".join(f"'{n}' {specs[n].shape}" for n in list(specs)[:4])
-            raise SpecMismatchError(
-                f"`member` takes one model out of an ensemble, a State whose every variable has a first axis "
-                f"of the same length (`jstate.init(model, keys)`); this State's variables have shapes {shown}"
-                f"{', ...' if len(specs) > 4 else ''}."
-            )
-        (n,) = lengths
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not -n <= index < n:
-            raise IndexError(f"Ensemble member {index!r} is out of range: the ensemble has {n} members (0 to {n - 1}).")
-        members = {name: _ensembles.member(spec) for name, spec in specs.items()}
-        values = {name: _placement.constrain(v[index], members[name].sharding) for name, v in self._values.items()}
-        return State._make(StateDef(members, values), values)
+        return State._build(*_ensembles.select(self.specs, self._values, index))
 
     def redeclare(self, name: str, value: Any) -> State:
         """A new State in which variable `name` has `value`'s shape and dtype, and holds `value`.
@@ -462,18 +396,7 @@ class State(Mapping[str, jax.Array]):
         >>> list(state.rename({"w2": "copy/weights"}))
         ['biases', 'copy/weights', 'layer1/kernel', 'weights']
         """
-        missing = [n for n in mapping if n not in self._layout.specs]
-        if missing:
-            raise unknown_names("Cannot rename: variable", missing, self._layout.specs, "")
-        specs, values = {}, {}
-        for n, spec in self._layout.specs.items():
-            new = _names.check_name(mapping.get(n, n))
-            if new in specs:
-                raise InvalidNameError(f"Cannot rename: two variables would be named '{new}'.")
-            specs[new] = dataclasses.replace(spec, name=new)
-            if n in self._values:
-                values[new] = self._values[n]
-        return State._build(specs, values)
+        return State._build(*_selection.rename(self._layout.specs, self._values, mapping))
 
     def replace_placement(self, mesh: jax.sharding.Mesh | None = None, rules: Any = None) -> State:
         """A State re-placed for `mesh` and `rules`, values moved to their new shardings.
@@ -578,28 +501,6 @@ class State(Mapping[str, jax.Array]):
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
-
-
-def _flatten(state: State):
-    return tuple(state._values.values()), state._layout
-
-
-def _flatten_with_keys(state: State):
-    return tuple((jax.tree_util.DictKey(n), v) for n, v in state._values.items()), state._layout
-
-
-def _unflatten(layout: StateDef, leaves: Iterable[Any]) -> State:
-    leaves = tuple(leaves)
-    # `jax.vmap` builds its output State from the aux data of the State its function returned,
-    # one member's declarations, and values with the batch axis in front (and the reverse inside
-    # the function): where the first value's shape is not its declared one, the declarations
-    # follow the values' leading axes. One comparison on every other call (each `jax.jit` call).
-    if leaves and getattr(leaves[0], "shape", layout._first) != layout._first:
-        layout = layout.refit(leaves)
-    return State._make(layout, dict(zip(layout.names, leaves)))
-
-
-jax.tree_util.register_pytree_with_keys(State, _flatten_with_keys, _unflatten, _flatten)
 
 
 def report_uninitialized(state: State) -> list[str]:

@@ -66,7 +66,7 @@ def test_sigkill_mid_save_or_delete_leaves_every_listed_checkpoint_restorable(tm
     run_and_kill(tmp_path, seed)
     latest = jstate.latest_checkpoint(tmp_path)
     assert latest is not None
-    listed = [c.path for c in jstate.checkpoint.lookup.checkpoints(tmp_path)]
+    listed = [c.path for c in jstate.checkpoint.directory.checkpoints(tmp_path)]
     assert 1 <= len(listed) <= 3  # max_to_keep=2, plus at most one whose deletion was cut short
     for path in listed:
         step = int(path.name.split("-")[1])

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import jstate
-from jstate.checkpoint import lookup as _checkpoint
+from jstate.checkpoint import directory as _checkpoint
 from jstate.formats import commit as _commit
 from jstate.formats import integrity as _integrity
 from jstate.formats.manifest import FILE, Manifest, Variable
@@ -84,7 +84,7 @@ PRELUDE = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
     import jstate
-    from jstate.checkpoint import lookup as _checkpoint
+    from jstate.checkpoint import directory as _checkpoint
     from jstate.formats import commit as _commit
     from jstate.storage import local as _files
     from jstate.formats import integrity as _integrity
