@@ -172,7 +172,9 @@ def test_a_neighbour_recording_an_absurd_order_never_loses_a_save(tmp_path, reco
     assert Manifest.read(Path(saved)).order <= _manifest.LATEST_TIME
 
 
-@pytest.mark.parametrize("variables", [1, 100_000])  # read whole, and (over 4 MiB) found in its last bytes
+@pytest.mark.parametrize(
+    "variables", [1, pytest.param(100_000, marks=pytest.mark.slow)]
+)  # read whole, and (over 4 MiB) found in its last bytes
 def test_a_manifest_of_an_older_jstate_is_ordered_by_its_order_recorded_last(tmp_path, clock, variables):
     """jstate before 0.2 wrote `created` and `order` after the variables, where `read_order` does
     not read a manifest of the current layout: such a neighbour still orders the next save."""

@@ -85,6 +85,7 @@ def test_vmap_over_an_ensemble_sees_one_member():
     assert stepped["step"].tolist() == [1] * N
 
 
+@pytest.mark.slow  # seconds of compiles on a mesh; test_restore_a_vmapped_ensemble_into_itself is the fast loop's
 @pytest.mark.parametrize("target", ["itself", "abstract"])
 def test_save_and_restore_an_ensemble(tmp_path, mesh, target):
     ensemble = jstate.init(model, keys(), mesh=mesh, rules=RULES)
@@ -141,6 +142,7 @@ def test_keys_of_two_batch_axes_are_refused():
         jstate.init(model, jax.random.split(jax.random.key(0), (2, 3)))
 
 
+@pytest.mark.slow  # legacy keys compile programs of their own
 def test_legacy_uint32_keys_make_an_ensemble():
     raw = jax.random.split(jax.random.PRNGKey(0), N)
     ensemble = jstate.init(model, raw)
