@@ -56,14 +56,14 @@ def lookup(path: str | os.PathLike | None, timeout: float | None, what: str, fn:
 def open_checkpoint(path: str | os.PathLike, *, timeout: float | None = LOOKUP_TIMEOUT) -> Checkpoint:
     """The checkpoint at `path`, read from its metadata only.
 
-    Valid forms of `path`:
+    Valid forms of `path`::
 
       ckpt/model-1000              a jstate checkpoint
       ckpt/flax_params             an Orbax PyTree checkpoint (plain Orbax, Flax)
       ckpt/1000                    an Orbax CheckpointManager step (also ckpt/step_1000, ...): its
                                    items as one checkpoint, named "<item>/<name>" when it has several
       old/model.ckpt-20            a TensorFlow checkpoint prefix (or its .index file)
-      model.safetensors            a safetensors file (needs `jstate[safetensors]`)
+      model.safetensors            a safetensors file
       ckpt/                        a directory of any of these: its latest complete one
       ckpt/model                   a prefix: the latest of ckpt/model-<step>
       gs://bucket/ckpt/model-1000  any of these on Google Cloud Storage, or s3://bucket/... on S3
