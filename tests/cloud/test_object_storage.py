@@ -332,14 +332,19 @@ def test_arrays_a_killed_resave_left_are_removed_by_the_next_save_beside(root, m
 
 
 def test_odd_but_valid_paths_round_trip(root):
-    """Trailing slash, double slash, spaces, unicode, '?' and '#' in names."""
-    for i, url in enumerate(
-        [f"{root}/trail/model/", f"{root}/a//b/model", f"{root}/sp ace/mödel ü", f"{root}/q?x=1#f/m"]
-    ):
+    """Double slash, spaces, unicode, '?' and '#' in names; a trailing slash saves the directory
+    named, and with a step is refused (the step would name a checkpoint beside it), as locally."""
+    for i, url in enumerate([f"{root}/a//b/model", f"{root}/sp ace/mödel ü", f"{root}/q?x=1#f/m"]):
         path = jstate.Saver().save(small(i), url, step=1)
         assert "//" not in path.split("://", 1)[1] and not path.endswith("/")
         assert jstate.latest_checkpoint(path.rsplit("/", 1)[0]) == path
         np.testing.assert_array_equal(jstate.load_variable(path, "w"), np.full(8, i, np.float32))
+    with pytest.raises(jstate.CheckpointError, match=r"trail/model/' with step=1: .*trail/model/model'.*Nothing was"):
+        jstate.Saver().save(small(7), f"{root}/trail/model/", step=1)
+    assert jstate.latest_checkpoint(f"{root}/trail") is None
+    path = jstate.Saver().save(small(7), f"{root}/trail/model/")
+    assert path == f"{root}/trail/model"
+    np.testing.assert_array_equal(jstate.load_variable(path, "w"), np.full(8, 7, np.float32))
 
 
 def test_missing_bucket_is_a_clear_error(store, tmp_path, monkeypatch):
