@@ -434,6 +434,8 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         # One pool for every draw the values make (Flax's `module.init` draws once per
         # parameter), unless a key is computed from drawn bits.
         pool = _draws.poolable_key_type(j.invars[0].aval) and not _draws.keys_from_draws_in(eqns)
+        # (replicated outputs are computed on one device, see `programs.jit`: its pool is not spread)
+        mesh = None if _programs.replica_device(shardings) is not None else _draws.mesh_of(shardings)
 
         def run(key, args):
             def once(draw):
@@ -443,11 +445,7 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
                 _draws.run_eqns(eqns, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return (
-                _draws.pooled_trace(once, _draws.mesh_of(shardings), _draws.replicated(shardings))
-                if pool
-                else once(None)
-            )
+            return _draws.pooled_trace(once, mesh, _draws.replicated(shardings)) if pool else once(None)
 
         out = None if all(s is None for s in shardings) else shardings
         program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0)))

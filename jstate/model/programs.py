@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from ..core.errors import InitializerError
 from . import draws as _draws
@@ -131,7 +132,9 @@ def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any], ensemble
     """
     cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings), ensemble)
     traceds = tuple(traceds)
-    mesh, gather = _draws.mesh_of(shardings), _draws.replicated(shardings)
+    # (replicated outputs are computed on one device, see `jit`: its pool is not spread)
+    mesh = None if replica_device(shardings) is not None else _draws.mesh_of(shardings)
+    gather = _draws.replicated(shardings)
     out = None if all(s is None for s in shardings) else list(shardings)
     return _cached(cache_key, lambda: jit(functools.partial(_pooled, traceds, mesh, gather), out, ensemble))
 
@@ -139,11 +142,40 @@ def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any], ensemble
 def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None)) -> Callable:
     """``jax.jit(fn)`` creating its outputs on `shardings`; with `ensemble`, of ``jax.vmap(fn)``
     over a batch of keys, every output with a leading, unsharded ensemble axis. (Threefry draws
-    each element from its own key and counter, so each member gets the bits its key gives alone.)"""
+    each element from its own key and counter, so each member gets the bits its key gives alone.)
+
+    Where every output is replicated over a mesh (`replica_device`), the program is compiled for
+    one of its devices and its outputs are then copied to the others: a program partitioned over
+    the mesh would compute every value on every device (measured on the transformer LM of
+    ``benchmarks/bench_init_scale.py``, 8 CPU devices: ...), and XLA's SPMD partitioning adds to
+    its compile. Each device still holds just its replicas of the values, plus temporaries on one.
+    """
     if ensemble:
         fn = jax.vmap(fn, in_axes=in_axes)
         shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
-    return jax.jit(fn, out_shardings=shardings)
+    device = replica_device(shardings)
+    program = jax.jit(fn, out_shardings=shardings)
+    if device is None:
+        return program
+    one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))
+
+    def run(*args: Any) -> Any:
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+            return program(*args)  # init under `jax.jit` or `jax.vmap`: placed by the caller's program
+        return jax.device_put(one(*jax.device_put(args, device)), shardings)
+
+    run.lower = one.lower  # (what runs, for XLA's text and memory analysis)
+    return run
+
+
+def replica_device(shardings: Any) -> Any:
+    """The device that computes a program's outputs when all of them are replicated over one
+    mesh of several devices (its first device), else None."""
+    leaves = jax.tree.leaves(shardings)
+    if not leaves or not all(isinstance(s, NamedSharding) and s.is_fully_replicated for s in leaves):
+        return None
+    devices = {tuple(s.mesh.devices.flat) for s in leaves}
+    return next(iter(devices))[0] if len(devices) == 1 and len(next(iter(devices))) > 1 else None
 
 
 def _pooled(traceds: tuple[Traced, ...], mesh: Any, gather: bool, key: jax.Array, words: jax.Array) -> list[jax.Array]:
