@@ -448,7 +448,7 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
             return _draws.pooled_trace(once, mesh, _draws.replicated(shardings)) if pool else once(None)
 
         out = None if all(s is None for s in shardings) else shardings
-        program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0)))
+        program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0), one_device=True))
     return program, inputs
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 
 from ..core.errors import InitializerError
 from . import draws as _draws
@@ -132,40 +132,48 @@ def pooled_program(traceds: Sequence[Traced], shardings: Sequence[Any], ensemble
     """
     cache_key = ("pooled", tuple(t.fingerprint for t in traceds), tuple(shardings), ensemble)
     traceds = tuple(traceds)
-    # (replicated outputs are computed on one device, see `jit`: its pool is not spread)
-    mesh = None if replica_device(shardings) is not None else _draws.mesh_of(shardings)
-    gather = _draws.replicated(shardings)
+    mesh, gather = _draws.mesh_of(shardings), _draws.replicated(shardings)
     out = None if all(s is None for s in shardings) else list(shardings)
     return _cached(cache_key, lambda: jit(functools.partial(_pooled, traceds, mesh, gather), out, ensemble))
 
 
-def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None)) -> Callable:
+def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), one_device: bool = False) -> Callable:
     """``jax.jit(fn)`` creating its outputs on `shardings`; with `ensemble`, of ``jax.vmap(fn)``
     over a batch of keys, every output with a leading, unsharded ensemble axis. (Threefry draws
     each element from its own key and counter, so each member gets the bits its key gives alone.)
 
-    Where every output is replicated over a mesh (`replica_device`), the program is compiled for
-    one of its devices and its outputs are then copied to the others: a program partitioned over
-    the mesh would compute every value on every device (measured on the transformer LM of
-    ``benchmarks/bench_init_scale.py``, 8 CPU devices: ...), and XLA's SPMD partitioning adds to
-    its compile. Each device still holds just its replicas of the values, plus temporaries on one.
+    With `one_device`, where every output is replicated over a mesh (`replica_device`), the
+    program is compiled for one of its devices and its outputs are then copied to the others:
+    partitioned over the mesh, XLA computes every replicated value on every device. Worth it for
+    costly values (a Flax model's truncated normals: the transformer LM of
+    ``benchmarks/bench_init_scale.py`` on 8 CPU devices, later calls 0.41 s -> 0.28 s), not for
+    pools of cheap ones (the 100-shape model's glorot pools, gathered once then cut on every
+    device, ran 1.2x slower copied). Each device still holds just its replicas, plus temporaries
+    on one.
     """
     if ensemble:
         fn = jax.vmap(fn, in_axes=in_axes)
         shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
-    device = replica_device(shardings)
+    device = replica_device(shardings) if one_device else None
     program = jax.jit(fn, out_shardings=shardings)
     if device is None:
         return program
     one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))
 
     def run(*args: Any) -> Any:
-        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
-            return program(*args)  # init under `jax.jit` or `jax.vmap`: placed by the caller's program
+        if any(isinstance(a, jax.core.Tracer) or _typed_by_mesh(a) for a in jax.tree.leaves(args)):
+            # init under `jax.jit` or `jax.vmap` (placed by the caller's program), or inputs whose
+            # type holds their mesh (Explicit axes), which a one-device program cannot take
+            return program(*args)
         return jax.device_put(one(*jax.device_put(args, device)), shardings)
 
     run.lower = one.lower  # (what runs, for XLA's text and memory analysis)
     return run
+
+
+def _typed_by_mesh(value: Any) -> bool:
+    sharding = getattr(value, "sharding", None)
+    return isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types
 
 
 def replica_device(shardings: Any) -> Any:
