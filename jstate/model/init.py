@@ -434,24 +434,58 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         # One pool for every draw the values make (Flax's `module.init` draws once per
         # parameter), unless a key is computed from drawn bits.
         pool = _draws.poolable_key_type(j.invars[0].aval) and not _draws.keys_from_draws_in(eqns)
+        # (replicated outputs are computed on one device, see `programs.jit`: its pool is not spread)
+        mesh = None if _programs.replica_device(shardings) is not None else _draws.mesh_of(shardings)
 
-        def run(key, args):
+        # The keys derived from init's key alone (Flax folds one in per module and parameter) are
+        # computed op by op before the program: in it, each `fold_in` is a threefry loop that XLA
+        # compiles on its own (33 in the transformer LM, most of its compile), while op by op
+        # they share one compiled `fold_in`. (Integer arithmetic: the same bits either way.)
+        before, rest, cut = _key_derivations(eqns, j.invars[0], outputs) if pool and not ensemble else ([], eqns, [])
+
+        def run(key, args, keys):
             def once(draw):
                 env = dict(consts)
                 env.update(zip(j.invars, [key]))
                 env.update(zip(inputs, args))
-                _draws.run_eqns(eqns, env, draw)
+                env.update(zip(cut, keys))
+                _draws.run_eqns(rest, env, draw)
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
-            return (
-                _draws.pooled_trace(once, _draws.mesh_of(shardings), _draws.replicated(shardings))
-                if pool
-                else once(None)
-            )
+            return _draws.pooled_trace(once, mesh, _draws.replicated(shardings)) if pool else once(None)
+
+        def keys_of(key):
+            env = {j.invars[0]: key}
+            _draws.run_eqns(before, env)
+            return [env[v] for v in cut]
 
         out = None if all(s is None for s in shardings) else shardings
-        program = plan.derive.setdefault(cache_key, _programs.jit(run, out, ensemble, in_axes=(0, 0)))
+        jitted = _programs.jit(run, out, ensemble, in_axes=(0, 0, 0), one_device=True)
+        program = lambda key, args: jitted(key, args, keys_of(key))  # noqa: E731
+        program.lower = lambda key, args: jitted.lower(key, args, keys_of(key))
+        program = plan.derive.setdefault(cache_key, program)
     return program, inputs
+
+
+def _key_derivations(eqns: list, key: Var, outputs: list) -> tuple[list, list, list]:
+    """`eqns` split into those that derive keys from `key` alone (`fold_in` of a literal, `split`,
+    and slicing the keys), the others, and the derived keys the others read."""
+    keyed, before, rest = {key}, [], []
+    for eqn in eqns:
+        ins = [v for v in eqn.invars if isinstance(v, Var)]
+        derives = (
+            eqn.primitive.name in ("random_fold_in", "random_split", "slice", "squeeze", "reshape")
+            and ins
+            and all(v in keyed for v in ins)
+            and all(jax.dtypes.issubdtype(v.aval.dtype, jax.dtypes.prng_key) for v in eqn.outvars)
+        )
+        if derives:
+            before.append(eqn)
+            keyed.update(eqn.outvars)
+        else:
+            rest.append(eqn)
+    read = {v for eqn in rest for v in eqn.invars if isinstance(v, Var)} | {v for v in outputs if isinstance(v, Var)}
+    return before, rest, [v for v in keyed if v is not key and v in read]
 
 
 def _committed(value: Any) -> bool:
