@@ -229,20 +229,12 @@ def soak(
         done: list[Child] = []
         sent = {name: 0 for name in SIGNALS if name}
         reports: queue.Queue[str] | None = None if rounds is None else queue.Queue()
-        children = [
-            Child(
-                f"writer{i}",
-                WRITER,
-                root,
-                str(i),
-                str(rng.randrange(2**31)),
-                str(savers),
-                env=env,
-                cwd=cwd,
-                events=reports,
-            )
-            for i in range(writers)
-        ]
+
+        def writer(i: int) -> Child:
+            seed = str(rng.randrange(2**31))
+            return Child(f"writer{i}", WRITER, root, str(i), seed, str(savers), env=env, cwd=cwd, events=reports)
+
+        children = [writer(i) for i in range(writers)]
         started = time.monotonic()
         try:
             for child in [reader, *children]:  # the clock starts when all are at work (JAX starts slowly)
@@ -258,20 +250,7 @@ def soak(
                 for child in [c for c in children if c.process.poll() is not None]:
                     children.remove(child)
                     done.append(child)
-                    index = writers + len(done) - 1
-                    children.append(
-                        Child(
-                            f"writer{index}",
-                            WRITER,
-                            root,
-                            str(index),
-                            str(rng.randrange(2**31)),
-                            str(savers),
-                            env=env,
-                            cwd=cwd,
-                            events=reports,
-                        )
-                    )
+                    children.append(writer(writers + len(done) - 1))
                 child = rng.choice(children)
                 action = rng.choices(list(SIGNALS), weights=list(SIGNALS.values()))[0]
                 if action is not None and child.ready:
