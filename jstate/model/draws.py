@@ -27,12 +27,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 # several kinds (see `chunk`). XLA compiles at least one fusion per output (about 15-50 ms each
 # on a CPU), so a pool's compile grows with its variables: small pools let equal runs of
 # variables (1,000 equal layers) share one compiled program (measured: 256 equal 64x64
-# variables in one pool compiled in 48 s, 32 in 4.7 s); a pool of distinct ones is a compile
+# variables in one pool compiled in 48 s, 32 in 4.7 s; for 1,000 such layers on 2 cores, pools
+# of 16 gave a first call of 1.14 s and later ones of 92 ms, of 8 0.89 s and 102 ms, of 4 0.86 s
+# and 165 ms: a call per pool costs too); a pool of distinct ones is a compile
 # of its own whatever its size, whose fixed cost (the threefry loop) dominates. Bigger
-# variables get programs of their own: their compile is small next to their run time, and
-# drawn alone each is as fast as `jax.random` (a pool of 8 x 2048^2 ran at 3x a plain jit).
+# variables get programs of their own (equal ones a few per program, `programs.SIDE_BY_SIDE`):
+# their compile is small next to their run time, and drawn alone each is as fast as
+# `jax.random` (a pool of 8 x 2048^2 ran at 3x a plain jit). Inside a program computed on one
+# device (a Flax model's replicated variables), large draws join its pools (`pooled_trace`).
 POOL_MAX = 1 << 20
-CHUNK_VARIABLES = 16
+CHUNK_VARIABLES = 8
 CHUNK_DISTINCT = 32
 CHUNK_ELEMENTS = 1 << 24
 _ROW = 128  # a pool is (rows, _ROW) words; a variable's bits start on a row of their own
@@ -86,9 +90,11 @@ def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None, gather
         return jnp.zeros(shape, np.dtype(f"uint{bit_width}"))
 
     run(record)
-    # Large draws stay draws of their own (threefry is partitionable: each device then computes
-    # just its shards); the small ones share pools of bounded size.
-    pooled = [i for i, (_, _, shape) in enumerate(requests) if math.prod(shape) <= POOL_MAX]
+    # On a mesh, large draws stay draws of their own (threefry is partitionable: each device then
+    # computes just its shards); the small ones share pools of bounded size. On one device, all
+    # share pools: a large draw alone is one more threefry loop for XLA to compile.
+    largest = POOL_MAX if mesh is not None else CHUNK_ELEMENTS
+    pooled = [i for i, (_, _, shape) in enumerate(requests) if math.prod(shape) <= largest]
     if not pooled:
         return run(None)
     slices: dict[int, jax.Array] = {}

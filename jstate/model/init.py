@@ -41,6 +41,7 @@ class _Plan:
     unused: tuple[tuple[int, str], ...]  # (index, pattern) of the rules that match no variable
     reads: _freshness.Reads  # the globals the model and its initializers read when traced
     eager: bool  # values computed from others are computed op by op (see `Record.eager`)
+    fills: Mapping[int, np.ndarray]  # variables filled with one small constant, by index: its value
     # Compiled programs for values computed from others, by (derived, known) variable indices.
     derive: dict = dataclasses.field(default_factory=dict, compare=False)
     ensembles: dict = dataclasses.field(default_factory=dict, compare=False)  # n -> its `StateDef`
@@ -124,7 +125,17 @@ def _trace(
     unused = _placement.unused_rules(rules, [s.name for s in specs])
     reads = _freshness.Reads.of([model, *record.initializers])
     layout = StateDef({s.name: s for s in specs}, ())
-    return _Plan(specs, tuple(record.steps), jaxpr, layout, unused, reads, record.eager)
+    return _Plan(specs, tuple(record.steps), jaxpr, layout, unused, reads, record.eager, _fills(jaxpr, record.steps))
+
+
+def _fills(jaxpr: ClosedJaxpr, steps: Sequence[Any]) -> dict[int, np.ndarray]:
+    """The variables filled with one small constant (see `programs.FILL_MAX`), by index."""
+    found = _programs.fills(jaxpr.jaxpr, jaxpr.jaxpr.outvars)
+    for i, step in enumerate(steps):
+        if step is not None:
+            traced = step[0].jaxpr.jaxpr
+            found[i] = _programs.fills(traced, traced.outvars)[0]
+    return {i: value for i, value in enumerate(found) if value is not None}
 
 
 def init(
@@ -330,18 +341,33 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
     values: dict[str, jax.Array] = {}
     derived: list[int] = []
     pools: dict[Any, list[int]] = {}  # poolable variables, by the devices they live on
+    singles: dict[Any, list[int]] = {}  # the others, by initializer and sharding
     poolable = _draws.poolable_key(key) if not ensemble else _draws.poolable_key_type(plan.jaxpr.in_avals[0])
+    traced_key = isinstance(key, jax.core.Tracer)  # (under `jax.jit` or `jax.vmap`: all in its program)
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
+            continue
+        if i in plan.fills and not traced_key:
+            values[spec.name] = _programs.filled(plan.fills[i], spec.shape, spec.sharding, ensemble)
             continue
         if step is None:
             derived.append(i)
             continue
         traced, key_words = step
         if poolable and traced.draws is not None and traced.size <= _draws.POOL_MAX:
-            pools.setdefault(_devices(spec.sharding), []).append(i)
+            pools.setdefault((_devices(spec.sharding), bool(traced.draws)), []).append(i)
         else:
-            values[spec.name] = _programs.single_program(traced, spec.sharding, ensemble)(key, key_words)
+            singles.setdefault((traced.fingerprint, spec.sharding), []).append(i)
+    for members in singles.values():
+        for start in range(0, len(members), _programs.SIDE_BY_SIDE):
+            run = members[start : start + _programs.SIDE_BY_SIDE]
+            (traced, key_words), sharding = plan.steps[run[0]], plan.specs[run[0]].sharding
+            if len(run) == 1:
+                values[plan.specs[run[0]].name] = _programs.single_program(traced, sharding, ensemble)(key, key_words)
+                continue
+            program = _programs.equal_program(traced, sharding, len(run), ensemble)
+            for i, value in zip(run, program(key, np.stack([plan.steps[i][1] for i in run]))):
+                values[plan.specs[i].name] = value
     for members in pools.values():
         for chunk in _padded(plan, _chunks(plan, members)):
             shardings = [plan.specs[i].sharding for i in chunk]
@@ -386,7 +412,9 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
     """Values computed from other values: one compiled program per set of devices, its outputs
     created on their declared shardings (so no device holds a whole sharded value)."""
     outvars = plan.jaxpr.jaxpr.outvars
-    known = {outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values}
+    known = {
+        outvars[i]: values[s.name] for i, s in enumerate(plan.specs) if s.name in values and isinstance(outvars[i], Var)
+    }
     groups: dict[Any, list[int]] = {}
     for i in derived:
         groups.setdefault(_devices(plan.specs[i].sharding), []).append(i)

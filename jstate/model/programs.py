@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Jaxpr
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
 from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 
 from ..core.errors import InitializerError
@@ -94,6 +94,54 @@ def trace(initializer: Callable, shape: tuple[int, ...], dtype: np.dtype, key_ty
     return Traced(closed, _fingerprint(closed), None if draws is None else tuple(draws))
 
 
+# A variable filled with one constant (zeros, ones, ``constant(c)``: biases, norm scales) of up
+# to this many bytes is made on the host and put on its sharding (each device receives just its
+# shards), not computed by a program: each output of a compiled program costs XLA a kernel of its
+# own to compile (10-20 ms on a CPU), and a model has as many biases as kernels. Larger ones are
+# computed in place, so no host holds a model's worth of zeros.
+FILL_MAX = 1 << 22
+
+
+def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
+    """For each of `outs` (outputs of `jaxpr`), the one scalar it is filled with where it is a
+    broadcast of a constant (``jnp.zeros``, ``jnp.full``, then reshaped or cast exactly) of at
+    most `FILL_MAX` bytes, else None."""
+    value: dict[Var, np.ndarray] = {}  # the variables of `jaxpr` that hold one scalar everywhere
+    for eqn in jaxpr.eqns:
+        name, operand = eqn.primitive.name, eqn.invars[0] if eqn.invars else None
+        if isinstance(operand, Literal) and operand.aval.shape == () and name == "broadcast_in_dim":
+            v = np.asarray(operand.val, dtype=operand.aval.dtype)
+        elif isinstance(operand, Var) and operand in value and name in _SAME_VALUES and len(eqn.invars) == 1:
+            v = value[operand]
+        elif isinstance(operand, Var) and operand in value and name == "convert_element_type":
+            v = value[operand].astype(eqn.outvars[0].aval.dtype)
+            if v.astype(value[operand].dtype) != value[operand]:  # (only exact casts: numpy's rounding is not XLA's)
+                continue
+        else:
+            continue
+        value[eqn.outvars[0]] = v
+    found = []
+    for out in outs:
+        if isinstance(out, Literal):  # (a scalar: `jnp.ones(())`)
+            found.append(np.asarray(out.val, dtype=out.aval.dtype))
+        elif out in value and out.aval.size * out.aval.dtype.itemsize <= FILL_MAX:
+            found.append(value[out])
+        else:
+            found.append(None)
+    return found
+
+
+_SAME_VALUES = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p")
+
+
+def filled(value: np.ndarray, shape: tuple[int, ...], sharding: Any, ensemble: int = 0) -> jax.Array:
+    """A new array of `shape` (with `ensemble`, of n members) holding `value` everywhere, put on
+    `sharding` (None: the default device)."""
+    if ensemble:
+        shape, sharding = (ensemble, *shape), _ensembles.batched_sharding(sharding)
+    return jax.device_put(np.full(shape, value, value.dtype), sharding)
+
+
 def fold(key: jax.Array, words: jax.Array) -> jax.Array:
     """A variable's own key: init's `key` with the two words of its name hash folded in."""
     return jax.random.fold_in(jax.random.fold_in(key, words[0]), words[1])
@@ -110,6 +158,23 @@ def single_program(traced: Traced, sharding: Any, ensemble: int = 0) -> Callable
     with `ensemble`, for a batch of keys (each member's value is the one its own key gives)."""
     cache_key = ("single", traced.fingerprint, sharding, ensemble)
     return _cached(cache_key, lambda: jit(lambda key, words: evaluate(traced, fold(key, words)), sharding, ensemble))
+
+
+# Equal variables too large for a pool are computed up to this many per program: XLA runs the
+# independent draws of one program side by side, not those of separate programs (8 x 2048^2
+# glorot_normal on 2 cores: 415 ms one program each, 313 ms four per program, 328 ms eight).
+SIDE_BY_SIDE = 4
+
+
+def equal_program(traced: Traced, sharding: Any, count: int, ensemble: int = 0) -> Callable:
+    """A jitted ``program(key, key_words[count, 2]) -> [value, ...]`` for `count` variables of
+    one initializer, shape and sharding, each drawn from its own key as `single_program` draws it."""
+
+    def run(key, words):
+        return [evaluate(traced, fold(key, words[i])) for i in range(count)]
+
+    out = None if sharding is None else [sharding] * count
+    return _cached(("equal", traced.fingerprint, sharding, count, ensemble), lambda: jit(run, out, ensemble))
 
 
 def initializer_program(initializer: Callable, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Callable:

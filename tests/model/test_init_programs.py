@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import jax
@@ -227,3 +228,119 @@ def test_replicated_variables_on_a_mesh_gather_their_pool_once():
         return sum(text.count(f" {op}(") for op in ("all-gather", "collective-permute", "all-reduce", "all-to-all"))
 
     assert collectives(3) == collectives(9)
+
+
+# -- Constant fills: made on the host, put on their shardings, no program ---------------------
+
+
+FILLS = {
+    "zeros": (inits.zeros, (5, 3), jnp.float32),
+    "ones_bf16": (inits.ones, (4,), jnp.bfloat16),
+    "constant": (inits.constant(-0.0), (2, 2), jnp.float32),
+    "int_full": (lambda k, s, d: jnp.full(s, 7, d), (3,), jnp.int32),
+    "reshaped": (lambda k, s, d: jnp.zeros((s[0] * s[1],), d).reshape(s), (2, 3), jnp.float32),
+    "exact_cast": (lambda k, s, d: jnp.full(s, 0.5, jnp.float32).astype(d), (3,), jnp.bfloat16),
+    "inexact_cast": (lambda k, s, d: jnp.full(s, 0.1, jnp.float32).astype(d), (3,), jnp.bfloat16),
+    "scalar": (inits.ones, (), jnp.float32),
+}
+
+
+def fill_model(s):
+    for name, (init, shape, dtype) in FILLS.items():
+        s.variable(name, init, shape, dtype)
+
+
+def test_constant_variables_are_the_initializers_own_values_without_a_program():
+    from jstate.model import init as init_module
+
+    before = len(programs._programs)
+    state = jstate.init(fill_model, KEY)
+    (plan,) = init_module._plans[fill_model].values()
+    assert {plan.specs[i].name for i in plan.fills} == set(FILLS) - {"inexact_cast"}  # (numpy's rounding is not XLA's)
+    assert len(programs._programs) - before <= 1  # just the pool of `inexact_cast`
+    for name, (init, shape, dtype) in FILLS.items():
+        expected = own_value(name, init, shape, dtype)
+        assert state[name].dtype == expected.dtype and state[name].shape == shape, name
+        np.testing.assert_array_equal(np.asarray(state[name]), np.asarray(expected), err_msg=name)
+        assert np.signbit(np.asarray(state[name])).tolist() == np.signbit(np.asarray(expected)).tolist(), name
+    # each variable is a buffer of its own: donating one leaves the others whole
+    assert len({id(state[n]) for n in FILLS}) == len(FILLS)
+    jax.jit(lambda x: x + 1, donate_argnums=0)(state["zeros"])
+    np.testing.assert_array_equal(state["constant"], np.zeros((2, 2)))
+
+
+def test_constant_variables_are_put_on_their_shardings_and_large_ones_computed_in_place(monkeypatch):
+    monkeypatch.setattr(programs, "FILL_MAX", 64)  # bytes: "big" is computed by a program
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    spread = jax.sharding.PartitionSpec("a", "b")
+
+    def model(s):
+        s.variable("small", inits.ones, (4, 2), sharding=spread)
+        s.variable("big", inits.ones, (8, 8), sharding=spread)
+        s.variable("there", inits.zeros, (3,), device="cpu:5")
+
+    state = jstate.init(model, KEY, mesh=mesh)
+    for name in ("small", "big"):
+        assert state[name].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spread), 2), name
+        shard = state.spec(name).shape[0] // 4, state.spec(name).shape[1] // 2
+        assert {s.data.shape for s in state[name].addressable_shards} == {shard}
+        np.testing.assert_array_equal(state[name], np.ones(state.spec(name).shape))
+    assert state["there"].devices() == {jax.devices()[5]}
+
+
+def test_constant_variables_under_jit_vmap_and_in_ensembles():
+    def model(s):
+        s.variable("w", inits.normal(), (3,))
+        s.variable("b", inits.constant(2.0), (3,))
+
+    keys = jax.random.split(KEY, 4)
+    ensemble = jstate.init(model, keys)
+    assert ensemble["b"].shape == (4, 3) and ensemble.spec("b").shape == (4, 3)
+    mapped = jax.vmap(lambda k: jstate.init(model, k))(keys)
+    jitted = jax.jit(lambda k: jstate.init(model, k))(KEY)
+    np.testing.assert_array_equal(ensemble["b"], np.full((4, 3), 2.0))
+    np.testing.assert_array_equal(mapped["b"], ensemble["b"])
+    np.testing.assert_array_equal(jitted["b"], ensemble.member(0)["b"])
+    np.testing.assert_array_equal(mapped["w"], ensemble["w"])
+
+
+def test_equal_large_variables_are_computed_a_few_per_program(monkeypatch):
+    monkeypatch.setattr(draws, "POOL_MAX", 10)  # every variable below is "large"
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    rows = jax.sharding.PartitionSpec("a")
+
+    def model(s):
+        for i in range(6):
+            s.variable(f"w{i}", inits.glorot_normal(), (8, 4), sharding=rows)
+        s.variable("other", inits.normal(), (4, 4))
+
+    monkeypatch.setattr(programs, "_programs", collections.OrderedDict())  # (none made by other tests)
+    state = jstate.init(model, KEY, mesh=mesh)
+    made = [k[0] if k[0] != "equal" else ("equal", k[3]) for k in programs._programs]
+    assert sorted(map(str, made)) == sorted(map(str, [("equal", programs.SIDE_BY_SIDE), ("equal", 2), "single"]))
+    for i in range(6):
+        np.testing.assert_array_equal(state[f"w{i}"], own_value(f"w{i}", inits.glorot_normal(), (8, 4), jnp.float32))
+        assert state[f"w{i}"].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, rows), 2)
+    np.testing.assert_array_equal(state["other"], own_value("other", inits.normal(), (4, 4), jnp.float32))
+    ensemble = jstate.init(model, jax.random.split(KEY, 2), mesh=mesh)
+    np.testing.assert_array_equal(
+        ensemble.member(1)["w5"], jstate.init(model, jax.random.split(KEY, 2)[1], mesh=mesh)["w5"]
+    )
+
+
+@pytest.mark.slow  # seconds of compiles: in CI, not the fast loop
+def test_large_draws_of_a_flax_model_on_one_device_join_its_pool(monkeypatch):
+    from jstate.model import init as init_module
+
+    monkeypatch.setattr(draws, "POOL_MAX", 256)  # on a mesh, each kernel would be a draw of its own
+    module, x = flax_mlp(64, False), jnp.ones((1, 64))
+    model = jstate.flax_model(module, x)
+    state = jstate.init(model, KEY)
+    root = jax.random.fold_in(programs.fold(KEY, name_hash("flax")), 0x726E67)
+    expected = module.init(root, x)["params"]
+    for i in range(3):
+        got = state[f"params/dense{i}/kernel"]
+        np.testing.assert_allclose(got, expected[f"dense{i}"]["kernel"], rtol=1e-6, atol=1e-7)
+    (plan,) = init_module._plans[model].values()
+    (program,) = plan.derive.values()
+    assert program.lower(KEY, []).as_text().count("call @threefry2x32") == 1  # one pool for the three kernels
