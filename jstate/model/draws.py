@@ -170,9 +170,9 @@ def pool(
     base = ((row - jnp.asarray(first)[owner]) * _ROW).astype(np.uint32)
     data = data[owner]
     counters = base[:, None] + jax.lax.iota(np.uint32, _ROW)[None, :]
-    k1 = jnp.broadcast_to(data[:, :1], counters.shape)
-    k2 = jnp.broadcast_to(data[:, 1:], counters.shape)
-    b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
+    # Each row's key as a (rows, 1) column, which threefry broadcasts itself: broadcast to the
+    # counters' shape beforehand, XLA's loop ran 1.6-2.5x slower on a CPU.
+    b1, b2 = threefry2x32_p.bind(data[:, :1], data[:, 1:], jnp.zeros_like(counters), counters)
     bits = b1 ^ b2
     if ways > 1 and gather:
         bits = jax.lax.with_sharding_constraint(bits, NamedSharding(auto, PartitionSpec()))
