@@ -114,8 +114,8 @@ def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
         elif isinstance(operand, Var) and operand in value and name in _SAME_VALUES and len(eqn.invars) == 1:
             v = value[operand]
         elif isinstance(operand, Var) and operand in value and name == "convert_element_type":
-            v = value[operand].astype(eqn.outvars[0].aval.dtype)
-            if v.astype(value[operand].dtype) != value[operand]:  # (only exact casts: numpy's rounding is not XLA's)
+            v = _exact_cast(value[operand], eqn.outvars[0].aval.dtype)
+            if v is None:
                 continue
         else:
             continue
@@ -129,6 +129,18 @@ def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
         else:
             found.append(None)
     return found
+
+
+def _exact_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """`value` cast to `dtype` where the cast loses nothing, else None: numpy's rounding is not
+    XLA's, nor are its overflows, NaN to int, or complex to real casts (where numpy warns)."""
+    if np.iscomplexobj(value) and not np.issubdtype(dtype, np.complexfloating):
+        if value.imag != 0:
+            return None
+        value = value.real  # (what XLA's cast keeps)
+    with np.errstate(all="ignore"):
+        cast = value.astype(dtype)
+        return cast if cast.astype(value.dtype) == value else None
 
 
 _SAME_VALUES = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p")
