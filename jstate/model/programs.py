@@ -151,7 +151,13 @@ def filled(value: np.ndarray, shape: tuple[int, ...], sharding: Any, ensemble: i
     `sharding` (None: the default device)."""
     if ensemble:
         shape, sharding = (ensemble, *shape), _ensembles.batched_sharding(sharding)
-    return jax.device_put(np.full(shape, value, value.dtype), sharding)
+    out = jax.device_put(np.full(shape, value, value.dtype), sharding)
+    if isinstance(out, jax.core.Tracer):
+        # init traced with a constant key (`jax.jit` of a function that closes over it): there a
+        # constant's `device_put` keeps no sharding, so it is a broadcast constrained to its own
+        out = jnp.full(shape, value, value.dtype)
+        out = out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+    return out
 
 
 def fold(key: jax.Array, words: jax.Array) -> jax.Array:

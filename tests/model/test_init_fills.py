@@ -8,8 +8,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jstate
+from jstate import initializers as inits
 from jstate.core.names import name_hash
 from jstate.model import programs
 
@@ -54,3 +57,22 @@ def test_a_complex_constant_cast_to_real_is_its_real_part_without_a_warning_from
     library = os.path.dirname(jstate.__file__)
     assert [str(w.message) for w in caught if w.filename.startswith(library)] == []  # (JAX warns: the model's own)
     np.testing.assert_array_equal(state["x"], np.full((3,), 2.0, np.float32))
+
+
+def test_init_inside_jit_with_a_constant_key_keeps_each_fills_sharding(mesh):
+    # init traced with a key it closes over (not a tracer): a constant's `jax.device_put` there
+    # keeps no sharding, so a fill must be constrained to its own, as a drawn value is
+    spread = P("data", "model")
+
+    def model(s):
+        s.variable("b", inits.constant(3.0), (8, 4), sharding=spread)
+        s.variable("w", inits.normal(), (8, 4), sharding=spread)
+        s.variable("r", inits.ones, (5,), jnp.int8, sharding=P())
+
+    state = jax.jit(lambda: jstate.init(model, KEY, mesh=mesh))()
+    for name in ("b", "w"):
+        assert state[name].sharding.is_equivalent_to(NamedSharding(mesh, spread), 2), name
+    assert state["r"].sharding.is_equivalent_to(NamedSharding(mesh, P()), 1)
+    np.testing.assert_array_equal(state["b"], np.full((8, 4), 3.0, np.float32))
+    np.testing.assert_array_equal(state["r"], np.ones((5,), np.int8))
+    np.testing.assert_array_equal(state["w"], own_value("w", inits.normal(), (8, 4), jnp.float32))
