@@ -347,7 +347,8 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
             continue
-        if i in plan.fills and not traced_key:
+        # (an ensemble's fill is n members' bytes: past `FILL_MAX`, computed in place like any other)
+        if i in plan.fills and not traced_key and spec.nbytes * max(ensemble, 1) <= _programs.FILL_MAX:
             values[spec.name] = _programs.filled(plan.fills[i], spec.shape, spec.sharding, ensemble)
             continue
         if step is None:

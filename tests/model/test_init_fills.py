@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -76,3 +77,27 @@ def test_init_inside_jit_with_a_constant_key_keeps_each_fills_sharding(mesh):
     np.testing.assert_array_equal(state["b"], np.full((8, 4), 3.0, np.float32))
     np.testing.assert_array_equal(state["r"], np.ones((5,), np.int8))
     np.testing.assert_array_equal(state["w"], own_value("w", inits.normal(), (8, 4), jnp.float32))
+
+
+def test_an_ensembles_fills_hold_at_most_fill_max_bytes_on_the_host(monkeypatch):
+    # a fill of n members is n times its variable's bytes: past `FILL_MAX`, computed in place
+    monkeypatch.setattr(programs, "FILL_MAX", 64)  # bytes
+    made = []
+    filled = programs.filled
+
+    def spy(value, shape, sharding, ensemble=0):
+        made.append(math.prod(shape) * value.dtype.itemsize * (ensemble or 1))
+        return filled(value, shape, sharding, ensemble)
+
+    monkeypatch.setattr(programs, "filled", spy)
+
+    def model(s):
+        s.variable("b", inits.constant(-1.0), (8,))  # 32 bytes, 128 for 4 members
+
+    keys = jax.random.split(KEY, 4)
+    one = jstate.init(model, KEY)
+    assert made == [32]
+    ensemble = jstate.init(model, keys)
+    assert made == [32]  # (the ensemble's: computed by a program)
+    np.testing.assert_array_equal(ensemble["b"], np.full((4, 8), -1.0, np.float32))
+    np.testing.assert_array_equal(ensemble.member(3)["b"], one["b"])
