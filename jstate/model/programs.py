@@ -238,7 +238,7 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
         fn = jax.vmap(fn, in_axes=in_axes)
         shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
     device = replica_device(shardings) if one_device else None
-    program = jax.jit(fn, out_shardings=shardings)
+    program = jax.jit(fn, out_shardings=shardings, keep_unused=True)
     if device is None:
         return program
     one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))
