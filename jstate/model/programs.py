@@ -105,7 +105,10 @@ FILL_MAX = 1 << 22
 def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
     """For each of `outs` (outputs of `jaxpr`), the one scalar it is filled with where it is a
     broadcast of a constant (``jnp.zeros``, ``jnp.full``, then reshaped or cast exactly) of at
-    most `FILL_MAX` bytes, else None."""
+    most `FILL_MAX` bytes, else None. None for all where `jaxpr` has effects (``jax.debug.print``
+    in an initializer): a program runs them, a fill would not."""
+    if jaxpr.effects:
+        return [None] * len(outs)
     value: dict[Var, np.ndarray] = {}  # the variables of `jaxpr` that hold one scalar everywhere
     for eqn in jaxpr.eqns:
         name, operand = eqn.primitive.name, eqn.invars[0] if eqn.invars else None

@@ -120,3 +120,22 @@ def test_a_fill_without_a_placement_lives_where_a_committed_key_puts_the_others(
     ensemble = jstate.init(model, keys)
     assert ensemble["b"].committed and ensemble["b"].devices() == {jax.devices()[2]}
     np.testing.assert_array_equal(ensemble["b"], np.zeros((3, 8), np.float32))
+
+
+def test_an_initializer_with_effects_is_run_not_filled():
+    # `jax.debug.callback` (or `jax.debug.print`) in an initializer that returns zeros runs at
+    # every init, as it does in a program: a host fill would skip it
+    calls = []
+
+    def logged_zeros(key, shape, dtype):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.zeros(shape, dtype)
+
+    def model(s):
+        s.variable("b", logged_zeros, (3,))
+
+    for seed in range(2):
+        state = jstate.init(model, jax.random.key(seed))
+    jax.effects_barrier()
+    assert len(calls) == 2
+    np.testing.assert_array_equal(state["b"], np.zeros((3,), np.float32))
