@@ -157,9 +157,9 @@ def filled(value: np.ndarray, shape: tuple[int, ...], sharding: Any, ensemble: i
     out = jax.device_put(np.full(shape, value, value.dtype), sharding)
     if isinstance(out, jax.core.Tracer):
         # init traced with a constant key (`jax.jit` of a function that closes over it): there a
-        # constant's `device_put` keeps no sharding, so it is a broadcast constrained to its own
-        out = jnp.full(shape, value, value.dtype)
-        out = out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+        # constant's `device_put` keeps no sharding, so it is a broadcast made on its own, in
+        # the caller's program (as a program's output, on any mesh: Explicit axes too)
+        out = jax.jit(lambda: jnp.full(shape, value, value.dtype), out_shardings=sharding)()
     return out
 
 

@@ -9,7 +9,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+import pytest
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jstate
@@ -60,9 +61,11 @@ def test_a_complex_constant_cast_to_real_is_its_real_part_without_a_warning_from
     np.testing.assert_array_equal(state["x"], np.full((3,), 2.0, np.float32))
 
 
-def test_init_inside_jit_with_a_constant_key_keeps_each_fills_sharding(mesh):
+@pytest.mark.parametrize("axes", [AxisType.Auto, AxisType.Explicit])
+def test_init_inside_jit_with_a_constant_key_keeps_each_fills_sharding(axes):
     # init traced with a key it closes over (not a tracer): a constant's `jax.device_put` there
-    # keeps no sharding, so a fill must be constrained to its own, as a drawn value is
+    # keeps no sharding, so a fill must be made on its own, as a drawn value is
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axes,) * 2)
     spread = P("data", "model")
 
     def model(s):
