@@ -241,7 +241,9 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
         fn = jax.vmap(fn, in_axes=in_axes)
         shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
     device = replica_device(shardings) if one_device else None
-    program = jax.jit(fn, out_shardings=shardings, keep_unused=True)
+    # (outputs without a placement go where init's key is, also those that do not read it; placed
+    # ones need not read a key committed elsewhere, which a program that kept it would refuse)
+    program = jax.jit(fn, out_shardings=shardings, keep_unused=not jax.tree.leaves(shardings))
     if device is None:
         return program
     one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))

@@ -106,12 +106,16 @@ def test_an_ensembles_fills_hold_at_most_fill_max_bytes_on_the_host(monkeypatch)
     np.testing.assert_array_equal(ensemble.member(3)["b"], one["b"])
 
 
-def test_a_fill_without_a_placement_lives_where_a_committed_key_puts_the_others(mesh):
-    # init's programs compute unplaced variables where a committed key is: its fills go there too
+@pytest.mark.parametrize("fill_max", [programs.FILL_MAX, 16])
+def test_a_fill_without_a_placement_lives_where_a_committed_key_puts_the_others(mesh, monkeypatch, fill_max):
+    # init's programs compute unplaced variables where a committed key is, those that do not
+    # read it too (a pool of zeros larger than `FILL_MAX`): its fills go there as well
+    monkeypatch.setattr(programs, "FILL_MAX", fill_max)  # bytes
+
     def model(s):
         s.variable("b", inits.zeros, (8,))
         s.variable("w", inits.normal(), (8,))
-        s.variable("pinned", inits.ones, (8,), device="cpu:5")
+        s.variable("pinned", inits.ones, (8,), device="cpu:5")  # (placed: not where the key is)
 
     for key in (jax.device_put(KEY, jax.devices()[2]), jax.device_put(KEY, NamedSharding(mesh, P()))):
         state = jstate.init(model, key)
@@ -119,6 +123,7 @@ def test_a_fill_without_a_placement_lives_where_a_committed_key_puts_the_others(
         assert state["b"].sharding.is_equivalent_to(key.sharding, 0)
         assert state["pinned"].devices() == {jax.devices()[5]}
         np.testing.assert_array_equal(state["b"], np.zeros((8,), np.float32))
+        np.testing.assert_array_equal(state["pinned"], np.ones((8,), np.float32))
     keys = jax.device_put(jax.random.split(KEY, 3), jax.devices()[2])
     ensemble = jstate.init(model, keys)
     assert ensemble["b"].committed and ensemble["b"].devices() == {jax.devices()[2]}
