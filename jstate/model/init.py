@@ -344,10 +344,14 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
     singles: dict[Any, list[int]] = {}  # the others, by initializer and sharding
     poolable = _draws.poolable_key(key) if not ensemble else _draws.poolable_key_type(plan.jaxpr.in_avals[0])
     traced_key = isinstance(key, jax.core.Tracer)  # (under `jax.jit` or `jax.vmap`: all in its program)
+    # (a committed key's programs compute the variables without a placement where it is: so are their fills)
+    placed_key = not traced_key and key.committed
     for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
         if spec.name not in wanted:
             continue
-        if i in plan.fills and not traced_key:
+        # (an ensemble's fill is n members' bytes: past `FILL_MAX`, computed in place like any other)
+        small = spec.nbytes * max(ensemble, 1) <= _programs.FILL_MAX
+        if i in plan.fills and not traced_key and small and (spec.sharding is not None or not placed_key):
             values[spec.name] = _programs.filled(plan.fills[i], spec.shape, spec.sharding, ensemble)
             continue
         if step is None:

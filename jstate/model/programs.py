@@ -105,7 +105,10 @@ FILL_MAX = 1 << 22
 def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
     """For each of `outs` (outputs of `jaxpr`), the one scalar it is filled with where it is a
     broadcast of a constant (``jnp.zeros``, ``jnp.full``, then reshaped or cast exactly) of at
-    most `FILL_MAX` bytes, else None."""
+    most `FILL_MAX` bytes, else None. None for all where `jaxpr` has effects (``jax.debug.print``
+    in an initializer): a program runs them, a fill would not."""
+    if jaxpr.effects:
+        return [None] * len(outs)
     value: dict[Var, np.ndarray] = {}  # the variables of `jaxpr` that hold one scalar everywhere
     for eqn in jaxpr.eqns:
         name, operand = eqn.primitive.name, eqn.invars[0] if eqn.invars else None
@@ -114,8 +117,8 @@ def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
         elif isinstance(operand, Var) and operand in value and name in _SAME_VALUES and len(eqn.invars) == 1:
             v = value[operand]
         elif isinstance(operand, Var) and operand in value and name == "convert_element_type":
-            v = value[operand].astype(eqn.outvars[0].aval.dtype)
-            if v.astype(value[operand].dtype) != value[operand]:  # (only exact casts: numpy's rounding is not XLA's)
+            v = _exact_cast(value[operand], eqn.outvars[0].aval.dtype)
+            if v is None:
                 continue
         else:
             continue
@@ -131,6 +134,18 @@ def fills(jaxpr: Jaxpr, outs: Sequence[Any]) -> list[np.ndarray | None]:
     return found
 
 
+def _exact_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """`value` cast to `dtype` where the cast loses nothing, else None: numpy's rounding is not
+    XLA's, nor are its overflows, NaN to int, or complex to real casts (where numpy warns)."""
+    if np.iscomplexobj(value) and not np.issubdtype(dtype, np.complexfloating):
+        if value.imag != 0:
+            return None
+        value = value.real  # (what XLA's cast keeps)
+    with np.errstate(all="ignore"):
+        cast = value.astype(dtype)
+        return cast if cast.astype(value.dtype) == value else None
+
+
 _SAME_VALUES = ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "copy", "copy_p")
 
 
@@ -139,7 +154,13 @@ def filled(value: np.ndarray, shape: tuple[int, ...], sharding: Any, ensemble: i
     `sharding` (None: the default device)."""
     if ensemble:
         shape, sharding = (ensemble, *shape), _ensembles.batched_sharding(sharding)
-    return jax.device_put(np.full(shape, value, value.dtype), sharding)
+    out = jax.device_put(np.full(shape, value, value.dtype), sharding)
+    if isinstance(out, jax.core.Tracer):
+        # init traced with a constant key (`jax.jit` of a function that closes over it): there a
+        # constant's `device_put` keeps no sharding, so it is a broadcast made on its own, in
+        # the caller's program (as a program's output, on any mesh: Explicit axes too)
+        out = jax.jit(lambda: jnp.full(shape, value, value.dtype), out_shardings=sharding)()
+    return out
 
 
 def fold(key: jax.Array, words: jax.Array) -> jax.Array:
@@ -220,7 +241,9 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
         fn = jax.vmap(fn, in_axes=in_axes)
         shardings = jax.tree.map(_ensembles.batched_sharding, shardings)
     device = replica_device(shardings) if one_device else None
-    program = jax.jit(fn, out_shardings=shardings)
+    # (outputs without a placement go where init's key is, also those that do not read it; placed
+    # ones need not read a key committed elsewhere, which a program that kept it would refuse)
+    program = jax.jit(fn, out_shardings=shardings, keep_unused=not jax.tree.leaves(shardings))
     if device is None:
         return program
     one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))
