@@ -363,8 +363,9 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
         else:
             singles.setdefault((traced.fingerprint, spec.sharding), []).append(i)
     for members in singles.values():
-        for start in range(0, len(members), _programs.SIDE_BY_SIDE):
-            run = members[start : start + _programs.SIDE_BY_SIDE]
+        per = _programs.side_by_side(plan.specs[members[0]].nbytes * max(ensemble, 1))
+        for start in range(0, len(members), per):
+            run = members[start : start + per]
             (traced, key_words), sharding = plan.steps[run[0]], plan.specs[run[0]].sharding
             if len(run) == 1:
                 values[plan.specs[run[0]].name] = _programs.single_program(traced, sharding, ensemble)(key, key_words)

@@ -181,10 +181,18 @@ def single_program(traced: Traced, sharding: Any, ensemble: int = 0) -> Callable
     return _cached(cache_key, lambda: jit(lambda key, words: evaluate(traced, fold(key, words)), sharding, ensemble))
 
 
-# Equal variables too large for a pool are computed up to this many per program: XLA runs the
-# independent draws of one program side by side, not those of separate programs (8 x 2048^2
-# glorot_normal on 2 cores: 415 ms one program each, 313 ms four per program, 328 ms eight).
+# Equal variables too large for a pool are computed up to this many per program, and up to
+# `SIDE_BY_SIDE_BYTES` of them (each has temporaries of its own size while it is drawn, so the
+# bytes bound what a program adds above its outputs): XLA runs the independent draws of one
+# program side by side, not those of separate programs (8 x 2048^2 glorot_normal on 2 cores:
+# 415 ms one program each, 313 ms four per program, 328 ms eight).
 SIDE_BY_SIDE = 4
+SIDE_BY_SIDE_BYTES = 1 << 28
+
+
+def side_by_side(nbytes: int) -> int:
+    """How many equal variables of `nbytes` each one program computes."""
+    return max(1, min(SIDE_BY_SIDE, SIDE_BY_SIDE_BYTES // max(nbytes, 1)))
 
 
 def equal_program(traced: Traced, sharding: Any, count: int, ensemble: int = 0) -> Callable:

@@ -344,3 +344,18 @@ def test_large_draws_of_a_flax_model_on_one_device_join_its_pool(monkeypatch):
     (plan,) = init_module._plans[model].values()
     (program,) = plan.derive.values()
     assert program.lower(KEY, []).as_text().count("call @threefry2x32") == 1  # one pool for the three kernels
+
+
+def test_equal_large_variables_past_the_byte_bound_are_computed_one_per_program(monkeypatch):
+    monkeypatch.setattr(draws, "POOL_MAX", 10)
+    monkeypatch.setattr(programs, "SIDE_BY_SIDE_BYTES", 2 * 8 * 4 * 4)  # two 8x4 float32 variables
+    monkeypatch.setattr(programs, "_programs", collections.OrderedDict())
+
+    def model(s):
+        for i in range(5):
+            s.variable(f"w{i}", inits.glorot_normal(), (8, 4))
+
+    state = jstate.init(model, KEY)
+    assert sorted(k[0] if k[0] != "equal" else f"equal {k[3]}" for k in programs._programs) == ["equal 2", "single"]
+    for i in range(5):
+        np.testing.assert_array_equal(state[f"w{i}"], own_value(f"w{i}", inits.glorot_normal(), (8, 4), jnp.float32))
