@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
-from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ..core.errors import InitializerError
 from . import draws as _draws
@@ -252,19 +252,49 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
     # (outputs without a placement go where init's key is, also those that do not read it; placed
     # ones need not read a key committed elsewhere, which a program that kept it would refuse)
     program = jax.jit(fn, out_shardings=shardings, keep_unused=not jax.tree.leaves(shardings))
-    if device is None:
+    home = _replicated_home(shardings)
+    if device is None and home is None:
         return program
-    one = jax.jit(fn, out_shardings=SingleDeviceSharding(device))
+    one = None if device is None else jax.jit(fn, out_shardings=SingleDeviceSharding(device))
 
     def run(*args: Any) -> Any:
-        if any(isinstance(a, jax.core.Tracer) or _typed_by_mesh(a) for a in jax.tree.leaves(args)):
+        if one is None or any(isinstance(a, jax.core.Tracer) or _typed_by_mesh(a) for a in jax.tree.leaves(args)):
             # init under `jax.jit` or `jax.vmap` (placed by the caller's program), or inputs whose
             # type holds their mesh (Explicit axes), which a one-device program cannot take
-            return program(*args)
+            return program(*_onto(args, home))
         return jax.device_put(one(*jax.device_put(args, device)), shardings)
 
-    run.lower = one.lower  # (what runs, for XLA's text and memory analysis)
+    run.lower = program.lower if one is None else one.lower  # (what runs, for XLA's text and memory analysis)
     return run
+
+
+def _replicated_home(shardings: Any) -> Any:
+    """A replicated sharding over the devices of a program's outputs, where they are all placed
+    on one set of devices, else None."""
+    leaves = jax.tree.leaves(shardings)
+    if not leaves or len({frozenset(s.device_set) for s in leaves}) != 1:
+        return None
+    first = leaves[0]
+    if isinstance(first, NamedSharding):  # (Auto axes: a key typed by an Explicit mesh meets a pool's Auto one)
+        mesh = first.mesh
+        return NamedSharding(
+            Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)), PartitionSpec()
+        )
+    return SingleDeviceSharding(next(iter(first.device_set))) if len(first.device_set) == 1 else None
+
+
+def _onto(args: Any, home: Any) -> Any:
+    """`args` with each committed array on other devices than `home`'s (init's key committed to
+    one device, the keys derived from it) put there: JAX refuses to compile a committed argument
+    on other devices than the outputs. (A key is a few bytes.)"""
+    if home is None:
+        return args
+
+    def move(a: Any) -> Any:
+        elsewhere = isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed
+        return jax.device_put(a, home) if elsewhere and a.sharding.device_set != home.device_set else a
+
+    return jax.tree.map(move, args)
 
 
 def _typed_by_mesh(value: Any) -> bool:

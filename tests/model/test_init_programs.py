@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jstate
 from jstate import initializers as inits
@@ -359,3 +360,43 @@ def test_equal_large_variables_past_the_byte_bound_are_computed_one_per_program(
     assert sorted(k[0] if k[0] != "equal" else f"equal {k[3]}" for k in programs._programs) == ["equal 2", "single"]
     for i in range(5):
         np.testing.assert_array_equal(state[f"w{i}"], own_value(f"w{i}", inits.glorot_normal(), (8, 4), jnp.float32))
+
+
+@pytest.mark.slow  # seconds of compiles
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_a_key_committed_to_one_device_draws_placed_variables_on_their_own_devices(axis_type):
+    # A key committed to one device (`jax.device_put`, a split of a committed key, a key restored
+    # from a checkpoint): unplaced variables are computed where it is, placed ones on their mesh
+    # or device; JAX refuses a committed argument on other devices than a program's outputs.
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+
+    def model(s):
+        w = s.variable("w", inits.glorot_uniform(), (64, 32))  # a pool on the mesh
+        s.variable("big", inits.normal(), (1100, 1000))  # a program of its own
+        s.variable("w2", w)  # computed from `w`
+        s.variable("u", inits.normal(), (5,))  # unplaced: where the key is
+        s.variable("pinned", inits.normal(), (8,), device="cpu:5")
+
+    rules = [("^w$", P(None, "model")), ("big", P("data")), ("w2", P())]
+    expected = jstate.init(model, KEY, mesh=mesh, rules=rules)
+    for device in (0, 7):
+        state = jstate.init(model, jax.device_put(KEY, jax.devices()[device]), mesh=mesh, rules=rules)
+        for name in expected:
+            np.testing.assert_array_equal(state[name], expected[name])
+        assert state["w"].sharding.is_equivalent_to(expected["w"].sharding, 2)
+        assert state["big"].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data")), 2)
+        assert state["w2"].sharding.is_fully_replicated and len(state["w2"].devices()) == 8
+        assert state["u"].committed and state["u"].devices() == {jax.devices()[device]}
+        assert state["pinned"].devices() == {jax.devices()[5]}
+
+
+@pytest.mark.slow  # seconds of compiles
+def test_a_key_committed_to_one_device_initializes_a_flax_model_on_a_mesh(mesh):
+    module, x = flax_mlp(16, True), jnp.ones((1, 16))
+    model = jstate.flax_model(module, x)
+    expected = jstate.init(model, KEY, mesh=mesh)
+    for rules in (None, [(".*", P())]):
+        state = jstate.init(model, jax.device_put(KEY, jax.devices()[7]), mesh=mesh, rules=rules)
+        for name in expected:
+            np.testing.assert_array_equal(state[name], expected[name])
+        assert state["params/dense0/kernel"].sharding.spec == P(None, "model")
