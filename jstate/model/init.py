@@ -494,7 +494,11 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
 
         out = None if all(s is None for s in shardings) else shardings
         jitted = _programs.jit(run, out, ensemble, in_axes=(0, 0, 0), one_device=True)
-        program = lambda key, args: jitted(key, args, keys_of(key))  # noqa: E731
+        # (unplaced values computed from committed ones are made where those are, as with an
+        # uncommitted key: a key committed elsewhere is taken there)
+        placed = [known[v].sharding for v in inputs if _committed(known[v])]
+        home = _programs.replicated_home(placed) if placed and not targets else None
+        program = lambda key, args: jitted(*_programs.onto((key, args, keys_of(key)), home))  # noqa: E731
         program.lower = lambda key, args: jitted.lower(key, args, keys_of(key))
         program = plan.derive.setdefault(cache_key, program)
     return program, inputs

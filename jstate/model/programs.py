@@ -252,7 +252,7 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
     # (outputs without a placement go where init's key is, also those that do not read it; placed
     # ones need not read a key committed elsewhere, which a program that kept it would refuse)
     program = jax.jit(fn, out_shardings=shardings, keep_unused=not jax.tree.leaves(shardings))
-    home = _replicated_home(shardings)
+    home = replicated_home(shardings)
     if device is None and home is None:
         return program
     one = None if device is None else jax.jit(fn, out_shardings=SingleDeviceSharding(device))
@@ -261,14 +261,14 @@ def jit(fn: Callable, shardings: Any, ensemble: int, in_axes: Any = (0, None), o
         if one is None or any(isinstance(a, jax.core.Tracer) or _typed_by_mesh(a) for a in jax.tree.leaves(args)):
             # init under `jax.jit` or `jax.vmap` (placed by the caller's program), or inputs whose
             # type holds their mesh (Explicit axes), which a one-device program cannot take
-            return program(*_onto(args, home))
+            return program(*onto(args, home))
         return jax.device_put(one(*jax.device_put(args, device)), shardings)
 
     run.lower = program.lower if one is None else one.lower  # (what runs, for XLA's text and memory analysis)
     return run
 
 
-def _replicated_home(shardings: Any) -> Any:
+def replicated_home(shardings: Any) -> Any:
     """A replicated sharding over the devices of a program's outputs, where they are all placed
     on one set of devices, else None."""
     leaves = jax.tree.leaves(shardings)
@@ -283,7 +283,7 @@ def _replicated_home(shardings: Any) -> Any:
     return SingleDeviceSharding(next(iter(first.device_set))) if len(first.device_set) == 1 else None
 
 
-def _onto(args: Any, home: Any) -> Any:
+def onto(args: Any, home: Any) -> Any:
     """`args` with each committed array on other devices than `home`'s (init's key committed to
     one device, the keys derived from it) put there: JAX refuses to compile a committed argument
     on other devices than the outputs. (A key is a few bytes.)"""

@@ -400,3 +400,17 @@ def test_a_key_committed_to_one_device_initializes_a_flax_model_on_a_mesh(mesh):
         for name in expected:
             np.testing.assert_array_equal(state[name], expected[name])
         assert state["params/dense0/kernel"].sharding.spec == P(None, "model")
+
+
+def test_an_unplaced_value_computed_from_placed_ones_follows_them_with_a_committed_key(mesh):
+    # `w2` has no placement and is computed from `w` on the mesh: with an uncommitted key it is
+    # computed where `w` is; a key committed to one device (the program keeps it) is taken there
+    # too, rather than JAX refusing the key and `w` on different devices.
+    def model(s):
+        w = s.variable("w", inits.glorot_uniform(), (64, 32), sharding=P(None, "model"))
+        s.variable("w2", w * 2)
+
+    expected = jstate.init(model, KEY, mesh=mesh)
+    state = jstate.init(model, jax.device_put(KEY, jax.devices()[7]), mesh=mesh)
+    np.testing.assert_array_equal(state["w2"], 2 * np.asarray(expected["w"]))
+    assert state["w2"].sharding.device_set == expected["w2"].sharding.device_set == set(mesh.devices.flat)
