@@ -14,7 +14,15 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal, Var
 from jax.sharding import Mesh
 
-from ..core.errors import JStateError, ModelError, PlacementError, SpecMismatchError, shorten, unknown_names
+from ..core.errors import (
+    InitializerError,
+    JStateError,
+    ModelError,
+    PlacementError,
+    SpecMismatchError,
+    shorten,
+    unknown_names,
+)
 from ..core.table import Table
 from . import draws as _draws
 from . import ensembles as _ensembles
@@ -368,21 +376,57 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
             run = members[start : start + per]
             (traced, key_words), sharding = plan.steps[run[0]], plan.specs[run[0]].sharding
             if len(run) == 1:
-                values[plan.specs[run[0]].name] = _programs.single_program(traced, sharding, ensemble)(key, key_words)
+                program = _programs.single_program(traced, sharding, ensemble)
+                values[plan.specs[run[0]].name] = _run(plan, run, program, key, key_words, ensemble)
                 continue
             program = _programs.equal_program(traced, sharding, len(run), ensemble)
-            for i, value in zip(run, program(key, np.stack([plan.steps[i][1] for i in run]))):
+            for i, value in zip(
+                run, _run(plan, run, program, key, np.stack([plan.steps[i][1] for i in run]), ensemble)
+            ):
                 values[plan.specs[i].name] = value
     for members in pools.values():
         for chunk in _padded(plan, _chunks(plan, members)):
             shardings = [plan.specs[i].sharding for i in chunk]
             program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings, ensemble)
             key_words = np.stack([plan.steps[i][1] for i in chunk])
-            for i, value in zip(chunk, program(key, key_words)):
+            for i, value in zip(chunk, _run(plan, chunk, program, key, key_words, ensemble)):
                 values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
         _derive(plan, key, derived, values, ensemble)
     return values
+
+
+def _run(plan: _Plan, members: list[int], program: Callable, key: jax.Array, key_words: Any, ensemble: int) -> Any:
+    """``program(key, key_words)``, where a failure of XLA's (an initializer that traces but does
+    not compile, such as `orthogonal` in bfloat16 on a CPU) names the variable it comes from."""
+    try:
+        return program(key, key_words)
+    except JStateError:
+        raise
+    except Exception as e:
+        culprits = list(dict.fromkeys(members))
+        if len(culprits) > 1:  # a pool: each compiled alone, to name the one that fails
+            culprits = [i for i in culprits if not _compiles_alone(plan, i, key, ensemble)] or culprits
+        spec = plan.specs[culprits[0]]
+        what = (
+            f"Variable '{spec.name}'"
+            if len(culprits) == 1
+            else f"Variables {shorten(plan.specs[i].name for i in culprits)}"
+        )
+        raise InitializerError(
+            f"{what}: the initializer traced for shape {spec.shape} and dtype {spec.dtype.name}, but XLA could not "
+            f"compile or run it: {type(e).__name__}: {e}. `jax.jit` of the initializer fails the same way; an "
+            "initializer in a dtype the backend supports (float32, then `.astype`) may avoid it."
+        ) from e
+
+
+def _compiles_alone(plan: _Plan, i: int, key: jax.Array, ensemble: int) -> bool:
+    traced, key_words = plan.steps[i]
+    try:
+        _programs.single_program(traced, plan.specs[i].sharding, ensemble).lower(key, key_words).compile()
+    except Exception:
+        return False
+    return True
 
 
 def _devices(sharding: Any) -> Any:
@@ -434,6 +478,13 @@ def _derive(plan: _Plan, key: jax.Array, derived: list[int], values: dict[str, j
                 if error is None:
                     raise
                 raise error from e
+            except JStateError:
+                raise
+            except Exception as e:  # (as `_run`, for one program of many values)
+                raise InitializerError(
+                    f"Variables {shorten(plan.specs[i].name for i in members)} traced, but XLA could not compile or "
+                    f"run their program: {type(e).__name__}: {e}. `jax.jit` of the model's init fails the same way."
+                ) from e
         else:
             results = _evaluate_eagerly(plan, key, members, known, ensemble)
         seen = {id(v) for v in values.values()}

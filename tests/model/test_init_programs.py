@@ -414,3 +414,23 @@ def test_an_unplaced_value_computed_from_placed_ones_follows_them_with_a_committ
     state = jstate.init(model, jax.device_put(KEY, jax.devices()[7]), mesh=mesh)
     np.testing.assert_array_equal(state["w2"], 2 * np.asarray(expected["w"]))
     assert state["w2"].sharding.device_set == expected["w2"].sharding.device_set == set(mesh.devices.flat)
+
+
+def test_an_initializer_that_traces_but_does_not_compile_is_named():
+    # XLA's CPU QR has no bfloat16: `orthogonal` traces, then fails to compile (in `jax.jit` too)
+    def model(s):
+        s.variable("a", inits.normal(), (4, 4))
+        s.variable("w", inits.orthogonal(), (4, 4), jnp.bfloat16)
+        s.variable("b", inits.normal(), (3,))
+
+    with pytest.raises(jstate.InitializerError, match=r"Variable 'w': .*shape \(4, 4\) and dtype bfloat16") as raised:
+        jstate.init(model, KEY)
+    assert "a'" not in str(raised.value) and "'b'" not in str(raised.value)
+
+
+def test_a_flax_model_that_does_not_compile_names_its_variables():
+    from flax import linen as nn
+
+    module = nn.Dense(4, kernel_init=nn.initializers.orthogonal(), param_dtype=jnp.bfloat16)
+    with pytest.raises(jstate.InitializerError, match="params/kernel"):
+        jstate.init(jstate.flax_model(module, jnp.ones((1, 4))), KEY)
