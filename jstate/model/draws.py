@@ -140,6 +140,12 @@ def chunk(items: list[int], sizes: list[int], kinds: list[Any] | None = None) ->
 _MIXED = object()  # the kind of a run of several kinds
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh`'s devices and axis names with Auto axes: a sharding constraint may not name Explicit
+    ones, and a pool's constraint meets arrays typed by the user's mesh."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def pool(
     data: jax.Array | None, shapes: list[tuple[int, ...]], mesh: Any = None, gather: bool = False
 ) -> list[jax.Array]:
@@ -165,7 +171,7 @@ def pool(
     row = jax.lax.iota(np.int32, total)
     if ways > 1:
         # (over the same devices with Auto axes: a constraint may not name Explicit ones)
-        auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+        auto = auto_axes(mesh)
         rows_spread = NamedSharding(auto, PartitionSpec(tuple(mesh.axis_names)))
         row = jax.lax.with_sharding_constraint(row, rows_spread)
     owner = (row[:, None] >= first[None, 1:]).sum(axis=1, dtype=np.int32) if len(first) > 1 else jnp.zeros_like(row)

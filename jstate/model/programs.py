@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ..core.errors import InitializerError
 from . import draws as _draws
@@ -276,10 +276,7 @@ def replicated_home(shardings: Any) -> Any:
         return None
     first = leaves[0]
     if isinstance(first, NamedSharding):  # (Auto axes: a key typed by an Explicit mesh meets a pool's Auto one)
-        mesh = first.mesh
-        return NamedSharding(
-            Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)), PartitionSpec()
-        )
+        return NamedSharding(_draws.auto_axes(first.mesh), PartitionSpec())
     return SingleDeviceSharding(next(iter(first.device_set))) if len(first.device_set) == 1 else None
 
 
