@@ -80,16 +80,12 @@ def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None, gather
     """``run(draw)`` with every random draw it makes from a scalar threefry key taken from one pool.
 
     `run` evaluates equations with `run_eqns`. It runs twice inside the caller's trace: first
-    to learn each draw's key and shape (the values of that run are dropped, and XLA removes
-    them), then with every draw sliced from one threefry op over all of them.
+    to learn each draw's key and shape (`recording`: `run_eqns` then evaluates only what the
+    draws' keys need, and `run`'s result is dropped), then with every draw sliced from one
+    threefry op over all of them.
     """
     requests: list[tuple[Any, int, tuple[int, ...]]] = []
-
-    def record(key, bit_width, shape):
-        requests.append((key, bit_width, shape))
-        return jnp.zeros(shape, np.dtype(f"uint{bit_width}"))
-
-    run(record)
+    run(_Record(requests))
     # On a mesh, large draws stay draws of their own (threefry is partitionable: each device then
     # computes just its shards); the small ones share pools of bounded size. On one device, all
     # share pools: a large draw alone is one more threefry loop for XLA to compile.
@@ -237,21 +233,82 @@ def _pooled_draw(aval: Any) -> bool:
     return aval.shape == () and str(aval.dtype) == "key<fry>"
 
 
-def eval_jaxpr(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callable | None, keys: Any = ()) -> list:
+def eval_jaxpr(
+    jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], draw: Callable | None, keys: Any = (), wanted: Any = ()
+) -> list:
     """Evaluate `jaxpr` (the interpreter of JAX's "Writing custom interpreters"); with `draw`,
     the random_bits of the key (its first argument, the variables in `keys`, or any scalar
-    threefry key with `ANY_KEY`) come from ``draw(key, bit_width, shape)``."""
+    threefry key with `ANY_KEY`) come from ``draw(key, bit_width, shape)``. Recording, only
+    the outputs `wanted` are computed (the others are None)."""
     env: dict[Var, Any] = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     if keys == ():
         keys = {jaxpr.invars[0]} if draw is not None and jaxpr.invars else set()
-    run_eqns(jaxpr.eqns, env, draw, keys)
-    return [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars]
+    run_eqns(jaxpr.eqns, env, draw, keys, wanted)
+    return [v.val if isinstance(v, Literal) else env.get(v) for v in jaxpr.outvars]
 
 
-def run_eqns(eqns: Sequence[Any], env: dict, draw: Callable | None = None, keys: Any = ANY_KEY) -> None:
-    """Evaluate `eqns` in order, reading and writing their variables in `env` (see `_eval`)."""
+def _for_draws(eqns: Sequence[Any], wanted: Any) -> tuple[list, dict[int, set]]:
+    """The equations of `eqns` that compute the `wanted` variables, the draws and their keys,
+    in order; and for each call among them (by ``id``), the outputs of its jaxpr wanted. A call
+    that draws is entered, one that does not is evaluated only where its outputs are wanted."""
+    wanted = set(wanted)
+    kept, inner_wanted = [], {}
+    for eqn in reversed(eqns):
+        out = [isinstance(v, Var) and v in wanted for v in eqn.outvars]
+        inner = _inner(eqn) if eqn.primitive.name in _CALLS else None
+        if eqn.primitive.name == "random_bits":
+            needs = eqn.invars[:1]
+        elif inner is not None and (any(out) or _draws_in(inner[0])):
+            inner_wanted[id(eqn)] = {v for v, o in zip(inner[0].outvars, out) if o and isinstance(v, Var)}
+            needs = eqn.invars  # (all its inputs: those of a Flax initializer's call are few)
+        elif any(out):  # (not effects: a `jax.debug.print` prints once, in the second pass)
+            needs = eqn.invars
+        else:
+            continue
+        kept.append(eqn)
+        wanted.update(v for v in needs if isinstance(v, Var))
+    return kept[::-1], inner_wanted
+
+
+def _draws_in(jaxpr: Jaxpr) -> bool:
+    """Whether `jaxpr` makes a draw the interpreter may pool (outside loops and branches)."""
+    return any(
+        eqn.primitive.name == "random_bits"
+        or (eqn.primitive.name in _CALLS and (inner := _inner(eqn)) is not None and _draws_in(inner[0]))
+        for eqn in jaxpr.eqns
+    )
+
+
+class _Record:
+    """The `draw` of `pooled_trace`'s first pass: notes each draw's key and shape."""
+
+    def __init__(self, requests: list):
+        self.requests = requests
+
+    def __call__(self, key: Any, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+        self.requests.append((key, bit_width, shape))
+        return jnp.zeros(shape, np.dtype(f"uint{bit_width}"))
+
+
+def recording(draw: Callable | None) -> bool:
+    """Whether `draw` is `pooled_trace`'s first pass, which `run_eqns` evaluates in part."""
+    return isinstance(draw, _Record)
+
+
+def run_eqns(
+    eqns: Sequence[Any], env: dict, draw: Callable | None = None, keys: Any = ANY_KEY, wanted: Any = ()
+) -> None:
+    """Evaluate `eqns` in order, reading and writing their variables in `env` (see `_eval`).
+
+    Recording (`pooled_trace`'s first pass), only the equations that the draws' keys and the
+    `wanted` variables need are evaluated: tracing the rest (a Flax model's transforms of its
+    bits, every `erf_inv` of its truncated normals) would only make dead code for XLA to drop.
+    """
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+    inner_wanted: dict[int, set] = {}
+    if recording(draw):
+        eqns, inner_wanted = _for_draws(eqns, wanted)
     for eqn in eqns:
         args_in = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
@@ -274,7 +331,7 @@ def run_eqns(eqns: Sequence[Any], env: dict, draw: Callable | None = None, keys:
                 if keys is ANY_KEY
                 else {iv for iv, v in zip(sub.invars, eqn.invars) if isinstance(v, Var) and v in keys}
             )
-            out = eval_jaxpr(sub, sub_consts, args_in, draw, sub_keys)
+            out = eval_jaxpr(sub, sub_consts, args_in, draw, sub_keys, inner_wanted.get(id(eqn), ()))
         else:
             params = eqn.primitive.get_bind_params(eqn.params)
             if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)

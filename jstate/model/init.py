@@ -29,6 +29,7 @@ from . import ensembles as _ensembles
 from . import freshness as _freshness
 from . import placement as _placement
 from . import programs as _programs
+from . import threefry as _threefry
 from .devices import describe
 from .display import placement_table
 from .scope import Record, Scope
@@ -522,26 +523,36 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         mesh = None if _programs.replica_device(shardings) is not None else _draws.mesh_of(shardings)
 
         # The keys derived from init's key alone (Flax folds one in per module and parameter) are
-        # computed op by op before the program: in it, each `fold_in` is a threefry loop that XLA
-        # compiles on its own (33 in the transformer LM, most of its compile), while op by op
-        # they share one compiled `fold_in`. (Integer arithmetic: the same bits either way.)
+        # computed before the program and passed to it as words: in it, each `fold_in` is a
+        # threefry loop that XLA compiles on its own (33 in the transformer LM, most of its
+        # compile). Folds of constants are hashed on the host (`threefry`: no program at all),
+        # others op by op. (Integer arithmetic: the same bits either way.)
         before, rest, cut = _key_derivations(eqns, j.invars[0], outputs) if pool and not ensemble else ([], eqns, [])
+        on_host = _threefry.derivable(before)
 
-        def run(key, args, keys):
+        def run(key, args, words):
             def once(draw):
                 env = dict(consts)
                 env.update(zip(j.invars, [key]))
                 env.update(zip(inputs, args))
-                env.update(zip(cut, keys))
+                if cut:
+                    impl = jax.random.key_impl(key)
+                    env.update(zip(cut, [jax.random.wrap_key_data(w, impl=impl) for w in words]))
                 _draws.run_eqns(rest, env, draw)
+                if _draws.recording(draw):  # (the pool's first pass computed the draws' keys only)
+                    return []
                 return [v.val if isinstance(v, Literal) else env[v] for v in outputs]
 
             return _draws.pooled_trace(once, mesh, _draws.replicated(shardings)) if pool else once(None)
 
         def keys_of(key):
+            if not cut:
+                return ()
+            if on_host and not isinstance(key, jax.core.Tracer):
+                return list(_threefry.derive(before, j.invars[0], np.asarray(jax.random.key_data(key)), cut))
             env = {j.invars[0]: key}
             _draws.run_eqns(before, env)
-            return [env[v] for v in cut]
+            return [jax.random.key_data(env[v]) for v in cut]
 
         out = None if all(s is None for s in shardings) else shardings
         jitted = _programs.jit(run, out, ensemble, in_axes=(0, 0, 0), one_device=True)
