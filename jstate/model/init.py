@@ -371,30 +371,41 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
             pools.setdefault((_devices(spec.sharding), bool(traced.draws)), []).append(i)
         else:
             singles.setdefault((traced.fingerprint, spec.sharding), []).append(i)
+    own = None if ensemble else _threefry.words_of(key)
+    folded = own is not None  # (`words` are then the variables' own keys', see `_key_words`)
+    words = _key_words(plan, own, [i for group in (*singles.values(), *pools.values()) for i in group])
     for members in singles.values():
         per = _programs.side_by_side(plan.specs[members[0]].nbytes * max(ensemble, 1))
         for start in range(0, len(members), per):
             run = members[start : start + per]
-            (traced, key_words), sharding = plan.steps[run[0]], plan.specs[run[0]].sharding
+            traced, sharding = plan.steps[run[0]][0], plan.specs[run[0]].sharding
             if len(run) == 1:
-                program = _programs.single_program(traced, sharding, ensemble)
-                values[plan.specs[run[0]].name] = _run(plan, run, program, key, key_words, ensemble)
+                program = _programs.single_program(traced, sharding, ensemble, folded)
+                values[plan.specs[run[0]].name] = _run(plan, run, program, key, words[run[0]], ensemble)
                 continue
-            program = _programs.equal_program(traced, sharding, len(run), ensemble)
-            for i, value in zip(
-                run, _run(plan, run, program, key, np.stack([plan.steps[i][1] for i in run]), ensemble)
-            ):
+            program = _programs.equal_program(traced, sharding, len(run), ensemble, folded)
+            for i, value in zip(run, _run(plan, run, program, key, np.stack([words[i] for i in run]), ensemble)):
                 values[plan.specs[i].name] = value
     for members in pools.values():
         for chunk in _padded(plan, _chunks(plan, members)):
             shardings = [plan.specs[i].sharding for i in chunk]
-            program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings, ensemble)
-            key_words = np.stack([plan.steps[i][1] for i in chunk])
+            program = _programs.pooled_program([plan.steps[i][0] for i in chunk], shardings, ensemble, folded)
+            key_words = np.stack([words[i] for i in chunk])
             for i, value in zip(chunk, _run(plan, chunk, program, key, key_words, ensemble)):
                 values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
         _derive(plan, key, derived, values, ensemble)
     return values
+
+
+def _key_words(plan: _Plan, key: np.ndarray | None, members: list[int]) -> dict[int, np.ndarray]:
+    """What the programs of `members` take besides init's key: with the words of a `key` that
+    can be folded here (`threefry.words_of`), each variable's own key's words (the programs then
+    compile no `fold_in`), else its name hash, which they fold into init's key themselves."""
+    names = [plan.steps[i][1] for i in members]
+    if key is None or not members:
+        return dict(zip(members, names))
+    return dict(zip(members, _threefry.fold_names(key, np.stack(names))))
 
 
 def _run(plan: _Plan, members: list[int], program: Callable, key: jax.Array, key_words: Any, ensemble: int) -> Any:
@@ -528,7 +539,7 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         # compile). Folds of constants are hashed on the host (`threefry`: no program at all),
         # others op by op. (Integer arithmetic: the same bits either way.)
         before, rest, cut = _key_derivations(eqns, j.invars[0], outputs) if pool and not ensemble else ([], eqns, [])
-        on_host = _threefry.derivable(before)
+        derivable = _threefry.derivable(before)
 
         def run(key, args, words):
             def once(draw):
@@ -548,8 +559,9 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         def keys_of(key):
             if not cut:
                 return ()
-            if on_host and not isinstance(key, jax.core.Tracer):
-                return list(_threefry.derive(before, j.invars[0], np.asarray(jax.random.key_data(key)), cut))
+            words = _threefry.words_of(key) if derivable else None
+            if words is not None:
+                return list(_threefry.derive(before, j.invars[0], words, cut))
             env = {j.invars[0]: key}
             _draws.run_eqns(before, env)
             return [jax.random.key_data(env[v]) for v in cut]

@@ -91,3 +91,49 @@ def test_the_recording_pass_traces_the_draws_keys_not_their_transforms():
     env = {jaxpr.invars[0]: jax.random.key(0)}
     draws.run_eqns(jaxpr.eqns, env, draws._Record(requests))
     assert [shape for _, _, shape in requests] == [(4, 4), (2,)]
+
+
+def test_fold_names_gives_each_variable_its_own_key():
+    from jstate.core.names import name_hash
+    from jstate.model import programs
+
+    key = jax.random.split(jax.random.key(7))[1]
+    names = np.stack([name_hash(f"layer{i}/kernel") for i in range(300)])
+    own = threefry.fold_names(threefry.words_of(key), names)
+    assert own.dtype == np.uint32 and own.shape == (300, 2)
+    expected = jax.vmap(lambda w: jax.random.key_data(programs.fold(key, w)))(names)
+    np.testing.assert_array_equal(own, expected)
+
+
+def test_only_a_concrete_threefry_key_outside_a_trace_is_folded_on_the_host():
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(threefry.words_of(key), jax.random.key_data(key))
+    assert threefry.words_of(jax.random.PRNGKey(1)) is None  # a legacy uint32 key
+    assert threefry.words_of(jax.random.key(1, impl="rbg")) is None
+    assert threefry.words_of(jax.random.split(key, 3)) is None  # an ensemble's keys
+    seen = []
+    jax.jit(lambda k: seen.append(threefry.words_of(k)) or k)(key)  # a traced key
+    jax.jit(lambda: seen.append(threefry.words_of(key)) or 0)()  # a key closed over by a trace
+    assert seen == [None, None]
+
+
+def test_programs_of_a_concrete_key_compile_no_fold_in(monkeypatch):
+    import collections
+
+    from jstate.model import programs
+
+    monkeypatch.setattr(programs, "_programs", collections.OrderedDict())  # (none made by other tests)
+
+    def model(s):
+        for i in range(3):
+            s.variable(f"w{i}", jax.nn.initializers.normal(), (4, i + 2))
+
+    key = jax.random.key(5)
+    state = jstate.init(model, key)
+    ((cache_key, program),) = programs._programs.items()
+    assert cache_key[0] == "pooled" and cache_key[-1] is True  # folded on the host
+    text = program.lower(key, np.zeros((3, 2), np.uint32)).as_text()
+    assert text.count("call @threefry2x32") == 1  # the pool's draw; no fold_in
+    under_jit = jax.jit(lambda k: jstate.init(model, k))(key)  # (folded by the program: same values)
+    for name in state:
+        np.testing.assert_array_equal(state[name], under_jit[name], err_msg=name)
