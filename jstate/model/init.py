@@ -29,6 +29,7 @@ from . import ensembles as _ensembles
 from . import freshness as _freshness
 from . import placement as _placement
 from . import programs as _programs
+from . import scope as _scope
 from . import threefry as _threefry
 from .devices import describe
 from .display import placement_table
@@ -355,9 +356,11 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
     traced_key = isinstance(key, jax.core.Tracer)  # (under `jax.jit` or `jax.vmap`: all in its program)
     # (a committed key's programs compute the variables without a placement where it is: so are their fills)
     placed_key = not traced_key and key.committed
-    for i, (spec, step) in enumerate(zip(plan.specs, plan.steps)):
-        if spec.name not in wanted:
-            continue
+    indices = [i for i, spec in enumerate(plan.specs) if spec.name in wanted]
+    # (variables that wanted values are computed from: computed too, then dropped)
+    inputs = _inputs(plan, [i for i in indices if plan.steps[i] is None]) - set(indices)
+    for i in sorted([*indices, *inputs]):
+        spec, step = plan.specs[i], plan.steps[i]
         # (an ensemble's fill is n members' bytes: past `FILL_MAX`, computed in place like any other)
         small = spec.nbytes * max(ensemble, 1) <= _programs.FILL_MAX
         if i in plan.fills and not traced_key and small and (spec.sharding is not None or not placed_key):
@@ -395,7 +398,25 @@ def _compute(plan: _Plan, key: jax.Array, wanted: set[str], ensemble: int = 0) -
                 values[plan.specs[i].name] = value  # (a padding repeat computes its value again)
     if derived:
         _derive(plan, key, derived, values, ensemble)
+    for i in inputs:
+        del values[plan.specs[i].name]
     return values
+
+
+def _inputs(plan: _Plan, derived: list[int]) -> set[int]:
+    """The variables with initializers (by index) that the values of `derived` are computed from:
+    the placeholders (`scope.declared_p`) their equations in the model's trace read."""
+    if not derived:
+        return set()
+    j = plan.jaxpr.jaxpr
+    needed = {j.outvars[i] for i in derived if isinstance(j.outvars[i], Var)}
+    found = set()
+    for eqn in reversed(j.eqns):
+        if any(v in needed for v in eqn.outvars):
+            if eqn.primitive is _scope.declared_p:
+                found.add(eqn.params["index"])
+            needed.update(v for v in eqn.invars if isinstance(v, Var))
+    return found
 
 
 def _key_words(plan: _Plan, key: np.ndarray | None, members: list[int]) -> dict[int, np.ndarray]:
