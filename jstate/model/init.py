@@ -548,8 +548,11 @@ def _derive_program(plan: _Plan, members: tuple[int, ...], known: dict[Var, jax.
         def keys_of(key):
             if not cut:
                 return ()
-            if on_host and not isinstance(key, jax.core.Tracer):
-                return list(_threefry.derive(before, j.invars[0], np.asarray(jax.random.key_data(key)), cut))
+            if on_host:
+                # (a key closed over by a function under `jax.jit` is no tracer, but its words are)
+                data = jax.random.key_data(key)
+                if not isinstance(data, jax.core.Tracer):
+                    return list(_threefry.derive(before, j.invars[0], np.asarray(data), cut))
             env = {j.invars[0]: key}
             _draws.run_eqns(before, env)
             return [jax.random.key_data(env[v]) for v in cut]

@@ -91,3 +91,14 @@ def test_the_recording_pass_traces_the_draws_keys_not_their_transforms():
     env = {jaxpr.invars[0]: jax.random.key(0)}
     draws.run_eqns(jaxpr.eqns, env, draws._Record(requests))
     assert [shape for _, _, shape in requests] == [(4, 4), (2,)]
+
+
+def test_a_concrete_key_closed_over_under_jit_is_folded_by_jax():
+    # (the key is no tracer, but its words are: they cannot be hashed on the host)
+    x = jnp.ones((1, 4))
+    model = jstate.flax_model(Two(), x)
+    key = jax.random.key(3)
+    closed = jax.jit(lambda: jstate.init(model, key))()
+    state = jstate.init(model, key)
+    for name in state:
+        np.testing.assert_array_equal(state[name], closed[name], err_msg=name)
