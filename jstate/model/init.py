@@ -587,7 +587,9 @@ def _key_derivations(eqns: list, key: Var, outputs: list) -> tuple[list, list, l
         else:
             rest.append(eqn)
     read = {v for eqn in rest for v in eqn.invars if isinstance(v, Var)} | {v for v in outputs if isinstance(v, Var)}
-    return before, rest, [v for v in keyed if v is not key and v in read]
+    # (in the order they are derived: a set's order differs between processes, and so would the
+    # program's parameters, missing the persistent compilation cache)
+    return before, rest, [v for eqn in before for v in eqn.outvars if v in read]
 
 
 def _committed(value: Any) -> bool:
