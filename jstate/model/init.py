@@ -71,7 +71,10 @@ def _plan(
     compiled = _placement.compile_rules(rules)
     # A compiled regex's flags are part of it: `re.compile("w", re.I)` is not the rule "w".
     patterns = tuple((p.pattern, p.flags, t) for p, t in compiled)
-    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft))
+    # (derived values pool their draws only under partitionable threefry: a plan made under one
+    # setting of `jax_threefry_partitionable` gives the other's bits)
+    partitionable = bool(jax.config.jax_threefry_partitionable)
+    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft), partitionable)
     try:
         with _plans_lock:
             per_model = _plans.setdefault(model, {})
