@@ -72,7 +72,10 @@ def _plan(
     compiled = _placement.compile_rules(rules)
     # A compiled regex's flags are part of it: `re.compile("w", re.I)` is not the rule "w".
     patterns = tuple((p.pattern, p.flags, t) for p, t in compiled)
-    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft))
+    # (derived values pool their draws only under partitionable threefry: a plan made under one
+    # setting of `jax_threefry_partitionable` gives the other's bits)
+    partitionable = bool(jax.config.jax_threefry_partitionable)
+    cache_key = (key_type.shape, key_type.dtype, mesh, patterns, bool(soft), partitionable)
     try:
         with _plans_lock:
             per_model = _plans.setdefault(model, {})
@@ -617,7 +620,9 @@ def _key_derivations(eqns: list, key: Var, outputs: list) -> tuple[list, list, l
         else:
             rest.append(eqn)
     read = {v for eqn in rest for v in eqn.invars if isinstance(v, Var)} | {v for v in outputs if isinstance(v, Var)}
-    return before, rest, [v for v in keyed if v is not key and v in read]
+    # (in the order they are derived: a set's order differs between processes, and so would the
+    # program's parameters, missing the persistent compilation cache)
+    return before, rest, [v for eqn in before for v in eqn.outvars if v in read]
 
 
 def _committed(value: Any) -> bool:

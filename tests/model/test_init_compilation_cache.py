@@ -51,3 +51,44 @@ def test_a_second_process_compiles_nothing_with_jaxs_persistent_cache(tmp_path):
     assert second["requests"] == first["requests"]
     assert second["hits"] == second["requests"]  # every program came from the cache
     assert second["checksum"] == first["checksum"]
+
+
+FLAX_CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import linen as nn
+import jstate
+
+counts = {}
+jax.monitoring.register_event_listener(lambda event, **_: counts.__setitem__(event, counts.get(event, 0) + 1))
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm()(nn.MultiHeadDotProductAttention(num_heads=2)(x, x))
+
+state = jstate.init(jstate.flax_model(Attention(), jnp.ones((1, 3, 8))), jax.random.key(0))
+print(json.dumps({
+    "requests": counts.get("/jax/compilation_cache/compile_requests_use_cache", 0),
+    "hits": counts.get("/jax/compilation_cache/cache_hits", 0),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_compiles_nothing_for_a_flax_model(tmp_path):
+    # (its program takes the keys Flax derives, one parameter each: in the same order in every process)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", FLAX_CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second, third = run(), run(), run()
+    assert first["requests"] >= 1 and first["hits"] == 0
+    assert second["hits"] == second["requests"] == first["requests"]
+    assert third["hits"] == third["requests"] == first["requests"]

@@ -137,3 +137,14 @@ def test_programs_of_a_concrete_key_compile_no_fold_in(monkeypatch):
     under_jit = jax.jit(lambda k: jstate.init(model, k))(key)  # (folded by the program: same values)
     for name in state:
         np.testing.assert_array_equal(state[name], under_jit[name], err_msg=name)
+
+
+def test_a_concrete_key_closed_over_under_jit_is_folded_by_jax():
+    # (the key is no tracer, but its words are: they cannot be hashed on the host)
+    x = jnp.ones((1, 4))
+    model = jstate.flax_model(Two(), x)
+    key = jax.random.key(3)
+    closed = jax.jit(lambda: jstate.init(model, key))()
+    state = jstate.init(model, key)
+    for name in state:
+        np.testing.assert_array_equal(state[name], closed[name], err_msg=name)
