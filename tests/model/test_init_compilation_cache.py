@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-CHILD = r"""
+PRELUDE = r"""
 import json, sys
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 import jstate
 
 counts = {}
@@ -20,7 +20,9 @@ jax.monitoring.register_event_listener(lambda event, **_: counts.__setitem__(eve
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+"""
 
+CHILD = r"""
 def model(s):
     for i in range(12):
         s.variable(f"layer{i}/kernel", jstate.initializers.glorot_uniform(), (16 + 8 * i, 24 + 8 * i))
@@ -37,16 +39,18 @@ print(json.dumps({
 """
 
 
+def run(child: str, cache: str, **env: str) -> dict:
+    """`child` in a new process with JAX's persistent cache in `cache`: its last line, as JSON."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    out = subprocess.run([sys.executable, "-c", PRELUDE + child, cache], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_second_process_compiles_nothing_with_jaxs_persistent_cache(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-
-    def run():
-        out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    first, second = run(), run()
+    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    first, second = (run(CHILD, str(tmp_path), **devices) for _ in range(2))
     assert first["requests"] >= 2 and first["hits"] == 0
     assert second["requests"] == first["requests"]
     assert second["hits"] == second["requests"]  # every program came from the cache
@@ -54,16 +58,7 @@ def test_a_second_process_compiles_nothing_with_jaxs_persistent_cache(tmp_path):
 
 
 FLAX_CHILD = r"""
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
 from flax import linen as nn
-import jstate
-
-counts = {}
-jax.monitoring.register_event_listener(lambda event, **_: counts.__setitem__(event, counts.get(event, 0) + 1))
-jax.config.update("jax_compilation_cache_dir", sys.argv[1])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 class Attention(nn.Module):
     @nn.compact
@@ -81,14 +76,7 @@ print(json.dumps({
 @pytest.mark.slow
 def test_a_second_process_compiles_nothing_for_a_flax_model(tmp_path):
     # (its program takes the keys Flax derives, one parameter each: in the same order in every process)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-    def run():
-        out = subprocess.run([sys.executable, "-c", FLAX_CHILD, str(tmp_path)], capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    first, second, third = run(), run(), run()
+    first, second, third = (run(FLAX_CHILD, str(tmp_path)) for _ in range(3))
     assert first["requests"] >= 1 and first["hits"] == 0
     assert second["hits"] == second["requests"] == first["requests"]
     assert third["hits"] == third["requests"] == first["requests"]
