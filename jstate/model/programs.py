@@ -361,7 +361,10 @@ def _callables(jaxpr: Jaxpr) -> list:
     return out
 
 
-def _cached(cache_key: Hashable, make: Callable[[], Callable]) -> Callable:
+def _cached(cache_key: tuple, make: Callable[[], Callable]) -> Callable:
+    # (per setting of `jax_threefry_partitionable`: a program evaluates a plan's traced jaxprs,
+    # which draw the bits of the setting they were traced under, see `init._plan`)
+    cache_key = (*cache_key, bool(jax.config.jax_threefry_partitionable))
     with _lock:
         program = _programs.get(cache_key)
         if program is not None:

@@ -2,11 +2,14 @@
 computed from them, wherever the model declares them."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jstate
 from jstate import initializers as inits
+from jstate.core.names import name_hash
+from jstate.model import programs
 
 KEY = jax.random.key(0)
 
@@ -44,3 +47,25 @@ def test_python_control_flow_on_a_declared_value_says_it_depends_on_the_key():
         jstate.ModelError, match=r"(?s)after declaring variable 'w'.*ConcretizationTypeError.*argument key"
     ):
         jstate.abstract(model)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(7), jax.random.PRNGKey(7)], ids=["typed", "legacy"])
+def test_programs_made_under_one_threefry_setting_are_not_reused_under_the_other(key):
+    # A cached program evaluates the initializer's jaxpr of the plan that made it; a jaxpr traced
+    # under one setting of `jax_threefry_partitionable` draws that setting's bits wherever it is
+    # evaluated (its nested `jax.jit`s are lowered as they were): reused after the setting
+    # changed, the program gave the other setting's bits.
+    def model(s):
+        s.variable("w", inits.normal(), (5, 3))
+        s.variable("big", inits.normal(), (600, 600))
+
+    own = lambda name, shape: inits.normal()(programs.fold(key, name_hash(name)), shape, jnp.float32)  # noqa: E731
+    before = jax.config.jax_threefry_partitionable
+    try:
+        for setting in (before, not before, before):
+            jax.config.update("jax_threefry_partitionable", setting)
+            state = jstate.init(model, key)
+            for name, shape in [("w", (5, 3)), ("big", (600, 600))]:
+                np.testing.assert_array_equal(state[name], own(name, shape), err_msg=f"{name} {setting}")
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
