@@ -69,3 +69,21 @@ def test_programs_made_under_one_threefry_setting_are_not_reused_under_the_other
                 np.testing.assert_array_equal(state[name], own(name, shape), err_msg=f"{name} {setting}")
     finally:
         jax.config.update("jax_threefry_partitionable", before)
+
+
+def test_an_ensembles_keys_replicated_over_a_mesh_of_explicit_axes():
+    # `jax.make_mesh`'s axes are Explicit: keys put there replicated are typed by that mesh, the
+    # programs' outputs by its Auto copy, and JAX compiled no program of both.
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    def model(s):
+        w = s.variable("w", inits.normal(), (8, 4), sharding=jax.sharding.PartitionSpec("data"))
+        s.variable("w2", w * 2)
+
+    keys = jax.random.split(KEY, 2)
+    placed = jax.device_put(keys, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = jstate.init(model, placed, mesh=mesh)
+    for i in range(2):
+        member = jstate.init(model, keys[i], mesh=mesh)
+        for name in ("w", "w2"):
+            np.testing.assert_array_equal(state[name][i], member[name])
