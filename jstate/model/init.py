@@ -115,7 +115,28 @@ def _unused_rules(model: Model, plan: _Plan, unused_rules: str) -> None:
 def _trace(
     model: Model, key_type: jax.ShapeDtypeStruct, mesh: Mesh | None, rules: _placement.Rules, soft: bool
 ) -> _Plan:
-    record = Record(mesh, rules, soft)
+    plan = _trace_once(model, key_type, Record(mesh, rules, soft))
+    if not _placeholders_at_top(plan):
+        # A variable declared inside `jax.jit` or `jax.checkpoint` (a helper of the model): its
+        # placeholder is in their jaxpr, where `init` cannot replace it with its program's value.
+        # Traced again with its initializer's call there instead (`Record.placeholders`).
+        plan = _trace_once(model, key_type, Record(mesh, rules, soft, placeholders=False))
+    return plan
+
+
+def _placeholders_at_top(plan: _Plan) -> bool:
+    """Whether every variable with an initializer is a placeholder of the model's own jaxpr
+    (not one of a `jax.jit` or `jax.checkpoint` in it)."""
+    j = plan.jaxpr.jaxpr
+    made = {eqn.outvars[0]: eqn.params["index"] for eqn in j.eqns if eqn.primitive is _scope.declared_p}
+    return all(
+        step is None or (isinstance(out, Var) and made.get(out) == i)
+        for i, (out, step) in enumerate(zip(j.outvars, plan.steps))
+    )
+
+
+def _trace_once(model: Model, key_type: jax.ShapeDtypeStruct, record: Record) -> _Plan:
+    rules = record.rules
 
     def run(key):
         model(Scope(record, key))

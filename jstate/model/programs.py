@@ -303,14 +303,24 @@ def onto(args: Any, home: Any) -> Any:
         return args
 
     def move(a: Any) -> Any:
-        elsewhere = isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.committed
-        return jax.device_put(a, home) if elsewhere and a.sharding.device_set != home.device_set else a
+        if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer) or not a.committed:
+            return a
+        elsewhere = a.sharding.device_set != home.device_set
+        # (also an ensemble's keys replicated over a mesh of Explicit axes, typed by that mesh:
+        # JAX compiles no program of them and outputs on its Auto copy. Keys only: a value's
+        # placement is kept.)
+        key = jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+        retyped = key and _typed_by_mesh(a) and not _typed_by_mesh_sharding(home)
+        return jax.device_put(a, home) if elsewhere or retyped else a
 
     return jax.tree.map(move, args)
 
 
 def _typed_by_mesh(value: Any) -> bool:
-    sharding = getattr(value, "sharding", None)
+    return _typed_by_mesh_sharding(getattr(value, "sharding", None))
+
+
+def _typed_by_mesh_sharding(sharding: Any) -> bool:
     return isinstance(sharding, NamedSharding) and AxisType.Explicit in sharding.mesh.axis_types
 
 
@@ -361,7 +371,10 @@ def _callables(jaxpr: Jaxpr) -> list:
     return out
 
 
-def _cached(cache_key: Hashable, make: Callable[[], Callable]) -> Callable:
+def _cached(cache_key: tuple, make: Callable[[], Callable]) -> Callable:
+    # (per setting of `jax_threefry_partitionable`: a program evaluates a plan's traced jaxprs,
+    # which draw the bits of the setting they were traced under, see `init._plan`)
+    cache_key = (*cache_key, bool(jax.config.jax_threefry_partitionable))
     with _lock:
         program = _programs.get(cache_key)
         if program is not None:

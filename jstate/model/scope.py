@@ -46,6 +46,11 @@ class Record:
     # Compute values from other values op by op, as eager JAX does (`flax_model(exact_init=True)`:
     # XLA's fusion of a whole program may round differently in the last bit).
     eager: bool = False
+    # Declare variables with initializers as placeholders (`declared_p`); False: as jitted calls
+    # of their initializers, for a model that declares one inside `jax.jit` or `jax.checkpoint`
+    # (see `init._trace`).
+    placeholders: bool = True
+    calls: dict[Any, Callable] = dataclasses.field(default_factory=dict)  # those calls, by traced initializer
     declaring: str | None = None  # the variable whose declaration is running
     last: str | None = None  # the last variable fully declared
 
@@ -59,18 +64,32 @@ class Record:
             self.traced[cache_key] = found
         return found
 
+    def declare(
+        self, traced: _programs.Traced, key: jax.Array, key_words: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+    ) -> jax.Array:
+        """A declared variable's value in the model's trace: a placeholder (`declared_p`), or
+        without `placeholders` a jitted call of its initializer (JAX's own primitives only)."""
+        if self.placeholders:
+            return declared_p.bind(key, index=len(self.specs), shape=shape, dtype=dtype)
+        call = self.calls.get(id(traced))
+        if call is None:
+            call = jax.jit(lambda k, words: _programs.evaluate(traced, _programs.fold(k, words)))
+            self.calls[id(traced)] = call
+        return call(key, key_words)
+
 
 # In the model's trace, a variable with an initializer is a placeholder of its shape and dtype
-# (`index`: its place in declaration order): `init`'s programs compute its value, and a value
-# computed from it is computed from theirs (`init._inputs`), so the trace need not hold how.
+# (`index`: its place in declaration order), read from init's key (so it is staged in the model's
+# trace, also under `jax.ensure_compile_time_eval`): `init`'s programs compute its value, and a
+# value computed from it is computed from theirs (`init._inputs`), so the trace need not hold how.
 # Binding a jitted call of the initializer there cost 80-150 us a declaration, and more for
 # each new shape (0.1-0.15 s of the first call of a model of 1,000 layers or 100 shapes).
 declared_p = Primitive("jstate_declared")
-declared_p.def_abstract_eval(lambda *, index, shape, dtype: jax.core.ShapedArray(shape, dtype))
+declared_p.def_abstract_eval(lambda key, *, index, shape, dtype: jax.core.ShapedArray(shape, dtype))
 
 
 @declared_p.def_impl
-def _declared_impl(*, index: int, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+def _declared_impl(key: Any, *, index: int, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
     raise AssertionError(f"jstate: the value of declared variable {index} is computed by `init`'s programs.")
 
 
@@ -215,7 +234,7 @@ class Scope:
             key_words = _names.name_hash(full)
             try:
                 traced = record.trace(init, shape, dtype, self._key)
-                value = declared_p.bind(index=len(record.specs), shape=shape, dtype=dtype)
+                value = record.declare(traced, self._key, key_words, shape, dtype)
             except InitializerError as e:
                 raise InitializerError(f"Variable '{full}': {e}") from None
             except Exception as e:
