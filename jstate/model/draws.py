@@ -85,7 +85,7 @@ def pooled_trace(run: Callable[[Callable | None], Any], mesh: Any = None, gather
     threefry op over all of them.
     """
     requests: list[tuple[Any, int, tuple[int, ...]]] = []
-    run(_Record(requests))
+    run(_Recorder(requests))
     # On a mesh, large draws stay draws of their own (threefry is partitionable: each device then
     # computes just its shards); the small ones share pools of bounded size. On one device, all
     # share pools: a large draw alone is one more threefry loop for XLA to compile.
@@ -245,7 +245,8 @@ def eval_jaxpr(
     if keys == ():
         keys = {jaxpr.invars[0]} if draw is not None and jaxpr.invars else set()
     run_eqns(jaxpr.eqns, env, draw, keys, wanted)
-    return [v.val if isinstance(v, Literal) else env.get(v) for v in jaxpr.outvars]
+    read = env.get if recording(draw) else env.__getitem__  # (recording computes only the outputs wanted)
+    return [v.val if isinstance(v, Literal) else read(v) for v in jaxpr.outvars]
 
 
 def _for_draws(eqns: Sequence[Any], wanted: Any) -> tuple[list, dict[int, set]]:
@@ -280,7 +281,7 @@ def _draws_in(jaxpr: Jaxpr) -> bool:
     )
 
 
-class _Record:
+class _Recorder:
     """The `draw` of `pooled_trace`'s first pass: notes each draw's key and shape."""
 
     def __init__(self, requests: list):
@@ -293,7 +294,7 @@ class _Record:
 
 def recording(draw: Callable | None) -> bool:
     """Whether `draw` is `pooled_trace`'s first pass, which `run_eqns` evaluates in part."""
-    return isinstance(draw, _Record)
+    return isinstance(draw, _Recorder)
 
 
 def run_eqns(

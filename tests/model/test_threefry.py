@@ -89,7 +89,7 @@ def test_the_recording_pass_traces_the_draws_keys_not_their_transforms():
     # recorded in the order the full evaluation draws them
     requests = []
     env = {jaxpr.invars[0]: jax.random.key(0)}
-    draws.run_eqns(jaxpr.eqns, env, draws._Record(requests))
+    draws.run_eqns(jaxpr.eqns, env, draws._Recorder(requests))
     assert [shape for _, _, shape in requests] == [(4, 4), (2,)]
 
 
